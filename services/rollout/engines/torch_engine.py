@@ -1,0 +1,311 @@
+"""The torch reference engine: batched block-diffusion decoding with a KV cache, on CPU or CUDA.
+
+Per block of B tokens (design.md section 2): start it as masks (the prompt tail is given), forward it against the
+cached earlier blocks, sample every masked position, unmask by strategy, repeat until the block is clean. The KV
+of a block's denoising forwards is cropped right away; the clean block is committed by the first forward of the
+next block, which carries it along ([clean block k | masked block k+1], 2B queries), so committing costs no
+forward of its own.
+
+Prompts of different lengths share a batch: each prompt is left-padded by whole blocks so that every row's first
+generation block lands on the same column, while positions (and so blocks) stay absolute per row. Each sample
+draws its uniforms from its own generator, so a request gives the same tokens in any batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from services.rollout.engines.base import Engine
+from services.rollout.engines.sampling import (
+    block_uniforms,
+    cut_response,
+    derive_seed,
+    sample_block,
+    select_unmask,
+    strategy_codes,
+)
+from shared.contracts import GenerationRequest, Rollout, SamplingParams
+from shared.masks import attention_mask, square_mask, to_additive
+from shared.model import DiffusionSpec, LoadedModel, load_model
+
+
+@dataclass
+class DecodeStats:
+    """Counters for benchmarks: model forwards and generated (returned) tokens."""
+
+    forwards: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Row:
+    """One sample being decoded."""
+
+    request_index: int
+    sample_index: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # generated positions, whole blocks, prompt tail excluded
+    steps: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    step: int = 0
+
+
+def default_stop_ids(tokenizer) -> list[int]:
+    """The model's end tokens: eos and, where the tokenizer has it, the chat turn end ``<|im_end|>``."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def build_rollout(row: _Row, length: int, reason: str, tokenizer, version: int) -> Rollout:
+    """Split a finished row into response and tail and wrap it in the wire contract."""
+    text_ids = row.tokens[:length]
+    if reason == "stop":
+        text_ids = text_ids[:-1]
+    return Rollout(
+        prompt_ids=row.prompt,
+        token_ids=row.tokens[:length],
+        step_map=row.steps[:length],
+        tail_ids=row.tokens[length:],
+        tail_steps=row.steps[length:],
+        text=tokenizer.decode(text_ids, skip_special_tokens=True),
+        finish_reason=reason,
+        policy_version=version,
+        params=row.params,
+        seed=row.seed,
+        logprobs=row.logprobs[:length] if row.params.logprobs else None,
+    )
+
+
+def expand_rows(requests: Sequence[GenerationRequest], block_size: int, stop_ids: list[int]) -> list[_Row]:
+    """One row per (request, sample) with its resolved settings and its own generator."""
+    rows = []
+    for i, req in enumerate(requests):
+        params = req.params.resolved(block_size, stop_ids)
+        base = params.seed if params.seed is not None else secrets.randbits(62)
+        for j in range(params.n):
+            seed = derive_seed(base, j)
+            gen = torch.Generator().manual_seed(seed)
+            rows.append(_Row(i, j, list(req.prompt_ids), params, seed, gen))
+    return rows
+
+
+class _RowParams:
+    """Per-row sampling settings as tensors, indexable when rows finish."""
+
+    def __init__(self, rows: list[_Row], device: torch.device):
+        p = [r.params for r in rows]
+        self.temperature = torch.tensor([x.temperature for x in p], device=device, dtype=torch.float32)
+        self.top_k = torch.tensor([x.top_k for x in p], device=device)
+        self.top_p = torch.tensor([x.top_p for x in p], device=device, dtype=torch.float32)
+        self.threshold = torch.tensor([x.confidence_threshold for x in p], device=device, dtype=torch.float32)
+        self.per_step = torch.tensor([x.tokens_per_step() for x in p], device=device)
+        self.strategy = strategy_codes([x.strategy for x in p], device)
+
+    def select(self, idx: Tensor) -> _RowParams:
+        out = object.__new__(_RowParams)
+        for name in ("temperature", "top_k", "top_p", "threshold", "per_step", "strategy"):
+            setattr(out, name, getattr(self, name)[idx])
+        return out
+
+
+class TorchEngine(Engine):
+    """Reference engine over transformers' Qwen3 with explicit block-diffusion masks."""
+
+    name = "torch"
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, policy_version: int = 0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+        self._loaded = loaded
+        self.max_batch_size = max_batch_size
+        self._version = policy_version
+        self.stats = DecodeStats()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        dtype: torch.dtype | None = None,
+        max_batch_size: int = 32,
+        policy_version: int = 0,
+    ) -> TorchEngine:
+        """Load an SDAR-layout checkpoint; ``device="auto"`` picks CUDA when present (bf16 there, fp32 on CPU)."""
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        loaded = load_model(path, dtype=dtype, device=dev)
+        return cls(loaded, max_batch_size=max_batch_size, policy_version=policy_version)
+
+    @property
+    def spec(self) -> DiffusionSpec:
+        return self._loaded.spec
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @property
+    def model(self):
+        return self._loaded.model
+
+    @property
+    def tokenizer(self):
+        return self._loaded.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_weights(self, path: str | Path, version: int) -> None:
+        p = next(self.model.parameters())
+        loaded = load_model(path, dtype=p.dtype, device=p.device)
+        if loaded.spec != self.spec:
+            raise ValueError(f"weights: {path} has {loaded.spec}, the engine serves {self.spec}")
+        self._loaded, self._version = loaded, version
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Rollout]]:
+        rows = expand_rows(requests, self.spec.block_size, default_stop_ids(self.tokenizer))
+        for r in rows:
+            self._check_vocab(r.prompt)
+        by_block: dict[int, list[_Row]] = {}
+        for r in rows:
+            by_block.setdefault(r.params.block_size, []).append(r)
+        done: dict[tuple[int, int], Rollout] = {}
+        for block_size, group in by_block.items():
+            for start in range(0, len(group), self.max_batch_size):
+                chunk = group[start : start + self.max_batch_size]
+                for row, rollout in zip(chunk, self._decode(chunk, block_size), strict=True):
+                    done[(row.request_index, row.sample_index)] = rollout
+        return [[done[(i, j)] for j in range(req.params.n)] for i, req in enumerate(requests)]
+
+    def _check_vocab(self, ids: list[int]) -> None:
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_ids: token ids must be in [0, {vocab}), got {bad[:5]}")
+
+    def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache) -> Tensor:
+        """Run the decoder. ids, pos: (N, Q); mask: (N, Q, K) bool. Returns hidden states (N, Q, H)."""
+        self.stats.forwards += 1
+        dtype = next(self.model.parameters()).dtype
+        out = self.model.model(
+            input_ids=ids, position_ids=pos, attention_mask=to_additive(mask, dtype), cache=cache, use_cache=True
+        )
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row], block_size: int) -> list[Rollout]:
+        from transformers import DynamicCache
+
+        dev, b = self.device, block_size
+        cache = DynamicCache(config=self.model.config)
+        order = list(range(len(rows)))  # batch row -> index into `rows`
+        params = _RowParams(rows, dev)
+        full_blocks = torch.tensor([len(r.prompt) // b for r in rows], device=dev)
+        k_pos, k_valid = self._prefill(rows, full_blocks, b, cache)
+        counter = torch.zeros(len(rows), device=dev, dtype=torch.long)  # denoising steps so far, per row
+        pending: tuple[Tensor, Tensor] | None = None  # the last clean block, committed by the next forward
+        results: dict[int, Rollout] = {}
+        t = 0
+        while order:
+            block_pos = (full_blocks + t)[:, None] * b + torch.arange(b, device=dev)  # (n, B) absolute positions
+            cur, given, steps, logps = self._denoise_block(
+                [rows[i] for i in order], t, block_pos, params, counter, cache, k_pos, k_valid, pending
+            )
+            if pending is not None:
+                k_pos = torch.cat([k_pos, pending[1]], 1)
+                k_valid = torch.cat([k_valid, torch.ones_like(pending[1], dtype=torch.bool)], 1)
+            keep = []
+            for i, ri in enumerate(order):
+                row, n_given = rows[ri], int(given[i].sum())
+                row.tokens += cur[i, n_given:].tolist()
+                row.steps += steps[i, n_given:].tolist()
+                row.logprobs += logps[i, n_given:].tolist()
+                length, reason = cut_response(row.tokens, row.params.max_new_tokens, row.params.stop_token_ids)
+                if reason:
+                    results[ri] = build_rollout(row, length, reason, self.tokenizer, self._version)
+                    self.stats.tokens += length
+                else:
+                    keep.append(i)
+            if len(keep) < len(order) and keep:
+                idx = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(idx)
+                k_pos, k_valid, full_blocks, counter = k_pos[idx], k_valid[idx], full_blocks[idx], counter[idx]
+                cur, block_pos, params = cur[idx], block_pos[idx], params.select(idx)
+            order = [order[i] for i in keep]
+            pending = (cur, block_pos)
+            t += 1
+        return [results[i] for i in range(len(rows))]
+
+    def _denoise_block(self, rows, t, block_pos, params, counter, cache, k_pos, k_valid, pending):
+        """Denoise one block of every row until it is clean; commits ``pending`` with the first forward.
+
+        Returns the clean block (n, B), which positions were given (prompt tail) (n, B) bool, the step of each
+        position (n, B) and its log-prob at unmask time (n, B). ``counter`` (n,) is advanced in place.
+        """
+        dev, b, n = self.device, block_pos.shape[1], len(rows)
+        cur = torch.full((n, b), self.spec.mask_token_id, device=dev, dtype=torch.long)
+        masked = torch.ones((n, b), device=dev, dtype=torch.bool)
+        if t == 0:
+            for i, row in enumerate(rows):
+                tail = row.prompt[len(row.prompt) // b * b :]
+                cur[i, : len(tail)] = torch.tensor(tail, device=dev, dtype=torch.long)
+                masked[i, : len(tail)] = False
+        given = ~masked
+        uniforms = torch.stack([block_uniforms(r.generator, b) for r in rows]).to(dev)  # (n, B steps, B)
+        steps = torch.zeros((n, b), device=dev, dtype=torch.long)
+        logps = torch.zeros((n, b), device=dev, dtype=torch.float32)
+        used = torch.zeros(n, device=dev, dtype=torch.long)  # uniforms rows consumed in this block
+        q_pos = block_pos if pending is None else torch.cat([pending[1], block_pos], 1)
+        keys = torch.cat([k_pos, q_pos], 1)
+        valid = torch.cat([k_valid, torch.ones_like(q_pos, dtype=torch.bool)], 1)
+        mask = attention_mask(q_pos, torch.zeros_like(q_pos), keys, torch.zeros_like(keys), b, valid)
+        while bool(masked.any()):
+            q_ids = cur if pending is None else torch.cat([pending[0], cur], 1)
+            hidden = self._forward(q_ids, q_pos, mask, cache)
+            cache.crop(-b)  # the current block's KV changes at the next step; earlier blocks stay
+            if pending is not None:  # committed: later forwards query the current block alone
+                pending, q_pos, mask = None, block_pos, mask[:, b:]
+            need = masked.any(1)
+            rows_idx = need.nonzero().squeeze(1)
+            logits = self.model.lm_head(hidden[rows_idx, -b:])
+            u = uniforms[rows_idx, used[rows_idx]]
+            p = params.select(rows_idx)
+            tok, conf, lp = sample_block(logits, u, p.temperature, p.top_k, p.top_p)
+            sel = torch.zeros_like(masked)
+            sel[rows_idx] = select_unmask(conf, masked[rows_idx], p.strategy, p.threshold, p.per_step)
+            counter += need
+            used += need
+            steps = torch.where(sel, counter[:, None], steps)
+            cur[rows_idx] = torch.where(sel[rows_idx], tok, cur[rows_idx])
+            logps[rows_idx] = torch.where(sel[rows_idx], lp, logps[rows_idx])
+            masked &= ~sel
+        return cur, given, steps, logps
+
+    def _prefill(self, rows: list[_Row], full_blocks: Tensor, b: int, cache) -> tuple[Tensor, Tensor]:
+        """Cache the prompts' whole blocks, left-padded by whole blocks. Returns key positions and validity (N, L)."""
+        dev, n = self.device, len(rows)
+        length = int(full_blocks.max()) * b
+        pos = torch.zeros((n, length), device=dev, dtype=torch.long)
+        valid = torch.zeros((n, length), device=dev, dtype=torch.bool)
+        if length == 0:
+            return pos, valid
+        ids = torch.full((n, length), self.spec.mask_token_id, device=dev, dtype=torch.long)
+        for i, r in enumerate(rows):
+            m = int(full_blocks[i]) * b
+            ids[i, length - m :] = torch.tensor(r.prompt[:m], device=dev, dtype=torch.long)
+            pos[i, length - m :] = torch.arange(m, device=dev)
+            valid[i, length - m :] = True
+        self._forward(ids, pos, square_mask(pos, torch.zeros_like(pos), b, valid), cache)
+        return pos, valid

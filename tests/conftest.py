@@ -1,0 +1,36 @@
+"""Shared fixtures: the tiny preset, built once per session, fully offline."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SDAR_8B = REPO.parent / "shared" / "data" / "sdar-8b-chat"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from shared.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from shared.model import load_model
+
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def peaky(tiny_dir):
+    """The tiny model with a sharpened LM head: confident predictions, so the dynamic strategy unmasks
+    several tokens in one step (random weights alone give one token per step)."""
+    import torch
+
+    from shared.model import load_model
+
+    loaded = load_model(tiny_dir)
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(200.0)
+    return loaded
