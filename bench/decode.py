@@ -1,9 +1,9 @@
 """Decoding throughput: the cached, batched torch engine against the naive recompute-everything baseline.
 
-    python bench/decode.py [--new-tokens 256] [--batches 1,16] [--repeats 3] [--threads 2]
+    python bench/decode.py [--prompt-len 128] [--new-tokens 256] [--batches 1,16] [--repeats 3] [--threads 2]
 
 Builds the tiny preset in a temp dir (random weights: about one token per denoising step, so every engine does
-the same number of denoising steps), decodes `--new-tokens` tokens per prompt (no stop tokens) and prints tokens/s
+the same number of denoising steps), decodes `--new-tokens` tokens after prompts of about `--prompt-len` tokens (no stop tokens) and prints tokens/s
 (median of the repeats), forward passes per generated token and the ratios against the baseline measured in
 the same process.
 """
@@ -24,10 +24,11 @@ from shared.model import load_model
 from shared.tiny import init_tiny
 
 
-def _requests(batch: int, new_tokens: int) -> list[GenerationRequest]:
+def _requests(batch: int, prompt_len: int, new_tokens: int) -> list[GenerationRequest]:
     # prompt lengths differ and are not block multiples, as in real batches
     params = [SamplingParams(seed=i, max_new_tokens=new_tokens, stop_token_ids=[]) for i in range(batch)]
-    return [GenerationRequest(prompt_ids=list(range(10, 10 + 13 + (i % 5))), params=p) for i, p in enumerate(params)]
+    prompts = [[10 + (j % 200) for j in range(prompt_len + i % 5)] for i in range(batch)]
+    return [GenerationRequest(prompt_ids=pr, params=p) for pr, p in zip(prompts, params, strict=True)]
 
 
 def _run(fn, repeats: int) -> tuple[float, DecodeStats]:
@@ -43,6 +44,7 @@ def _run(fn, repeats: int) -> tuple[float, DecodeStats]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=128, help="about a chat-templated math problem")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,13 +67,15 @@ def main() -> None:
 
         rows = []
         for batch in [int(b) for b in args.batches.split(",")]:
-            reqs = _requests(batch, args.new_tokens)
+            reqs = _requests(batch, args.prompt_len, args.new_tokens)
             for name, fn in (("naive (recompute, one by one)", naive), ("cached engine", cached)):
                 secs, stats = _run(fn(reqs), args.repeats)
                 rows.append((name, batch, stats.tokens / secs, stats.forwards / stats.tokens))
     base = {b: tps for name, b, tps, _ in rows if name.startswith("naive")}
     cached_b1 = next(tps for name, b, tps, _ in rows if name == "cached engine" and b == 1)
-    print(f"tiny preset, {args.new_tokens} new tokens, {args.threads} threads, median of {args.repeats}")
+    print(
+        f"tiny preset, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, {args.threads} threads, median of {args.repeats}"
+    )
     print(f"{'engine':<32}{'batch':>6}{'tokens/s':>11}{'fwd/token':>11}{'x naive':>9}{'x cached b1':>13}")
     for name, b, tps, fpt in rows:
         print(f"{name:<32}{b:>6}{tps:>11.1f}{fpt:>11.3f}{tps / base[b]:>9.2f}{tps / cached_b1:>13.2f}")

@@ -59,3 +59,92 @@ def init_model(
     table.add_row("block size", str(loaded.spec.block_size))
     table.add_row("mask id", f"{loaded.spec.mask_token_id} ({loaded.tokenizer.mask_token})")
     console.print(table)
+
+
+@app.command("generate")
+def generate(
+    model: Path = typer.Option(..., "--model", help="SDAR-layout checkpoint directory"),
+    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for a batch)"),
+    n: int = typer.Option(1, "--n", help="samples per prompt"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    strategy: str = typer.Option(
+        "low_confidence_dynamic", "--strategy", help="low_confidence_dynamic|low_confidence_static|sequential"
+    ),
+    threshold: float = typer.Option(0.9, "--threshold", help="dynamic strategy confidence threshold"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int | None = typer.Option(None, "--seed", help="same seed, same output"),
+    chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print one rollout JSON per line instead of tables"),
+) -> None:
+    """Decode prompts with the torch reference engine and show each token's denoising step.
+
+    Example: gtpo generate --model runs/tiny --prompt "What is 12+7?" --n 2 --seed 0
+    """
+    from pydantic import ValidationError
+
+    from shared.contracts import SamplingParams, describe_validation_error
+
+    try:
+        params = SamplingParams(
+            n=n,
+            max_new_tokens=max_new_tokens,
+            strategy=strategy,
+            confidence_threshold=threshold,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            logprobs=True,
+        )
+    except ValidationError as e:
+        raise typer.BadParameter(describe_validation_error(e)) from e
+    if not (model / "config.json").exists():
+        raise typer.BadParameter(f"--model: {model} holds no config.json (make one with `gtpo init-model tiny`)")
+
+    from services.rollout.engines.torch_engine import TorchEngine
+    from shared.contracts import GenerationRequest
+
+    engine = TorchEngine.from_pretrained(model, device=device)
+    tok = engine.tokenizer
+    reqs = [GenerationRequest(prompt_ids=_encode(tok, p, chat), params=params) for p in prompt]
+    for text, rollouts in zip(prompt, engine.generate(reqs), strict=True):
+        for r in rollouts:
+            if as_json:
+                typer.echo(r.model_dump_json())
+            else:
+                _show_rollout(text, r, tok)
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )["input_ids"]
+        )
+    return list(tokenizer(text)["input_ids"])
+
+
+def _show_rollout(prompt: str, r, tokenizer) -> None:
+    """A table per sample: each token with the step that unmasked it, grouped by block."""
+    b = r.params.block_size
+    table = Table(title=f"{prompt!r} (seed {r.seed})", show_lines=False)
+    table.add_column("block", justify="right")
+    table.add_column("tokens @ step")
+    by_block: dict[int, list[str]] = {}
+    for i, (t, s) in enumerate(zip(r.token_ids + r.tail_ids, r.step_map + r.tail_steps, strict=True)):
+        tail = i >= len(r.token_ids)
+        cell = f"{tokenizer.decode([t])!r}@{s}" + (" (tail)" if tail else "")
+        by_block.setdefault((len(r.prompt_ids) + i) // b, []).append(cell)
+    for blk, cells in by_block.items():
+        table.add_row(str(blk), "  ".join(cells))
+    console.print(table)
+    decoded = len(r.token_ids) + len(r.tail_ids)
+    steps = max(r.step_map + r.tail_steps)
+    console.print(
+        f"finish={r.finish_reason}  tokens={len(r.token_ids)} (+{len(r.tail_ids)} tail)  denoising steps={steps}  "
+        f"tokens/step={decoded / steps:.2f}  text={r.text!r}"
+    )

@@ -60,7 +60,12 @@ class SamplingParams(BaseModel):
         stops = list(default_stop_ids) if self.stop_token_ids is None else self.stop_token_ids
         # validate again: denoising_steps must fit the model's block size
         return SamplingParams.model_validate(
-            {**self.model_dump(), "block_size": b, "denoising_steps": self.denoising_steps or b, "stop_token_ids": stops}
+            {
+                **self.model_dump(),
+                "block_size": b,
+                "denoising_steps": self.denoising_steps or b,
+                "stop_token_ids": stops,
+            }
         )
 
     def tokens_per_step(self) -> int:
@@ -107,7 +112,9 @@ class Rollout(BaseModel):
         if len(self.step_map) != len(self.token_ids):
             raise ValueError(f"step_map: needs one step per token ({len(self.token_ids)}), got {len(self.step_map)}")
         if len(self.tail_steps) != len(self.tail_ids):
-            raise ValueError(f"tail_steps: needs one step per tail token ({len(self.tail_ids)}), got {len(self.tail_steps)}")
+            raise ValueError(
+                f"tail_steps: needs one step per tail token ({len(self.tail_ids)}), got {len(self.tail_steps)}"
+            )
         if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
             raise ValueError(f"logprobs: needs one value per token ({len(self.token_ids)}), got {len(self.logprobs)}")
         check_step_map(len(self.prompt_ids), self.step_map + self.tail_steps, self.params.block_size)

@@ -51,14 +51,16 @@ def test_step_map_invariants(tiny, strategy):
         # the last block is decoded whole: response + tail ends on a block boundary
         assert (len(r.prompt_ids) + len(r.token_ids) + len(r.tail_ids)) % B == 0
         blocks = _blocks(r)
-        for prev, nxt in zip(blocks, blocks[1:]):
+        for prev, nxt in zip(blocks, blocks[1:], strict=False):
             assert max(prev) < min(nxt)  # non-decreasing across blocks, a forward serves one block
         assert r.finish_reason == "length"
 
 
 def test_static_with_b_steps_unmasks_one_token_per_step(tiny):
     engine = TorchEngine(tiny)
-    reqs = _requests([3, 6, 9], strategy="low_confidence_static", denoising_steps=B, max_new_tokens=10, stop_token_ids=[])
+    reqs = _requests(
+        [3, 6, 9], strategy="low_confidence_static", denoising_steps=B, max_new_tokens=10, stop_token_ids=[]
+    )
     for (r,) in engine.generate(reqs):
         steps = r.step_map + r.tail_steps
         assert sorted(steps) == list(range(1, len(steps) + 1))
@@ -81,7 +83,7 @@ def test_sequential_unmasks_left_to_right_two_per_step(tiny):
 
 def test_dynamic_threshold_zero_finishes_each_block_in_one_step(tiny):
     engine = TorchEngine(tiny)
-    (r,), = engine.generate(_requests([6], confidence_threshold=0.0, max_new_tokens=9, stop_token_ids=[]))
+    ((r,),) = engine.generate(_requests([6], confidence_threshold=0.0, max_new_tokens=9, stop_token_ids=[]))
     # prompt of 6: the first block holds 2 generated tokens, then whole blocks
     assert r.step_map == [1, 1, 2, 2, 2, 2, 3, 3, 3]
     assert r.tail_steps == [3]
@@ -114,13 +116,15 @@ def test_cached_batched_engine_equals_naive_decoder(request, model, params):
     _same(TorchEngine(loaded).generate(reqs), naive_generate(loaded, reqs), 1e-5 if model == "tiny" else 2e-3)
 
 
-def test_batched_equals_one_by_one_with_several_samples(peaky):
-    engine = TorchEngine(peaky, max_batch_size=5)  # 3 chunks of rows
+@pytest.mark.parametrize("model", ["tiny", "peaky"])
+def test_batched_equals_one_by_one_with_several_samples(request, model):
+    engine = TorchEngine(request.getfixturevalue(model), max_batch_size=5)  # 3 chunks of rows
     reqs = _requests([2, 7, 3, 12], n=3, max_new_tokens=14, stop_token_ids=[], logprobs=True)
     batched = engine.generate(reqs)
     alone = [engine.generate([r])[0] for r in reqs]
-    _same(batched, alone, 2e-3)  # peaky logits: see above
-    assert all(len({tuple(x.token_ids) for x in group}) > 1 for group in batched)  # samples differ
+    _same(batched, alone, 1e-5 if model == "tiny" else 2e-3)  # peaky logits: see above
+    if model == "tiny":  # random weights: samples of one prompt differ
+        assert all(len({tuple(x.token_ids) for x in group}) > 1 for group in batched)  # samples differ
 
 
 def test_same_seed_same_output_and_seed_reproduces_a_sample(tiny):
@@ -130,28 +134,36 @@ def test_same_seed_same_output_and_seed_reproduces_a_sample(tiny):
     _same(a, b)
     third = a[0][2]
     again = engine.generate(
-        [GenerationRequest(prompt_ids=third.prompt_ids, params=third.params.model_copy(update={"seed": third.seed, "n": 1}))]
+        [
+            GenerationRequest(
+                prompt_ids=third.prompt_ids, params=third.params.model_copy(update={"seed": third.seed, "n": 1})
+            )
+        ]
     )
     assert again[0][0].token_ids == third.token_ids
-    other = engine.generate([GenerationRequest(prompt_ids=req[0].prompt_ids, params=req[0].params.model_copy(update={"seed": 7}))])
+    other = engine.generate(
+        [GenerationRequest(prompt_ids=req[0].prompt_ids, params=req[0].params.model_copy(update={"seed": 7}))]
+    )
     assert other[0][0].token_ids != a[0][0].token_ids
 
 
 def test_no_seed_draws_one_and_records_it(tiny):
     engine = TorchEngine(tiny)
     req = GenerationRequest(prompt_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=6, stop_token_ids=[]))
-    (r,), = engine.generate([req])
-    again = engine.generate([GenerationRequest(prompt_ids=[5, 6, 7], params=r.params.model_copy(update={"seed": r.seed}))])
+    ((r,),) = engine.generate([req])
+    again = engine.generate(
+        [GenerationRequest(prompt_ids=[5, 6, 7], params=r.params.model_copy(update={"seed": r.seed}))]
+    )
     assert again[0][0].token_ids == r.token_ids
 
 
 def test_stop_token_ends_response_and_keeps_block_tail(tiny):
     engine = TorchEngine(tiny)
-    (free,), = engine.generate(_requests([6], max_new_tokens=24, stop_token_ids=[]))
+    ((free,),) = engine.generate(_requests([6], max_new_tokens=24, stop_token_ids=[]))
     stop_at = 9  # a token in the middle of the 3rd generation block
     stop = free.token_ids[stop_at]
     first = free.token_ids.index(stop)
-    (r,), = engine.generate(_requests([6], max_new_tokens=24, stop_token_ids=[stop]))
+    ((r,),) = engine.generate(_requests([6], max_new_tokens=24, stop_token_ids=[stop]))
     assert r.finish_reason == "stop"
     assert r.token_ids == free.token_ids[: first + 1]  # stop token kept, same trajectory before it
     assert r.step_map == free.step_map[: first + 1]
@@ -163,7 +175,7 @@ def test_stop_token_ends_response_and_keeps_block_tail(tiny):
 
 def test_max_new_tokens_inside_a_block_records_tail(tiny):
     engine = TorchEngine(tiny)
-    (r,), = engine.generate(_requests([5], max_new_tokens=6, stop_token_ids=[]))
+    ((r,),) = engine.generate(_requests([5], max_new_tokens=6, stop_token_ids=[]))
     # prompt 5: first block holds positions 5..7 (3 tokens), the next 8..11; 6 tokens end at 10
     assert len(r.token_ids) == 6 and len(r.tail_ids) == 1 and r.finish_reason == "length"
 
@@ -172,16 +184,16 @@ def test_default_stop_tokens_are_the_models_end_tokens(tiny):
     eos = tiny.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     im_end = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
     engine = TorchEngine(tiny)
-    (r,), = engine.generate(_requests([4], max_new_tokens=4))
+    ((r,),) = engine.generate(_requests([4], max_new_tokens=4))
     assert sorted(r.params.stop_token_ids) == sorted({eos, im_end})
 
 
 def test_logprobs_are_log_softmax_at_unmask_time_and_text_decodes(tiny):
     engine = TorchEngine(tiny)
-    (r,), = engine.generate(_requests([7], max_new_tokens=8, stop_token_ids=[], logprobs=True))
+    ((r,),) = engine.generate(_requests([7], max_new_tokens=8, stop_token_ids=[], logprobs=True))
     assert all(lp <= 0 for lp in r.logprobs) and len(r.logprobs) == 8
     assert r.text == tiny.tokenizer.decode(r.token_ids, skip_special_tokens=True)
-    (plain,), = engine.generate(_requests([7], max_new_tokens=8, stop_token_ids=[]))
+    ((plain,),) = engine.generate(_requests([7], max_new_tokens=8, stop_token_ids=[]))
     assert plain.logprobs is None and plain.token_ids == r.token_ids
 
 
@@ -194,7 +206,7 @@ def test_bad_prompt_ids_are_rejected_with_the_field(tiny):
 def test_load_weights_swaps_model_and_version(tiny_dir, tiny):
     engine = create_engine("torch", tiny_dir, device="cpu")
     engine.load_weights(tiny_dir, version=3)
-    (r,), = engine.generate(_requests([3], max_new_tokens=4))
+    ((r,),) = engine.generate(_requests([3], max_new_tokens=4))
     assert r.policy_version == 3 and engine.policy_version == 3
 
 

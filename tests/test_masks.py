@@ -140,7 +140,9 @@ def test_flex_block_mask_matches_dense_mask():
     from torch.nn.attention.flex_attention import flex_attention
 
     clean = torch.arange(20)
-    lay = packed_layout(clean, [clean.clone(), clean.clone()], 7, 4, blocks=[torch.tensor([1, 2, 4]), torch.tensor([3])])
+    lay = packed_layout(
+        clean, [clean.clone(), clean.clone()], 7, 4, blocks=[torch.tensor([1, 2, 4]), torch.tensor([3])]
+    )
     pos, copies = lay.position_ids[None], lay.copy_ids[None]
     valid = torch.ones_like(pos, dtype=torch.bool)
     valid[0, -1] = False
@@ -148,5 +150,7 @@ def test_flex_block_mask_matches_dense_mask():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex attention on CPU warns that it is unoptimised
         out = flex_attention(q, k, v, block_mask=flex_block_mask(pos, copies, 4, valid))
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=square_mask(pos, copies, 4, valid)[:, None])
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=square_mask(pos, copies, 4, valid)[:, None]
+    )
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)

@@ -44,7 +44,10 @@ def naive_decode(loaded: LoadedModel, row: _Row, stats: DecodeStats | None = Non
             tok, conf, lp = sample_block(logits, uniforms[s][None], **scalar)
             s += 1
             sel = select_unmask(
-                conf, masked, strategy_codes([p.strategy], dev), torch.tensor([p.confidence_threshold], device=dev),
+                conf,
+                masked,
+                strategy_codes([p.strategy], dev),
+                torch.tensor([p.confidence_threshold], device=dev),
                 torch.tensor([p.tokens_per_step()], device=dev),
             )
             row.step += 1

@@ -109,7 +109,9 @@ def select_unmask(confidence: Tensor, masked: Tensor, strategy: Tensor, threshol
     """
     conf = confidence.masked_fill(~masked, float("-inf"))
     order = torch.argsort(-conf, dim=-1, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    )
     best = masked & (rank == 0)
     dynamic = best | (masked & (confidence >= threshold[:, None]))
     static = masked & (rank < per_step[:, None])
