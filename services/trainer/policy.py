@@ -1,0 +1,40 @@
+"""The trained policy as one module: token log-probs at target positions of a block-diffusion layout.
+
+Wrapping the LM in a module whose forward returns exactly what the loss needs lets Accelerate/DDP wrap it (gradient
+sync hooks run through ``forward``) and keeps the LM head to the target positions only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from services.trainer.trajectory import TrainBatch
+from shared.masks import flex_block_mask, square_mask, to_additive
+
+
+class TokenLogProbs(nn.Module):
+    """``forward(batch) -> (T,)`` log-probs of the labels at the batch's target positions (un-shifted logits)."""
+
+    def __init__(self, lm: nn.Module, attention: str = "sdpa"):
+        super().__init__()
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention: must be 'sdpa' or 'flex', got {attention!r}")
+        if attention == "flex":
+            lm.set_attn_implementation("flex_attention")
+        self.lm = lm
+        self.attention = attention
+
+    def forward(self, batch: TrainBatch) -> Tensor:
+        body = self.lm.model
+        if self.attention == "flex":
+            mask = flex_block_mask(batch.position_ids, batch.copy_ids, batch.block_size, batch.valid)
+        else:
+            dense = square_mask(batch.position_ids, batch.copy_ids, batch.block_size, batch.valid)
+            mask = to_additive(dense, body.embed_tokens.weight.dtype)
+        hidden = body(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
+        ).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # (T, H): the LM head only where trained
+        logits = self.lm.lm_head(h).float()
+        return torch.log_softmax(logits, -1).gather(-1, batch.labels[:, None]).squeeze(-1)
