@@ -148,3 +148,38 @@ def _show_rollout(prompt: str, r, tokenizer) -> None:
         f"finish={r.finish_reason}  tokens={len(r.token_ids)} (+{len(r.tail_ids)} tail)  denoising steps={steps}  "
         f"tokens/step={decoded / steps:.2f}  text={r.text!r}"
     )
+
+
+@app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sft(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", help="YAML experiment file (SFTConfig)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in output_dir"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+) -> None:
+    """Supervised fine-tuning: SDAR random masking ({prompt, response} / {messages} rows) or trace-SFT (rollouts).
+
+    Extra arguments are `key=value` overrides. Example:
+    gtpo sft --config sft.yaml model=runs/tiny data=train.jsonl output_dir=runs/sft steps=200 optim.lr=2e-3
+    Multi-GPU: accelerate launch --config_file deploy/accelerate/ddp.yaml -m services sft --config sft.yaml
+    """
+    from services.trainer.config import SFTConfig
+    from shared.config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(SFTConfig, config, list(ctx.args))
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
+    if dry_run:
+        typer.echo(dump_config(cfg))
+        return
+    from services.trainer.sft import DataError, run_sft
+
+    try:
+        history = run_sft(cfg, resume=resume)
+    except DataError as e:
+        raise typer.BadParameter(str(e)) from e
+    if history:
+        console.print(
+            f"sft done: {len(history)} steps, last loss {history[-1]['loss']:.4f}, checkpoints in {cfg.output_dir}"
+        )

@@ -10,7 +10,19 @@ runner = CliRunner()
 
 
 def test_generate_prints_rollouts_with_step_maps(tiny_dir):
-    args = ["generate", "--model", str(tiny_dir), "--prompt", "12+7=", "--n", "2", "--seed", "3", "--max-new-tokens", "6"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "12+7=",
+        "--n",
+        "2",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "6",
+    ]
     res = runner.invoke(app, [*args, "--json", "--raw"])
     assert res.exit_code == 0, res.output
     rollouts = [json.loads(line) for line in res.stdout.strip().splitlines()]

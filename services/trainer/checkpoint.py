@@ -119,7 +119,9 @@ def _encode(obj: Any, path: str, tensors: dict[str, Tensor] | None) -> Any:
             return {k: _encode(v, _join(path, k), tensors) for k, v in obj.items()}
         # int keys (optimizer state) would silently become strings in plain JSON
         return {_DICT: [[_encode(k, path, None), _encode(v, _join(path, k), tensors)] for k, v in obj.items()]}
-    raise TypeError(f"cannot store {path or 'the value'} in JSON: {type(obj).__name__} values are not supported ({obj!r:.80})")
+    raise TypeError(
+        f"cannot store {path or 'the value'} in JSON: {type(obj).__name__} values are not supported ({obj!r:.80})"
+    )
 
 
 def _decode(obj: Any, tensors: dict[str, Tensor] | None = None) -> Any:
@@ -234,8 +236,8 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict) -> None:
 # --------------------------------------------------------------------------- file helpers
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+def _write_json(path: Path, data: Any, indent: int | None = 1) -> None:
+    path.write_text(json.dumps(data, indent=indent) + "\n")
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
@@ -291,7 +293,7 @@ def _write_contents(
         _write_json(out / SCHEDULER_FILE, _encode(scheduler.state_dict(), "scheduler", None))
     rng_tensors, rng_meta = _rng_state()
     _write_tensors(out / RNG_TENSORS, rng_tensors)
-    _write_json(out / RNG_META, rng_meta)
+    _write_json(out / RNG_META, rng_meta, indent=None)  # 1,250 ints: one per line is noise
     _write_json(out / STATE_FILE, {"format": FORMAT_VERSION, **_encode(asdict(state), "state", None)})
 
 

@@ -63,7 +63,7 @@ def group_advantages(rewards: Tensor, mode: str = "zscore", eps: float = 1e-6) -
         raise ValueError(f"mode must be 'zscore' or 'mean', got {mode!r}")
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (G, n), got shape {tuple(rewards.shape)}")
-    rewards = rewards.float()
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
     if rewards.shape[1] < 2:
         # torch.std of one sample is NaN; a lone response carries no relative signal anyway.
         return torch.zeros_like(rewards)
@@ -232,17 +232,18 @@ def gtpo_loss(
     if cfg.beta > 0 and ref_logp is None:
         raise ValueError(f"ref_logp is required when beta > 0 (beta={cfg.beta})")
 
-    # fp32 throughout: the ratio of two bf16 log-probs is too coarse for a clip range of 0.2.
-    logp, old_logp, adv, weights = logp.float(), old_logp.float(), adv.float(), weights.float()
+    # At least fp32: the ratio of two bf16 log-probs is too coarse for a clip range of 0.2.
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    logp, old_logp, adv, weights = (x.to(dtype) for x in (logp, old_logp, adv, weights))
     obj, clipped = clipped_surrogate(logp, old_logp, adv, cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp)
     per_token = -obj
     tis = None
     if cfg.tis_cap is not None and engine_logp is not None:
-        tis = tis_weights(old_logp, engine_logp.float(), cfg.tis_cap)
+        tis = tis_weights(old_logp, engine_logp.to(dtype), cfg.tis_cap)
         per_token = per_token * tis
     kl = None
     if cfg.beta > 0:
-        kl = k3_kl(logp, ref_logp.float())
+        kl = k3_kl(logp, ref_logp.to(dtype))
         per_token = per_token + cfg.beta * kl
     loss = (weights * per_token).sum()
 
@@ -252,17 +253,16 @@ def gtpo_loss(
             # A rank may get a shard with no targets; its metrics must still be finite.
             metrics = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "kl": 0.0, "tis_mean": 1.0, "adv_mean": 0.0}
         else:
-            stats = torch.stack(
-                [
-                    loss.detach(),
-                    clipped.float().mean(),
-                    _ratio(logp, old_logp, cfg.log_ratio_clamp).mean(),
-                    kl.mean() if kl is not None else loss.new_zeros(()),
-                    tis.mean() if tis is not None else loss.new_ones(()),
-                    adv.mean(),
-                ]
-            ).tolist()  # one device sync for all metrics
-            metrics = dict(zip(("loss", "clip_frac", "ratio_mean", "kl", "tis_mean", "adv_mean"), stats))
+            named = {
+                "loss": loss.detach(),
+                "clip_frac": clipped.float().mean(),
+                "ratio_mean": _ratio(logp, old_logp, cfg.log_ratio_clamp).mean(),
+                "kl": kl.mean() if kl is not None else loss.new_zeros(()),
+                "tis_mean": tis.mean() if tis is not None else loss.new_ones(()),
+                "adv_mean": adv.mean(),
+            }
+            values = torch.stack(list(named.values())).tolist()  # one device sync for all metrics
+            metrics = dict(zip(named, values, strict=True))
         metrics["tokens"] = float(n)
     return loss, metrics
 

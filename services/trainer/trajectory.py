@@ -151,7 +151,9 @@ def _rows_for(traj: Trajectory, mask_id: int, layout: str):
         lay = packed_layout(traj.clean_ids, noisy, traj.prompt_len, traj.block_size, [r.blocks for r in traj.rounds])
         return [(lay, list(range(len(traj.rounds))))]
     if layout == "per_round":
-        return [(per_round_layout(traj.clean_ids, n, traj.prompt_len, traj.block_size), [r]) for r, n in enumerate(noisy)]
+        return [
+            (per_round_layout(traj.clean_ids, n, traj.prompt_len, traj.block_size), [r]) for r, n in enumerate(noisy)
+        ]
     raise ValueError(f"layout: must be 'packed' or 'per_round', got {layout!r}")
 
 

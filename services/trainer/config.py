@@ -1,0 +1,61 @@
+"""Trainer settings, declared once. Pure pydantic: importing this never imports torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.trainer.objective import LossConfig
+
+
+class OptimConfig(BaseModel):
+    """AdamW and its learning-rate schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-6, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm; None = off")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer updates")
+    schedule: Literal["constant", "cosine"] = "constant"
+    total_updates: int | None = Field(None, ge=1, description="cosine: updates until the LR reaches min_lr_ratio")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainerConfig(BaseModel):
+    """What one trainer process needs: the model, where to write, how to update."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path = Field(description="SDAR-layout checkpoint directory to start from")
+    output_dir: Path = Field(description="checkpoints, metrics.jsonl and plots go here")
+    seed: int = Field(0, ge=0, description="every random draw derives from (seed, step, rank)")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    updates_per_step: int = Field(1, ge=1, description="optimizer updates per step: the batch is split in this many")
+    passes: int = Field(1, ge=1, description="passes over one RL batch; each pass makes updates_per_step updates")
+    micro_batch_size: int = Field(4, ge=1, description="responses per forward on one process")
+    layout: Literal["packed", "per_round"] = Field("packed", description="packed: one forward per response")
+    shrink: int = Field(1, ge=1, description="merge this many consecutive steps of a block into one round")
+    attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="auto: flex on CUDA, sdpa on CPU")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    dynamic_sampling: bool = Field(True, description="drop groups whose rewards all agree (no signal)")
+    ref_model: Path | None = Field(None, description="frozen reference for the KL term; None = the start model")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept")
+    sft_mask_eps: float = Field(1e-3, gt=0, lt=1, description="SFT: mask rate t ~ U(eps, 1)")
+
+
+class SFTConfig(TrainerConfig):
+    """`gtpo sft`: SDAR's random-masking objective (rows with prompt/response or messages) and trace-SFT (rows that
+    carry a rollout's `token_ids` and `step_map`)."""
+
+    data: Path = Field(description="JSONL: {prompt, response} | {messages} | a rollout with step_map")
+    steps: int = Field(100, ge=1, description="optimizer steps (x updates_per_step updates)")
+    batch_size: int = Field(32, ge=1, description="responses per step, over all processes")
+    save_every: int = Field(50, ge=1, description="checkpoint every this many steps (and at the end)")
+    chat_template: bool = Field(True, description="wrap prompts with the tokenizer's chat template")
+    max_tokens: int = Field(4096, ge=8, description="drop examples longer than this (prompt + response)")

@@ -1,0 +1,54 @@
+"""One GTPO step on fixed rollouts; the main process writes the updated weights. Run plainly or under
+`accelerate launch` (the 2-process test compares the two).
+
+    python tests/scripts/rl_step.py MODEL_DIR OUT_FILE [micro_batch_size]
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from services.rollout.engines.torch_engine import TorchEngine
+from services.trainer.config import OptimConfig, TrainerConfig
+from services.trainer.trainer import GTPOTrainer
+from shared.contracts import GenerationRequest, SamplingParams
+from shared.model import load_model
+
+
+def fixed_groups(model_dir: str, prompts: int = 3, n: int = 4):
+    """Rollouts and rewards that are the same in every process (seeded engine, reward = share of even ids)."""
+    engine = TorchEngine(load_model(model_dir))
+    reqs = [
+        GenerationRequest(
+            prompt_ids=list(range(20 + i, 25 + 2 * i)),
+            params=SamplingParams(seed=i, n=n, max_new_tokens=7, stop_token_ids=[], logprobs=True),
+        )
+        for i in range(prompts)
+    ]
+    groups = engine.generate(reqs)
+    rewards = [[sum(t % 2 == 0 for t in r.token_ids) / len(r.token_ids) for r in g] for g in groups]
+    return groups, rewards
+
+
+def main() -> None:
+    model_dir, out = sys.argv[1], Path(sys.argv[2])
+    micro = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    groups, rewards = fixed_groups(model_dir)
+    cfg = TrainerConfig(
+        model=model_dir, output_dir=out.parent / f"{out.stem}-run", micro_batch_size=micro,
+        optim=OptimConfig(lr=1e-4, max_grad_norm=1.0),  # Adam's first step is lr * sign(g): keep fp noise small
+    )  # fmt: skip
+    trainer = GTPOTrainer(cfg)
+    m = trainer.rl_step(groups, rewards)
+    print(f"rank {trainer.rank}/{trainer.world} loss {m['loss']:.6f} tokens {m['tokens']}", flush=True)
+    if trainer.accelerator.is_main_process:
+        state = {k: v.detach().contiguous().clone() for k, v in trainer.unwrapped.lm.state_dict().items()}
+        save_file(state, str(out))
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+
+
+if __name__ == "__main__":
+    main()
