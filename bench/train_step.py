@@ -82,7 +82,9 @@ def main() -> None:
             rounds = sum(len(t.rounds) for t in trajs) / len(trajs)
             rows.append((length, rounds, res, diff))
     print(f"tiny preset, B={B}, {args.responses} responses, {args.threads} threads, median of {args.repeats}")
-    print(f"{'prompt=resp':>11}{'rounds':>8}{'layout':>11}{'fwd+bwd s':>11}{'tokens/resp':>13}{'speed-up':>10}{'grad rel diff':>15}")
+    print(
+        f"{'prompt=resp':>11}{'rounds':>8}{'layout':>11}{'fwd+bwd s':>11}{'tokens/resp':>13}{'speed-up':>10}{'grad rel diff':>15}"
+    )
     for length, rounds, res, diff in rows:
         base = res["per_round"][0]
         for layout in ("per_round", "packed"):

@@ -142,11 +142,10 @@ def _show_rollout(prompt: str, r, tokenizer) -> None:
     for blk, cells in by_block.items():
         table.add_row(str(blk), "  ".join(cells))
     console.print(table)
-    decoded = len(r.token_ids) + len(r.tail_ids)
-    steps = max(r.step_map + r.tail_steps)
+    steps = len(set(r.step_map))  # forwards that unmasked response tokens
     console.print(
         f"finish={r.finish_reason}  tokens={len(r.token_ids)} (+{len(r.tail_ids)} tail)  denoising steps={steps}  "
-        f"tokens/step={decoded / steps:.2f}  text={r.text!r}"
+        f"tokens/step={len(r.token_ids) / max(steps, 1):.2f}  text={r.text!r}"
     )
 
 
@@ -183,3 +182,138 @@ def sft(
         console.print(
             f"sft done: {len(history)} steps, last loss {history[-1]['loss']:.4f}, checkpoints in {cfg.output_dir}"
         )
+
+
+def _settings_from(cls, config: Path | None, overrides: list[str]):
+    """Service settings: defaults < GTPO_<SERVICE>_* environment < YAML file < key=value overrides."""
+    import yaml
+    from pydantic import ValidationError
+
+    from shared.config import ConfigError, parse_override, set_dotted
+    from shared.contracts import describe_validation_error
+
+    data: dict = {}
+    if config is not None:
+        data = yaml.safe_load(config.read_text()) or {}
+    try:
+        for text in overrides:
+            set_dotted(data, *parse_override(text))
+        return cls(**data)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
+    except ValidationError as e:
+        raise typer.BadParameter(f"invalid {cls.__name__}:\n{describe_validation_error(e)}") from e
+
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("serve", context_settings=_EXTRA)
+def serve_cmd(
+    ctx: typer.Context,
+    service: str = typer.Argument(..., help="rollout | reward"),
+    config: Path | None = typer.Option(None, "--config", help="YAML settings file"),
+    worker: bool = typer.Option(False, "--worker", help="also consume the Redis stream of this service"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
+) -> None:
+    """Run a service over HTTP (and as a queue worker with --worker). Extra arguments are key=value settings.
+
+    Example: gtpo serve rollout model=runs/tiny port=8001 --worker
+    """
+    overrides = list(ctx.args) + (["worker=true"] if worker else [])
+    if service == "rollout":
+        from services.rollout.settings import RolloutSettings as cls
+    elif service == "reward":
+        from services.reward.settings import RewardSettings as cls
+    else:
+        raise typer.BadParameter(f"service: unknown {service!r}; allowed: rollout, reward")
+    settings = _settings_from(cls, config, overrides)
+    if dry_run:
+        typer.echo(settings.model_dump_json(indent=2))
+        return
+    import logging
+
+    from shared.http import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if service == "rollout":
+        from services.rollout.app import create_app
+    else:
+        from services.reward.app import create_app
+    serve(create_app(settings), settings.host, settings.port)
+
+
+@app.command("train", context_settings=_EXTRA)
+def train_cmd(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", help="YAML experiment file (RLConfig)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in output_dir"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+) -> None:
+    """GTPO RL rounds through the rollout and reward services over Redis. Extra arguments: key=value overrides.
+
+    Example: gtpo train --config run.yaml steps=20 rollout.group_size=8
+    """
+    from services.trainer.config import RLConfig
+    from shared.config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(RLConfig, config, list(ctx.args))
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
+    if dry_run:
+        typer.echo(dump_config(cfg))
+        return
+    import logging
+
+    from services.trainer.driver import run_rl
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        history = run_rl(cfg, resume=resume)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"train done: {len(history)} steps this run; checkpoints in {cfg.output_dir / 'checkpoints'}")
+
+
+@app.command("up", context_settings=_EXTRA)
+def up_cmd(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", help="YAML experiment file (RLConfig)"),
+    rollout_workers: int = typer.Option(1, "--rollout-workers", min=1),
+    reward_workers: int = typer.Option(1, "--reward-workers", min=1),
+    resume: bool = typer.Option(False, "--resume"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+) -> None:
+    """All in one machine: embedded Redis (unless REDIS_URL is set), rollout and reward workers, the trainer, each
+    its own process with its log under output_dir/logs.
+
+    Example: gtpo up --config run.yaml steps=2
+    """
+    from services.trainer.config import RLConfig
+    from shared.config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(RLConfig, config, list(ctx.args))
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
+    if dry_run:
+        typer.echo(dump_config(cfg))
+        return
+    from services.launcher import run_stack
+
+    code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
+    raise typer.Exit(code)
+
+
+@app.command("status")
+def status_cmd(
+    redis_url: str | None = typer.Option(None, "--redis-url", envvar="REDIS_URL", help="default: $REDIS_URL"),
+    namespace: str = typer.Option("gtpo", "--namespace"),
+) -> None:
+    """Queue depths, live workers, current and acknowledged weight versions."""
+    if not redis_url:
+        raise typer.BadParameter("--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
+    from services.launcher import print_status
+
+    print_status(redis_url, namespace, console)

@@ -147,3 +147,146 @@ def describe_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "value"
         lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reward service
+
+
+class ScoreItem(BaseModel):
+    """One response to score, with what the reward functions may need."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256, description="echoed back in the result")
+    response: str = Field(max_length=4_000_000, description="the decoded response text")
+    reference: str | None = Field(None, max_length=100_000, description="ground-truth answer (accuracy)")
+    token_count: int = Field(0, ge=0, description="response tokens (length rewards)")
+    steps: int = Field(0, ge=0, description="denoising steps that produced them (speed rewards)")
+    block_size: int = Field(4, ge=1, description="the decoding block size (speed rewards)")
+    max_new_tokens: int | None = Field(None, ge=1, description="the generation budget (cosine, soft_overlong)")
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ScoreRequest(BaseModel):
+    """A batch of responses; `weights` overrides the service's configured reward weights for this call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreItem] = Field(min_length=1, max_length=4096)
+    weights: dict[str, float] | None = Field(None, description="reward name -> weight; None = the configured ones")
+
+
+class ScoreResult(BaseModel):
+    """The weighted total and each component; `status` is never hidden behind a zero."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    total: float
+    components: dict[str, float]
+    status: Literal["ok", "timeout", "error"]
+    detail: str | None = Field(None, description="what went wrong when status is not ok")
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    results: list[ScoreResult]
+
+
+# --------------------------------------------------------------------------- queue messages (Redis streams)
+
+
+class TaskMessage(BaseModel):
+    """tasks stream: one sample to generate. `task_id` = `run:step:prompt:sample` is the idempotency key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(min_length=1, max_length=512)
+    run_id: str
+    step: int = Field(ge=0)
+    prompt_index: int = Field(ge=0, description="position of the prompt in the dataset")
+    sample_index: int = Field(ge=0)
+    group_size: int = Field(ge=1)
+    prompt_ids: list[int] = Field(min_length=1)
+    prompt_text: str = ""
+    reference: str | None = None
+    params: SamplingParams = Field(description="n = 1; the seed is this sample's")
+    policy_version: int = Field(ge=0, description="the trainer's version when enqueued; generate with >= this")
+    attempt: int = Field(0, ge=0, description="re-enqueued after a stale rollout")
+
+
+class RolloutMessage(BaseModel):
+    """rollouts stream: a task with its rollout (the generating version is `rollout.policy_version`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskMessage
+    rollout: Rollout
+    worker: str = Field(description="the rollout worker that produced it")
+
+
+class ScoredMessage(BaseModel):
+    """scored stream: a rollout with its reward."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskMessage
+    rollout: Rollout
+    score: ScoreResult
+
+
+class WeightsVersion(BaseModel):
+    """What the trainer publishes after each update: rollout workers load `path` and acknowledge `version`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0)
+    path: str = Field(description="an SDAR-layout checkpoint directory under the shared checkpoint root")
+    step: int = Field(0, ge=0)
+
+
+# --------------------------------------------------------------------------- rollout service (HTTP)
+
+
+class GenerateRequest(BaseModel):
+    """`POST /v1/generate`: prompts as text (chat template applied unless `chat` is false) or as token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] | None = Field(None, min_length=1, max_length=1024)
+    prompt_ids: list[list[int]] | None = Field(None, min_length=1, max_length=1024)
+    chat: bool = Field(True, description="wrap text prompts in the model's chat template")
+    params: SamplingParams = Field(default_factory=SamplingParams)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GenerateRequest:
+        if (self.prompts is None) == (self.prompt_ids is None):
+            raise ValueError("prompts / prompt_ids: give exactly one of them")
+        if self.prompt_ids is not None and any(len(p) == 0 for p in self.prompt_ids):
+            raise ValueError("prompt_ids: every prompt needs at least one token")
+        return self
+
+
+class GenerateResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rollouts: list[list[Rollout]] = Field(description="params.n rollouts per prompt, in prompt order")
+    policy_version: int
+
+
+class WeightsRequest(BaseModel):
+    """`POST /v1/weights`: load version `version` from `path` (under the service's checkpoint root)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0)
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class WeightsResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int
+    path: str
+    seconds: float

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["conftest_redis"]
+
 REPO = Path(__file__).resolve().parents[1]
 SDAR_8B = REPO.parent / "shared" / "data" / "sdar-8b-chat"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from services.trainer.objective import LossConfig
+from shared.settings import RedisConfig
 
 
 class OptimConfig(BaseModel):
@@ -59,3 +60,45 @@ class SFTConfig(TrainerConfig):
     save_every: int = Field(50, ge=1, description="checkpoint every this many steps (and at the end)")
     chat_template: bool = Field(True, description="wrap prompts with the tokenizer's chat template")
     max_tokens: int = Field(4096, ge=8, description="drop examples longer than this (prompt + response)")
+
+
+class RolloutSampling(BaseModel):
+    """How the rollout workers sample for RL (defaults: unbiased, T=1, no top-k / top-p)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_size: int = Field(8, ge=2, description="responses per prompt (the GRPO group)")
+    max_new_tokens: int = Field(256, ge=1)
+    strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = "low_confidence_dynamic"
+    confidence_threshold: float = Field(0.9, ge=0, le=1)
+    denoising_steps: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class RLConfig(TrainerConfig):
+    """`gtpo train`: GTPO rounds through the rollout and reward services over Redis."""
+
+    run_id: str = Field("run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    data: Path = Field(description="JSON list or JSONL of {question, ground_truth_answer}")
+    prompt_template: str = Field(
+        "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$.",
+        description="user message; {question} is replaced",
+    )
+    chat_template: bool = Field(True, description="wrap the user message in the tokenizer's chat template")
+    steps: int = Field(10, ge=1, description="RL steps (each: collect, train, publish weights)")
+    prompts_per_step: int = Field(8, ge=1, description="groups trained per step")
+    oversample: float = Field(
+        2.0, ge=1.0, description="enqueue up to this many times the groups to refill dropped ones"
+    )
+    rollout: RolloutSampling = Field(default_factory=RolloutSampling)
+    max_staleness: int = Field(0, ge=0, description="accept rollouts from policy versions >= current - this")
+    step_timeout_s: float = Field(1800.0, gt=0, description="then train on the groups that are complete and say so")
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    rollout_urls: list[str] = Field(default_factory=list, description="also push new weights to these over HTTP")
+    api_token: SecretStr | None = Field(None, description="bearer token for the rollout services' /v1/weights")
+    health_port: int | None = Field(None, ge=0, le=65535, description="/health /status /metrics; None = off")
+    reward_weights: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 1.0}, description="`gtpo up`: the reward workers' weights"
+    )

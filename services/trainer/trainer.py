@@ -114,8 +114,10 @@ class GTPOTrainer:
 
     # ------------------------------------------------------------------ RL
 
-    def rl_step(self, groups: Sequence[Sequence[Rollout]], rewards: Sequence[Sequence[float]]) -> dict[str, float]:
-        """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank)."""
+    def rl_step(
+        self, groups: Sequence[Sequence[Rollout]], rewards: Sequence[Sequence[float]], extra: dict | None = None
+    ) -> dict[str, float]:
+        """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank) with `extra`."""
         if len(groups) != len(rewards) or any(len(g) != len(r) for g, r in zip(groups, rewards, strict=True)):
             raise ValueError("rewards: need one reward per rollout, grouped like the rollouts")
         keep, stats = filter_groups([list(map(float, r)) for r in rewards])
@@ -137,6 +139,7 @@ class GTPOTrainer:
             groups_kept=stats.kept,
             groups_dropped=stats.dropped,
         )
+        metrics.update(extra or {})
         return self._finish_step(metrics)
 
     # ------------------------------------------------------------------ SFT

@@ -1,0 +1,188 @@
+"""`gtpo up` and `gtpo status`: the all-in-one local stack and its dashboard.
+
+`gtpo up` starts a real Redis (embedded, with AOF, unless REDIS_URL is set), the rollout and reward workers and the
+trainer, each a separate process logging to `output_dir/logs/`, restarts a worker that dies, follows the trainer's
+metrics with a progress bar, and stops everything when the trainer exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.trainer.config import RLConfig
+from shared.config import dump_config
+
+
+@dataclass
+class Managed:
+    """A child process with the command that (re)starts it."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        out.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gtpo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services", *args]
+
+
+def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int, resume: bool):
+    """The processes of a stack (not started) and the trainer config they share."""
+    root = Path(os.path.commonpath([cfg.model.resolve(), run_dir.resolve()]))
+    ns, logs = cfg.redis.namespace, run_dir / "logs"
+    common = [
+        f"redis.namespace={ns}",
+        f"redis.codec={cfg.redis.codec}",
+        f"redis.claim_idle_ms={cfg.redis.claim_idle_ms}",
+    ]
+    procs, urls = [], []
+    for i in range(rollout_workers):
+        port = free_port()
+        urls.append(f"http://127.0.0.1:{port}")
+        cmd = _gtpo("serve", "rollout", "--worker", f"model={cfg.model.resolve()}", f"checkpoint_root={root}",
+                    f"port={port}", f"worker_id=rollout-{i}", *common)  # fmt: skip
+        procs.append(Managed(f"rollout-{i}", cmd, logs / f"rollout-{i}.log"))
+    for i in range(reward_workers):
+        cmd = _gtpo("serve", "reward", "--worker", f"port={free_port()}", f"worker_id=reward-{i}",
+                    f"weights={json.dumps(cfg.reward_weights)}", *common)  # fmt: skip
+        procs.append(Managed(f"reward-{i}", cmd, logs / f"reward-{i}.log"))
+    trainer_cfg = cfg.model_copy(update={"rollout_urls": urls})
+    cfg_path = run_dir / "run.yaml"
+    trainer = Managed("trainer", _gtpo("train", "--config", str(cfg_path), *(["--resume"] if resume else [])),
+                      logs / "trainer.log")  # fmt: skip
+    return procs, trainer, trainer_cfg, cfg_path
+
+
+def run_stack(cfg: RLConfig, *, rollout_workers: int = 1, reward_workers: int = 1, resume: bool = False) -> int:
+    """Run the whole job locally; returns the trainer's exit code."""
+    from rich.console import Console
+
+    from shared.redis_server import EmbeddedRedis
+
+    console = Console()
+    run_dir = cfg.output_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    embedded = None
+    url = cfg.redis.resolved_url()
+    if not url:
+        embedded = EmbeddedRedis(data_dir=run_dir / "redis")
+        embedded.start()
+        url = embedded.url
+    token = secrets.token_urlsafe(24)
+    env = {**os.environ, "REDIS_URL": url, "GTPO_API_TOKEN": token, "GTPO_ROLLOUT_API_TOKEN": token}
+    workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume)
+    cfg_path.write_text(dump_config(trainer_cfg))
+    console.print(f"redis {url} ({'embedded' if embedded else 'REDIS_URL'}), logs in {run_dir / 'logs'}")
+    try:
+        for p in workers:
+            p.start(env)
+        trainer.start(env)
+        return _supervise(trainer, workers, env, run_dir, cfg.steps, console)
+    finally:
+        trainer.stop()
+        for p in workers:
+            p.stop()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _supervise(trainer: Managed, workers: list[Managed], env, run_dir: Path, steps: int, console) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    metrics = run_dir / "metrics.jsonl"
+    cols = (TextColumn("gtpo up"), BarColumn(), TextColumn("step {task.completed}/{task.total} {task.fields[info]}"))
+    with Progress(*cols, TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("run", total=steps, info="starting services")
+        while trainer.alive():
+            for p in workers:
+                if not p.alive():
+                    p.restarts += 1
+                    console.print(
+                        f"[yellow]{p.name} exited ({p.proc.returncode if p.proc else '?'}); restart {p.restarts}, see {p.log}"
+                    )
+                    p.start(env)
+            last = _last_metrics(metrics)
+            if last:
+                bar.update(task, completed=int(last.get("step", 0)),
+                           info=f"reward {last.get('reward_mean', 0):.3f} acc {last.get('accuracy', 0):.3f}")  # fmt: skip
+            time.sleep(1.0)
+        last = _last_metrics(metrics)
+        if last:
+            bar.update(task, completed=int(last.get("step", 0)))
+    code = trainer.proc.returncode if trainer.proc else 1
+    if code != 0:
+        console.print(f"[red]trainer exited with {code}; see {trainer.log}")
+    return code
+
+
+def _last_metrics(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def print_status(url: str, namespace: str, console) -> None:
+    """Queue depths, live workers and weight versions as tables."""
+    from rich.table import Table
+
+    from shared.keys import Keys
+    from shared.queue import Queue, WeightRegistry, connect
+
+    r = connect(url)
+    keys = Keys(namespace)
+    depths = Queue(r, keys).depths()
+    t = Table(title=f"queues ({namespace})")
+    for col in ("stream", "length", "pending", "lag"):
+        t.add_column(col)
+    for stream, d in depths.items():
+        t.add_row(stream, str(d.get("length")), str(d.get("pending")), str(d.get("lag")))
+    console.print(t)
+    reg = WeightRegistry(r, keys)
+    cur = reg.current()
+    console.print(f"current weights: {cur.version if cur else None} ({cur.path if cur else '-'})")
+    w = Table(title="live workers")
+    for col in ("worker", "kind", "loaded version", "info"):
+        w.add_column(col)
+    for wid, info in reg.live_workers().items():
+        w.add_row(wid, str(info.get("kind")), str(info.get("version")), json.dumps(info.get("info") or {}))
+    console.print(w)
+    console.print(f"published versions: {[v.version for v in reg.versions()]}")

@@ -1,0 +1,59 @@
+"""Routes of the reward service: validate, call `scoring`, return a contract model (anchors_style R8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Response
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from services.reward.deps import MetricsDep, PoolDep, SettingsDep
+from services.reward.scoring import check_weights, score_items
+from shared.contracts import ScoreRequest, ScoreResponse
+from shared.http import metrics_response
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    responses={422: {"description": "unknown reward, bad weight or too many items"}, 503: {"description": "pool down"}},
+)
+async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metrics: MetricsDep) -> ScoreResponse:
+    """Score a batch; each result has a total, its components and an explicit status."""
+    if len(body.items) > settings.max_items:
+        raise HTTPException(422, f"items: at most {settings.max_items} per request, got {len(body.items)}")
+    weights = settings.weights if body.weights is None else body.weights
+    try:
+        check_weights(weights)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from e
+    if not pool.healthy():
+        raise HTTPException(503, "the verifier pool is not healthy")
+    with metrics.latency.time():
+        # the pool call blocks: keep it off the event loop so /health and /metrics stay responsive
+        results = await run_in_threadpool(score_items, body.items, weights, pool)
+    metrics.observe(results)
+    return ScoreResponse(results=results)
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"description": "the verifier pool is not healthy"}})
+async def ready(pool: PoolDep) -> dict[str, Any]:
+    """Readiness: the verifier pool can check answers."""
+    if not pool.healthy():
+        raise HTTPException(503, "the verifier pool is not healthy")
+    return {"status": "ready", **pool.stats()}
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text format."""
+    return metrics_response(metrics.registry)

@@ -1,0 +1,109 @@
+"""Score a batch: extract answers, check them through the pool (one batch), weigh the reward components.
+
+An item's `status` is its accuracy check's (`ok` / `timeout` / `error`), or `error` when a requested reward
+could not be computed (no reference, no budget, no step count). Any non-ok item has `total == 0.0`, and
+its `detail` says why: the trainer can drop it or count it, but never mistakes it for a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from services.reward.rewards import NEEDS_VERDICT, REWARDS, extract_last_boxed
+from services.reward.verify import Verdict
+from shared.contracts import ScoreItem, ScoreResult
+
+MAX_WEIGHT = 1e6
+"""|weight| above this is refused: every component is within [-1, 1], so totals stay finite."""
+
+
+class Verifier(Protocol):
+    """What scoring needs from a VerifierPool (a fake in tests would do too)."""
+
+    def verify_many(self, pairs: list[tuple[str, str]]) -> list[Verdict]: ...
+
+
+def check_weights(weights: Mapping[str, float]) -> None:
+    """Raise ValueError naming every unknown reward or unusable weight.
+
+    >>> check_weights({"accuracy": 1.0, "lenght": 0.5})
+    Traceback (most recent call last):
+    ...
+    ValueError: weights: unknown reward 'lenght'; known: accuracy, boxed, cosine, format, repetition, soft_overlong, speed, speed_penalty
+    """
+    if not weights:
+        raise ValueError("weights: name at least one reward")
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        names = ", ".join(repr(n) for n in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise ValueError(f"weights: unknown reward{plural} {names}; known: {', '.join(sorted(REWARDS))}")
+    bad = {n: w for n, w in weights.items() if not (math.isfinite(w) and abs(w) <= MAX_WEIGHT)}
+    if bad:
+        raise ValueError(f"weights: must be finite with |w| <= {MAX_WEIGHT:g}, got {bad}")
+
+
+def check_answers(items: Sequence[ScoreItem], pool: Verifier) -> list[Verdict | None]:
+    """One verdict per item: None without a reference; wrong without a final `\\boxed{}`; else the pool's.
+
+    Every checkable item goes to the pool in one `verify_many` call, so the workers run them in parallel.
+    """
+    verdicts: list[Verdict | None] = [None] * len(items)
+    pairs: list[tuple[str, str]] = []
+    where: list[int] = []
+    for i, item in enumerate(items):
+        if item.reference is None:
+            continue
+        answer = extract_last_boxed(item.response)
+        if answer is None:
+            verdicts[i] = Verdict("ok", False, "no final \\boxed{} answer")
+            continue
+        pairs.append((answer, item.reference))
+        where.append(i)
+    for i, verdict in zip(where, pool.verify_many(pairs) if pairs else [], strict=True):
+        verdicts[i] = verdict
+    return verdicts
+
+
+def score_item(item: ScoreItem, verdict: Verdict | None, weights: Mapping[str, float]) -> ScoreResult:
+    """Every weighted component of one item, their weighted sum, and the item's status.
+
+    Args:
+        verdict: the item's accuracy check, or None (no reference, or no requested reward needs it).
+        weights: reward name -> weight; the names are known (`check_weights`).
+    """
+    correct = verdict.correct if verdict is not None else None
+    components: dict[str, float] = {}
+    problems: list[str] = []
+    for name in weights:
+        try:
+            components[name] = REWARDS[name](item, correct)
+        except ValueError as e:  # a missing input: reported, never scored as 0
+            problems.append(f"{name}: {e}")
+    if verdict is not None and verdict.status != "ok":
+        status, detail = verdict.status, f"accuracy check: {verdict.detail}"
+    elif problems:
+        status, detail = "error", "; ".join(problems)
+    else:
+        status, detail = "ok", None
+    total = math.fsum(weights[n] * v for n, v in components.items()) if status == "ok" else 0.0
+    return ScoreResult(id=item.id, total=total, components=components, status=status, detail=detail)
+
+
+def score_items(items: Sequence[ScoreItem], weights: Mapping[str, float], pool: Verifier) -> list[ScoreResult]:
+    """Score a batch (the body of `POST /v1/score`).
+
+    Args:
+        items: the responses to score.
+        weights: reward name -> weight.
+        pool: answer checker; only called when a weighted reward needs the accuracy verdict.
+
+    Raises:
+        ValueError: an unknown reward name or an unusable weight (the HTTP layer answers 422).
+    """
+    check_weights(weights)
+    needs_verdict = not NEEDS_VERDICT.isdisjoint(weights)
+    verdicts = check_answers(items, pool) if needs_verdict else [None] * len(items)
+    return [score_item(item, verdict, weights) for item, verdict in zip(items, verdicts, strict=True)]

@@ -1,0 +1,37 @@
+"""Reward service settings: `GTPO_REWARD_*` environment variables (e.g. `GTPO_REWARD_WEIGHTS='{"accuracy": 1}'`)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.reward.scoring import check_weights
+from shared.settings import RedisConfig, default_worker_id
+
+
+class RewardSettings(BaseSettings):
+    """What `gtpo serve reward` runs with."""
+
+    model_config = SettingsConfigDict(env_prefix="GTPO_REWARD_", env_nested_delimiter="__", extra="forbid")
+
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 1.0}, description="reward name -> weight, when a request names none"
+    )
+    workers: int = Field(2, ge=1, le=256, description="math-verify worker processes")
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="hard wall-clock limit per answer check")
+    memory_mb: int = Field(1024, ge=0, description="address-space cap per worker (RLIMIT_AS); 0 = none")
+    max_items: int = Field(1024, ge=1, le=4096, description="items per request at most")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit (413 above)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8002, ge=1, le=65535, description="bind port")
+    worker: bool = Field(False, description="also consume the rollouts stream and hand scores to the scored stream")
+    worker_id: str = Field(default_factory=lambda: default_worker_id("reward"))
+    batch: int = Field(32, ge=1, le=4096, description="rollouts read from the stream at once")
+    heartbeat_ttl_s: float = Field(15.0, gt=0, description="a worker silent this long counts as dead")
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_rewards(cls, weights: dict[str, float]) -> dict[str, float]:
+        check_weights(weights)
+        return weights

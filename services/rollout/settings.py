@@ -1,0 +1,34 @@
+"""Rollout service settings (env prefix `GTPO_ROLLOUT_`, nested with `__`, e.g. `GTPO_ROLLOUT_REDIS__URL`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import RedisConfig, default_worker_id
+
+
+class RolloutSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GTPO_ROLLOUT_", env_nested_delimiter="__", extra="forbid")
+
+    model: Path = Field(description="SDAR-layout checkpoint to serve first")
+    engine: Literal["torch", "lmdeploy"] = Field("torch", description="decoding engine")
+    device: str = Field("auto", description="torch engine: auto | cpu | cuda[:N]")
+    checkpoint_root: Path | None = Field(None, description="weights may load only from here; None = model's parent")
+    api_token: SecretStr | None = Field(None, description="bearer token for /v1/weights; unset = endpoint disabled")
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    max_batch_size: int = Field(32, ge=1, description="rows decoded together")
+    max_prompts: int = Field(256, ge=1, description="prompts x n per HTTP request, at most")
+    max_prompt_tokens: int = Field(8192, ge=1)
+    worker: bool = Field(False, description="also consume the tasks stream")
+    worker_id: str = Field(default_factory=lambda: default_worker_id("rollout"))
+    task_batch: int = Field(16, ge=1, description="tasks read from the stream at once")
+    heartbeat_ttl_s: float = Field(15.0, gt=0, description="a worker silent this long counts as dead")
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+
+    def root(self) -> Path:
+        return (self.checkpoint_root or self.model.parent).resolve()
