@@ -84,8 +84,11 @@ class Driver:
 
         self.cfg = cfg
         self.trainer = GTPOTrainer(cfg)
-        if resume:
-            self.trainer.resume()
+        if resume and self.trainer.resume() and self.trainer.accelerator.is_main_process:
+            # records of a step that was running when the trainer died are not durable: that step runs again
+            done = self.trainer.state.step
+            keep_rows(cfg.output_dir / "trained_groups.jsonl", lambda row: row["step"] < done)
+            keep_rows(cfg.output_dir / "metrics.jsonl", lambda row: row["step"] <= done)
         self.prompts = load_prompts(cfg.data)
         rc = cfg.redis
         self.keys = Keys(rc.namespace)
@@ -150,13 +153,13 @@ class Driver:
         self.waiting = "training"
         metrics = self._train(st)
         self.trainer.state.data_cursor = cursor + len(st.enqueued_groups)
+        self._record_trained(st)
         path = self.trainer.save()
         version = WeightsVersion(version=self.trainer.state.policy_version, path=str(path / "model"),
                                  step=self.trainer.state.step)  # fmt: skip
         with_reconnect(lambda: self._publish(version), what="publishing weights")
         with_reconnect(lambda: self.queue.ack(self.keys.scored, self.keys.trainer_group, *st.entry_ids),
                        what="acknowledging the step")  # fmt: skip
-        self._record_trained(st)
         self._prune_weights()
         self.history.append(metrics)
         self.waiting = ""
@@ -267,7 +270,8 @@ class Driver:
             push_weights(url, version, self.cfg.api_token)
 
     def _record_trained(self, st: StepState) -> None:
-        """Append the step's trained groups to trained_groups.jsonl, once the step is durable (audit trail)."""
+        """Append the step's trained groups to trained_groups.jsonl (audit trail; a resume drops the rows of steps
+        that never reached their checkpoint)."""
         if not self.trainer.accelerator.is_main_process:
             return
         with (self.cfg.output_dir / "trained_groups.jsonl").open("a") as f:
@@ -299,6 +303,16 @@ class Driver:
             "groups_enqueued": len(st.enqueued_groups) if st else 0,
             "last": self.history[-1] if self.history else None,
         }
+
+
+def keep_rows(path: Path, keep) -> None:
+    """Rewrite a JSONL file with only the rows `keep(row)` accepts (atomically)."""
+    if not path.exists():
+        return
+    rows = [x for x in path.read_text().splitlines() if x.strip() and keep(json.loads(x))]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(path)
 
 
 def rollout_metrics(msgs: list[ScoredMessage]) -> dict[str, float]:
