@@ -317,3 +317,77 @@ def status_cmd(
     from services.launcher import print_status
 
     print_status(redis_url, namespace, console)
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: str = typer.Argument(..., help="a JSON/JSONL file of {question, ground_truth_answer} or a preset"),
+    model: Path | None = typer.Option(
+        None, "--model", help="checkpoint directory (also the tokenizer for --rollout-url)"
+    ),
+    k: int = typer.Option(4, "--k", min=1, help="samples per question"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    template: str = typer.Option(
+        "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$.", "--template"
+    ),
+    chat: bool = typer.Option(True, "--chat/--raw"),
+    rollout_url: str | None = typer.Option(None, "--rollout-url", help="generate through a running rollout service"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
+    out: Path | None = typer.Option(None, "--out", help="write the result as JSON here"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Evaluate a checkpoint: avg@k, pass@k, length, tokens per step, truncation rate.
+
+    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
+    Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
+    """
+    from services.evaluate import evaluate, load_rows
+    from shared.contracts import SamplingParams
+
+    try:
+        rows = load_rows(dataset)[:limit]
+        res = evaluate(model, rows, k=k, params=SamplingParams(max_new_tokens=max_new_tokens), template=template,
+                       chat=chat, rollout_url=rollout_url, seed=seed)  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    table = Table(title=f"gtpo eval {dataset} (k={k})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, v in res.row().items():
+        table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    if out is not None:
+        import json
+
+        out.write_text(json.dumps(res.row(), indent=2))
+
+
+@app.command("demo", context_settings=_EXTRA)
+def demo_cmd(
+    ctx: typer.Context,
+    speed: bool = typer.Option(False, "--speed", help="add the speed reward (tokens per denoising step)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("runs/demo"), "--out"),
+) -> None:
+    """The main job on the embedded default: tiny model, SFT, eval, GTPO through the services, eval, plots.
+
+    Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
+    """
+    from services.demo import DemoConfig, run_demo
+    from shared.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(DemoConfig, None, [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}"],
+                          environ={})  # fmt: skip
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
+    run_demo(cfg)
+
+
+def _register_launch() -> None:
+    from services.trainer.launch import launch_command
+
+    app.command("launch")(launch_command)
+
+
+_register_launch()

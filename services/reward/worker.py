@@ -14,7 +14,7 @@ from services.reward.scoring import score_items
 from services.reward.settings import RewardSettings
 from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem
 from shared.keys import Keys
-from shared.queue import Queue, WeightRegistry, connect, with_reconnect
+from shared.queue import TRANSIENT_ERRORS, Queue, WeightRegistry, connect, with_reconnect
 
 log = logging.getLogger("gtpo.reward.worker")
 
@@ -50,9 +50,12 @@ class RewardWorker:
         log.info("reward worker %s consuming %s", self.id, self.keys.rollouts)
         while not stop.is_set():
             try:
-                with_reconnect(self.tick, what="scoring rollouts")
-            except Exception:  # the batch stays pending and is reclaimed; the worker lives on
-                log.exception("reward worker %s: batch failed", self.id)
+                # a short reconnect deadline: the loop re-checks `stop`, so SIGTERM works while Redis is down
+                with_reconnect(self.tick, what="scoring rollouts", deadline_s=5)
+            except TRANSIENT_ERRORS as e:
+                log.warning("%s: redis still unreachable (%s); retrying", self.id, e)
+            except Exception:  # one bad batch must not kill the worker; its messages stay pending and are reclaimed
+                log.exception("%s: batch failed", self.id)
                 time.sleep(1.0)
 
     def tick(self) -> int:

@@ -12,12 +12,11 @@ import logging
 import threading
 import time
 
-from shared.queue import Queue, WeightRegistry, connect, with_reconnect
-
 from services.rollout.settings import RolloutSettings
 from shared.contracts import GenerationRequest, RolloutMessage, TaskMessage
 from shared.http import confine
 from shared.keys import Keys
+from shared.queue import TRANSIENT_ERRORS, Queue, WeightRegistry, connect, with_reconnect
 
 log = logging.getLogger("gtpo.rollout.worker")
 
@@ -41,9 +40,12 @@ class RolloutWorker:
         log.info("rollout worker %s consuming %s", self.id, self.keys.tasks)
         while not stop.is_set():
             try:
-                with_reconnect(self.tick, what="consuming tasks")
-            except Exception:  # one bad batch must not kill the worker; the tasks stay pending and get reclaimed
-                log.exception("rollout worker %s: batch failed", self.id)
+                # a short reconnect deadline: the loop re-checks `stop`, so SIGTERM works while Redis is down
+                with_reconnect(self.tick, what="consuming tasks", deadline_s=5)
+            except TRANSIENT_ERRORS as e:
+                log.warning("%s: redis still unreachable (%s); retrying", self.id, e)
+            except Exception:  # one bad batch must not kill the worker; its messages stay pending and are reclaimed
+                log.exception("%s: batch failed", self.id)
                 time.sleep(1.0)
 
     def tick(self) -> int:

@@ -90,12 +90,14 @@ class Driver:
             keep_rows(cfg.output_dir / "trained_groups.jsonl", lambda row: row["step"] < done)
             keep_rows(cfg.output_dir / "metrics.jsonl", lambda row: row["step"] <= done)
         self.prompts = load_prompts(cfg.data)
+        self.main = self.trainer.accelerator.is_main_process
         rc = cfg.redis
         self.keys = Keys(rc.namespace)
-        self.redis = connect(rc.resolved_url())
-        self.queue = Queue(self.redis, self.keys, codec=rc.codec, claim_idle_ms=rc.claim_idle_ms,
-                           max_deliveries=rc.max_deliveries)  # fmt: skip
-        self.registry = WeightRegistry(self.redis, self.keys)
+        if self.main:  # one consumer per trainer, however many processes train
+            self.redis = connect(rc.resolved_url())
+            self.queue = Queue(self.redis, self.keys, codec=rc.codec, claim_idle_ms=rc.claim_idle_ms,
+                               max_deliveries=rc.max_deliveries)  # fmt: skip
+            self.registry = WeightRegistry(self.redis, self.keys)
         self.consumer = f"trainer-{cfg.run_id}"  # stable: a restarted trainer reads its own pending entries first
         self.stop = threading.Event()
         self.current: StepState | None = None
@@ -110,13 +112,18 @@ class Driver:
 
         from shared.queue import with_reconnect
 
-        with_reconnect(self.queue.ensure_groups, what="creating consumer groups")
-        self._publish_current()
+        if self.main:
+            with_reconnect(self.queue.ensure_groups, what="creating consumer groups")
+            self._publish_current()
         state = self.trainer.state
         cols = (TextColumn("gtpo"), BarColumn(), TextColumn("step {task.completed}/{task.total} {task.fields[info]}"))
-        with Progress(*cols, TimeElapsedColumn()) as bar:
+        with Progress(*cols, TimeElapsedColumn(), disable=not self.main) as bar:
             task = bar.add_task("rl", total=self.cfg.steps, completed=state.step, info="")
-            while state.step < self.cfg.steps and not self.stop.is_set():
+            # the main process decides when to stop, so every rank stops after the same step
+            while (
+                state.step < self.cfg.steps
+                and broadcast_text(self.trainer.accelerator, str(self.stop.is_set())) == "False"
+            ):
                 metrics = self.one_step()
                 bar.update(task, completed=state.step, info=f"reward {metrics.get('reward_mean', 0):.3f}")
         if self.stop.is_set():
@@ -124,12 +131,40 @@ class Driver:
         return self.history
 
     def one_step(self) -> dict:
-        """Collect, train, checkpoint, publish, acknowledge: one RL step."""
+        """Collect (main process), train (every process), checkpoint, publish, acknowledge: one RL step.
+
+        Only the main process talks to Redis; the others get the step's batch by broadcast, so a multi-GPU or
+        multi-node trainer is one consumer, not one per rank.
+        """
         from shared.queue import with_reconnect
 
         st = StepState(step=self.trainer.state.step)
         self.current = st
         cursor = self.trainer.state.data_cursor
+        payload = self._collect_step(st, cursor) if self.main else None
+        groups, rewards, extra = decode_batch(broadcast_text(self.trainer.accelerator, payload))
+        self.waiting = "training"
+        metrics = self.trainer.rl_step(groups, rewards, extra)
+        self.trainer.state.data_cursor = cursor + int(extra["groups_enqueued"])
+        if self.main:
+            self._record_trained(st)
+        path = self.trainer.save()
+        if self.main:
+            version = WeightsVersion(version=self.trainer.state.policy_version, path=str(path / "model"),
+                                     step=self.trainer.state.step)  # fmt: skip
+            with_reconnect(lambda: self._publish(version), what="publishing weights")
+            with_reconnect(lambda: self.queue.ack(self.keys.scored, self.keys.trainer_group, *st.entry_ids),
+                           what="acknowledging the step")  # fmt: skip
+            self._prune_weights()
+        self.trainer.accelerator.wait_for_everyone()
+        self.history.append(metrics)
+        self.waiting = ""
+        return metrics
+
+    def _collect_step(self, st: StepState, cursor: int) -> str:
+        """Enqueue and collect until `prompts_per_step` groups are kept (or the budget / time runs out)."""
+        from shared.queue import with_reconnect
+
         budget = math.ceil(self.cfg.prompts_per_step * self.cfg.oversample)
         with_reconnect(lambda: self._enqueue(st, cursor, self.cfg.prompts_per_step), what="enqueueing tasks")
         deadline = time.monotonic() + self.cfg.step_timeout_s
@@ -150,20 +185,7 @@ class Driver:
         if len(st.kept) < self.cfg.prompts_per_step:
             log.warning("step %d: training on %d of %d groups (%s)", st.step, len(st.kept),
                         self.cfg.prompts_per_step, "budget spent" if len(st.enqueued_groups) >= budget else "timeout")  # fmt: skip
-        self.waiting = "training"
-        metrics = self._train(st)
-        self.trainer.state.data_cursor = cursor + len(st.enqueued_groups)
-        self._record_trained(st)
-        path = self.trainer.save()
-        version = WeightsVersion(version=self.trainer.state.policy_version, path=str(path / "model"),
-                                 step=self.trainer.state.step)  # fmt: skip
-        with_reconnect(lambda: self._publish(version), what="publishing weights")
-        with_reconnect(lambda: self.queue.ack(self.keys.scored, self.keys.trainer_group, *st.entry_ids),
-                       what="acknowledging the step")  # fmt: skip
-        self._prune_weights()
-        self.history.append(metrics)
-        self.waiting = ""
-        return metrics
+        return self._batch(st)
 
     # ------------------------------------------------------------------ queue side
 
@@ -238,16 +260,16 @@ class Driver:
 
     # ------------------------------------------------------------------ training and weights
 
-    def _train(self, st: StepState) -> dict:
-        groups, rewards, msgs = [], [], []
+    def _batch(self, st: StepState) -> str:
+        """The kept groups, their rewards and the step's rollout metrics, as JSON for the broadcast."""
+        groups, rewards = [], []
         for p in st.kept:
             ordered = [st.samples[p][i] for i in range(self.cfg.rollout.group_size)]
-            groups.append([m.rollout for m in ordered])
+            groups.append([m.rollout.model_dump(mode="json") for m in ordered])
             rewards.append([m.score.total for m in ordered])
-            msgs += ordered
         extra = rollout_metrics([m for p in st.done_groups for m in st.samples[p].values()])
         extra.update({f"dropped_{k}": v for k, v in st.dropped.items()}, groups_enqueued=len(st.enqueued_groups))
-        return self.trainer.rl_step(groups, rewards, extra)
+        return json.dumps({"groups": groups, "rewards": rewards, "extra": extra})
 
     def _publish_current(self) -> None:
         """Make the trainer's weights the ones rollout workers serve (on start and on resume)."""
@@ -303,6 +325,26 @@ class Driver:
             "groups_enqueued": len(st.enqueued_groups) if st else 0,
             "last": self.history[-1] if self.history else None,
         }
+
+
+def broadcast_text(accelerator, text: str | None) -> str:
+    """The main process's text on every process (a no-op with one process)."""
+    if accelerator.num_processes == 1:
+        assert text is not None
+        return text
+    from accelerate.utils import broadcast_object_list
+
+    box = [text]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def decode_batch(text: str) -> tuple[list[list], list[list[float]], dict]:
+    from shared.contracts import Rollout
+
+    data = json.loads(text)
+    groups = [[Rollout.model_validate(r) for r in g] for g in data["groups"]]
+    return groups, data["rewards"], data["extra"]
 
 
 def keep_rows(path: Path, keep) -> None:
@@ -396,6 +438,6 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> list[dict]:
     """`gtpo train`: build the driver, serve its status, run until `cfg.steps` (or SIGTERM)."""
     driver = Driver(cfg, resume=resume)
     install_sigterm(driver)
-    if cfg.health_port is not None:
+    if cfg.health_port is not None and driver.main:
         start_status_server(driver, cfg.health_port)
     return driver.run()

@@ -1,0 +1,168 @@
+"""`gtpo eval`: k samples per question, scored with the reward service's own answer checking.
+
+Reports avg@k (mean accuracy over all samples), pass@k (questions with at least one correct sample), mean response
+length, tokens per denoising step and the truncation rate, as a table and as JSON. Generation runs in-process (the
+torch engine) or against a running rollout service (`--rollout-url`); answers are checked with the same extraction
+and math-verify pool as the reward service, so eval and reward never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shared.contracts import GenerationRequest, Rollout, SamplingParams, ScoreItem
+
+# Named benchmarks: hub datasets in the RL datasets' format ({question, ground_truth_answer}), as the GTPO and DiRL
+# repositories publish them. Loading them needs network access and the `datasets` package.
+PRESETS: dict[str, tuple[str, str]] = {
+    "MATH500": ("Auraithm/MATH500", "test"),
+    "GSM8K": ("Auraithm/GSM8K", "test"),
+    "AIME2024": ("Auraithm/AIME2024", "test"),
+    "AIME2025": ("Auraithm/AIME2025", "test"),
+    "OlympiadBench": ("Auraithm/OlympiadBench", "test"),
+}
+DEFAULT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$."
+
+
+@dataclass
+class EvalResult:
+    questions: int
+    k: int
+    avg_at_k: float
+    pass_at_k: float
+    mean_length: float
+    tokens_per_step: float
+    truncation_rate: float
+    reward_errors: int
+
+    def row(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def load_rows(dataset: str) -> list[dict]:
+    """Rows `{question, ground_truth_answer}` from a local JSON/JSONL file or a named preset (hub)."""
+    path = Path(dataset)
+    if path.exists():
+        text = path.read_text()
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    elif dataset in PRESETS:
+        try:
+            import datasets  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ValueError(f"dataset: preset {dataset} needs `pip install datasets` and network access") from e
+        name, split = PRESETS[dataset]
+        rows = [dict(r) for r in datasets.load_dataset(name, split=split)]
+    else:
+        raise ValueError(f"dataset: {dataset} is neither a file nor a preset ({', '.join(PRESETS)})")
+    for i, r in enumerate(rows):
+        if "question" not in r or "ground_truth_answer" not in r:
+            raise ValueError(f"dataset: row {i} needs 'question' and 'ground_truth_answer'")
+    return rows
+
+
+def encode_question(tokenizer, question: str, template: str, chat: bool) -> list[int]:
+    user = template.format(question=question)
+    if chat:
+        return list(
+            tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)["input_ids"]
+        )
+    return tokenizer(user, add_special_tokens=False)["input_ids"]
+
+
+def generate_local(engine, prompts: list[list[int]], params: SamplingParams) -> list[list[Rollout]]:
+    return engine.generate([GenerationRequest(prompt_ids=p, params=params) for p in prompts])
+
+
+def generate_remote(url: str, prompts: list[list[int]], params: SamplingParams, chunk: int = 32) -> list[list[Rollout]]:
+    """Through a running rollout service's `POST /v1/generate`."""
+    import httpx
+
+    from shared.contracts import GenerateRequest, GenerateResponse
+
+    out: list[list[Rollout]] = []
+    with httpx.Client(timeout=httpx.Timeout(600, connect=10)) as client:
+        for i in range(0, len(prompts), chunk):
+            req = GenerateRequest(prompt_ids=prompts[i : i + chunk], params=params)
+            r = client.post(f"{url.rstrip('/')}/v1/generate", content=req.model_dump_json(),
+                            headers={"content-type": "application/json"})  # fmt: skip
+            r.raise_for_status()
+            out += GenerateResponse.model_validate(r.json()).rollouts
+    return out
+
+
+def score(rows: list[dict], groups: list[list[Rollout]], pool) -> EvalResult:
+    """Check every sample's last `\\boxed{}` against the reference with the reward service's scoring."""
+    from services.reward.scoring import score_items
+
+    items, owner = [], []
+    for qi, (row, group) in enumerate(zip(rows, groups, strict=True)):
+        for si, r in enumerate(group):
+            items.append(ScoreItem(id=f"{qi}:{si}", response=r.text, reference=str(row["ground_truth_answer"]),
+                                   token_count=len(r.token_ids), steps=len(set(r.step_map)),
+                                   block_size=r.params.block_size or 4, max_new_tokens=r.params.max_new_tokens,
+                                   finish_reason=r.finish_reason))  # fmt: skip
+            owner.append(qi)
+    results = score_items(items, {"accuracy": 1.0}, pool)
+    correct = [res.status == "ok" and res.components.get("accuracy", 0.0) == 1.0 for res in results]
+    flat = [r for g in groups for r in g]
+    per_q: dict[int, bool] = {}
+    for q, c in zip(owner, correct, strict=True):
+        per_q[q] = per_q.get(q, False) or c
+    k = len(groups[0]) if groups else 0
+    return EvalResult(
+        questions=len(rows), k=k,
+        avg_at_k=sum(correct) / max(1, len(correct)),
+        pass_at_k=sum(per_q.values()) / max(1, len(rows)),
+        mean_length=statistics.fmean(len(r.token_ids) for r in flat) if flat else 0.0,
+        tokens_per_step=statistics.fmean(len(r.token_ids) / max(1, len(set(r.step_map))) for r in flat) if flat else 0.0,
+        truncation_rate=sum(r.finish_reason == "length" for r in flat) / max(1, len(flat)),
+        reward_errors=sum(res.status != "ok" for res in results),
+    )  # fmt: skip
+
+
+def evaluate(
+    model: str | Path | None,
+    rows: list[dict],
+    *,
+    k: int = 4,
+    params: SamplingParams | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    chat: bool = True,
+    rollout_url: str | None = None,
+    seed: int = 0,
+    pool=None,
+) -> EvalResult:
+    """Generate k samples per question (in-process unless `rollout_url`) and score them."""
+    from services.reward.verify import VerifierPool
+    from shared.model import load_tokenizer
+
+    if model is None and rollout_url is None:
+        raise ValueError("model: give a checkpoint directory or a rollout service URL")
+    base = params or SamplingParams(max_new_tokens=512)
+    params = base.model_copy(update={"n": k, "seed": seed})
+    if rollout_url is not None:
+        tok = load_tokenizer(model) if model is not None else None
+        if tok is None:
+            raise ValueError("model: remote eval still needs the checkpoint directory for its tokenizer")
+        prompts = [encode_question(tok, r["question"], template, chat) for r in rows]
+        groups = generate_remote(rollout_url, prompts, params)
+    else:
+        from services.rollout.engines.torch_engine import TorchEngine
+
+        engine = TorchEngine.from_pretrained(model, max_batch_size=64)
+        prompts = [encode_question(engine.tokenizer, r["question"], template, chat) for r in rows]
+        groups = generate_local(engine, prompts, params)
+    own_pool = pool is None
+    pool = pool or VerifierPool(workers=2, timeout_s=5.0)
+    try:
+        return score(rows, groups, pool)
+    finally:
+        if own_pool:
+            pool.close()

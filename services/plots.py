@@ -1,0 +1,42 @@
+"""Training curves as PNG (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PANELS = (("reward_mean", "mean reward"), ("accuracy", "rollout accuracy"), ("tokens_per_step", "tokens per step"))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The last record of every step (a resumed run may have rewritten some)."""
+    by_step: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            m = json.loads(line)
+            by_step[int(m["step"])] = m
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_rl(metrics_path: Path, out: Path, title: str = "GTPO") -> Path:
+    """One panel per metric (reward, accuracy, tokens per denoising step) against the RL step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker="o", markersize=3, label=label)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
