@@ -18,14 +18,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_rl(metrics_path: Path, out: Path, title: str = "GTPO") -> Path:
+def rl_figure(rows: list[dict], title: str = "GTPO"):
     """One panel per metric (reward, accuracy, tokens per denoising step) against the RL step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for ax, (key, label) in zip(axes, PANELS, strict=True):
@@ -36,6 +35,14 @@ def plot_rl(metrics_path: Path, out: Path, title: str = "GTPO") -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_rl(metrics_path: Path, out: Path, title: str = "GTPO") -> Path:
+    """Write the RL curves of a run's metrics.jsonl as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = rl_figure(read_metrics(metrics_path), title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -1,0 +1,69 @@
+"""The demo's pieces: the task, eval, plots, and a shortened demo end to end through the real services."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from services.evaluate import evaluate, load_rows
+from services.plots import PANELS, read_metrics, rl_figure
+from shared.contracts import SamplingParams
+from shared.tasks import TaskSpec, make_splits, sft_row, write_task
+
+
+def test_task_splits_are_disjoint_deterministic_and_in_the_rl_format(tmp_path):
+    train, test = make_splits(TaskSpec(max_operand=12, ops="+-", seed=3), 500, 40)
+    assert {"question", "ground_truth_answer"} == set(train[0])
+    assert not {r["question"] for r in test} & {r["question"] for r in train}
+    assert make_splits(TaskSpec(max_operand=12, ops="+-", seed=3), 500, 40) == (train, test)
+    for r in train[:50]:
+        nums = [int(x) for x in r["question"].replace(",", " ").replace(".", " ").split() if x.isdigit()]
+        assert int(r["ground_truth_answer"]) in (nums[0] + nums[1], nums[0] - nums[1])
+    assert sft_row(train[0])["response"] == f"\\boxed{{{train[0]['ground_truth_answer']}}}"
+    paths = write_task(tmp_path, TaskSpec(), 20, 5)
+    assert len(load_rows(str(paths["test"]))) == 5 and paths["sft"].read_text().count("\n") == 20
+    with pytest.raises(ValueError, match="ops"):
+        make_splits(TaskSpec(ops="/"), 5, 5)
+
+
+def test_eval_scores_with_the_reward_checker(tiny_dir):
+    rows = [{"question": "1+1=", "ground_truth_answer": "2"}, {"question": "2+2=", "ground_truth_answer": "4"}]
+    res = evaluate(tiny_dir, rows, k=3, params=SamplingParams(max_new_tokens=8), template="{question}", chat=False)
+    assert res.questions == 2 and res.k == 3 and res.reward_errors == 0
+    assert res.avg_at_k == 0.0 and res.pass_at_k == 0.0  # random weights never box the right answer
+    assert 0 < res.mean_length <= 8 and res.tokens_per_step >= 1.0
+    with pytest.raises(ValueError, match="preset"):
+        load_rows("NOPE500")
+
+
+def test_plots_have_one_labelled_curve_per_metric(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "tokens_per_step": 1 + 0.1 * s} for s in range(1, 6)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({**rows[-1], "reward_mean": 9}) + "\n")
+    assert read_metrics(path)[-1]["reward_mean"] == 9  # the last record of a step wins
+    fig = rl_figure(read_metrics(path))
+    assert len(fig.axes) == len(PANELS)
+    for ax, (key, label) in zip(fig.axes, PANELS, strict=True):
+        assert ax.get_xlabel() == "RL step" and ax.get_ylabel() == label
+        (line,) = ax.get_lines()
+        assert list(line.get_ydata()) == [r[key] for r in read_metrics(path)]
+
+
+def test_shortened_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("REDIS_URL", None)  # the demo's embedded default
+    args = ["sft_steps=4", "sft_batch=8", "rl_steps=2", "prompts_per_step=2", "group_size=2", "eval_k=1",
+            "n_train=40", "max_new_tokens=8"]  # fmt: skip
+    res = subprocess.run([sys.executable, "-m", "services", "demo", "--out", str(out), "--speed", *args], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"sft", "gtpo"} <= set(summary) and summary["config"]["speed"] is True
+    assert (out / "rl_curves.png").stat().st_size > 10_000
+    assert len(read_metrics(out / "rl" / "metrics.jsonl")) == 2
+    assert "held-out evaluation" in res.stdout
