@@ -24,9 +24,7 @@ test: install lint
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/gtpo init-model tiny --out $(DEMO_DIR)/tiny --force
-	$(BIN)/gtpo generate --model $(DEMO_DIR)/tiny --seed 0 --n 2 --max-new-tokens 16 \
-		--prompt "What is 12+7?" --prompt "Compute 3*4 and put the answer in \\boxed{}."
+	$(BIN)/gtpo demo --out $(DEMO_DIR)
 
 bench: install
 	$(BIN)/python bench/decode.py
