@@ -90,3 +90,38 @@ def test_health_ready_metrics_and_openapi(client):
     text = client.get("/metrics").text
     assert "gtpo_rollout_requests_total" in text and "gtpo_rollout_tokens_total" in text
     assert "/v1/generate" in client.get("/openapi.json").json()["paths"]
+
+
+# --------------------------------------------------------------------------- schemathesis: no 5xx on any input
+
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+from shared.tiny import init_tiny  # noqa: E402
+
+# schemathesis runs the app's lifespan itself (which loads the model), so the app is built at collection time from a
+# small checkpoint; generation is capped so fuzzed sizes stay fast
+_FUZZ_ROOT = Path(tempfile.mkdtemp(prefix="gtpo-fuzz-"))
+init_tiny(_FUZZ_ROOT / "v0", seed=0)
+_FUZZ_APP = create_app(
+    RolloutSettings(
+        model=_FUZZ_ROOT / "v0",
+        checkpoint_root=_FUZZ_ROOT,
+        api_token=TOKEN,
+        max_prompts=4,
+        max_new_tokens=16,
+        max_prompt_tokens=64,
+        device="cpu",
+    )  # fmt: skip
+)
+schema = schemathesis.openapi.from_asgi("/openapi.json", _FUZZ_APP)
+
+
+@schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_no_server_errors(case):
+    case.call_and_validate(checks=[not_a_server_error])

@@ -93,6 +93,8 @@ def _encode_prompts(req: GenerateRequest, engine: Engine, settings: RolloutSetti
             ]
         else:
             prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in req.prompts or []]
+    if req.params.max_new_tokens > settings.max_new_tokens:
+        raise HTTPException(422, f"params.max_new_tokens: at most {settings.max_new_tokens} on this service")
     if len(prompts) * req.params.n > settings.max_prompts:
         raise HTTPException(422, f"prompts x n: at most {settings.max_prompts} rollouts per request")
     for i, p in enumerate(prompts):

@@ -24,6 +24,7 @@ class RolloutSettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="rows decoded together")
     max_prompts: int = Field(256, ge=1, description="prompts x n per HTTP request, at most")
     max_prompt_tokens: int = Field(8192, ge=1)
+    max_new_tokens: int = Field(16384, ge=1, description="a request asking for more is refused (422)")
     worker: bool = Field(False, description="also consume the tasks stream")
     worker_id: str = Field(default_factory=lambda: default_worker_id("rollout"))
     task_batch: int = Field(16, ge=1, description="tasks read from the stream at once")
