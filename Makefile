@@ -13,6 +13,9 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# LMDeploy's pure-Python scheduler, without CUDA, for the step-map recorder tests (the GPU extra is .[lmdeploy])
+	$(BIN)/pip install --quiet --no-deps lmdeploy==0.18.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.11
+	$(BIN)/pip install --quiet mmengine-lite==0.10.7 shortuuid==1.0.13 pybase64==1.5.1 pyzmq==27.3.0 pillow psutil requests
 	touch $@
 
 install: $(BIN)/.installed

@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 console = Console()
 
-MODEL_PRESETS = ("tiny",)
+MODEL_PRESETS = ("tiny", "tiny-sdar")
 
 
 @app.callback()
@@ -48,9 +48,10 @@ def init_model(
         raise typer.Exit(code=1)
 
     from shared.model import count_parameters, load_model
-    from shared.tiny import init_tiny
+    from shared.tiny import init_tiny, init_tiny_sdar
 
-    path = init_tiny(out, seed=seed)
+    # tiny: the demo's CPU model; tiny-sdar: head size LMDeploy's GPU kernels accept (GPU checks)
+    path = (init_tiny if preset == "tiny" else init_tiny_sdar)(out, seed=seed)
     loaded = load_model(path)  # read back what was written: the summary describes the files, not the memory
     table = Table(title=f"gtpo init-model {preset}", show_header=False)
     table.add_row("path", str(path.resolve()))

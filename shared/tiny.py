@@ -105,3 +105,61 @@ def init_tiny(out: str | Path, *, seed: int = 0, block_size: int = 4, **config_o
     model = Qwen3ForCausalLM(config).to(torch.float32)
     spec = DiffusionSpec(block_size=block_size, mask_token_id=tokenizer.mask_token_id)
     return save_model(model, tokenizer, spec, out)
+
+
+# --------------------------------------------------------------------------- tiny-sdar (LMDeploy GPU checks)
+
+TINY_SDAR_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+}
+"""Sizes LMDeploy's Triton kernels accept: head_dim a power of two (64), heads a multiple of the KV heads."""
+
+
+def init_tiny_sdar(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    block_size: int = 4,
+    tokenizer_dir: str | Path | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """A randomly initialised tiny SDAR checkpoint that LMDeploy's dLLM engine can serve; built offline.
+
+    Two tokenizers:
+      * default: the byte-level tiny tokenizer (vocab 320, `<|MASK|>` = 259). LMDeploy hard-codes SDAR's mask
+        id 151669; our LMDeploy patch makes it read `mask_token_id` from config.json instead.
+      * `tokenizer_dir`: a real SDAR/Qwen tokenizer directory (e.g. ../shared/data/sdar-8b-chat: vocab.json,
+        merges.txt, tokenizer_config.json), loaded from local files without remote code. The vocabulary is
+        SDAR's 151936 rows with `<|MASK|>` = 151669, which LMDeploy serves unpatched; embeddings are tied to
+        keep the checkpoint small (~40 MB fp32).
+
+    Args:
+        out: checkpoint directory (created).
+        seed: torch seed for the initial weights.
+        block_size: the diffusion block length recorded in config.json.
+        config_overrides: any Qwen3Config field (on top of `TINY_SDAR_CONFIG`).
+    """
+    from shared.model import load_tokenizer, resolve_mask_token_id
+
+    torch.manual_seed(seed)
+    fields: dict[str, Any] = dict(TINY_SDAR_CONFIG)
+    if tokenizer_dir is None:
+        tokenizer = build_tiny_tokenizer()
+        vocab = len(tokenizer)
+    else:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        vocab = max(151936, len(tokenizer))
+        fields["tie_word_embeddings"] = True
+    eos = tokenizer.eos_token_id
+    fields.update(bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
+    fields.update(config_overrides)
+    config = tiny_config(vocab, **fields)
+    config._attn_implementation = "sdpa"
+    model = Qwen3ForCausalLM(config).to(torch.float32)
+    spec = DiffusionSpec(block_size=block_size, mask_token_id=resolve_mask_token_id({}, tokenizer))
+    return save_model(model, tokenizer, spec, out)

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.redis
 
 def _config(tmp: Path, tiny_dir: Path, ns: str, **over) -> RLConfig:
     data = tmp / "data.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{a}+{a}=?", "ground_truth_answer": str(2 * a)}) + "\n" for a in range(50)))
+    data.write_text(
+        "".join(json.dumps({"question": f"{a}+{a}=?", "ground_truth_answer": str(2 * a)}) + "\n" for a in range(50))
+    )
     base = {
         "model": str(tiny_dir), "output_dir": str(tmp / "run"), "data": str(data), "steps": 3,
         "prompts_per_step": 2, "dynamic_sampling": False, "micro_batch_size": 4,
@@ -67,7 +69,9 @@ class Stack:
             p.stop(5)
 
     def logs(self) -> str:
-        return "\n".join(f"== {p.log.name}\n{p.log.read_text()[-3000:]}" for p in [*self.workers, self.trainer] if p.log.exists())
+        return "\n".join(
+            f"== {p.log.name}\n{p.log.read_text()[-3000:]}" for p in [*self.workers, self.trainer] if p.log.exists()
+        )
 
 
 def _wait(pred, timeout: float, what: str) -> None:
@@ -131,7 +135,10 @@ def test_sigkill_rollout_worker_holding_tasks(tmp_path, tiny_dir, embedded_redis
 
         def holds_tasks() -> bool:
             try:
-                return any(c["name"] == b"rollout-0" and c["pending"] > 0 for c in r.xinfo_consumers(keys.tasks, keys.rollout_group))
+                return any(
+                    c["name"] == b"rollout-0" and c["pending"] > 0
+                    for c in r.xinfo_consumers(keys.tasks, keys.rollout_group)
+                )
             except redis.ResponseError:
                 return False
 
