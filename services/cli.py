@@ -150,6 +150,20 @@ def _show_rollout(prompt: str, r, tokenizer) -> None:
     )
 
 
+def _experiment(model, config: Path | None, args: list[str], dry_run: bool, environ=None):
+    """Load an experiment config (YAML < GTPO_* env < key=value); with --dry-run print it and exit."""
+    from shared.config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(model, config, args, environ=environ)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
+    if dry_run:
+        typer.echo(dump_config(cfg))
+        raise typer.Exit(0)
+    return cfg
+
+
 @app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sft(
     ctx: typer.Context,
@@ -164,15 +178,8 @@ def sft(
     Multi-GPU: accelerate launch --config_file deploy/accelerate/ddp.yaml -m services sft --config sft.yaml
     """
     from services.trainer.config import SFTConfig
-    from shared.config import ConfigError, dump_config, load_config
 
-    try:
-        cfg = load_config(SFTConfig, config, list(ctx.args))
-    except ConfigError as e:
-        raise typer.BadParameter(str(e)) from e
-    if dry_run:
-        typer.echo(dump_config(cfg))
-        return
+    cfg = _experiment(SFTConfig, config, list(ctx.args), dry_run)
     from services.trainer.sft import DataError, run_sft
 
     try:
@@ -256,15 +263,8 @@ def train_cmd(
     Example: gtpo train --config run.yaml steps=20 rollout.group_size=8
     """
     from services.trainer.config import RLConfig
-    from shared.config import ConfigError, dump_config, load_config
 
-    try:
-        cfg = load_config(RLConfig, config, list(ctx.args))
-    except ConfigError as e:
-        raise typer.BadParameter(str(e)) from e
-    if dry_run:
-        typer.echo(dump_config(cfg))
-        return
+    cfg = _experiment(RLConfig, config, list(ctx.args), dry_run)
     import logging
 
     from services.trainer.driver import run_rl
@@ -292,15 +292,8 @@ def up_cmd(
     Example: gtpo up --config run.yaml steps=2
     """
     from services.trainer.config import RLConfig
-    from shared.config import ConfigError, dump_config, load_config
 
-    try:
-        cfg = load_config(RLConfig, config, list(ctx.args))
-    except ConfigError as e:
-        raise typer.BadParameter(str(e)) from e
-    if dry_run:
-        typer.echo(dump_config(cfg))
-        return
+    cfg = _experiment(RLConfig, config, list(ctx.args), dry_run)
     from services.launcher import run_stack
 
     code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
@@ -375,13 +368,9 @@ def demo_cmd(
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
     from services.demo import DemoConfig, run_demo
-    from shared.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(DemoConfig, None, [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}"],
-                          environ={})  # fmt: skip
-    except ConfigError as e:
-        raise typer.BadParameter(str(e)) from e
+    overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}"]
+    cfg = _experiment(DemoConfig, None, overrides, dry_run=False, environ={})
     run_demo(cfg)
 
 

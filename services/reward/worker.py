@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from services.reward.scoring import score_items
 from services.reward.settings import RewardSettings
 from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem
-from shared.keys import Keys
-from shared.queue import TRANSIENT_ERRORS, Queue, WeightRegistry, connect, with_reconnect
+from shared.worker import StreamWorker
 
 log = logging.getLogger("gtpo.reward.worker")
 
@@ -34,29 +32,13 @@ def score_item_of(msg: RolloutMessage) -> ScoreItem:
     )
 
 
-class RewardWorker:
-    def __init__(self, pool, settings: RewardSettings) -> None:
-        self.pool, self.settings = pool, settings
-        rc = settings.redis
-        self.keys = Keys(rc.namespace)
-        self.redis = connect(rc.resolved_url())
-        self.queue = Queue(self.redis, self.keys, codec=rc.codec, claim_idle_ms=rc.claim_idle_ms,
-                           max_deliveries=rc.max_deliveries)  # fmt: skip
-        self.registry = WeightRegistry(self.redis, self.keys)
-        self.id = settings.worker_id
+class RewardWorker(StreamWorker):
+    kind = "reward"
+    log = log
 
-    def run(self, stop: threading.Event) -> None:
-        with_reconnect(self.queue.ensure_groups, what="creating consumer groups")
-        log.info("reward worker %s consuming %s", self.id, self.keys.rollouts)
-        while not stop.is_set():
-            try:
-                # a short reconnect deadline: the loop re-checks `stop`, so SIGTERM works while Redis is down
-                with_reconnect(self.tick, what="scoring rollouts", deadline_s=5)
-            except TRANSIENT_ERRORS as e:
-                log.warning("%s: redis still unreachable (%s); retrying", self.id, e)
-            except Exception:  # one bad batch must not kill the worker; its messages stay pending and are reclaimed
-                log.exception("%s: batch failed", self.id)
-                time.sleep(1.0)
+    def __init__(self, pool, settings: RewardSettings) -> None:
+        super().__init__(settings.redis, settings.worker_id)
+        self.pool, self.settings = pool, settings
 
     def tick(self) -> int:
         self.registry.heartbeat("reward", self.id, None, ttl_s=self.settings.heartbeat_ttl_s)
@@ -73,7 +55,5 @@ class RewardWorker:
 
 
 def start_worker(pool, settings: RewardSettings, stop: threading.Event) -> threading.Thread:
-    worker = RewardWorker(pool, settings)
-    thread = threading.Thread(target=worker.run, args=(stop,), name="reward-worker", daemon=True)
-    thread.start()
-    return thread
+    """Run a RewardWorker in a daemon thread until `stop` is set."""
+    return RewardWorker(pool, settings).start(stop)

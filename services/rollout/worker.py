@@ -15,38 +15,21 @@ import time
 from services.rollout.settings import RolloutSettings
 from shared.contracts import GenerationRequest, RolloutMessage, TaskMessage
 from shared.http import confine
-from shared.keys import Keys
-from shared.queue import TRANSIENT_ERRORS, Queue, WeightRegistry, connect, with_reconnect
+from shared.worker import StreamWorker
 
 log = logging.getLogger("gtpo.rollout.worker")
 
 
-class RolloutWorker:
+class RolloutWorker(StreamWorker):
     """The consume -> generate -> hand-off loop of one rollout process."""
 
-    def __init__(self, host, settings: RolloutSettings) -> None:
-        self.host, self.settings = host, settings
-        rc = settings.redis
-        self.keys = Keys(rc.namespace)
-        self.redis = connect(rc.resolved_url())
-        self.queue = Queue(self.redis, self.keys, codec=rc.codec, claim_idle_ms=rc.claim_idle_ms,
-                           max_deliveries=rc.max_deliveries)  # fmt: skip
-        self.registry = WeightRegistry(self.redis, self.keys)
-        self.id = settings.worker_id
-        self.loaded: int | None = None  # version loaded from the registry; the start model counts as unknown
+    kind = "rollout"
+    log = log
 
-    def run(self, stop: threading.Event) -> None:
-        with_reconnect(self.queue.ensure_groups, what="creating consumer groups")
-        log.info("rollout worker %s consuming %s", self.id, self.keys.tasks)
-        while not stop.is_set():
-            try:
-                # a short reconnect deadline: the loop re-checks `stop`, so SIGTERM works while Redis is down
-                with_reconnect(self.tick, what="consuming tasks", deadline_s=5)
-            except TRANSIENT_ERRORS as e:
-                log.warning("%s: redis still unreachable (%s); retrying", self.id, e)
-            except Exception:  # one bad batch must not kill the worker; its messages stay pending and are reclaimed
-                log.exception("%s: batch failed", self.id)
-                time.sleep(1.0)
+    def __init__(self, host, settings: RolloutSettings) -> None:
+        super().__init__(settings.redis, settings.worker_id)
+        self.host, self.settings = host, settings
+        self.loaded: int | None = None  # version loaded from the registry; the start model counts as unknown
 
     def tick(self) -> int:
         """One read of the tasks stream; returns how many tasks were completed."""
@@ -92,7 +75,4 @@ class RolloutWorker:
 
 def start_worker(host, settings: RolloutSettings, stop: threading.Event) -> threading.Thread:
     """Run a RolloutWorker in a daemon thread until `stop` is set."""
-    worker = RolloutWorker(host, settings)
-    thread = threading.Thread(target=worker.run, args=(stop,), name="rollout-worker", daemon=True)
-    thread.start()
-    return thread
+    return RolloutWorker(host, settings).start(stop)
