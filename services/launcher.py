@@ -52,12 +52,19 @@ class Managed:
             self.proc.wait(10)
 
 
-def free_port() -> int:
+def free_port(taken: set[int] | None = None) -> int:
+    """A port nothing listens on now and that this launcher has not handed out yet (the processes bind later, so
+    two calls could otherwise return the same port)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    taken = taken if taken is not None else set()
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def _gtpo(*args: str) -> list[str]:
@@ -73,15 +80,15 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
         f"redis.codec={cfg.redis.codec}",
         f"redis.claim_idle_ms={cfg.redis.claim_idle_ms}",
     ]
-    procs, urls = [], []
+    procs, urls, ports = [], [], set()
     for i in range(rollout_workers):
-        port = free_port()
+        port = free_port(ports)
         urls.append(f"http://127.0.0.1:{port}")
         cmd = _gtpo("serve", "rollout", "--worker", f"model={cfg.model.resolve()}", f"checkpoint_root={root}",
                     f"port={port}", f"worker_id=rollout-{i}", *common)  # fmt: skip
         procs.append(Managed(f"rollout-{i}", cmd, logs / f"rollout-{i}.log"))
     for i in range(reward_workers):
-        cmd = _gtpo("serve", "reward", "--worker", f"port={free_port()}", f"worker_id=reward-{i}",
+        cmd = _gtpo("serve", "reward", "--worker", f"port={free_port(ports)}", f"worker_id=reward-{i}",
                     f"weights={json.dumps(cfg.reward_weights)}", *common)  # fmt: skip
         procs.append(Managed(f"reward-{i}", cmd, logs / f"reward-{i}.log"))
     trainer_cfg = cfg.model_copy(update={"rollout_urls": urls})
