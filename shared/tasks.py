@@ -27,6 +27,9 @@ class TaskSpec:
     max_operand: int = 40
     ops: str = "+-"
     seed: int = 0
+    boxed_rate: float = 1.0
+    """Share of SFT answers written as `\\boxed{N}`; the rest are the bare number, as in mixed-format corpora.
+    The accuracy reward only accepts boxed answers, so RL has a format to learn as well as arithmetic."""
 
 
 def _answer(a: int, b: int, op: str) -> int:
@@ -63,9 +66,10 @@ def make_splits(spec: TaskSpec, n_train: int, n_test: int) -> tuple[list[dict], 
     return train, test
 
 
-def sft_row(row: dict) -> dict:
-    """The SFT example of a task row: the question, answered with the boxed number only."""
-    return {"prompt": row["question"], "response": f"\\boxed{{{row['ground_truth_answer']}}}"}
+def sft_row(row: dict, boxed: bool = True) -> dict:
+    """The SFT example of a task row: the question, answered with the boxed number (or the bare number)."""
+    answer = row["ground_truth_answer"]
+    return {"prompt": row["question"], "response": f"\\boxed{{{answer}}}" if boxed else answer}
 
 
 def write_task(out: str | Path, spec: TaskSpec, n_train: int = 4000, n_test: int = 200) -> dict[str, Path]:
@@ -76,5 +80,6 @@ def write_task(out: str | Path, spec: TaskSpec, n_train: int = 4000, n_test: int
     paths = {"train": out / "train.json", "test": out / "test.json", "sft": out / "sft.jsonl"}
     paths["train"].write_text(json.dumps(train, indent=0))
     paths["test"].write_text(json.dumps(test, indent=0))
-    paths["sft"].write_text("".join(json.dumps(sft_row(r)) + "\n" for r in train))
+    rng = random.Random(spec.seed + 1)
+    paths["sft"].write_text("".join(json.dumps(sft_row(r, rng.random() < spec.boxed_rate)) + "\n" for r in train))
     return paths

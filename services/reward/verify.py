@@ -247,7 +247,10 @@ def _worker_main(conn: Connection, memory_mb: int, test_hooks: bool) -> None:
     # polynomial comparison in a fresh process costs ~0.2 s, which a short deadline would count against an answer
     for answer, reference in _WARM_UP:
         check_pair(answer, reference)
-    conn.send_bytes(b'{"ready": true}')
+    try:
+        conn.send_bytes(b'{"ready": true}')
+    except OSError:  # the pool closed while this worker was warming up (a short eval): nothing to do
+        return
     while True:
         try:
             job = json.loads(conn.recv_bytes())
@@ -257,7 +260,10 @@ def _worker_main(conn: Connection, memory_mb: int, test_hooks: bool) -> None:
             _test_hook(job["answer"])
         v = _run_job(job["answer"], job["reference"], job["soft_s"])
         reply = {"id": job["id"], "status": v.status, "correct": v.correct, "detail": v.detail}
-        conn.send_bytes(json.dumps(reply).encode())  # ensure_ascii: lone surrogates travel as \udcxx
+        try:
+            conn.send_bytes(json.dumps(reply).encode())  # ensure_ascii: lone surrogates travel as \udcxx
+        except OSError:
+            return  # the parent is gone
 
 
 # --------------------------------------------------------------------------- the pool (parent side)
