@@ -25,6 +25,7 @@ class DemoConfig(BaseModel):
     seed: int = Field(0, ge=0, description="model init, SFT and RL seeds")
     max_operand: int = Field(9, ge=2, description="task difficulty: operands in 0..max_operand")
     ops: str = Field("+", description="operations: any of + - *")
+    max_second: int | None = Field(None, ge=1, description="second operand in 1..this (None: like the first)")
     boxed_rate: float = Field(1.0, ge=0, le=1, description="share of SFT answers in \\boxed{} (the rest: bare numbers)")
     n_train: int = Field(4000, ge=10)
     sft_steps: int = Field(500, ge=1)
@@ -65,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage = lambda name: console.rule(f"[bold]{name}[/bold] ({time.time() - t0:.0f}s)")  # noqa: E731
 
     stage("task and tiny model")
-    data = write_task(out / "data", TaskSpec(max_operand=cfg.max_operand, ops=cfg.ops, seed=0, boxed_rate=cfg.boxed_rate), cfg.n_train, 10_000)
+    data = write_task(out / "data", TaskSpec(cfg.max_operand, cfg.ops, 0, cfg.max_second, cfg.boxed_rate), cfg.n_train, 10_000)
     test_rows = load_rows(str(data["test"]))
     init_dir = init_tiny(out / "init", seed=cfg.seed)
     console.print(f"{len(test_rows)} held-out questions, model in {init_dir}")

@@ -27,6 +27,8 @@ class TaskSpec:
     max_operand: int = 40
     ops: str = "+-"
     seed: int = 0
+    max_second: int | None = None
+    """Second operand in 1..max_second (None: 0..max_operand, like the first); small = "a few more" problems."""
     boxed_rate: float = 1.0
     """Share of SFT answers written as `\\boxed{N}`; the rest are the bare number, as in mixed-format corpora.
     The accuracy reward only accepts boxed answers, so RL has a format to learn as well as arithmetic."""
@@ -42,8 +44,9 @@ def _pairs(spec: TaskSpec) -> list[tuple[int, int, str]]:
         if op not in TEMPLATES:
             raise ValueError(f"ops: unknown operation {op!r}; allowed: {''.join(TEMPLATES)}")
         top = min(spec.max_operand, 12) if op == "*" else spec.max_operand
+        seconds = range(1, spec.max_second + 1) if spec.max_second is not None else range(top + 1)
         for a in range(top + 1):
-            for b in range(top + 1):
+            for b in seconds:
                 if op != "-" or a >= b:  # no negative answers
                     out.append((a, b, op))
     return out
