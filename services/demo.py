@@ -26,9 +26,14 @@ class DemoConfig(BaseModel):
     max_operand: int = Field(9, ge=2, description="task difficulty: operands in 0..max_operand")
     ops: str = Field("+", description="operations: any of + - *")
     max_second: int | None = Field(None, ge=1, description="second operand in 1..this (None: like the first)")
-    boxed_rate: float = Field(1.0, ge=0, le=1, description="share of SFT answers in \\boxed{} (the rest: bare numbers)")
+    boxed_rate: float = Field(
+        0.65,
+        ge=0,
+        le=1,
+        description="share of SFT answers in \\boxed{}; the rest are bare numbers, which the reward rejects",
+    )
     n_train: int = Field(4000, ge=10)
-    sft_steps: int = Field(500, ge=1)
+    sft_steps: int = Field(1000, ge=1)
     sft_batch: int = Field(32, ge=1)
     sft_lr: float = Field(3e-3, gt=0)
     rl_steps: int = Field(40, ge=1)
@@ -36,7 +41,7 @@ class DemoConfig(BaseModel):
     group_size: int = Field(8, ge=2)
     rl_lr: float = Field(2e-4, gt=0)
     max_new_tokens: int = Field(16, ge=4)
-    eval_k: int = Field(8, ge=1, description="samples per held-out question")
+    eval_k: int = Field(16, ge=1, description="samples per held-out question")
     speed: bool = Field(False, description="add the speed reward (tokens per denoising step)")
     speed_weight: float = Field(0.5, ge=0)
     threads: int = Field(2, ge=1)
@@ -66,7 +71,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage = lambda name: console.rule(f"[bold]{name}[/bold] ({time.time() - t0:.0f}s)")  # noqa: E731
 
     stage("task and tiny model")
-    data = write_task(out / "data", TaskSpec(cfg.max_operand, cfg.ops, 0, cfg.max_second, cfg.boxed_rate), cfg.n_train, 10_000)
+    data = write_task(
+        out / "data", TaskSpec(cfg.max_operand, cfg.ops, 0, cfg.max_second, cfg.boxed_rate), cfg.n_train, 10_000
+    )
     test_rows = load_rows(str(data["test"]))
     init_dir = init_tiny(out / "init", seed=cfg.seed)
     console.print(f"{len(test_rows)} held-out questions, model in {init_dir}")
