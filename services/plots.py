@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PANELS = (("reward_mean", "mean reward"), ("accuracy", "rollout accuracy"), ("tokens_per_step", "tokens per step"))
+PANELS = (
+    ("reward_mean", "mean reward (trained groups)"),
+    ("accuracy", "rollout accuracy (all groups)"),
+    ("tokens_per_step", "tokens per denoising step"),
+)
 
 
 def read_metrics(path: Path) -> list[dict]:
