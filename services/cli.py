@@ -21,6 +21,7 @@ app = typer.Typer(
 console = Console()
 
 MODEL_PRESETS = ("tiny", "tiny-sdar")
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}  # commands taking key=value overrides
 
 
 @app.callback()
@@ -164,7 +165,7 @@ def _experiment(model, config: Path | None, args: list[str], dry_run: bool, envi
     return cfg
 
 
-@app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("sft", context_settings=_EXTRA)
 def sft(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, "--config", help="YAML experiment file (SFTConfig)"),
@@ -211,9 +212,6 @@ def _settings_from(cls, config: Path | None, overrides: list[str]):
         raise typer.BadParameter(str(e)) from e
     except ValidationError as e:
         raise typer.BadParameter(f"invalid {cls.__name__}:\n{describe_validation_error(e)}") from e
-
-
-_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 @app.command("serve", context_settings=_EXTRA)

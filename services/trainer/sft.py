@@ -10,6 +10,7 @@ decode time (design.md section 6).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,10 @@ def prepare_rows(cfg, tokenizer, block_size: int) -> list[tuple[list[int], list[
         out.append((prompt, response))
     if not out:
         raise DataError(f"{cfg.data}: every row is longer than max_tokens={cfg.max_tokens}")
+    if dropped:
+        logging.getLogger("gtpo.sft").warning(
+            "%s: %d rows longer than max_tokens=%d skipped", cfg.data, dropped, cfg.max_tokens
+        )
     return out
 
 

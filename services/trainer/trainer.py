@@ -217,7 +217,7 @@ class GTPOTrainer:
             scale = torch.tensor([chunk[i].token_scale for i in sel], device=logp.device)[resp]
             loss = -(w * scale * logp).sum()
             return loss, {"loss": float(loss.detach()), "tokens": 0.0 if dummy else float(len(logp))}
-        order_old = self._gather_old(old, sel, batch) if old is not None else logp.detach()
+        order_old = self._at_targets(old, sel, batch) if old is not None else logp.detach()
         adv = torch.tensor([chunk[i].advantage for i in sel], device=logp.device, dtype=torch.float32)[resp]
         ref = self._ref_logprobs(batch) if self.ref is not None else None
         eng = self._engine_logprobs(chunk, sel, batch)
@@ -225,15 +225,15 @@ class GTPOTrainer:
         m["tokens"] = 0.0 if dummy else m["tokens"]
         return loss, m
 
-    def _gather_old(self, old: list[Tensor], sel: list[int], batch) -> Tensor:
-        # old log-probs are stored per response in response order; pick each target by its response position
-        return torch.stack([old[sel[r]][t] for r, t in zip(batch.response_index.tolist(), batch.token_index.tolist(), strict=True)]).to(self.accelerator.device)  # fmt: skip
+    def _at_targets(self, per_response: list, sel: list[int], batch) -> Tensor:
+        """Per-response values indexed by response position (old or engine log-probs), gathered at the targets."""
+        pairs = zip(batch.response_index.tolist(), batch.token_index.tolist(), strict=True)
+        return torch.tensor([float(per_response[sel[r]][t]) for r, t in pairs], device=self.accelerator.device)
 
     def _engine_logprobs(self, chunk, sel, batch) -> Tensor | None:
         if self.cfg.loss.tis_cap is None or any(chunk[i].engine_logprobs is None for i in sel):
             return None
-        vals = [chunk[sel[r]].engine_logprobs[t] for r, t in zip(batch.response_index.tolist(), batch.token_index.tolist(), strict=True)]  # fmt: skip
-        return torch.tensor(vals, device=self.accelerator.device)
+        return self._at_targets([it.engine_logprobs for it in chunk], sel, batch)
 
     @torch.no_grad()
     def _ref_logprobs(self, batch) -> Tensor:
