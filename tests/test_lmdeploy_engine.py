@@ -256,12 +256,22 @@ def test_weight_versions_load_in_place_with_lmdeploys_loader(engine, fake, tiny_
         def load_weights(self, weights):
             loaded.extend(name for name, _ in weights)
 
-    agent = SimpleNamespace(patched_model=Model(), all_context=contextlib.nullcontext, device="cpu")
+    class GraphRunner:  # what LMDeploy's agent holds, eager mode included: no load_weights of its own
+        def __init__(self):
+            self.model = Model()
+
+        def get_model(self):
+            return self.model
+
+    resets = []
+    agent = SimpleNamespace(patched_model=GraphRunner(), all_context=contextlib.nullcontext, device="cpu",
+                            reset_graph_runner=lambda: resets.append(1))  # fmt: skip
     fake.instances[-1].engine = SimpleNamespace(executor=SimpleNamespace(model_agent=agent))
     v2 = shutil.copytree(tiny_dir, tmp_path / "v2")
     engine.load_weights(v2, 2)
     assert len(fake.instances) == 1 and engine.policy_version == 2  # no rebuild
     assert "model.embed_tokens.weight" in loaded and "lm_head.weight" in loaded
+    assert resets == [1]  # captured graphs are dropped after the load
 
 
 @needs_lmdeploy

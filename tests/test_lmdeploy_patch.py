@@ -260,5 +260,30 @@ def test_mask_id_comes_from_config_json(tmp_path):
     assert cfg.model_paradigm == "dllm" and cfg.dllm_mask_token == 259  # not LMDeploy's hard-coded 151669
 
 
+@pytest.mark.parametrize("theta", [10_000.0, 1_000_000.0])
+def test_rotary_settings_come_from_sdar_rope_theta(tmp_path, theta):
+    """SDAR loads as a plain PreTrainedConfig (rope_parameters None): LMDeploy's rotary builder must still see
+    config.json's rope_theta rather than crash, or fall back to a default base."""
+    from lmdeploy.pytorch.config import ModelConfig
+    from lmdeploy.pytorch.nn.rotary_embedding import build_rotary_params, get_rope_theta
+
+    from shared.tiny import init_tiny_sdar
+
+    path = init_tiny_sdar(tmp_path / "tiny-sdar", rope_theta=theta)
+    hf_config = ModelConfig.from_pretrained(str(path)).hf_config
+    assert get_rope_theta(hf_config, default=1.0) == theta
+    assert build_rotary_params(hf_config)["emb_type"].name == "Default"
+
+
+def test_rope_parameters_keep_sdar_scaling():
+    from types import SimpleNamespace
+
+    from services.rollout.engines.lmdeploy_patch import rope_parameters
+
+    legacy = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
+    assert rope_parameters(legacy) == {"rope_type": "linear", "rope_theta": 1e6, "type": "linear", "factor": 2.0}
+    assert rope_parameters(SimpleNamespace()) == {"rope_type": "default", "rope_theta": 10000.0}
+
+
 def test_self_check_passes():
     lp.self_check()

@@ -142,3 +142,16 @@ def test_packed_and_per_round_gradients_are_equal(sharp, rollouts):
     sharp.model.zero_grad()
     diff = (grads["packed"] - grads["per_round"]).norm() / grads["per_round"].norm()
     assert diff <= 1e-5
+
+
+def test_padding_rows_changes_no_log_prob(sharp, rollouts):
+    """pad_to (used before FlexAttention) re-indexes targets; padded rows are invisible to real tokens."""
+    trajs = [rollout_trajectory(r) for r in rollouts]
+    batch = build_batch(trajs, sharp.spec.mask_token_id, "packed")
+    padded = batch.pad_to(128)
+    assert padded.input_ids.shape[1] % 128 == 0 and padded.input_ids.shape[1] > batch.input_ids.shape[1]
+    assert torch.equal(padded.input_ids.flatten()[padded.target_index], batch.input_ids.flatten()[batch.target_index])
+    with torch.no_grad():
+        a, b = TokenLogProbs(sharp.model)(batch), TokenLogProbs(sharp.model)(padded)
+    assert (a - b).abs().max() <= 1e-5
+    assert batch.pad_to(batch.input_ids.shape[1]) is batch

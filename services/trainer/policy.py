@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from services.trainer.trajectory import TrainBatch
 from shared.masks import flex_block_mask, square_mask, to_additive
 
+FLEX_BLOCK = 128  # FlexAttention's default mask block size
+
 
 class TokenLogProbs(nn.Module):
     """``forward(batch) -> (T,)`` log-probs of the labels at the batch's target positions (un-shifted logits)."""
@@ -28,6 +30,9 @@ class TokenLogProbs(nn.Module):
     def forward(self, batch: TrainBatch) -> Tensor:
         body = self.lm.model
         if self.attention == "flex":
+            # FlexAttention's Triton lowering has no kernel for some short / ragged lengths (seen on H100 with
+            # torch 2.11: NoValidChoicesError at L=104); whole 128-token mask blocks always have one.
+            batch = batch.pad_to(FLEX_BLOCK)
             mask = flex_block_mask(batch.position_ids, batch.copy_ids, batch.block_size, batch.valid)
         else:
             dense = square_mask(batch.position_ids, batch.copy_ids, batch.block_size, batch.valid)

@@ -138,6 +138,19 @@ class TrainBatch:
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()}
         return TrainBatch(**moved)
 
+    def pad_to(self, multiple: int) -> TrainBatch:
+        """The same batch with L rounded up to a multiple (padding is invalid; targets re-indexed)."""
+        n, length = self.input_ids.shape
+        new = -(-length // multiple) * multiple
+        if new == length:
+            return self
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, new - length), value=v)  # noqa: E731
+        row, col = self.target_index // length, self.target_index % length
+        return TrainBatch(
+            pad(self.input_ids, 0), pad(self.position_ids, 0), pad(self.copy_ids, 0), pad(self.valid, False),
+            row * new + col, self.labels, self.response_index, self.round_index, self.token_index, self.block_size,
+        )  # fmt: skip
+
     def canonical_order(self) -> Tensor:
         """Permutation sorting targets by (response, position): the same order for every layout."""
         key = self.response_index * (int(self.token_index.max()) + 1 if len(self.token_index) else 1)

@@ -384,10 +384,14 @@ class LMDeployEngine(Engine):
             import torch
             from lmdeploy.pytorch.weight_loader.model_weight_loader import load_model_weights
 
+            # the agent holds a graph runner (eager mode too); its inner model owns `load_weights`
+            target = model.get_model() if hasattr(model, "get_model") else model
             with agent.all_context():
-                load_model_weights(model, str(path), device=agent.device)
+                load_model_weights(target, str(path), device=agent.device)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            if hasattr(agent, "reset_graph_runner"):  # as LMDeploy's own weight update: no graph keeps old pointers
+                agent.reset_graph_runner()
 
         self._loop.call(_load)
         return True

@@ -13,6 +13,7 @@ draws its uniforms from its own generator, so a request gives the same tokens in
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,15 @@ class _RowParams:
         return out
 
 
+def cache_kwarg(layer) -> str:
+    """The decoder layer's name for its KV cache: `cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x).
+
+    Layers take **kwargs, so the wrong name is silently ignored and the cache never fills: ask the signature.
+    """
+    params = inspect.signature(type(layer).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class TorchEngine(Engine):
     """Reference engine over transformers' Qwen3 with explicit block-diffusion masks."""
 
@@ -206,9 +216,10 @@ class TorchEngine(Engine):
         hidden = body.embed_tokens(ids)
         rope = body.rotary_emb(hidden, pos)
         additive = to_additive(mask, hidden.dtype)
+        cache_arg = {cache_kwarg(body.layers[0]): cache}
         for layer in body.layers:
             hidden = layer(
-                hidden, attention_mask=additive, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=True
+                hidden, attention_mask=additive, position_embeddings=rope, position_ids=pos, use_cache=True, **cache_arg
             )
         return body.norm(hidden)
 
