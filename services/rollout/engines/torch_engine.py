@@ -119,7 +119,7 @@ class _RowParams:
 
 
 def cache_kwarg(layer) -> str:
-    """The decoder layer's name for its KV cache: `cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x).
+    """The decoder layer's name for its KV cache: `cache` (transformers 5.24) or `past_key_values` (5.17 and earlier).
 
     Layers take **kwargs, so the wrong name is silently ignored and the cache never fills: ask the signature.
     """
