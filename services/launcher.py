@@ -19,6 +19,7 @@ from pathlib import Path
 
 from services.trainer.config import RLConfig
 from shared.config import dump_config
+from shared.process import die_with_parent
 
 
 @dataclass
@@ -34,7 +35,9 @@ class Managed:
     def start(self, env: dict[str, str]) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         out = self.log.open("ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent
+        )
         out.close()
 
     def alive(self) -> bool:

@@ -20,6 +20,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from shared.process import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -144,7 +146,7 @@ class EmbeddedRedis:
     def _spawn(self) -> None:
         # errors before the log file opens (bad arguments, port in use) go to stdout: keep them in a file
         with open(self.data_dir / "redis.stdout", "ab") as out:
-            proc = subprocess.Popen(self._args(), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(self._args(), stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self._proc = proc
         self._finalizer = weakref.finalize(self, _kill, proc)
         deadline = time.monotonic() + self.startup_timeout_s
