@@ -125,7 +125,7 @@ def resolve_mask_token_id(raw: dict[str, Any], tokenizer: Any = None) -> int:
     )
 
 
-def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
     """transformers 5 `rope_parameters` from either 5.x (`rope_parameters`) or SDAR/4.x (`rope_theta`, `rope_scaling`)."""
     if raw.get("rope_parameters"):
         return dict(raw["rope_parameters"])
@@ -164,7 +164,7 @@ def translate_config(
     spec = DiffusionSpec(block_size=int(block_size), mask_token_id=resolve_mask_token_id(raw, tokenizer))
 
     kwargs = {k: v for k, v in raw.items() if k not in SDAR_EXTRA_KEYS and k not in _LEGACY_ROPE_KEYS}
-    kwargs["rope_parameters"] = _rope_parameters(raw)
+    kwargs["rope_parameters"] = rope_parameters(raw)
     config = Qwen3Config(**kwargs)
     if spec.mask_token_id >= config.vocab_size:
         raise ValueError(
@@ -182,7 +182,7 @@ def to_sdar_config(config: transformers.Qwen3Config, spec: DiffusionSpec) -> dic
     d = config.to_dict()
     for key in ("_name_or_path", "auto_map", "attn_implementation", "_attn_implementation", *_GENERIC_HEAD_KEYS):
         d.pop(key, None)
-    rope = dict(d.get("rope_parameters") or _rope_parameters(d))
+    rope = dict(d.get("rope_parameters") or rope_parameters(d))
     d["rope_theta"] = rope.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     d["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling

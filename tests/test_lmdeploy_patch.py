@@ -260,29 +260,34 @@ def test_mask_id_comes_from_config_json(tmp_path):
     assert cfg.model_paradigm == "dllm" and cfg.dllm_mask_token == 259  # not LMDeploy's hard-coded 151669
 
 
-@pytest.mark.parametrize("theta", [10_000.0, 1_000_000.0])
-def test_rotary_settings_come_from_sdar_rope_theta(tmp_path, theta):
+@pytest.mark.parametrize(
+    ("theta", "scaling", "emb_type"),
+    [
+        (10_000.0, None, "Default"),
+        (1_000_000.0, None, "Default"),
+        (1_000_000.0, {"type": "linear", "factor": 2.0}, "LinearScaling"),
+    ],
+)
+def test_rotary_settings_come_from_sdar_rope_theta(tmp_path, theta, scaling, emb_type):
     """SDAR loads as a plain PreTrainedConfig (rope_parameters None): LMDeploy's rotary builder must still see
-    config.json's rope_theta rather than crash, or fall back to a default base."""
+    config.json's rope_theta and rope_scaling rather than crash, or fall back to a default base."""
+    import json
+
     from lmdeploy.pytorch.config import ModelConfig
     from lmdeploy.pytorch.nn.rotary_embedding import build_rotary_params, get_rope_theta
 
     from shared.tiny import init_tiny_sdar
 
     path = init_tiny_sdar(tmp_path / "tiny-sdar", rope_theta=theta)
+    raw = json.loads((path / "config.json").read_text())
+    del raw["rope_parameters"]  # SDAR's own (transformers 4.x) config.json has rope_theta / rope_scaling only
+    raw["rope_scaling"] = scaling
+    (path / "config.json").write_text(json.dumps(raw))
     hf_config = ModelConfig.from_pretrained(str(path)).hf_config
     assert get_rope_theta(hf_config, default=1.0) == theta
-    assert build_rotary_params(hf_config)["emb_type"].name == "Default"
-
-
-def test_rope_parameters_keep_sdar_scaling():
-    from types import SimpleNamespace
-
-    from services.rollout.engines.lmdeploy_patch import rope_parameters
-
-    legacy = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
-    assert rope_parameters(legacy) == {"rope_type": "linear", "rope_theta": 1e6, "type": "linear", "factor": 2.0}
-    assert rope_parameters(SimpleNamespace()) == {"rope_type": "default", "rope_theta": 10000.0}
+    params = build_rotary_params(hf_config)
+    assert params["emb_type"].name == emb_type
+    assert params.get("scaling_factor", 1.0) == (scaling or {}).get("factor", 1.0)
 
 
 def test_self_check_passes():

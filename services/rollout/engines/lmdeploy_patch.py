@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from services.rollout.engines.sampling import cut_response
+from shared.model import rope_parameters
 
 log = logging.getLogger(__name__)
 
@@ -301,26 +302,16 @@ def _generated_step_map(self) -> np.ndarray:
     return st.buf[start:end].copy()
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
-    """transformers-5 `rope_parameters` for a config that only has SDAR's (transformers 4.x) `rope_theta` /
-    `rope_scaling`: SDAR is not a transformers model type, so its config loads as a plain `PreTrainedConfig`
-    whose `rope_parameters` is None, and LMDeploy's rotary builder calls `.get` on it."""
-    params = {"rope_type": "default", "rope_theta": float(getattr(hf_config, "rope_theta", None) or 10000.0)}
-    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
-    if scaling:
-        params.update(scaling)
-        params["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-    return params
-
-
 def _wrap_mask_id(orig_func):
     """SDAR's config builder hard-codes mask id 151669; honour config.json's `mask_token_id` when present.
-    Also fills `rope_parameters` where transformers 5 left it None (see :func:`rope_parameters`)."""
+    Also fills `rope_parameters` from SDAR's `rope_theta` / `rope_scaling` where transformers 5 left it None: SDAR
+    is not a transformers model type, so its config loads as a plain `PreTrainedConfig`, and LMDeploy's rotary
+    builder calls `.get` on `rope_parameters`."""
 
     @functools.wraps(orig_func)
     def build(cls, hf_config, model_path: str | None = None, **kwargs):
         if getattr(hf_config, "rope_parameters", None) is None:
-            hf_config.rope_parameters = rope_parameters(hf_config)
+            hf_config.rope_parameters = rope_parameters(hf_config.to_dict())
         cfg = orig_func(cls, hf_config, model_path, **kwargs)
         mask_id = getattr(hf_config, "mask_token_id", None)
         if mask_id is not None:
