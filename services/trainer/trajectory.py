@@ -12,6 +12,7 @@ Rounds of different blocks are independent given the clean prefix, so round r of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -146,9 +147,9 @@ class TrainBatch:
             return self
         pad = lambda t, v: torch.nn.functional.pad(t, (0, new - length), value=v)  # noqa: E731
         row, col = self.target_index // length, self.target_index % length
-        return TrainBatch(
-            pad(self.input_ids, 0), pad(self.position_ids, 0), pad(self.copy_ids, 0), pad(self.valid, False),
-            row * new + col, self.labels, self.response_index, self.round_index, self.token_index, self.block_size,
+        return dataclasses.replace(
+            self, input_ids=pad(self.input_ids, 0), position_ids=pad(self.position_ids, 0),
+            copy_ids=pad(self.copy_ids, 0), valid=pad(self.valid, False), target_index=row * new + col,
         )  # fmt: skip
 
     def canonical_order(self) -> Tensor:

@@ -13,6 +13,7 @@ draws its uniforms from its own generator, so a request gives the same tokens in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import secrets
 from collections.abc import Sequence
@@ -118,13 +119,14 @@ class _RowParams:
         return out
 
 
-def cache_kwarg(layer) -> str:
+@functools.cache
+def cache_kwarg(layer_cls: type) -> str:
     """The decoder layer's name for its KV cache: `cache` (transformers 5.24) or `past_key_values` (5.17 and earlier).
 
-    Layers take **kwargs, so the wrong name is silently ignored and the cache never fills: ask the signature.
+    Layers take **kwargs, so the wrong name is silently ignored and the cache never fills: ask the signature
+    (once per layer class: this runs on every denoising step).
     """
-    params = inspect.signature(type(layer).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
 
 
 class TorchEngine(Engine):
@@ -216,7 +218,7 @@ class TorchEngine(Engine):
         hidden = body.embed_tokens(ids)
         rope = body.rotary_emb(hidden, pos)
         additive = to_additive(mask, hidden.dtype)
-        cache_arg = {cache_kwarg(body.layers[0]): cache}
+        cache_arg = {cache_kwarg(type(body.layers[0])): cache}
         for layer in body.layers:
             hidden = layer(
                 hidden, attention_mask=additive, position_embeddings=rope, position_ids=pos, use_cache=True, **cache_arg
