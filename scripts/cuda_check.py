@@ -20,7 +20,6 @@ Run: `PYTHONPATH=. python scripts/cuda_check.py --out OUT` (pydantic must be imp
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.check_report import Report, finish
 from services.rollout.engines.naive import naive_generate
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.policy import TokenLogProbs
@@ -37,19 +37,6 @@ from services.trainer.trajectory import build_batch, rollout_trajectory
 from shared.contracts import GenerationRequest, SamplingParams
 from shared.model import load_model
 from shared.tiny import init_tiny
-
-
-class Report:
-    def __init__(self, out: Path) -> None:
-        self.out, self.data, self.failed = out, {"stages": {}}, False
-
-    def stage(self, name: str, ok: bool | None, **detail) -> None:
-        word = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
-        self.failed |= ok is False
-        self.data["stages"][name] = {"result": word, **detail}
-        print(f"[{word}] {name}: {json.dumps(detail, default=str)}", flush=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "cuda_check.json").write_text(json.dumps(self.data, indent=2, default=str) + "\n")
 
 
 def sharpened(path: Path, device: str, dtype=torch.float32):
@@ -128,7 +115,7 @@ def flex_stage(rep: Report, cuda, cached, dev: str) -> bool:
 
 
 def run(args) -> Report:
-    rep = Report(Path(args.out))
+    rep = Report(Path(args.out), "cuda_check")
     dev = args.device
     rep.data["env"] = {
         "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else None,
@@ -233,13 +220,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    try:
-        rep = run(args)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    print("RESULT", "FAIL" if rep.failed else "PASS", flush=True)
-    return 1 if rep.failed else 0
+    return finish(run, args)
 
 
 if __name__ == "__main__":

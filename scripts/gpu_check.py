@@ -19,16 +19,14 @@ saved to OUT/gpu_check.json as it finishes (a timeout still leaves the finished 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
+from scripts.check_report import Report, finish
 from services.rollout.engines import lmdeploy_patch as lp
 from services.rollout.engines.lmdeploy_engine import LMDeployEngine, LMDeployOptions
 from services.trainer.policy import TokenLogProbs
@@ -41,25 +39,6 @@ from shared.tiny import init_tiny_sdar
 B = 4
 PROMPT_LENGTHS = [8, 9, 11, 4, 5, 7, 12, 15]  # len % 4 = 0, 1, 3, 0, 1, 3, 0, 3
 SHARPEN = 30.0  # LM head scale: confident enough for multi-token steps and stable argmax, still diverse at T=1
-
-
-class Report:
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.data: dict = {"date": now, "stages": {}}
-        self.failed = False
-
-    def stage(self, name: str, ok: bool | None, **detail) -> None:
-        word = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
-        self.failed |= ok is False
-        self.data["stages"][name] = {"result": word, **detail}
-        print(f"[{word}] {name}: {json.dumps(detail, default=str)}", flush=True)
-        self.save()
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2, default=str) + "\n")
 
 
 def make_checkpoint(out: Path, seed: int) -> Path:
@@ -131,7 +110,7 @@ def make_engine(kind: str, path: Path, eager: bool = True):
 
 
 def run(args) -> Report:
-    rep = Report(Path(args.out))
+    rep = Report(Path(args.out), "gpu_check")
     t0 = time.monotonic()
     left = lambda: args.budget_s - (time.monotonic() - t0)  # noqa: E731
     import lmdeploy
@@ -310,13 +289,7 @@ def main() -> int:
     if args.engine == "lmdeploy" and not torch.cuda.is_available():
         print("no CUDA device: the LMDeploy GPU check needs one", file=sys.stderr)
         return 2
-    try:
-        rep = run(args)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    print("RESULT", "FAIL" if rep.failed else "PASS", json.dumps(rep.data.get("env", {})), flush=True)
-    return 1 if rep.failed else 0
+    return finish(run, args)
 
 
 if __name__ == "__main__":
