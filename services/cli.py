@@ -328,7 +328,7 @@ def eval_cmd(
     out: Path | None = typer.Option(None, "--out", help="write the result as JSON here"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Evaluate a checkpoint: avg@k, pass@k, length, tokens per step, truncation rate.
+    """Evaluate a checkpoint: avg@k, pass@k, boxed rate, length, tokens per step, truncation rate.
 
     Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
     Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw

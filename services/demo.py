@@ -3,7 +3,8 @@ then improves with GTPO through the real rollout / reward / trainer services on 
 
 Steps: write the task (train / held-out), build the tiny model, SFT, evaluate on the held-out split, run GTPO with
 `gtpo up` (separate processes, Redis streams), evaluate again; print a before/after table and write PNG plots and
-metrics into the run directory.
+metrics into the run directory. With `speed`, a second GTPO run from the same SFT checkpoint adds the speed reward,
+so its effect is measured against GTPO without it, not against SFT.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +28,10 @@ class DemoConfig(BaseModel):
     max_operand: int = Field(9, ge=2, description="task difficulty: operands in 0..max_operand")
     ops: str = Field("+", description="operations: any of + - *")
     max_second: int | None = Field(None, ge=1, description="second operand in 1..this (None: like the first)")
+    split: Literal["questions", "pairs"] = Field(
+        "questions", description="held out: question texts never seen in training, or whole operand pairs"
+    )
+    n_test: int = Field(200, ge=1, description="held-out questions (split=pairs: at most a fifth of the pairs)")
     boxed_rate: float = Field(
         0.65,
         ge=0,
@@ -36,14 +42,14 @@ class DemoConfig(BaseModel):
     sft_steps: int = Field(1000, ge=1)
     sft_batch: int = Field(32, ge=1)
     sft_lr: float = Field(3e-3, gt=0)
-    rl_steps: int = Field(40, ge=1)
+    rl_steps: int = Field(60, ge=1)
     prompts_per_step: int = Field(16, ge=1)
     group_size: int = Field(8, ge=2)
-    rl_lr: float = Field(2e-4, gt=0)
+    rl_lr: float = Field(5e-4, gt=0)
     max_new_tokens: int = Field(16, ge=4)
     eval_k: int = Field(16, ge=1, description="samples per held-out question")
-    speed: bool = Field(False, description="add the speed reward (tokens per denoising step)")
-    speed_weight: float = Field(0.5, ge=0)
+    speed: bool = Field(False, description="also run GTPO with the speed reward (tokens per denoising step)")
+    speed_weight: float = Field(1.0, ge=0, description="weight of the speed reward next to accuracy (1.0)")
     threads: int = Field(2, ge=1)
 
 
@@ -57,8 +63,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import torch
     from rich.console import Console
 
-    from services.launcher import run_stack
-    from services.trainer.config import OptimConfig, RLConfig, SFTConfig
+    from services.trainer.config import OptimConfig, SFTConfig
     from services.trainer.sft import run_sft
     from shared.tasks import TaskSpec, write_task
     from shared.tiny import init_tiny
@@ -71,12 +76,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage = lambda name: console.rule(f"[bold]{name}[/bold] ({time.time() - t0:.0f}s)")  # noqa: E731
 
     stage("task and tiny model")
-    data = write_task(
-        out / "data", TaskSpec(cfg.max_operand, cfg.ops, 0, cfg.max_second, cfg.boxed_rate), cfg.n_train, 10_000
-    )
+    spec = TaskSpec(max_operand=cfg.max_operand, ops=cfg.ops, max_second=cfg.max_second, split=cfg.split,
+                    boxed_rate=cfg.boxed_rate)  # fmt: skip
+    data = write_task(out / "data", spec, cfg.n_train, cfg.n_test)
     test_rows = load_rows(str(data["test"]))
     init_dir = init_tiny(out / "init", seed=cfg.seed)
-    console.print(f"{len(test_rows)} held-out questions, model in {init_dir}")
+    console.print(f"{len(test_rows)} held-out questions ({cfg.split} split), model in {init_dir}")
 
     stage("SFT")
     sft = SFTConfig(
@@ -88,37 +93,45 @@ def run_demo(cfg: DemoConfig) -> dict:
     sft_model = out / "sft" / "checkpoints" / f"step-{cfg.sft_steps:08d}" / "model"
 
     stage("evaluate the SFT model")
-    before = _eval(sft_model, test_rows, cfg)
-
-    stage("GTPO through the rollout / reward / trainer services")
-    weights = {"accuracy": 1.0, **({"speed": cfg.speed_weight} if cfg.speed else {})}
-    rl = RLConfig(
-        model=sft_model, output_dir=out / "rl", data=data["train"], steps=cfg.rl_steps, seed=cfg.seed,
-        prompts_per_step=cfg.prompts_per_step, prompt_template="{question}", chat_template=False,
-        rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens}, reward_weights=weights,
-        micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
-        redis={"namespace": f"demo-{cfg.seed}-{int(time.time())}"}, oversample=3.0,
-    )  # fmt: skip
-    code = run_stack(rl)
-    if code != 0:
-        raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {out / 'rl' / 'logs'}")
-    from services.trainer.checkpoint import latest_checkpoint
-
-    rl_model = latest_checkpoint(out / "rl" / "checkpoints") / "model"
-
-    stage("evaluate the GTPO model")
-    after = _eval(rl_model, test_rows, cfg)
-    summary = {"config": json.loads(cfg.model_dump_json()), "sft": before.row(), "gtpo": after.row(),
+    results = {"sft": _eval(sft_model, test_rows, cfg)}
+    arms = {"gtpo": ("GTPO", out / "rl", {"accuracy": 1.0})}
+    if cfg.speed:
+        arms["gtpo_speed"] = ("GTPO + speed", out / "rl_speed", {"accuracy": 1.0, "speed": cfg.speed_weight})
+    for key, (label, run_dir, weights) in arms.items():
+        stage(f"{label} through the rollout / reward / trainer services")
+        model = _gtpo(cfg, sft_model, data["train"], run_dir, weights)
+        stage(f"evaluate the {label} model")
+        results[key] = _eval(model, test_rows, cfg)
+    summary = {"config": json.loads(cfg.model_dump_json()), **{k: r.row() for k, r in results.items()},
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from services.plots import plot_rl
 
-    plot = plot_rl(
-        out / "rl" / "metrics.jsonl", out / "rl_curves.png", title=f"GTPO on the tiny model (seed {cfg.seed})"
-    )
-    _print_table(console, before, after)
-    console.print(f"plots: {plot}\nmetrics: {out / 'rl' / 'metrics.jsonl'}\nsummary: {out / 'summary.json'}")
+    plot = plot_rl({label: run_dir / "metrics.jsonl" for label, run_dir, _ in arms.values()}, out / "rl_curves.png",
+                   title=f"GTPO on the tiny model (seed {cfg.seed})")  # fmt: skip
+    _print_table(console, results)
+    metrics = ", ".join(str(run_dir / "metrics.jsonl") for _, run_dir, _ in arms.values())
+    console.print(f"plots: {plot}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
     return summary
+
+
+def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, run_dir: Path, weights: dict[str, float]) -> Path:
+    """One GTPO run from the SFT checkpoint through `gtpo up`; returns the last checkpoint's model directory."""
+    from services.launcher import run_stack
+    from services.trainer.checkpoint import latest_checkpoint
+    from services.trainer.config import OptimConfig, RLConfig
+
+    rl = RLConfig(
+        model=sft_model, output_dir=run_dir, data=train, steps=cfg.rl_steps, seed=cfg.seed,
+        prompts_per_step=cfg.prompts_per_step, prompt_template="{question}", chat_template=False,
+        rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens}, reward_weights=weights,
+        micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
+        redis={"namespace": f"demo-{cfg.seed}-{run_dir.name}-{int(time.time())}"}, oversample=3.0,
+    )  # fmt: skip
+    code = run_stack(rl)
+    if code != 0:
+        raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {run_dir / 'logs'}")
+    return latest_checkpoint(run_dir / "checkpoints") / "model"
 
 
 def _eval(model: Path, rows: list[dict], cfg: DemoConfig) -> EvalResult:
@@ -127,14 +140,20 @@ def _eval(model: Path, rows: list[dict], cfg: DemoConfig) -> EvalResult:
     )
 
 
-def _print_table(console, before: EvalResult, after: EvalResult) -> None:
+def _print_table(console, results: dict[str, EvalResult]) -> None:
+    """SFT, GTPO and the change; with the speed arm, also GTPO + speed and its change against GTPO."""
     from rich.table import Table
 
     t = Table(title="held-out evaluation (avg@k at T=1, dynamic decoding, threshold 0.9)")
-    for col in ("metric", "SFT", "GTPO", "change"):
+    cols = ["metric", "SFT", "GTPO", "GTPO - SFT"] + (["GTPO + speed", "vs GTPO"] if "gtpo_speed" in results else [])
+    for col in cols:
         t.add_column(col, justify="right")
-    for name, fmt in (("avg_at_k", "{:.1%}"), ("pass_at_k", "{:.1%}"), ("tokens_per_step", "{:.2f}"),
-                      ("mean_length", "{:.1f}"), ("truncation_rate", "{:.1%}")):  # fmt: skip
-        a, b = getattr(before, name), getattr(after, name)
-        t.add_row(name, fmt.format(a), fmt.format(b), f"{b - a:+.3f}")
+    for name, fmt in (("avg_at_k", "{:.1%}"), ("pass_at_k", "{:.1%}"), ("boxed_rate", "{:.1%}"),
+                      ("tokens_per_step", "{:.2f}"), ("mean_length", "{:.1f}"), ("truncation_rate", "{:.1%}")):  # fmt: skip
+        sft, gtpo = getattr(results["sft"], name), getattr(results["gtpo"], name)
+        row = [name, fmt.format(sft), fmt.format(gtpo), f"{gtpo - sft:+.3f}"]
+        if "gtpo_speed" in results:
+            fast = getattr(results["gtpo_speed"], name)
+            row += [fmt.format(fast), f"{fast - gtpo:+.3f}"]
+        t.add_row(*row)
     console.print(t)

@@ -1,6 +1,7 @@
 """`gtpo eval`: k samples per question, scored with the reward service's own answer checking.
 
-Reports avg@k (mean accuracy over all samples), pass@k (questions with at least one correct sample), mean response
+Reports avg@k (mean accuracy over all samples), pass@k (questions with at least one correct sample), the boxed rate
+(samples with a final `\\boxed{}` answer, so a format gain can be told from an arithmetic one), mean response
 length, tokens per denoising step and the truncation rate, as a table and as JSON. Generation runs in-process (the
 torch engine) or against a running rollout service (`--rollout-url`); answers are checked with the same extraction
 and math-verify pool as the reward service, so eval and reward never disagree.
@@ -33,6 +34,7 @@ class EvalResult:
     k: int
     avg_at_k: float
     pass_at_k: float
+    boxed_rate: float
     mean_length: float
     tokens_per_step: float
     truncation_rate: float
@@ -99,6 +101,7 @@ def generate_remote(url: str, prompts: list[list[int]], params: SamplingParams, 
 
 def score(rows: list[dict], groups: list[list[Rollout]], pool) -> EvalResult:
     """Check every sample's last `\\boxed{}` against the reference with the reward service's scoring."""
+    from services.reward.rewards import extract_last_boxed
     from services.reward.scoring import score_items
 
     items, owner = [], []
@@ -120,6 +123,7 @@ def score(rows: list[dict], groups: list[list[Rollout]], pool) -> EvalResult:
         questions=len(rows), k=k,
         avg_at_k=sum(correct) / max(1, len(correct)),
         pass_at_k=sum(per_q.values()) / max(1, len(rows)),
+        boxed_rate=sum(bool((extract_last_boxed(r.text) or "").strip()) for r in flat) / max(1, len(flat)),
         mean_length=statistics.fmean(len(r.token_ids) for r in flat) if flat else 0.0,
         tokens_per_step=statistics.fmean(len(r.token_ids) / max(1, len(set(r.step_map))) for r in flat) if flat else 0.0,
         truncation_rate=sum(r.finish_reason == "length" for r in flat) / max(1, len(flat)),

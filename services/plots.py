@@ -22,31 +22,35 @@ def read_metrics(path: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def rl_figure(rows: list[dict], title: str = "GTPO"):
-    """One panel per metric (reward, accuracy, tokens per denoising step) against the RL step."""
+def rl_figure(runs: dict[str, list[dict]], title: str = "GTPO"):
+    """One panel per metric (reward, accuracy, tokens per denoising step) against the RL step; one curve per run
+    (`runs`: label -> metric rows), with a legend when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for ax, (key, label) in zip(axes, PANELS, strict=True):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker="o", markersize=3, label=label)
+        for name, rows in runs.items():
+            ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], marker="o", markersize=3,
+                    label=name)  # fmt: skip
         ax.set_xlabel("RL step")
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def plot_rl(metrics_path: Path, out: Path, title: str = "GTPO") -> Path:
-    """Write the RL curves of a run's metrics.jsonl as a PNG."""
+def plot_rl(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Path:
+    """Write the RL curves of one or more runs (label -> metrics.jsonl) as a PNG."""
     import matplotlib.pyplot as plt
 
-    fig = rl_figure(read_metrics(metrics_path), title)
+    fig = rl_figure({name: read_metrics(path) for name, path in metrics.items()}, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -1,8 +1,13 @@
 """A synthetic arithmetic word-problem task with `\\boxed{}` answers, in the RL datasets' JSON format.
 
 Rows are `{"question", "ground_truth_answer"}` like MATH500 / GSM8K in the GTPO and TraceRL repositories; SFT rows
-add `response` (the boxed answer). Train and held-out splits never share a question (the held-out split is drawn
-from a disjoint set of operand pairs), and everything is a pure function of the seed.
+add `response` (the boxed answer). Train and held-out splits never share a question, and everything is a pure
+function of the seed. Two ways to hold out (`TaskSpec.split`):
+
+* "questions": held-out questions are texts never seen in training (another wording, name or object around the
+  numbers), while the arithmetic facts themselves occur in training, as in any grade-school test set;
+* "pairs": held-out questions use operand pairs that never occur in training, so the model must have learned
+  the operation itself, not a table of facts (a tiny model trained for minutes does not).
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 # short on purpose: the tiny model reads every byte, and the demo has minutes, not hours
 TEMPLATES = {
-    "+": ["Ann has {a} apples, gets {b} more. Total?", "{a} birds, then {b} more come. How many?"],
-    "-": ["Ann has {a} apples, eats {b}. Left?", "{a} people, {b} leave. How many stay?"],
-    "*": ["{a} boxes of {b} pens. How many pens?"],
-}
+    "+": ["{n} has {a} {t}, gets {b} more. Total?", "{a} {t}, then {b} more come. How many?",
+          "{n} had {a} {t} and found {b}. How many now?"],
+    "-": ["{n} has {a} {t}, loses {b}. Left?", "{a} {t}, {b} go away. How many stay?"],
+    "*": ["{a} boxes of {b} {t}. How many {t}?"],
+}  # fmt: skip
+NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Flo")
+THINGS = ("pens", "cups", "eggs", "hats", "cats")
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,8 @@ class TaskSpec:
     seed: int = 0
     max_second: int | None = None
     """Second operand in 1..max_second (None: 0..max_operand, like the first); small = "a few more" problems."""
+    split: Literal["questions", "pairs"] = "questions"
+    """What the held-out split withholds: question texts, or whole operand pairs (see the module docstring)."""
     boxed_rate: float = 1.0
     """Share of SFT answers written as `\\boxed{N}`; the rest are the bare number, as in mixed-format corpora.
     The accuracy reward only accepts boxed answers, so RL has a format to learn as well as arithmetic."""
@@ -52,20 +63,39 @@ def _pairs(spec: TaskSpec) -> list[tuple[int, int, str]]:
     return out
 
 
+def _question(rng: random.Random, a: int, b: int, op: str) -> dict:
+    q = rng.choice(TEMPLATES[op]).format(a=a, b=b, n=rng.choice(NAMES), t=rng.choice(THINGS))
+    return {"question": q, "ground_truth_answer": str(_answer(a, b, op))}
+
+
 def make_splits(spec: TaskSpec, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows); held-out operand triples never occur in train."""
+    """(train rows, held-out rows): `n_train` rows drawn with repetition, `n_test` distinct held-out questions
+    (at most a fifth of the operand pairs with split="pairs"); no held-out question text occurs in train."""
+    if spec.split not in ("questions", "pairs"):
+        raise ValueError(f"split: {spec.split!r} is not 'questions' or 'pairs'")
     rng = random.Random(spec.seed)
     pairs = _pairs(spec)
     rng.shuffle(pairs)
-    n_test = min(n_test, len(pairs) // 5)
-    test_pairs, train_pairs = pairs[:n_test], pairs[n_test:]
-
-    def row(a: int, b: int, op: str) -> dict:
-        q = rng.choice(TEMPLATES[op]).format(a=a, b=b)
-        return {"question": q, "ground_truth_answer": str(_answer(a, b, op))}
-
-    train = [row(*train_pairs[rng.randrange(len(train_pairs))]) for _ in range(n_train)]
-    test = [row(*p) for p in test_pairs]
+    if spec.split == "pairs":
+        n_test = min(n_test, len(pairs) // 5)
+        test = [_question(rng, *p) for p in pairs[:n_test]]
+        train_pairs = pairs[n_test:]
+    else:
+        test, seen = [], set()
+        for _ in range(50 * n_test):  # distinct texts; stops early when the space is small
+            if len(test) == n_test:
+                break
+            row = _question(rng, *pairs[rng.randrange(len(pairs))])
+            if row["question"] not in seen:
+                seen.add(row["question"])
+                test.append(row)
+        train_pairs = pairs
+    held = {r["question"] for r in test}
+    train: list[dict] = []
+    while len(train) < n_train:
+        row = _question(rng, *train_pairs[rng.randrange(len(train_pairs))])
+        if row["question"] not in held:
+            train.append(row)
     return train, test
 
 

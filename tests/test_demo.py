@@ -15,10 +15,11 @@ from shared.tasks import TaskSpec, make_splits, sft_row, write_task
 
 def test_task_splits_are_disjoint_deterministic_and_in_the_rl_format(tmp_path):
     train, test = make_splits(TaskSpec(max_operand=12, ops="+-", seed=3), 500, 40)
-    assert {"question", "ground_truth_answer"} == set(train[0])
+    assert {"question", "ground_truth_answer"} == set(train[0]) and len(train) == 500 and len(test) == 40
+    assert len({r["question"] for r in test}) == 40  # distinct held-out questions
     assert not {r["question"] for r in test} & {r["question"] for r in train}
     assert make_splits(TaskSpec(max_operand=12, ops="+-", seed=3), 500, 40) == (train, test)
-    for r in train[:50]:
+    for r in train[:50] + test:
         nums = [int(x) for x in r["question"].replace(",", " ").replace(".", " ").split() if x.isdigit()]
         assert int(r["ground_truth_answer"]) in (nums[0] + nums[1], nums[0] - nums[1])
     assert sft_row(train[0])["response"] == f"\\boxed{{{train[0]['ground_truth_answer']}}}"
@@ -26,6 +27,20 @@ def test_task_splits_are_disjoint_deterministic_and_in_the_rl_format(tmp_path):
     assert len(load_rows(str(paths["test"]))) == 5 and paths["sft"].read_text().count("\n") == 20
     with pytest.raises(ValueError, match="ops"):
         make_splits(TaskSpec(ops="/"), 5, 5)
+    with pytest.raises(ValueError, match="split"):
+        make_splits(TaskSpec(split="nope"), 5, 5)  # type: ignore[arg-type]
+
+
+def test_pairs_split_holds_out_whole_operand_pairs():
+    def pairs(rows):
+        return {tuple(int(x) for x in r["question"].replace(",", " ").replace(".", " ").split() if x.isdigit())
+                for r in rows}  # fmt: skip
+
+    train, test = make_splits(TaskSpec(max_operand=9, ops="+", split="pairs"), 400, 1000)
+    assert len(test) == 20  # capped at a fifth of the 100 pairs
+    assert not pairs(train) & pairs(test)
+    train, test = make_splits(TaskSpec(max_operand=9, ops="+"), 4000, 200)
+    assert pairs(test) <= pairs(train)  # the questions split holds out texts, not the facts behind them
 
 
 def test_eval_scores_with_the_reward_checker(tiny_dir):
@@ -38,19 +53,26 @@ def test_eval_scores_with_the_reward_checker(tiny_dir):
         load_rows("NOPE500")
 
 
-def test_plots_have_one_labelled_curve_per_metric(tmp_path):
+def test_plots_have_one_labelled_curve_per_metric_and_run(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [
         {"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "tokens_per_step": 1 + 0.1 * s} for s in range(1, 6)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({**rows[-1], "reward_mean": 9}) + "\n")
     assert read_metrics(path)[-1]["reward_mean"] == 9  # the last record of a step wins
-    fig = rl_figure(read_metrics(path))
+    fig = rl_figure({"GTPO": read_metrics(path)})
     assert len(fig.axes) == len(PANELS)
     for ax, (key, label) in zip(fig.axes, PANELS, strict=True):
         assert ax.get_xlabel() == "RL step" and ax.get_ylabel() == label
         (line,) = ax.get_lines()
         assert list(line.get_ydata()) == [r[key] for r in read_metrics(path)]
+        assert ax.get_legend() is None  # one run: the panel title says it all
+    other = [{**r, "tokens_per_step": 2.0} for r in rows[:3]]
+    fig = rl_figure({"GTPO": read_metrics(path), "GTPO + speed": other})
+    ax = fig.axes[PANELS.index(("tokens_per_step", "tokens per denoising step"))]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["GTPO", "GTPO + speed"]
+    assert list(ax.get_lines()[1].get_ydata()) == [2.0] * 3
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GTPO", "GTPO + speed"]
 
 
 def test_shortened_demo_end_to_end(tmp_path):
@@ -58,12 +80,14 @@ def test_shortened_demo_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("REDIS_URL", None)  # the demo's embedded default
     args = ["sft_steps=4", "sft_batch=8", "rl_steps=2", "prompts_per_step=2", "group_size=2", "eval_k=1",
-            "n_train=40", "max_new_tokens=8"]  # fmt: skip
+            "n_train=40", "n_test=4", "max_new_tokens=8"]  # fmt: skip
     res = subprocess.run([sys.executable, "-m", "services", "demo", "--out", str(out), "--speed", *args], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert {"sft", "gtpo"} <= set(summary) and summary["config"]["speed"] is True
+    assert {"sft", "gtpo", "gtpo_speed"} <= set(summary) and summary["config"]["speed"] is True
+    assert summary["sft"]["questions"] == 4 and 0 <= summary["gtpo_speed"]["boxed_rate"] <= 1
     assert (out / "rl_curves.png").stat().st_size > 10_000
-    assert len(read_metrics(out / "rl" / "metrics.jsonl")) == 2
+    assert len(read_metrics(out / "rl" / "metrics.jsonl")) == 2 == len(read_metrics(out / "rl_speed" / "metrics.jsonl"))
+    assert "GTPO + speed" in res.stdout
     assert "held-out evaluation" in res.stdout
