@@ -36,6 +36,8 @@ from pathlib import Path
 
 import typer
 
+from shared.process import die_with_parent
+
 DEFAULT_PORT = 29500
 DEFAULT_ACCELERATE_CONFIG = Path("deploy/accelerate/ddp.yaml")
 # node-level variables of the schedulers: accelerate passes its own values to the processes it starts
@@ -299,7 +301,9 @@ def run_supervised(
     ones this starts (the `gtpo launch` CLI, often PID 1 of its container): it waits for every child it has.
     """
     _become_subreaper()
-    proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True)
+    # own session for the signal forwarding; die_with_parent so a SIGKILLed supervisor leaves no trainer behind
+    proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True,
+                            preexec_fn=die_with_parent)  # fmt: skip
     signalled: list[int] = []
 
     def forward(signum, _frame) -> None:
