@@ -1,16 +1,15 @@
 """`gtpo launch`: node rank / node count / main address per scheduler scheme, the accelerate command it builds, and
 the process supervision that lets a SIGTERM reach the trainer."""
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import typer
+from procs import start_supervisor, wait_until
 from typer.testing import CliRunner
 
 from services.trainer.launch import (
@@ -277,15 +276,8 @@ def test_sigterm_reaches_the_grandchild_and_is_waited_for(tmp_path):
         time.sleep(60)
     """)
     child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(60)"
-    supervisor = (
-        "import sys; from services.trainer.launch import run_supervised; "
-        f"sys.exit(run_supervised([sys.executable, '-c', {child!r}]))"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", supervisor], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = start_supervisor(child)
+    wait_until(ready.exists, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
     assert marker.read_text() == "ok"  # the grandchild finished its handler before the supervisor exited

@@ -1,0 +1,48 @@
+"""Process-tree helpers for the supervision tests (tests/test_launch.py, tests/test_process.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_supervisor(child: str) -> subprocess.Popen:
+    """`gtpo launch`'s supervisor (run_supervised) running `python -c child`, in a process of its own."""
+    supervisor = (
+        "import sys; from services.trainer.launch import run_supervised; "
+        f"sys.exit(run_supervised([sys.executable, '-c', {child!r}]))"
+    )
+    return subprocess.Popen([sys.executable, "-c", supervisor], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def wait_until(done: Callable[[], bool], proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Poll `done` until it holds; fails if `proc` exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead for our purpose
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def outlives(pid: int, wait_s: float) -> bool:
+    """Whether `pid` is still alive after up to `wait_s`; a survivor is SIGKILLed so no test leaves it behind."""
+    deadline = time.monotonic() + wait_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survived = alive(pid)
+    if survived:
+        os.kill(pid, signal.SIGKILL)
+    return survived
