@@ -357,7 +357,7 @@ def eval_cmd(
 @app.command("demo", context_settings=_EXTRA)
 def demo_cmd(
     ctx: typer.Context,
-    speed: bool = typer.Option(False, "--speed", help="add the speed reward (tokens per denoising step)"),
+    speed: bool = typer.Option(False, "--speed", help="also run GTPO with the speed reward, from the same SFT model"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
 ) -> None:
@@ -366,10 +366,14 @@ def demo_cmd(
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
     from services.demo import DemoConfig, run_demo
+    from shared.tasks import TaskError
 
     overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}"]
     cfg = _experiment(DemoConfig, None, overrides, dry_run=False, environ={})
-    run_demo(cfg)
+    try:
+        run_demo(cfg)
+    except TaskError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 def _register_launch() -> None:

@@ -29,6 +29,10 @@ NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Flo")
 THINGS = ("pens", "cups", "eggs", "hats", "cats")
 
 
+class TaskError(ValueError):
+    """The task cannot be built as specified; the message starts with the field to change."""
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Difficulty knobs."""
@@ -53,7 +57,7 @@ def _pairs(spec: TaskSpec) -> list[tuple[int, int, str]]:
     out = []
     for op in spec.ops:
         if op not in TEMPLATES:
-            raise ValueError(f"ops: unknown operation {op!r}; allowed: {''.join(TEMPLATES)}")
+            raise TaskError(f"ops: unknown operation {op!r}; allowed: {''.join(TEMPLATES)}")
         top = min(spec.max_operand, 12) if op == "*" else spec.max_operand
         seconds = range(1, spec.max_second + 1) if spec.max_second is not None else range(top + 1)
         for a in range(top + 1):
@@ -72,7 +76,7 @@ def make_splits(spec: TaskSpec, n_train: int, n_test: int) -> tuple[list[dict], 
     """(train rows, held-out rows): `n_train` rows drawn with repetition, `n_test` distinct held-out questions
     (at most a fifth of the operand pairs with split="pairs"); no held-out question text occurs in train."""
     if spec.split not in ("questions", "pairs"):
-        raise ValueError(f"split: {spec.split!r} is not 'questions' or 'pairs'")
+        raise TaskError(f"split: {spec.split!r} is not 'questions' or 'pairs'")
     rng = random.Random(spec.seed)
     pairs = _pairs(spec)
     rng.shuffle(pairs)
@@ -81,22 +85,24 @@ def make_splits(spec: TaskSpec, n_train: int, n_test: int) -> tuple[list[dict], 
         test = [_question(rng, *p) for p in pairs[:n_test]]
         train_pairs = pairs[n_test:]
     else:
-        test, seen = [], set()
-        for _ in range(50 * n_test):  # distinct texts; stops early when the space is small
-            if len(test) == n_test:
+        found: dict[str, dict] = {}  # distinct texts, in the order drawn
+        for _ in range(50 * n_test):  # stops early when the space of texts is small
+            if len(found) == n_test:
                 break
             row = _question(rng, *pairs[rng.randrange(len(pairs))])
-            if row["question"] not in seen:
-                seen.add(row["question"])
-                test.append(row)
+            found.setdefault(row["question"], row)
+        test = list(found.values())
         train_pairs = pairs
     held = {r["question"] for r in test}
     train: list[dict] = []
-    while len(train) < n_train:
+    for _ in range(100 * n_train + 1000):  # bounded: the held-out split may have taken every text
+        if len(train) == n_train:
+            return train, test
         row = _question(rng, *train_pairs[rng.randrange(len(train_pairs))])
         if row["question"] not in held:
             train.append(row)
-    return train, test
+    raise TaskError(f"n_test: {len(test)} held-out questions leave (almost) no question text for training; "
+                     "lower n_test or widen the task (max_operand, ops)")  # fmt: skip
 
 
 def sft_row(row: dict, boxed: bool = True) -> dict:

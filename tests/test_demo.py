@@ -29,6 +29,17 @@ def test_task_splits_are_disjoint_deterministic_and_in_the_rl_format(tmp_path):
         make_splits(TaskSpec(ops="/"), 5, 5)
     with pytest.raises(ValueError, match="split"):
         make_splits(TaskSpec(split="nope"), 5, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_test: 45 held-out questions leave"):
+        make_splits(TaskSpec(max_operand=2, ops="*"), 10, 1000)  # 45 texts in all: none left for training
+
+
+def test_demo_names_the_field_of_an_impossible_task(tmp_path):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "ops=/"])
+    assert res.exit_code == 2 and "ops: unknown operation '/'" in res.output
 
 
 def test_pairs_split_holds_out_whole_operand_pairs():
