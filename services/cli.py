@@ -357,7 +357,11 @@ def eval_cmd(
 @app.command("demo", context_settings=_EXTRA)
 def demo_cmd(
     ctx: typer.Context,
-    speed: bool = typer.Option(False, "--speed", help="also run GTPO with the speed reward, from the same SFT model"),
+    speed: bool = typer.Option(
+        False,
+        "--speed",
+        help="also run GTPO with spread rollout thresholds, and with spread + the speed reward, from the same SFT model",
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
 ) -> None:

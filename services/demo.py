@@ -3,8 +3,9 @@ then improves with GTPO through the real rollout / reward / trainer services on 
 
 Steps: write the task (train / held-out), build the tiny model, SFT, evaluate on the held-out split, run GTPO with
 `gtpo up` (separate processes, Redis streams), evaluate again; print a before/after table and write PNG plots and
-metrics into the run directory. With `speed`, a second GTPO run from the same SFT checkpoint adds the speed reward,
-so its effect is measured against GTPO without it, not against SFT.
+metrics into the run directory. With `speed`, two more GTPO runs start from the same SFT checkpoint, so their
+effect is measured against GTPO, not against SFT: one whose rollout groups spread their confidence thresholds
+(fast and slow unmasking orders side by side), and one that adds the speed reward to that.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class DemoConfig(BaseModel):
         le=1,
         description="share of SFT answers in \\boxed{}; the rest are bare numbers, which the reward rejects",
     )
+    block_size: int = Field(4, ge=1, description="diffusion block length of the tiny model")
     n_train: int = Field(4000, ge=10)
     sft_steps: int = Field(1000, ge=1)
     sft_batch: int = Field(32, ge=1)
@@ -49,6 +51,12 @@ class DemoConfig(BaseModel):
     max_new_tokens: int = Field(16, ge=4)
     eval_k: int = Field(16, ge=1, description="samples per held-out question")
     speed: bool = Field(False, description="also run GTPO with the speed reward (tokens per denoising step)")
+    threshold_spread: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="speed arms: a group's rollout thresholds spread from 0.9 down to 0.9 - this (see README)",
+    )
     speed_weight: float = Field(1.0, ge=0, description="weight of the speed reward next to accuracy (1.0)")
     threads: int = Field(2, ge=1)
 
@@ -80,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     boxed_rate=cfg.boxed_rate)  # fmt: skip
     data = write_task(out / "data", spec, cfg.n_train, cfg.n_test)
     test_rows = load_rows(str(data["test"]))
-    init_dir = init_tiny(out / "init", seed=cfg.seed)
+    init_dir = init_tiny(out / "init", seed=cfg.seed, block_size=cfg.block_size)
     console.print(f"{len(test_rows)} held-out questions ({cfg.split} split), model in {init_dir}")
 
     stage("SFT")
@@ -94,12 +102,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     stage("evaluate the SFT model")
     results = {"sft": _eval(sft_model, test_rows, cfg)}
-    arms = {"gtpo": ("GTPO", out / "rl", {"accuracy": 1.0})}
+    arms = {"gtpo": ("GTPO", out / "rl", {"accuracy": 1.0}, 0.0)}
     if cfg.speed:
-        arms["gtpo_speed"] = ("GTPO + speed", out / "rl_speed", {"accuracy": 1.0, "speed": cfg.speed_weight})
-    for key, (label, run_dir, weights) in arms.items():
+        spread = cfg.threshold_spread
+        arms["gtpo_spread"] = ("GTPO + spread", out / "rl_spread", {"accuracy": 1.0}, spread)
+        arms["gtpo_speed"] = ("GTPO + spread + speed", out / "rl_speed", {"accuracy": 1.0, "speed": cfg.speed_weight},
+                              spread)  # fmt: skip
+    for key, (label, run_dir, weights, spread) in arms.items():
         stage(f"{label} through the rollout / reward / trainer services")
-        model = _gtpo(cfg, sft_model, data["train"], run_dir, weights)
+        model = _gtpo(cfg, sft_model, data["train"], run_dir, weights, spread)
         stage(f"evaluate the {label} model")
         results[key] = _eval(model, test_rows, cfg)
     summary = {"config": json.loads(cfg.model_dump_json()), **{k: r.row() for k, r in results.items()},
@@ -107,15 +118,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from services.plots import plot_rl
 
-    plot = plot_rl({label: run_dir / "metrics.jsonl" for label, run_dir, _ in arms.values()}, out / "rl_curves.png",
+    plot = plot_rl({arm[0]: arm[1] / "metrics.jsonl" for arm in arms.values()}, out / "rl_curves.png",
                    title=f"GTPO on the tiny model (seed {cfg.seed})")  # fmt: skip
     _print_table(console, results)
-    metrics = ", ".join(str(run_dir / "metrics.jsonl") for _, run_dir, _ in arms.values())
+    metrics = ", ".join(str(arm[1] / "metrics.jsonl") for arm in arms.values())
     console.print(f"plots: {plot}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
     return summary
 
 
-def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, run_dir: Path, weights: dict[str, float]) -> Path:
+def _gtpo(
+    cfg: DemoConfig, sft_model: Path, train: Path, run_dir: Path, weights: dict[str, float], spread: float
+) -> Path:
     """One GTPO run from the SFT checkpoint through `gtpo up`; returns the last checkpoint's model directory."""
     from services.launcher import run_stack
     from services.trainer.checkpoint import latest_checkpoint
@@ -124,7 +137,8 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, run_dir: Path, weights:
     rl = RLConfig(
         model=sft_model, output_dir=run_dir, data=train, steps=cfg.rl_steps, seed=cfg.seed,
         prompts_per_step=cfg.prompts_per_step, prompt_template="{question}", chat_template=False,
-        rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens}, reward_weights=weights,
+        rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
+                 "threshold_spread": spread}, reward_weights=weights,
         micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
         redis={"namespace": f"demo-{cfg.seed}-{run_dir.name}-{int(time.time())}"}, oversample=3.0,
     )  # fmt: skip
@@ -140,20 +154,34 @@ def _eval(model: Path, rows: list[dict], cfg: DemoConfig) -> EvalResult:
     )
 
 
+METRICS = (("avg_at_k", "{:.1%}"), ("pass_at_k", "{:.1%}"), ("boxed_rate", "{:.1%}"), ("tokens_per_step", "{:.2f}"),
+           ("mean_length", "{:.1f}"), ("truncation_rate", "{:.1%}"))  # fmt: skip
+
+
 def _print_table(console, results: dict[str, EvalResult]) -> None:
-    """SFT, GTPO and the change; with the speed arm, also GTPO + speed and its change against GTPO."""
+    """SFT -> GTPO; with the speed arms, a second table of GTPO + spread and GTPO + spread + speed against GTPO."""
+    title = "held-out evaluation (avg@k at T=1, dynamic decoding, threshold 0.9)"
+    console.print(_table(title, results, "sft", [("SFT", "sft"), ("GTPO", "gtpo")]))
+    if "gtpo_speed" in results:
+        arms = [("GTPO", "gtpo"), ("+ spread", "gtpo_spread"), ("+ spread + speed", "gtpo_speed")]
+        console.print(_table("speed arms against GTPO (same SFT start, same evaluation)", results, "gtpo", arms))
+
+
+def _table(title: str, results: dict[str, EvalResult], base: str, arms: list[tuple[str, str]]):
+    """One column per arm, each followed by its change against `base` (the first arm has none)."""
     from rich.table import Table
 
-    t = Table(title="held-out evaluation (avg@k at T=1, dynamic decoding, threshold 0.9)")
-    cols = ["metric", "SFT", "GTPO", "GTPO - SFT"] + (["GTPO + speed", "vs GTPO"] if "gtpo_speed" in results else [])
-    for col in cols:
-        t.add_column(col, justify="right")
-    for name, fmt in (("avg_at_k", "{:.1%}"), ("pass_at_k", "{:.1%}"), ("boxed_rate", "{:.1%}"),
-                      ("tokens_per_step", "{:.2f}"), ("mean_length", "{:.1f}"), ("truncation_rate", "{:.1%}")):  # fmt: skip
-        sft, gtpo = getattr(results["sft"], name), getattr(results["gtpo"], name)
-        row = [name, fmt.format(sft), fmt.format(gtpo), f"{gtpo - sft:+.3f}"]
-        if "gtpo_speed" in results:
-            fast = getattr(results["gtpo_speed"], name)
-            row += [fmt.format(fast), f"{fast - gtpo:+.3f}"]
+    t = Table(title=title)
+    t.add_column("metric")
+    for i, (label, _) in enumerate(arms):
+        t.add_column(label, justify="right")
+        if i:
+            t.add_column("change", justify="right")
+    for name, fmt in METRICS:
+        ref = getattr(results[base], name)
+        row = [name]
+        for i, (_, key) in enumerate(arms):
+            value = getattr(results[key], name)
+            row += [fmt.format(value)] + ([f"{value - ref:+.3f}"] if i else [])
         t.add_row(*row)
-    console.print(t)
+    return t

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from services.evaluate import evaluate, load_rows
 from services.plots import PANELS, read_metrics, rl_figure
@@ -96,9 +97,13 @@ def test_shortened_demo_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert {"sft", "gtpo", "gtpo_speed"} <= set(summary) and summary["config"]["speed"] is True
+    assert {"sft", "gtpo", "gtpo_spread", "gtpo_speed"} <= set(summary) and summary["config"]["speed"] is True
     assert summary["sft"]["questions"] == 4 and 0 <= summary["gtpo_speed"]["boxed_rate"] <= 1
     assert (out / "rl_curves.png").stat().st_size > 10_000
-    assert len(read_metrics(out / "rl" / "metrics.jsonl")) == 2 == len(read_metrics(out / "rl_speed" / "metrics.jsonl"))
-    assert "GTPO + speed" in res.stdout
+    for arm, spread, weights in (("rl", 0.0, {"accuracy": 1.0}), ("rl_spread", 0.2, {"accuracy": 1.0}),
+                                 ("rl_speed", 0.2, {"accuracy": 1.0, "speed": 1.0})):  # fmt: skip
+        assert len(read_metrics(out / arm / "metrics.jsonl")) == 2
+        run = yaml.safe_load((out / arm / "run.yaml").read_text())
+        assert (run["rollout"]["threshold_spread"], run["reward_weights"]) == (spread, weights)
+    assert "+ spread + speed" in res.stdout
     assert "held-out evaluation" in res.stdout

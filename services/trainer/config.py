@@ -71,6 +71,15 @@ class RolloutSampling(BaseModel):
     max_new_tokens: int = Field(256, ge=1)
     strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = "low_confidence_dynamic"
     confidence_threshold: float = Field(0.9, ge=0, le=1)
+    threshold_spread: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="dynamic strategy: the group's samples decode at thresholds evenly spaced from "
+        "confidence_threshold down to confidence_threshold - this, so a group holds faster and slower unmasking "
+        "orders for the speed reward to tell apart (0: every sample at confidence_threshold). LMDeploy's threshold "
+        "is engine-wide, so there each distinct threshold rebuilds the engine: use it with the torch engine",
+    )
     denoising_steps: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_k: int = Field(0, ge=0)

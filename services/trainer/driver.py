@@ -58,6 +58,18 @@ def task_seed(seed: int, step: int, prompt_index: int, sample: int, attempt: int
     return (((seed * 1_000_003 + step) * 1_000_033 + prompt_index) * 1_009 + sample) * 31 + attempt
 
 
+def sample_threshold(threshold: float, spread: float, sample: int, group_size: int) -> float:
+    """Sample `sample`'s confidence threshold: evenly spaced from `threshold` (sample 0) to `threshold - spread`.
+
+    Dynamic decoding is deterministic given the model's confidences, so without a spread every sample of a group
+    unmasks in the same order and a speed reward sees no difference to learn from.
+
+    >>> [round(sample_threshold(0.9, 0.3, j, 4), 2) for j in range(4)]
+    [0.9, 0.8, 0.7, 0.6]
+    """
+    return max(0.0, threshold - spread * sample / max(1, group_size - 1))
+
+
 @dataclass
 class StepState:
     """What one step has enqueued and collected; also what /status shows."""
@@ -201,9 +213,10 @@ class Driver:
         else:
             ids = tok(user, add_special_tokens=False)["input_ids"]
         params = SamplingParams(
-            strategy=r.strategy, confidence_threshold=r.confidence_threshold, denoising_steps=r.denoising_steps,
+            strategy=r.strategy, denoising_steps=r.denoising_steps,
             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_new_tokens=r.max_new_tokens, n=1,
             seed=task_seed(cfg.seed, step, prompt_index, sample, attempt) % (2**62), logprobs=True,
+            confidence_threshold=sample_threshold(r.confidence_threshold, r.threshold_spread, sample, r.group_size),
         )  # fmt: skip
         suffix = f":a{attempt}" if attempt else ""
         return TaskMessage(
