@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,7 +50,9 @@ class DemoConfig(BaseModel):
     rl_lr: float = Field(5e-4, gt=0)
     max_new_tokens: int = Field(16, ge=4)
     eval_k: int = Field(16, ge=1, description="samples per held-out question")
-    speed: bool = Field(False, description="also run GTPO with the speed reward (tokens per denoising step)")
+    speed: bool = Field(
+        False, description="also run GTPO with spread rollout thresholds, and with spread + the speed reward"
+    )
     threshold_spread: float = Field(
         0.2,
         ge=0,
@@ -59,6 +61,15 @@ class DemoConfig(BaseModel):
     )
     speed_weight: float = Field(1.0, ge=0, description="weight of the speed reward next to accuracy (1.0)")
     threads: int = Field(2, ge=1)
+
+
+class Arm(NamedTuple):
+    """One GTPO run of the demo: its label, run directory, reward weights and rollout threshold spread."""
+
+    label: str
+    run_dir: Path
+    weights: dict[str, float]
+    spread: float
 
 
 def sampling(cfg: DemoConfig) -> SamplingParams:
@@ -102,50 +113,47 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     stage("evaluate the SFT model")
     results = {"sft": _eval(sft_model, test_rows, cfg)}
-    arms = {"gtpo": ("GTPO", out / "rl", {"accuracy": 1.0}, 0.0)}
+    arms = {"gtpo": Arm("GTPO", out / "rl", {"accuracy": 1.0}, 0.0)}
     if cfg.speed:
-        spread = cfg.threshold_spread
-        arms["gtpo_spread"] = ("GTPO + spread", out / "rl_spread", {"accuracy": 1.0}, spread)
-        arms["gtpo_speed"] = ("GTPO + spread + speed", out / "rl_speed", {"accuracy": 1.0, "speed": cfg.speed_weight},
-                              spread)  # fmt: skip
-    for key, (label, run_dir, weights, spread) in arms.items():
-        stage(f"{label} through the rollout / reward / trainer services")
-        model = _gtpo(cfg, sft_model, data["train"], run_dir, weights, spread)
-        stage(f"evaluate the {label} model")
+        spread, fast = cfg.threshold_spread, {"accuracy": 1.0, "speed": cfg.speed_weight}
+        arms["gtpo_spread"] = Arm("GTPO + spread", out / "rl_spread", {"accuracy": 1.0}, spread)
+        arms["gtpo_speed"] = Arm("GTPO + spread + speed", out / "rl_speed", fast, spread)
+    for key, arm in arms.items():
+        stage(f"{arm.label} through the rollout / reward / trainer services")
+        model = _gtpo(cfg, sft_model, data["train"], arm)
+        stage(f"evaluate the {arm.label} model")
         results[key] = _eval(model, test_rows, cfg)
     summary = {"config": json.loads(cfg.model_dump_json()), **{k: r.row() for k, r in results.items()},
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from services.plots import plot_rl
 
-    plot = plot_rl({arm[0]: arm[1] / "metrics.jsonl" for arm in arms.values()}, out / "rl_curves.png",
+    plot = plot_rl({arm.label: arm.run_dir / "metrics.jsonl" for arm in arms.values()}, out / "rl_curves.png",
                    title=f"GTPO on the tiny model (seed {cfg.seed})")  # fmt: skip
     _print_table(console, results)
-    metrics = ", ".join(str(arm[1] / "metrics.jsonl") for arm in arms.values())
+    metrics = ", ".join(str(arm.run_dir / "metrics.jsonl") for arm in arms.values())
     console.print(f"plots: {plot}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
     return summary
 
 
-def _gtpo(
-    cfg: DemoConfig, sft_model: Path, train: Path, run_dir: Path, weights: dict[str, float], spread: float
-) -> Path:
+def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
     """One GTPO run from the SFT checkpoint through `gtpo up`; returns the last checkpoint's model directory."""
     from services.launcher import run_stack
     from services.trainer.checkpoint import latest_checkpoint
     from services.trainer.config import OptimConfig, RLConfig
 
     rl = RLConfig(
-        model=sft_model, output_dir=run_dir, data=train, steps=cfg.rl_steps, seed=cfg.seed,
+        model=sft_model, output_dir=arm.run_dir, data=train, steps=cfg.rl_steps, seed=cfg.seed,
         prompts_per_step=cfg.prompts_per_step, prompt_template="{question}", chat_template=False,
         rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
-                 "threshold_spread": spread}, reward_weights=weights,
+                 "threshold_spread": arm.spread}, reward_weights=arm.weights,
         micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
-        redis={"namespace": f"demo-{cfg.seed}-{run_dir.name}-{int(time.time())}"}, oversample=3.0,
+        redis={"namespace": f"demo-{cfg.seed}-{arm.run_dir.name}-{int(time.time())}"}, oversample=3.0,
     )  # fmt: skip
     code = run_stack(rl)
     if code != 0:
-        raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {run_dir / 'logs'}")
-    return latest_checkpoint(run_dir / "checkpoints") / "model"
+        raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {arm.run_dir / 'logs'}")
+    return latest_checkpoint(arm.run_dir / "checkpoints") / "model"
 
 
 def _eval(model: Path, rows: list[dict], cfg: DemoConfig) -> EvalResult:
