@@ -56,7 +56,7 @@ class DemoConfig(BaseModel):
     threshold_spread: float = Field(
         0.2,
         ge=0,
-        le=1,
+        le=0.9,  # checked here, not minutes later when the first speed arm starts
         description="speed arms: a group's rollout thresholds spread from 0.9 down to 0.9 - this (see README)",
     )
     speed_weight: float = Field(1.0, ge=0, description="weight of the speed reward next to accuracy (1.0)")

@@ -39,3 +39,13 @@ def test_bad_values_name_the_field(tmp_path):
         load_config(SFTConfig, None, ["steps"], environ={})
     with pytest.raises(ConfigError, match="data"):
         load_config(SFTConfig, None, ["model=m", "output_dir=o"], environ={})
+
+
+def test_a_threshold_spread_the_decoding_cannot_honour_is_refused():
+    from services.trainer.config import RolloutSampling
+
+    with pytest.raises(ValueError, match="threshold_spread: only the dynamic strategy"):
+        RolloutSampling(strategy="sequential", threshold_spread=0.2)
+    with pytest.raises(ValueError, match="threshold_spread: 0.5 is more than confidence_threshold=0.4"):
+        RolloutSampling(confidence_threshold=0.4, threshold_spread=0.5)
+    assert RolloutSampling(confidence_threshold=0.4, threshold_spread=0.4).threshold_spread == 0.4

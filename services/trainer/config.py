@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from services.trainer.objective import LossConfig
 from shared.settings import RedisConfig
@@ -84,6 +84,18 @@ class RolloutSampling(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_spread(self) -> RolloutSampling:
+        # a spread the strategy ignores, or one that reaches below 0, would be silently not what was asked for
+        if self.threshold_spread and self.strategy != "low_confidence_dynamic":
+            raise ValueError(f"threshold_spread: only the dynamic strategy has a threshold, not {self.strategy}")
+        if self.threshold_spread > self.confidence_threshold:
+            raise ValueError(
+                f"threshold_spread: {self.threshold_spread} is more than confidence_threshold="
+                f"{self.confidence_threshold}; thresholds cannot go below 0"
+            )
+        return self
 
 
 class RLConfig(TrainerConfig):
