@@ -64,12 +64,14 @@ class DemoConfig(BaseModel):
 
 
 class Arm(NamedTuple):
-    """One GTPO run of the demo: its label, run directory, reward weights and rollout threshold spread."""
+    """One GTPO run of the demo: its label, run directory, reward weights, rollout threshold spread and whether
+    correct answers keep a non-negative advantage (`loss.floor_correct`)."""
 
     label: str
     run_dir: Path
     weights: dict[str, float]
     spread: float
+    floor_correct: bool = False
 
 
 def sampling(cfg: DemoConfig) -> SamplingParams:
@@ -117,7 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.speed:
         spread, fast = cfg.threshold_spread, {"accuracy": 1.0, "speed": cfg.speed_weight}
         arms["gtpo_spread"] = Arm("GTPO + spread", out / "rl_spread", {"accuracy": 1.0}, spread)
-        arms["gtpo_speed"] = Arm("GTPO + spread + speed", out / "rl_speed", fast, spread)
+        arms["gtpo_speed"] = Arm("GTPO + spread + speed", out / "rl_speed", fast, spread, floor_correct=True)
     for key, arm in arms.items():
         stage(f"{arm.label} through the rollout / reward / trainer services")
         model = _gtpo(cfg, sft_model, data["train"], arm)
@@ -146,7 +148,7 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
         model=sft_model, output_dir=arm.run_dir, data=train, steps=cfg.rl_steps, seed=cfg.seed,
         prompts_per_step=cfg.prompts_per_step, prompt_template="{question}", chat_template=False,
         rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
-                 "threshold_spread": arm.spread}, reward_weights=arm.weights,
+                 "threshold_spread": arm.spread}, reward_weights=arm.weights, loss={"floor_correct": arm.floor_correct},
         micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
         redis={"namespace": f"demo-{cfg.seed}-{arm.run_dir.name}-{int(time.time())}"}, oversample=3.0,
     )  # fmt: skip

@@ -49,3 +49,12 @@ def test_a_threshold_spread_the_decoding_cannot_honour_is_refused():
     with pytest.raises(ValueError, match="threshold_spread: 0.5 is more than confidence_threshold=0.4"):
         RolloutSampling(confidence_threshold=0.4, threshold_spread=0.5)
     assert RolloutSampling(confidence_threshold=0.4, threshold_spread=0.4).threshold_spread == 0.4
+
+
+def test_floor_correct_without_the_accuracy_reward_is_refused_naming_the_field():
+    from services.trainer.config import RLConfig
+
+    args = ["model=m", "output_dir=o", "data=d.json", "loss.floor_correct=true"]
+    with pytest.raises(ConfigError, match="loss.floor_correct: needs the accuracy reward"):
+        load_config(RLConfig, None, [*args, 'reward_weights={"speed": 1.0}'], environ={})
+    assert load_config(RLConfig, None, args, environ={}).loss.floor_correct

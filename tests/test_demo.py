@@ -100,10 +100,12 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert {"sft", "gtpo", "gtpo_spread", "gtpo_speed"} <= set(summary) and summary["config"]["speed"] is True
     assert summary["sft"]["questions"] == 4 and 0 <= summary["gtpo_speed"]["boxed_rate"] <= 1
     assert (out / "rl_curves.png").stat().st_size > 10_000
-    for arm, spread, weights in (("rl", 0.0, {"accuracy": 1.0}), ("rl_spread", 0.2, {"accuracy": 1.0}),
-                                 ("rl_speed", 0.2, {"accuracy": 1.0, "speed": 1.0})):  # fmt: skip
+    for arm, spread, weights, floor in (("rl", 0.0, {"accuracy": 1.0}, False),
+                                        ("rl_spread", 0.2, {"accuracy": 1.0}, False),
+                                        ("rl_speed", 0.2, {"accuracy": 1.0, "speed": 1.0}, True)):  # fmt: skip
         assert len(read_metrics(out / arm / "metrics.jsonl")) == 2
         run = yaml.safe_load((out / arm / "run.yaml").read_text())
         assert (run["rollout"]["threshold_spread"], run["reward_weights"]) == (spread, weights)
+        assert run["loss"]["floor_correct"] is floor
     assert "+ spread + speed" in res.stdout
     assert "held-out evaluation" in res.stdout

@@ -71,6 +71,24 @@ def test_on_policy_token_loss_is_minus_mean_token_advantage(tiny_dir, tmp_path, 
     assert abs(expected) > 1e-3 and m["loss"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_floor_correct_zeroes_only_the_negative_advantages_of_correct_responses(tiny_dir, tmp_path, groups):
+    rollouts, rewards = groups
+    rewards = [[r + 0.1 * i for i, r in enumerate(g)] for g in rewards]
+    correct = [[True, True, False, True], [False, True, True, True], [True, False, False, True]]
+    trainer = _trainer(tiny_dir, tmp_path, loss=LossConfig(floor_correct=True))
+    with pytest.raises(ValueError, match="floor_correct"):
+        trainer.rl_step(rollouts, rewards)
+    m = trainer.rl_step(rollouts, rewards, correct=correct)
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64))
+    ok = torch.tensor(correct)
+    floored = torch.where(ok & (adv < 0), torch.zeros_like(adv), adv)
+    assert bool((ok & (adv < 0)).any()) and bool((~ok & (adv < 0)).any())  # both cases occur
+    lengths = torch.tensor([[len(r.token_ids) for r in g] for g in rollouts], dtype=torch.float64)
+    expected = -float((floored * lengths).sum() / lengths.sum())
+    unfloored = -float((adv * lengths).sum() / lengths.sum())
+    assert abs(expected - unfloored) > 1e-3 and m["loss"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_micro_batching_gives_the_same_update(tiny_dir, tmp_path, groups):
     results = []
     for micro in (1, 16):

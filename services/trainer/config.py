@@ -123,3 +123,10 @@ class RLConfig(TrainerConfig):
     reward_weights: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0}, description="`gtpo up`: the reward workers' weights"
     )
+
+    @model_validator(mode="after")
+    def _check_floor_correct(self) -> RLConfig:
+        # Only `gtpo up` scores with these weights; the driver re-checks the scores it actually receives.
+        if self.loss.floor_correct and "accuracy" not in self.reward_weights:
+            raise ValueError("loss.floor_correct: needs the accuracy reward in reward_weights (it tells who is right)")
+        return self

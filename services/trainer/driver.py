@@ -154,9 +154,9 @@ class Driver:
         self.current = st
         cursor = self.trainer.state.data_cursor
         payload = self._collect_step(st, cursor) if self.main else None
-        groups, rewards, extra = decode_batch(broadcast_text(self.trainer.accelerator, payload))
+        groups, rewards, correct, extra = decode_batch(broadcast_text(self.trainer.accelerator, payload))
         self.waiting = "training"
-        metrics = self.trainer.rl_step(groups, rewards, extra)
+        metrics = self.trainer.rl_step(groups, rewards, extra, correct)
         self.trainer.state.data_cursor = cursor + int(extra["groups_enqueued"])
         if self.main:
             self._record_trained(st)
@@ -274,15 +274,19 @@ class Driver:
     # ------------------------------------------------------------------ training and weights
 
     def _batch(self, st: StepState) -> str:
-        """The kept groups, their rewards and the step's rollout metrics, as JSON for the broadcast."""
-        groups, rewards = [], []
+        """The kept groups, their rewards, accuracy verdicts and the step's rollout metrics, as JSON for the
+        broadcast."""
+        groups, rewards, correct = [], [], []
         for p in st.kept:
             ordered = [st.samples[p][i] for i in range(self.cfg.rollout.group_size)]
             groups.append([m.rollout.model_dump(mode="json") for m in ordered])
             rewards.append([m.score.total for m in ordered])
+            if self.cfg.loss.floor_correct and any("accuracy" not in m.score.components for m in ordered):
+                raise RuntimeError("loss.floor_correct: the reward service sent no accuracy component; weigh it")
+            correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
         extra = rollout_metrics([m for p in st.done_groups for m in st.samples[p].values()])
         extra.update({f"dropped_{k}": v for k, v in st.dropped.items()}, groups_enqueued=len(st.enqueued_groups))
-        return json.dumps({"groups": groups, "rewards": rewards, "extra": extra})
+        return json.dumps({"groups": groups, "rewards": rewards, "correct": correct, "extra": extra})
 
     def _publish_current(self) -> None:
         """Make the trainer's weights the ones rollout workers serve (on start and on resume)."""
@@ -352,12 +356,13 @@ def broadcast_text(accelerator, text: str | None) -> str:
     return box[0]
 
 
-def decode_batch(text: str) -> tuple[list[list], list[list[float]], dict]:
+def decode_batch(text: str) -> tuple[list[list], list[list[float]], list[list[bool]], dict]:
+    """Rollouts, rewards, accuracy verdicts (grouped alike) and the step's extra metrics."""
     from shared.contracts import Rollout
 
     data = json.loads(text)
     groups = [[Rollout.model_validate(r) for r in g] for g in data["groups"]]
-    return groups, data["rewards"], data["extra"]
+    return groups, data["rewards"], data["correct"], data["extra"]
 
 
 def keep_rows(path: Path, keep) -> None:

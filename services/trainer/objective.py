@@ -31,6 +31,11 @@ class LossConfig(BaseModel):
     advantage: Literal["zscore", "mean"] = Field(
         "zscore", description="group z-score of the reward (GRPO) or mean-centred only (Dr.GRPO, nanochat)"
     )
+    floor_correct: bool = Field(
+        False,
+        description="never give a correct response (accuracy reward 1) a negative advantage: a speed or length "
+        "reward then ranks correct answers by pulling the better ones up, not by pushing a correct one down",
+    )
     norm: Literal["token", "step", "length"] = Field(
         "token",
         description="token: mean over all target tokens; step: per-round mean summed over rounds (DiPO); "
@@ -71,6 +76,28 @@ def group_advantages(rewards: Tensor, mode: str = "zscore", eps: float = 1e-6) -
     if mode == "mean":
         return centred
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def floor_correct(adv: Tensor, correct: Tensor) -> Tensor:
+    """Advantages with those of correct responses clamped at 0 from below.
+
+    In an all-correct group a secondary reward (speed, length) alone sets the z-score, so the slower half of
+    the correct answers gets a negative advantage, which lowers the probability of their (right) tokens in the
+    contexts they were unmasked in. Clamping keeps the ranking's pull on the better answers and drops that push.
+
+    Args:
+        adv: (G, n) group advantages.
+        correct: (G, n) bool, the response's final answer is right.
+
+    Returns:
+        (G, n) advantages; wrong responses' are unchanged.
+
+    >>> floor_correct(torch.tensor([[1.0, -1.0, -0.5]]), torch.tensor([[True, True, False]])).tolist()
+    [[1.0, 0.0, -0.5]]
+    """
+    if adv.shape != correct.shape:
+        raise ValueError(f"correct must match the advantages' shape {tuple(adv.shape)}, got {tuple(correct.shape)}")
+    return torch.where(correct, adv.clamp(min=0.0), adv)
 
 
 def _ratio(logp: Tensor, old_logp: Tensor, log_ratio_clamp: float) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from services.trainer.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.config import TrainerConfig
-from services.trainer.objective import filter_groups, group_advantages, gtpo_loss, token_weights
+from services.trainer.objective import filter_groups, floor_correct, group_advantages, gtpo_loss, token_weights
 from services.trainer.policy import TokenLogProbs
 from services.trainer.trajectory import Trajectory, build_batch, rollout_trajectory
 from shared.contracts import Rollout
@@ -115,19 +115,32 @@ class GTPOTrainer:
     # ------------------------------------------------------------------ RL
 
     def rl_step(
-        self, groups: Sequence[Sequence[Rollout]], rewards: Sequence[Sequence[float]], extra: dict | None = None
+        self,
+        groups: Sequence[Sequence[Rollout]],
+        rewards: Sequence[Sequence[float]],
+        extra: dict | None = None,
+        correct: Sequence[Sequence[bool]] | None = None,
     ) -> dict[str, float]:
-        """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank) with `extra`."""
+        """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank) with `extra`.
+
+        `correct` (grouped like `rewards`) is each response's accuracy verdict; `loss.floor_correct` needs it.
+        """
         if len(groups) != len(rewards) or any(len(g) != len(r) for g, r in zip(groups, rewards, strict=True)):
             raise ValueError("rewards: need one reward per rollout, grouped like the rollouts")
+        if self.cfg.loss.floor_correct:
+            if correct is None or [len(c) for c in correct] != [len(r) for r in rewards]:
+                raise ValueError("loss.floor_correct: need one accuracy verdict per rollout, grouped like the rewards")
         keep, stats = filter_groups([list(map(float, r)) for r in rewards])
         if not self.cfg.dynamic_sampling:
             keep = [len(g) > 0 for g in groups]
         items: list[WorkItem] = []
-        for group, rew, k in zip(groups, rewards, keep, strict=True):
+        for i, (group, rew, k) in enumerate(zip(groups, rewards, keep, strict=True)):
             if not k:
                 continue
-            adv = group_advantages(torch.tensor([list(rew)], dtype=torch.float64), self.cfg.loss.advantage)[0]
+            adv = group_advantages(torch.tensor([list(rew)], dtype=torch.float64), self.cfg.loss.advantage)
+            if self.cfg.loss.floor_correct:
+                adv = floor_correct(adv, torch.tensor([list(correct[i])], dtype=torch.bool))
+            adv = adv[0]
             for rollout, a in zip(group, adv.tolist(), strict=True):
                 items.append(WorkItem(rollout_trajectory(rollout, self.cfg.shrink), a, rollout.logprobs))
         stale = any(r.policy_version != self.state.policy_version for g in groups for r in g)
