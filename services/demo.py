@@ -5,7 +5,9 @@ Steps: write the task (train / held-out), build the tiny model, SFT, evaluate on
 `gtpo up` (separate processes, Redis streams), evaluate again; print a before/after table and write PNG plots and
 metrics into the run directory. With `speed`, two more GTPO runs start from the same SFT checkpoint, so their
 effect is measured against GTPO, not against SFT: one whose rollout groups spread their confidence thresholds
-(fast and slow unmasking orders side by side), and one that adds the speed reward to that.
+(fast and slow unmasking orders side by side), and one that adds the speed reward to that, with correct answers'
+advantages floored at 0 (`loss.floor_correct`), so the reward pulls fast correct answers up rather than pushing
+slow correct ones down.
 """
 
 from __future__ import annotations
