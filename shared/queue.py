@@ -46,6 +46,20 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _text(value: bytes | str | None) -> str | None:
+    """Bytes a foreign producer wrote, as text that never raises (bad UTF-8 shows as U+FFFD)."""
+    if value is None:
+        return None
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _number(value: bytes | None, kind: type[T], default: T) -> T:
+    try:
+        return kind(value) if value is not None else default  # type: ignore[call-arg]
+    except (TypeError, ValueError):
+        return default
+
+
 # --------------------------------------------------------------------------- codecs
 
 
@@ -448,7 +462,7 @@ class Queue:
     def _decode(
         self, stream: str, group: str, entry_id: str, fields: dict[bytes, bytes], model_cls: type[M], deliveries: int
     ) -> Delivery[M] | None:
-        message_id = _s(fields[b"id"]) if b"id" in fields else None
+        message_id = _text(fields.get(b"id"))
         try:
             message = Codec.get(_s(fields[b"v"])).decode(fields[b"d"], model_cls)
         except Exception as e:  # foreign bytes can raise anything (msgpack, UTF-8, pydantic): never crash
@@ -456,6 +470,21 @@ class Queue:
             self._dead_letter(stream, group, entry_id, reason, fields, deliveries)
             return None
         return Delivery(stream, entry_id, message, deliveries, message_id)
+
+    def reject(self, delivery: Delivery, group: str, reason: str) -> None:
+        """Dead-letter one delivered entry at once, with why: it decoded but can never be processed (a prompt id
+        outside the vocabulary, a field over a contract's limit). Its batch-mates are not affected.
+
+        The original fields are copied to the dead-letter stream and the entry is acked, atomically.
+
+        Args:
+            delivery: what `consume` / `own_pending` returned.
+            group: the consumer group that read it.
+            reason: what is wrong with it, for the operator.
+        """
+        found = self.redis.xrange(delivery.stream, min=delivery.entry_id, max=delivery.entry_id, count=1)
+        fields = found[0][1] if found else {}
+        self._dead_letter(delivery.stream, group, delivery.entry_id, reason, fields, delivery.deliveries)
 
     def _dead_letter(
         self, stream: str, group: str, entry_id: str, reason: str, fields: dict[bytes, bytes], deliveries: int
@@ -513,19 +542,19 @@ class Queue:
         """The newest `count` dead letters, newest first: ``dead_id``, ``reason``, ``stream``, ``entry_id``,
         ``group``, ``deliveries``, ``ts``, ``message_id``, ``codec`` and the raw ``payload`` bytes (or None)."""
         out = []
+        # whatever a dead letter holds (it is there because it was malformed) reads back without raising
         for dead_id, f in self.redis.xrevrange(self.keys.dead, count=count):
-            get = lambda k, f=f: _s(f[k]) if k in f else None  # noqa: E731
             out.append(
                 {
                     "dead_id": _s(dead_id),
-                    "reason": get(b"reason"),
-                    "stream": get(b"stream"),
-                    "entry_id": get(b"entry_id"),
-                    "group": get(b"group"),
-                    "deliveries": int(f.get(b"deliveries", 0)),
-                    "ts": float(f.get(b"ts", 0)),
-                    "message_id": get(b"id"),
-                    "codec": get(b"v"),
+                    "reason": _text(f.get(b"reason")),
+                    "stream": _text(f.get(b"stream")),
+                    "entry_id": _text(f.get(b"entry_id")),
+                    "group": _text(f.get(b"group")),
+                    "deliveries": _number(f.get(b"deliveries"), int, 0),
+                    "ts": _number(f.get(b"ts"), float, 0.0),
+                    "message_id": _text(f.get(b"id")),
+                    "codec": _text(f.get(b"v")),
                     "payload": f.get(b"d"),
                 }
             )
