@@ -151,3 +151,21 @@ class Keys:
     def trainer_status(self) -> str:
         """String: JSON status the trainer writes each round (step, version, what it waits for)."""
         return self.prefix + "trainer:status"
+
+    # ------------------------------------------------------------------ the trainer's run state
+
+    @property
+    def trainer_lease(self) -> str:
+        """String with an expiry: JSON ``{token, run_id, host, pid, output_dir, since}`` of the one trainer that
+        drives this namespace; renewed while it lives, so a second trainer refuses to start (`RunLease`)."""
+        return self.prefix + "trainer:lease"
+
+    def run_groups(self, run_id: str) -> str:
+        """Hash: ``tag:prompt_index`` -> JSON ``{tag, prompt_index, cursor, version}`` of every prompt group the
+        trainer of `run_id` enqueued and has not yet trained or given up (the admission ledger a resumed trainer
+        rebuilds its buffer from)."""
+        return f"{self.prefix}run:{run_id}:groups"
+
+    def run_cursor(self, run_id: str) -> str:
+        """String: the next position in the prompt stream of `run_id` (every group enqueued took one)."""
+        return f"{self.prefix}run:{run_id}:cursor"

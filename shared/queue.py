@@ -302,7 +302,15 @@ class Queue:
     # ------------------------------------------------------------------ consume
 
     def consume(
-        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int = 16, block_ms: int = 1000
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        model_cls: type[M],
+        count: int = 16,
+        block_ms: int = 1000,
+        *,
+        claim: bool = True,
     ) -> list[Delivery[M]]:
         """Entries for `consumer`: first those a dead consumer left idle, then new ones.
 
@@ -318,17 +326,20 @@ class Queue:
             count: entries at most.
             block_ms: wait this long for new entries when there are none; 0 = do not wait. Must stay under
                 the client's socket timeout.
+            claim: also claim entries idle past `claim_idle_ms`. A group's only consumer that holds entries on
+                purpose (the trainer's buffer of scored groups) passes False: claiming its own idle entries would
+                redeliver them until they were dead-lettered.
 
         Returns:
             Up to `count` deliveries, possibly none.
         """
         self._check_block(block_ms)
         return self._with_group(
-            stream, group, lambda: self._consume(stream, group, consumer, model_cls, count, block_ms)
+            stream, group, lambda: self._consume(stream, group, consumer, model_cls, count, block_ms, claim)
         )
 
     def own_pending(
-        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int = 256
+        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int = 256, after: str | None = None
     ) -> list[Delivery[M]]:
         """Entries delivered to `consumer` earlier and never acked: call once when a consumer restarts under the
         same name, to resume its work at once instead of after `claim_idle_ms`.
@@ -342,8 +353,12 @@ class Queue:
             consumer: the consumer's stable name.
             model_cls: the payload model.
             count: entries at most.
+            after: only entries with ids above this one (page through a long pending list with the last
+                returned `entry_id`; entries stay pending until acked, so the same call would return them again).
         """
-        return self._with_group(stream, group, lambda: self._own_pending(stream, group, consumer, model_cls, count))
+        return self._with_group(
+            stream, group, lambda: self._own_pending(stream, group, consumer, model_cls, count, after)
+        )
 
     def _with_group(self, stream: str, group: str, fn: Callable[[], T]) -> T:
         """Run `fn`; if the group vanished (Redis restarted without persistence), recreate it and retry once."""
@@ -367,9 +382,9 @@ class Queue:
             raise ValueError(f"block_ms: must stay under the client's socket_timeout ({timeout} s), got {block_ms}")
 
     def _consume(
-        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int, block_ms: int
+        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int, block_ms: int, claim: bool
     ) -> list[Delivery[M]]:
-        out = self._claim_stale(stream, group, consumer, model_cls, count)
+        out = self._claim_stale(stream, group, consumer, model_cls, count) if claim else []
         remaining = count - len(out)
         if remaining <= 0:
             return out
@@ -398,8 +413,11 @@ class Queue:
             logger.info("%s claimed %d entries of %s idle over %d ms", consumer, len(live), stream, self.claim_idle_ms)
         return self._accept_claimed(stream, group, consumer, model_cls, live)
 
-    def _own_pending(self, stream: str, group: str, consumer: str, model_cls: type[M], count: int) -> list[Delivery[M]]:
-        rows = self.redis.xpending_range(stream, group, min="-", max="+", count=count, consumername=consumer)
+    def _own_pending(
+        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int, after: str | None
+    ) -> list[Delivery[M]]:
+        start = "-" if after is None else "(" + after
+        rows = self.redis.xpending_range(stream, group, min=start, max="+", count=count, consumername=consumer)
         ids = [_s(r["message_id"]) for r in rows]
         if not ids:
             return []

@@ -3,6 +3,7 @@ restarts and bad batches. Subclasses implement `tick()` (one read of their strea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,6 +27,28 @@ class StreamWorker:
                            max_deliveries=rc.max_deliveries)  # fmt: skip
         self.registry = WeightRegistry(self.redis, self.keys)
         self.id = worker_id
+        self.heartbeat_ttl_s = 15.0
+        self.started = time.monotonic()
+        self.busy_s = 0.0
+        """Seconds spent working (inside `busy()`): the trainer reports each kind's busy fraction from it."""
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Count the time of the block as work (generating, scoring), not the time spent waiting for it."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_s += time.monotonic() - start
+
+    def loaded_version(self) -> int | None:
+        """The weights version this worker serves (rollout workers), None for workers without weights."""
+        return None
+
+    def heartbeat(self) -> None:
+        """Alive, serving `loaded_version()`, with the busy and up seconds the trainer's busy fraction needs."""
+        info = {"busy_s": round(self.busy_s, 3), "up_s": round(time.monotonic() - self.started, 3)}
+        self.registry.heartbeat(self.kind, self.id, self.loaded_version(), ttl_s=self.heartbeat_ttl_s, info=info)
 
     def tick(self) -> int:
         """One read of the worker's stream; returns how many messages it completed."""

@@ -189,12 +189,17 @@ def test_redis_restart_mid_run(tmp_path, tiny_dir, embedded_redis):
     _assert_exactly_once(cfg.output_dir, 3, 2)
 
 
-def test_a_group_decodes_at_spread_thresholds(tmp_path, tiny_dir, redis_url):
-    from services.trainer.driver import Driver
+def test_a_group_decodes_at_spread_thresholds(tmp_path, tiny_dir, tiny, redis_client, redis_ns):
+    from services.trainer.collect import Collector
+    from services.trainer.driver import load_prompts
+    from shared.queue import Queue
 
-    ns = f"e2e-spread-{os.getpid()}-{time.time_ns()}"
-    spread = Driver(_config(tmp_path, tiny_dir, ns, rollout={"threshold_spread": 0.3}))
-    got = [spread._task(0, 0, j).params.confidence_threshold for j in range(4)]
+    def collector(**over) -> Collector:
+        cfg = _config(tmp_path, tiny_dir, redis_ns.namespace, **over)
+        return Collector(cfg, Queue(redis_client, redis_ns), load_prompts(cfg.data), tiny.tokenizer, 512)
+
+    spread = collector(rollout={"threshold_spread": 0.3})
+    got = [spread.task(0, 0, j, 0, 0).params.confidence_threshold for j in range(4)]
     assert got == pytest.approx([0.9, 0.8, 0.7, 0.6])  # sample 0 decodes as evaluation does
-    flat = Driver(_config(tmp_path, tiny_dir, ns, output_dir=str(tmp_path / "flat")))
-    assert {flat._task(0, 0, j).params.confidence_threshold for j in range(4)} == {0.9}
+    flat = collector()
+    assert {flat.task(0, 0, j, 0, 0).params.confidence_threshold for j in range(4)} == {0.9}

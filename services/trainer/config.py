@@ -114,7 +114,15 @@ class RLConfig(TrainerConfig):
         2.0, ge=1.0, description="enqueue up to this many times the groups to refill dropped ones"
     )
     rollout: RolloutSampling = Field(default_factory=RolloutSampling)
-    max_staleness: int = Field(0, ge=0, description="accept rollouts from policy versions >= current - this")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="k: rollouts may be generated up to k policy versions before the one that trains them, so "
+        "collection runs up to k steps ahead of training and rollout overlaps training; 0 = synchronous",
+    )
+    lease_ttl_s: float = Field(
+        30.0, ge=1.0, description="a trainer that has not renewed its lease for this long loses the run to another"
+    )
     step_timeout_s: float = Field(1800.0, gt=0, description="then train on the groups that are complete and say so")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     rollout_urls: list[str] = Field(default_factory=list, description="also push new weights to these over HTTP")

@@ -120,6 +120,8 @@ class GTPOTrainer:
         rewards: Sequence[Sequence[float]],
         extra: dict | None = None,
         correct: Sequence[Sequence[bool]] | None = None,
+        *,
+        write: bool = True,
     ) -> dict[str, float]:
         """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank) with `extra`.
 
@@ -153,7 +155,7 @@ class GTPOTrainer:
             groups_dropped=stats.dropped,
         )
         metrics.update(extra or {})
-        return self._finish_step(metrics)
+        return self._finish_step(metrics, write=write)
 
     # ------------------------------------------------------------------ SFT
 
@@ -277,11 +279,11 @@ class GTPOTrainer:
 
     # ------------------------------------------------------------------ state
 
-    def _finish_step(self, metrics: dict[str, float]) -> dict[str, float]:
+    def _finish_step(self, metrics: dict[str, float], *, write: bool = True) -> dict[str, float]:
         self.state.step += 1
         metrics["step"] = self.state.step
         metrics["time"] = time.time()
-        if self.accelerator.is_main_process:
+        if write and self.accelerator.is_main_process:
             with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         return metrics
