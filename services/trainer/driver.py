@@ -214,6 +214,8 @@ class Driver:
         last_log = 0.0
         with_reconnect(lambda: c.admit(step, version), what="enqueueing tasks")
         while len(c.kept_groups()) < self.cfg.prompts_per_step and time.monotonic() < deadline and not c.exhausted():
+            # a trainer replaced while it stalled must not read (and so hide) entries meant for its successor
+            with_reconnect(self.lease.check, what="renewing the trainer lease")
             with_reconnect(lambda: c.poll(step, version), what="collecting scored rollouts")
             with_reconnect(lambda: c.admit(step, version), what="enqueueing refills")
             missing = self.cfg.prompts_per_step - len(c.kept_groups())
