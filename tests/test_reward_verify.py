@@ -331,7 +331,9 @@ def test_request_deadline_times_out_queued_pairs_and_they_never_run():
             time.sleep(0.01)
         verdicts = p.verify_many([(HANG + "-queued", "1"), ("2", "2")], deadline=time.monotonic() + 0.5)
         assert [(v.status, v.correct) for v in verdicts] == [("timeout", None)] * 2
-        assert all(v.detail == "the request deadline passed while the check was queued (never started)" for v in verdicts)
+        assert all(
+            v.detail == "the request deadline passed while the check was queued (never started)" for v in verdicts
+        )
         holder.join(30)
         assert held[0].status == "timeout" and held[0].detail.startswith("killed at the hard limit")
         assert p.wait_ready(60)

@@ -83,7 +83,7 @@ def check_answers(items: Sequence[ScoreItem], pool: Verifier, deadline: float | 
             continue
         pairs.append((answer, item.reference))
         where.append(i)
-    for i, verdict in zip(where, pool.verify_many(pairs, deadline) if pairs else [], strict=True):
+    for i, verdict in zip(where, pool.verify_many(pairs, deadline=deadline) if pairs else [], strict=True):
         verdicts[i] = verdict
     return verdicts
 

@@ -14,26 +14,16 @@ from __future__ import annotations
 import logging
 import threading
 
-import redis
 from pydantic import ValidationError
 
 from services.reward.scoring import item_from_rollout, score_items
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
-from shared.contracts import (
-    RolloutMessage,
-    ScoredMessage,
-    ScoreItem,
-    ScoreResult,
-    WorkerKind,
-    describe_validation_error,
-)
+from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem, WorkerKind, describe_validation_error
 from shared.queue import Delivery
 from shared.worker import StreamWorker
 
 log = logging.getLogger("gtpo.reward.worker")
-
-Batch = list[tuple[Delivery[RolloutMessage], ScoreItem]]
 
 
 def reason_of(err: Exception) -> str:
@@ -55,52 +45,19 @@ class RewardWorker(StreamWorker):
         self.registry.heartbeat(WorkerKind.reward, self.id, None, ttl_s=self.settings.heartbeat_ttl_s)
         deliveries = self.queue.consume(self.keys.rollouts, self.keys.reward_group, self.id, RolloutMessage,
                                         count=self.settings.batch, block_ms=1000)  # fmt: skip
-        batch: Batch = []
+        batch: list[tuple[Delivery[RolloutMessage], ScoreItem]] = []
         for d in deliveries:
             task = d.message.task
             try:
                 batch.append((d, item_from_rollout(task.task_id, d.message.rollout, task.reference)))
             except Exception as e:  # built from this entry alone: whatever fails is the entry's fault
-                self.reject(d, f"cannot be scored: {reason_of(e)}")
-        for (d, _), result in zip(batch, self.score(batch), strict=True):
-            if result is not None:
-                self.hand_off(d, result)
-        return len(deliveries)
-
-    def score(self, batch: Batch) -> list[ScoreResult | None]:
-        """Score the batch in one pool call; if that raises, item by item, rejecting the items that raise (None)."""
-        items = [item for _, item in batch]
-        try:
-            return list(score_items(items, self.settings.weights, self.pool))
-        except Exception:
-            if not self.pool.healthy():
-                raise  # not the entries' fault: they stay pending and are redelivered
-            log.exception("%s: a batch failed to score; scoring its %d items one by one", self.id, len(items))
-        return [self.score_alone(d, item) for d, item in batch]
-
-    def score_alone(self, d: Delivery[RolloutMessage], item: ScoreItem) -> ScoreResult | None:
-        try:
-            [result] = score_items([item], self.settings.weights, self.pool)
-        except Exception as e:
-            if not self.pool.healthy():
-                raise
-            self.reject(d, f"scoring failed: {reason_of(e)}")
-            return None
-        return result
-
-    def hand_off(self, d: Delivery[RolloutMessage], result: ScoreResult) -> None:
-        task = d.message.task
-        try:
-            msg = ScoredMessage(task=task, rollout=d.message.rollout, score=result)
+                self.queue.reject(d, self.keys.reward_group, f"cannot be scored: {reason_of(e)}")
+        results = score_items([item for _, item in batch], self.settings.weights, self.pool)
+        for (d, _), res in zip(batch, results, strict=True):
+            msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res)
             self.queue.hand_off(self.keys.rollouts, self.keys.reward_group, d.entry_id, self.keys.scored, msg,
-                                task.task_id)  # fmt: skip
-        except redis.RedisError:
-            raise  # Redis trouble is no entry's fault: the run loop reconnects and the entry is redelivered
-        except Exception as e:  # the scored message cannot be built or encoded
-            self.reject(d, f"cannot be handed off: {reason_of(e)}")
-
-    def reject(self, d: Delivery[RolloutMessage], reason: str) -> None:
-        self.queue.reject(d, self.keys.reward_group, reason)
+                                d.message.task.task_id)  # fmt: skip
+        return len(deliveries)
 
 
 def start_worker(pool: VerifierPool, settings: RewardSettings, stop: threading.Event) -> threading.Thread:
