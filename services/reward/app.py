@@ -39,8 +39,9 @@ class AsciiJSONResponse(JSONResponse):
 ECHO_CHARS = 200
 """An input echoed in an error is cut to this many characters (a 4 MB response is not worth sending back)."""
 ECHO_ITEMS = 20
-"""... and a list or object to this many entries, this many levels deep (`ECHO_DEPTH`)."""
+"""A list or object echoed in an error keeps this many entries..."""
 ECHO_DEPTH = 6
+"""... and this many levels of nesting."""
 
 
 def _cut(text: str) -> str:
