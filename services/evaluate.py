@@ -14,7 +14,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared.contracts import GenerationRequest, Rollout, SamplingParams, ScoreItem
+from shared.contracts import GenerationRequest, Rollout, SamplingParams, ScoreStatus
+from shared.prompts import PROMPT_TEMPLATE, encode_prompt, tokens_per_step
 
 # Named benchmarks: hub datasets in the RL datasets' format ({question, ground_truth_answer}), as the GTPO and DiRL
 # repositories publish them. Loading them needs network access and the `datasets` package.
@@ -25,7 +26,6 @@ PRESETS: dict[str, tuple[str, str]] = {
     "AIME2025": ("Auraithm/AIME2025", "test"),
     "OlympiadBench": ("Auraithm/OlympiadBench", "test"),
 }
-DEFAULT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$."
 
 
 @dataclass
@@ -69,15 +69,6 @@ def load_rows(dataset: str) -> list[dict]:
     return rows
 
 
-def encode_question(tokenizer, question: str, template: str, chat: bool) -> list[int]:
-    user = template.format(question=question)
-    if chat:
-        return list(
-            tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)["input_ids"]
-        )
-    return tokenizer(user, add_special_tokens=False)["input_ids"]
-
-
 def generate_local(engine, prompts: list[list[int]], params: SamplingParams) -> list[list[Rollout]]:
     return engine.generate([GenerationRequest(prompt_ids=p, params=params) for p in prompts])
 
@@ -102,18 +93,15 @@ def generate_remote(url: str, prompts: list[list[int]], params: SamplingParams, 
 def score(rows: list[dict], groups: list[list[Rollout]], pool) -> EvalResult:
     """Check every sample's last `\\boxed{}` against the reference with the reward service's scoring."""
     from services.reward.rewards import extract_last_boxed
-    from services.reward.scoring import score_items
+    from services.reward.scoring import item_from_rollout, score_items
 
     items, owner = [], []
     for qi, (row, group) in enumerate(zip(rows, groups, strict=True)):
         for si, r in enumerate(group):
-            items.append(ScoreItem(id=f"{qi}:{si}", response=r.text, reference=str(row["ground_truth_answer"]),
-                                   token_count=len(r.token_ids), steps=len(set(r.step_map)),
-                                   block_size=r.params.block_size or 4, max_new_tokens=r.params.max_new_tokens,
-                                   finish_reason=r.finish_reason))  # fmt: skip
+            items.append(item_from_rollout(f"{qi}:{si}", r, str(row["ground_truth_answer"])))
             owner.append(qi)
     results = score_items(items, {"accuracy": 1.0}, pool)
-    correct = [res.status == "ok" and res.components.get("accuracy", 0.0) == 1.0 for res in results]
+    correct = [res.status == ScoreStatus.ok and res.components.get("accuracy", 0.0) == 1.0 for res in results]
     flat = [r for g in groups for r in g]
     per_q: dict[int, bool] = {}
     for q, c in zip(owner, correct, strict=True):
@@ -125,9 +113,9 @@ def score(rows: list[dict], groups: list[list[Rollout]], pool) -> EvalResult:
         pass_at_k=sum(per_q.values()) / max(1, len(rows)),
         boxed_rate=sum(bool((extract_last_boxed(r.text) or "").strip()) for r in flat) / max(1, len(flat)),
         mean_length=statistics.fmean(len(r.token_ids) for r in flat) if flat else 0.0,
-        tokens_per_step=statistics.fmean(len(r.token_ids) / max(1, len(set(r.step_map))) for r in flat) if flat else 0.0,
+        tokens_per_step=statistics.fmean(tokens_per_step(len(r.token_ids), r.step_map) for r in flat) if flat else 0.0,
         truncation_rate=sum(r.finish_reason == "length" for r in flat) / max(1, len(flat)),
-        reward_errors=sum(res.status != "ok" for res in results),
+        reward_errors=sum(res.status != ScoreStatus.ok for res in results),
     )  # fmt: skip
 
 
@@ -137,7 +125,7 @@ def evaluate(
     *,
     k: int = 4,
     params: SamplingParams | None = None,
-    template: str = DEFAULT_TEMPLATE,
+    template: str = PROMPT_TEMPLATE,
     chat: bool = True,
     rollout_url: str | None = None,
     seed: int = 0,
@@ -155,13 +143,13 @@ def evaluate(
         tok = load_tokenizer(model) if model is not None else None
         if tok is None:
             raise ValueError("model: remote eval still needs the checkpoint directory for its tokenizer")
-        prompts = [encode_question(tok, r["question"], template, chat) for r in rows]
+        prompts = [encode_prompt(tok, template.format(question=r["question"]), chat=chat) for r in rows]
         groups = generate_remote(rollout_url, prompts, params)
     else:
         from services.rollout.engines.torch_engine import TorchEngine
 
         engine = TorchEngine.from_pretrained(model, max_batch_size=64)
-        prompts = [encode_question(engine.tokenizer, r["question"], template, chat) for r in rows]
+        prompts = [encode_prompt(engine.tokenizer, template.format(question=r["question"]), chat=chat) for r in rows]
         groups = generate_local(engine, prompts, params)
     own_pool = pool is None
     pool = pool or VerifierPool(workers=2, timeout_s=5.0)

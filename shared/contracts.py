@@ -6,7 +6,7 @@ Pure pydantic: importing this module never imports torch.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -152,6 +152,24 @@ def describe_validation_error(err: ValidationError) -> str:
 # --------------------------------------------------------------------------- reward service
 
 
+class ScoreStatus(str, Enum):
+    """How the scoring of one item ended (the wire values are these strings)."""
+
+    ok = "ok"
+    """Every weighted component was computed."""
+    timeout = "timeout"
+    """The accuracy check ran past its time limit or the request deadline: never a silent 0."""
+    error = "error"
+    """A component could not be computed (no reference, no budget, a crashed or refused check)."""
+
+    def __str__(self) -> str:  # the value, in f-strings and metric labels alike, on every Python version
+        return self.value
+
+
+MAX_COUNT = 2**31 - 1
+"""Counts in a ScoreItem above this are refused: no response is that long, and every consumer's integers hold it."""
+
+
 class ScoreItem(BaseModel):
     """One response to score, with what the reward functions may need."""
 
@@ -160,11 +178,16 @@ class ScoreItem(BaseModel):
     id: str = Field(min_length=1, max_length=256, description="echoed back in the result")
     response: str = Field(max_length=4_000_000, description="the decoded response text")
     reference: str | None = Field(None, max_length=100_000, description="ground-truth answer (accuracy)")
-    token_count: int = Field(0, ge=0, description="response tokens (length rewards)")
-    steps: int = Field(0, ge=0, description="denoising steps that produced them (speed rewards)")
-    block_size: int = Field(4, ge=1, description="the decoding block size (speed rewards)")
-    max_new_tokens: int | None = Field(None, ge=1, description="the generation budget (cosine, soft_overlong)")
+    token_count: int = Field(0, ge=0, le=MAX_COUNT, description="response tokens (length rewards)")
+    steps: int = Field(0, ge=0, le=MAX_COUNT, description="denoising steps that produced them (speed rewards)")
+    block_size: int = Field(4, ge=1, le=MAX_COUNT, description="the decoding block size (speed rewards)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="the generation budget (cosine, soft_overlong)"
+    )
     finish_reason: Literal["stop", "length"] | None = None
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class ScoreRequest(BaseModel):
@@ -173,7 +196,9 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[ScoreItem] = Field(min_length=1, max_length=4096)
-    weights: dict[str, float] | None = Field(None, description="reward name -> weight; None = the configured ones")
+    weights: dict[str, FiniteFloat] | None = Field(
+        None, description="reward name -> weight; None = the configured ones"
+    )
 
 
 class ScoreResult(BaseModel):
@@ -184,7 +209,7 @@ class ScoreResult(BaseModel):
     id: str
     total: float
     components: dict[str, float]
-    status: Literal["ok", "timeout", "error"]
+    status: ScoreStatus
     detail: str | None = Field(None, description="what went wrong when status is not ok")
 
 
@@ -195,6 +220,17 @@ class ScoreResponse(BaseModel):
 
 
 # --------------------------------------------------------------------------- queue messages (Redis streams)
+
+
+class WorkerKind(str, Enum):
+    """The three kinds of process that consume the streams and heartbeat in the registry."""
+
+    rollout = "rollout"
+    reward = "reward"
+    trainer = "trainer"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class TaskMessage(BaseModel):

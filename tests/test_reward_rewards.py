@@ -194,7 +194,7 @@ class FakeVerifier:
     def __init__(self, table: dict[tuple[str, str], Verdict]):
         self.table, self.calls = table, []
 
-    def verify_many(self, pairs):
+    def verify_many(self, pairs, deadline=None):
         self.calls.append(list(pairs))
         return [self.table[p] for p in pairs]
 

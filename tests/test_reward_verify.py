@@ -1,5 +1,6 @@
 """The math-verify process pool: easy verdicts, 200+ hostile inputs answered within the limit, hung and crashed
-workers killed and replaced, thread safety, shutdown."""
+workers killed and replaced, request deadlines, thread safety, shutdown. Hangs and crashes come from the test's own
+check (`reward_checks.with_faults`), run by real worker processes."""
 
 import random
 import threading
@@ -7,12 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from reward_checks import CRASH, HANG, with_faults
 
 from services.reward.scoring import score_items
 from services.reward.verify import (
     MAX_CHARS,
-    TEST_CRASH,
-    TEST_HANG,
     VerifierPool,
     check_size,
     nesting_depth,
@@ -38,7 +38,7 @@ EASY = [
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(workers=2, timeout_s=TIMEOUT_S, test_hooks=True) as p:
+    with VerifierPool(workers=2, timeout_s=TIMEOUT_S, check=with_faults) as p:
         assert p.wait_ready(60)
         yield p
 
@@ -283,7 +283,7 @@ def test_hostile_responses_through_scoring(pool):
 def test_hung_worker_is_killed_and_replaced(pool):
     before = pool.stats()
     t0 = time.perf_counter()
-    [v] = pool.verify_many([(TEST_HANG, "1")])  # blocks SIGALRM, like a C call: only SIGKILL stops it
+    [v] = pool.verify_many([(HANG, "1")])  # blocks SIGALRM, like a C call: only SIGKILL stops it
     assert time.perf_counter() - t0 <= TIMEOUT_S + SLACK_S
     assert v.status == "timeout" and v.detail.startswith("killed at the hard limit")
     assert pool.wait_ready(60)
@@ -301,7 +301,7 @@ def test_soft_deadline_keeps_the_worker(pool):
 
 def test_crashed_worker_is_an_error_and_replaced(pool):
     before = pool.stats()
-    verdicts = pool.verify_many([(TEST_CRASH, "1"), ("2", "2")])
+    verdicts = pool.verify_many([(CRASH, "1"), ("2", "2")])
     assert verdicts[0].status == "error" and "died (exit code 3)" in verdicts[0].detail
     assert (verdicts[1].status, verdicts[1].correct) == ("ok", True)
     assert pool.stats()["deaths"] == before["deaths"] + 1
@@ -309,10 +309,36 @@ def test_crashed_worker_is_an_error_and_replaced(pool):
     assert_serves_easy_case(pool)
 
 
-def test_hooks_are_plain_strings_without_test_hooks():
+def test_fault_answers_are_plain_strings_to_the_default_check():
     with VerifierPool(workers=1, timeout_s=TIMEOUT_S) as p:
-        [v] = p.verify_many([(TEST_HANG, "1")])
+        [v] = p.verify_many([(HANG, "1")])
         assert v.status == "ok" and v.correct is False and p.stats()["kills"] == 0
+
+
+# --------------------------------------------------------------------------- request deadline
+
+
+def test_request_deadline_times_out_queued_pairs_and_they_never_run():
+    """One worker, held by a hang until its 3 s hard limit: pairs queued behind it with a 0.5 s deadline come back as
+    `timeout` at the deadline, and are skipped afterwards (the queued hang is never started, so one kill in all)."""
+    with VerifierPool(workers=1, timeout_s=3.0, check=with_faults) as p:
+        assert p.wait_ready(60)
+        held: list = []
+        holder = threading.Thread(target=lambda: held.extend(p.verify_many([(HANG, "1")])))
+        holder.start()
+        deadline = time.monotonic() + 30
+        while p.stats()["busy_workers"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        verdicts = p.verify_many([(HANG + "-queued", "1"), ("2", "2")], deadline=time.monotonic() + 0.5)
+        assert [(v.status, v.correct) for v in verdicts] == [("timeout", None)] * 2
+        assert all(
+            v.detail == "the request deadline passed while the check was queued (never started)" for v in verdicts
+        )
+        holder.join(30)
+        assert held[0].status == "timeout" and held[0].detail.startswith("killed at the hard limit")
+        assert p.wait_ready(60)
+        assert_serves_easy_case(p)  # answered after the skipped pairs left the queue
+        assert p.stats()["kills"] == 1
 
 
 # --------------------------------------------------------------------------- threads and shutdown
@@ -343,10 +369,10 @@ def test_inline_timeout_needs_the_main_thread():
 
 
 def test_close_settles_in_flight_jobs_and_refuses_new_ones():
-    p = VerifierPool(workers=1, timeout_s=30.0, test_hooks=True)
+    p = VerifierPool(workers=1, timeout_s=30.0, check=with_faults)
     assert p.wait_ready(60)
     out = []
-    caller = threading.Thread(target=lambda: out.extend(p.verify_many([(TEST_HANG, "1"), ("1", "1")])))
+    caller = threading.Thread(target=lambda: out.extend(p.verify_many([(HANG, "1"), ("1", "1")])))
     caller.start()
     deadline = time.monotonic() + 30
     while p.stats()["busy_workers"] == 0 and time.monotonic() < deadline:
@@ -365,3 +391,5 @@ def test_bad_arguments():
         VerifierPool(workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
         VerifierPool(timeout_s=0)
+    with pytest.raises(ValueError, match="check: must be a module-level function"):
+        VerifierPool(check=lambda answer, reference: None)

@@ -9,9 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from services.reward.verify import VerifierPool
-from shared.contracts import ScoreResult
-
-STATUSES = ("ok", "timeout", "error")
+from shared.contracts import ScoreResult, ScoreStatus
 
 
 class _PoolCollector(Collector):
@@ -44,8 +42,8 @@ class RewardMetrics:
     def __init__(self, get_pool: Callable[[], VerifierPool | None]):
         self.registry = CollectorRegistry()
         self.items = Counter("gtpo_reward_items", "Items scored, by status", ["status"], registry=self.registry)
-        for status in STATUSES:
-            self.items.labels(status)  # export zeros: a rate() of a missing series is no rate at all
+        for status in ScoreStatus:
+            self.items.labels(status.value)  # export zeros: a rate() of a missing series is no rate at all
         self.latency = Histogram(
             "gtpo_reward_score_seconds",
             "Wall time of one POST /v1/score",
@@ -56,4 +54,4 @@ class RewardMetrics:
 
     def observe(self, results: Sequence[ScoreResult]) -> None:
         for r in results:
-            self.items.labels(r.status).inc()
+            self.items.labels(ScoreStatus(r.status).value).inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
@@ -23,6 +24,7 @@ router = APIRouter()
 )
 async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metrics: MetricsDep) -> ScoreResponse:
     """Score a batch; each result has a total, its components and an explicit status."""
+    deadline = time.monotonic() + settings.deadline_s  # now: the wait for a threadpool thread counts too
     if len(body.items) > settings.max_items:
         raise HTTPException(422, f"items: at most {settings.max_items} per request, got {len(body.items)}")
     weights = settings.weights if body.weights is None else body.weights
@@ -34,7 +36,7 @@ async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metric
         raise HTTPException(503, "the verifier pool is not healthy")
     with metrics.latency.time():
         # the pool call blocks: keep it off the event loop so /health and /metrics stay responsive
-        results = await run_in_threadpool(score_items, body.items, weights, pool)
+        results = await run_in_threadpool(score_items, body.items, weights, pool, deadline=deadline)
     metrics.observe(results)
     return ScoreResponse(results=results)
 

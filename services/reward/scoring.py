@@ -3,6 +3,7 @@
 An item's `status` is its accuracy check's (`ok` / `timeout` / `error`), or `error` when a requested reward
 could not be computed (no reference, no budget, no step count). Any non-ok item has `total == 0.0`, and
 its `detail` says why: the trainer can drop it or count it, but never mistakes it for a wrong answer.
+`item_from_rollout` is what every caller (the reward worker, `gtpo eval`) scores a rollout as.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Protocol
 
 from services.reward.rewards import NEEDS_VERDICT, REWARDS, extract_last_boxed
 from services.reward.verify import Verdict
-from shared.contracts import ScoreItem, ScoreResult
+from shared.contracts import Rollout, ScoreItem, ScoreResult, ScoreStatus
+from shared.prompts import denoising_steps
 
 MAX_WEIGHT = 1e6
 """|weight| above this is refused: every component is within [-1, 1], so totals stay finite."""
@@ -22,7 +24,25 @@ MAX_WEIGHT = 1e6
 class Verifier(Protocol):
     """What scoring needs from a VerifierPool (a fake in tests would do too)."""
 
-    def verify_many(self, pairs: list[tuple[str, str]]) -> list[Verdict]: ...
+    def verify_many(self, pairs: list[tuple[str, str]], deadline: float | None = None) -> list[Verdict]: ...
+
+
+def item_from_rollout(item_id: str, rollout: Rollout, reference: str | None) -> ScoreItem:
+    """What the reward functions see of a rollout: its text, length, denoising steps, block size and budget.
+
+    Raises:
+        pydantic.ValidationError: the id or the reference is over the contract's limits.
+    """
+    return ScoreItem(
+        id=item_id,
+        response=rollout.text,
+        reference=reference,
+        token_count=len(rollout.token_ids),
+        steps=denoising_steps(rollout.step_map),
+        block_size=rollout.params.block_size or 4,  # a Rollout always records it; 4 only satisfies the type
+        max_new_tokens=rollout.params.max_new_tokens,
+        finish_reason=rollout.finish_reason,
+    )
 
 
 def check_weights(weights: Mapping[str, float]) -> None:
@@ -45,10 +65,11 @@ def check_weights(weights: Mapping[str, float]) -> None:
         raise ValueError(f"weights: must be finite with |w| <= {MAX_WEIGHT:g}, got {bad}")
 
 
-def check_answers(items: Sequence[ScoreItem], pool: Verifier) -> list[Verdict | None]:
+def check_answers(items: Sequence[ScoreItem], pool: Verifier, deadline: float | None = None) -> list[Verdict | None]:
     """One verdict per item: None without a reference; wrong without a final `\\boxed{}`; else the pool's.
 
-    Every checkable item goes to the pool in one `verify_many` call, so the workers run them in parallel.
+    Every checkable item goes to the pool in one `verify_many` call, so the workers run them in parallel;
+    those not answered by `deadline` (a `time.monotonic()` instant) are `timeout`.
     """
     verdicts: list[Verdict | None] = [None] * len(items)
     pairs: list[tuple[str, str]] = []
@@ -58,11 +79,11 @@ def check_answers(items: Sequence[ScoreItem], pool: Verifier) -> list[Verdict | 
             continue
         answer = extract_last_boxed(item.response)
         if answer is None:
-            verdicts[i] = Verdict("ok", False, "no final \\boxed{} answer")
+            verdicts[i] = Verdict(ScoreStatus.ok, False, "no final \\boxed{} answer")
             continue
         pairs.append((answer, item.reference))
         where.append(i)
-    for i, verdict in zip(where, pool.verify_many(pairs) if pairs else [], strict=True):
+    for i, verdict in zip(where, pool.verify_many(pairs, deadline=deadline) if pairs else [], strict=True):
         verdicts[i] = verdict
     return verdicts
 
@@ -82,28 +103,31 @@ def score_item(item: ScoreItem, verdict: Verdict | None, weights: Mapping[str, f
             components[name] = REWARDS[name](item, correct)
         except ValueError as e:  # a missing input: reported, never scored as 0
             problems.append(f"{name}: {e}")
-    if verdict is not None and verdict.status != "ok":
+    if verdict is not None and verdict.status != ScoreStatus.ok:
         status, detail = verdict.status, f"accuracy check: {verdict.detail}"
     elif problems:
-        status, detail = "error", "; ".join(problems)
+        status, detail = ScoreStatus.error, "; ".join(problems)
     else:
-        status, detail = "ok", None
-    total = math.fsum(weights[n] * v for n, v in components.items()) if status == "ok" else 0.0
+        status, detail = ScoreStatus.ok, None
+    total = math.fsum(weights[n] * v for n, v in components.items()) if status == ScoreStatus.ok else 0.0
     return ScoreResult(id=item.id, total=total, components=components, status=status, detail=detail)
 
 
-def score_items(items: Sequence[ScoreItem], weights: Mapping[str, float], pool: Verifier) -> list[ScoreResult]:
+def score_items(
+    items: Sequence[ScoreItem], weights: Mapping[str, float], pool: Verifier, *, deadline: float | None = None
+) -> list[ScoreResult]:
     """Score a batch (the body of `POST /v1/score`).
 
     Args:
         items: the responses to score.
         weights: reward name -> weight.
         pool: answer checker; only called when a weighted reward needs the accuracy verdict.
+        deadline: a `time.monotonic()` instant: an accuracy check not done by then makes its item `timeout`.
 
     Raises:
         ValueError: an unknown reward name or an unusable weight (the HTTP layer answers 422).
     """
     check_weights(weights)
     needs_verdict = not NEEDS_VERDICT.isdisjoint(weights)
-    verdicts = check_answers(items, pool) if needs_verdict else [None] * len(items)
+    verdicts = check_answers(items, pool, deadline) if needs_verdict else [None] * len(items)
     return [score_item(item, verdict, weights) for item, verdict in zip(items, verdicts, strict=True)]

@@ -19,6 +19,13 @@ class RewardSettings(BaseSettings):
     )
     workers: int = Field(2, ge=1, le=256, description="math-verify worker processes")
     timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="hard wall-clock limit per answer check")
+    deadline_s: float = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="POST /v1/score: items whose answer check is not done this long after the request began come "
+        "back as timeout (a check still queued then never runs)",
+    )
     memory_mb: int = Field(1024, ge=0, description="address-space cap per worker (RLIMIT_AS); 0 = none")
     max_items: int = Field(1024, ge=1, le=4096, description="items per request at most")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit (413 above)")

@@ -13,6 +13,9 @@ Why processes, and why our own pool:
     replaced. Either way the item's status is `timeout`, never a 0.
 * An exception gives `error` with its message; a worker that dies (segfault, OOM) gives `error` and is
   replaced. Nothing is retried, so one pathological answer costs at most `timeout_s` of one worker.
+* A caller may also give a **request deadline** (`verify_many(pairs, deadline=...)`): whatever is not answered
+  by then comes back as `timeout` at once, and a job still queued then is never started. A job already
+  running goes on until its own hard deadline (killing a warm worker costs more than letting it finish).
 
 Inputs are capped before anything is parsed (`check_size`): an answer or reference longer than
 `MAX_CHARS` characters or with brackets nested deeper than `MAX_NESTING` is `error: too large` at once.
@@ -35,25 +38,26 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready_objects
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
+
+from shared.contracts import ScoreStatus
 
 log = logging.getLogger(__name__)
-
-Status = Literal["ok", "timeout", "error"]
 
 MAX_CHARS = 1_000
 """Answers and references longer than this are `error: too large` (MATH answers are far shorter)."""
@@ -67,12 +71,6 @@ MAX_START_FAILURES = 3
 """A slot whose worker failed to start this many times in a row makes the pool unhealthy."""
 DETAIL_CHARS = 300
 
-# test hooks: honoured only by a pool built with `test_hooks=True` (never by the service)
-TEST_HANG = "\x00gtpo-test:hang"
-"""Answer that makes a worker block SIGALRM and sleep: a C-level hang the soft deadline cannot stop."""
-TEST_CRASH = "\x00gtpo-test:crash"
-"""Answer that makes a worker exit at once: a crash."""
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -82,7 +80,7 @@ class Verdict:
     wrong: unparseable); `elapsed_s` is the wall time from dispatch to result (0 for capped inputs).
     """
 
-    status: Status
+    status: ScoreStatus
     correct: bool | None
     detail: str | None = None
     elapsed_s: float = 0.0
@@ -115,9 +113,11 @@ def check_size(answer: str, reference: str) -> Verdict | None:
     """
     for name, text in (("answer", answer), ("reference", reference)):
         if len(text) > MAX_CHARS:
-            return Verdict("error", None, f"too large: the {name} has {len(text)} characters (cap {MAX_CHARS})")
+            return Verdict(
+                ScoreStatus.error, None, f"too large: the {name} has {len(text)} characters (cap {MAX_CHARS})"
+            )
         if (depth := nesting_depth(text)) > MAX_NESTING:
-            return Verdict("error", None, f"too large: the {name} nests {depth} deep (cap {MAX_NESTING})")
+            return Verdict(ScoreStatus.error, None, f"too large: the {name} nests {depth} deep (cap {MAX_NESTING})")
     return None
 
 
@@ -141,11 +141,16 @@ def check_pair(answer: str, reference: str) -> Verdict:
 
     gold = parse(as_boxed(reference), parsing_timeout=None, raise_on_error=True)
     if not gold:
-        return Verdict("error", None, "the reference could not be parsed")
+        return Verdict(ScoreStatus.error, None, "the reference could not be parsed")
     pred = parse("\\boxed{" + answer + "}", parsing_timeout=None, raise_on_error=True)
     if not pred:
-        return Verdict("ok", False, "the answer could not be parsed")
-    return Verdict("ok", bool(verify(gold, pred, timeout_seconds=None, raise_on_error=True)))
+        return Verdict(ScoreStatus.ok, False, "the answer could not be parsed")
+    return Verdict(ScoreStatus.ok, bool(verify(gold, pred, timeout_seconds=None, raise_on_error=True)))
+
+
+CheckFn = Callable[[str, str], Verdict]
+"""`check(answer, reference) -> Verdict` with no time limit of its own: what a worker runs for each job (`check_pair`
+by default). A module-level function, so that a spawned worker imports it by name."""
 
 
 class _SoftDeadline(BaseException):
@@ -176,16 +181,16 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:DETAIL_CHARS]
 
 
-def _run_job(answer: str, reference: str, soft_s: float | None) -> Verdict:
-    """check_pair under a soft deadline; every outcome is a Verdict."""
+def _run_job(check: CheckFn, answer: str, reference: str, soft_s: float | None) -> Verdict:
+    """`check` under a soft deadline; every outcome is a Verdict."""
     try:
         with _soft_deadline(soft_s):
             try:
-                return check_pair(answer, reference)
+                return check(answer, reference)
             except Exception as e:  # MemoryError and RecursionError included
-                return Verdict("error", None, _describe(e))
+                return Verdict(ScoreStatus.error, None, _describe(e))
     except _SoftDeadline:
-        return Verdict("timeout", None, f"interrupted at the soft deadline ({soft_s:.2f} s)")
+        return Verdict(ScoreStatus.timeout, None, f"interrupted at the soft deadline ({soft_s:.2f} s)")
 
 
 def verify_inline(answer: str, reference: str, timeout_s: float | None = None) -> Verdict:
@@ -202,7 +207,7 @@ def verify_inline(answer: str, reference: str, timeout_s: float | None = None) -
     early = check_size(answer, reference)
     if early is not None:
         return early
-    return replace(_run_job(answer, reference, timeout_s), elapsed_s=time.perf_counter() - t0)
+    return replace(_run_job(check_pair, answer, reference, timeout_s), elapsed_s=time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- worker process
@@ -226,18 +231,18 @@ def _limit_memory(memory_mb: int) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _test_hook(answer: str) -> None:
-    if answer == TEST_HANG:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # like a C call: the soft deadline is deaf
-        time.sleep(3600)
-    elif answer == TEST_CRASH:
-        os._exit(3)
+def check_importable(check: CheckFn) -> None:
+    """Raise ValueError unless a spawned worker can import `check` by name (a lambda or a nested function cannot)."""
+    try:
+        pickle.dumps(check)  # functions pickle by reference: this is the lookup the worker will do
+    except Exception as e:
+        raise ValueError(f"check: must be a module-level function, got {check!r} ({type(e).__name__}: {e})") from e
 
 
 _WARM_UP = [("\\frac{1}{2}", "0.5"), ("x^2+2x+1", "(x+1)^2"), ("(1, 2]", "[1, 2)")]
 
 
-def _worker_main(conn: Connection, memory_mb: int, test_hooks: bool) -> None:
+def _worker_main(conn: Connection, memory_mb: int, check: CheckFn) -> None:
     """A worker: warm up once, then answer `{"id", "answer", "reference", "soft_s"}` jobs until EOF."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent shuts us down
@@ -246,7 +251,7 @@ def _worker_main(conn: Connection, memory_mb: int, test_hooks: bool) -> None:
     # import math_verify, sympy and the LaTeX parser, and run simplify once, before taking work: the first
     # polynomial comparison in a fresh process costs ~0.2 s, which a short deadline would count against an answer
     for answer, reference in _WARM_UP:
-        check_pair(answer, reference)
+        check(answer, reference)
     try:
         conn.send_bytes(b'{"ready": true}')
     except OSError:  # the pool closed while this worker was warming up (a short eval): nothing to do
@@ -256,9 +261,7 @@ def _worker_main(conn: Connection, memory_mb: int, test_hooks: bool) -> None:
             job = json.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the parent is gone
-        if test_hooks:
-            _test_hook(job["answer"])
-        v = _run_job(job["answer"], job["reference"], job["soft_s"])
+        v = _run_job(check, job["answer"], job["reference"], job["soft_s"])
         reply = {"id": job["id"], "status": v.status, "correct": v.correct, "detail": v.detail}
         try:
             conn.send_bytes(json.dumps(reply).encode())  # ensure_ascii: lone surrogates travel as \udcxx
@@ -294,8 +297,17 @@ class _Slot:
 
 
 def _resolve(job: _Job, verdict: Verdict) -> None:
-    if not job.future.done():
+    """Settle `job` unless it is settled already: the pool thread and a caller at its deadline may race."""
+    with contextlib.suppress(InvalidStateError):
         job.future.set_result(verdict)
+
+
+def _past_deadline(job: _Job) -> Verdict:
+    # `started` is written by the pool thread; a stale read only changes the wording
+    started = job.started
+    where = "running" if started else "queued (never started)"
+    elapsed = time.monotonic() - started if started else 0.0
+    return Verdict(ScoreStatus.timeout, None, f"the request deadline passed while the check was {where}", elapsed)
 
 
 class VerifierPool:
@@ -309,18 +321,19 @@ class VerifierPool:
         workers: worker processes (each holds ~70 MB and one CPU while busy).
         timeout_s: hard wall-clock limit per answer; the worker interrupts itself at `SOFT_FRACTION` of it.
         memory_mb: address-space cap per worker (RLIMIT_AS); 0 = none.
-        test_hooks: honour `TEST_HANG` / `TEST_CRASH` (tests only).
+        check: what a worker runs for each pair (a module-level function, see `CheckFn`).
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, *, memory_mb: int = 1024, test_hooks: bool = False):
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, *, memory_mb: int = 1024, check: CheckFn = check_pair):
         if workers < 1:
             raise ValueError(f"workers: must be >= 1, got {workers}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s: must be > 0, got {timeout_s}")
+        check_importable(check)
         self.timeout_s = timeout_s
         self._soft_s = timeout_s * SOFT_FRACTION
         self._memory_mb = memory_mb
-        self._test_hooks = test_hooks
+        self._check = check
         self._ctx = mp.get_context("spawn")
         self._slots = [_Slot() for _ in range(workers)]
         self._inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -337,8 +350,13 @@ class VerifierPool:
 
     # ----------------------------------------------------------------- public API
 
-    def verify_many(self, pairs: list[tuple[str, str]]) -> list[Verdict]:
+    def verify_many(self, pairs: list[tuple[str, str]], deadline: float | None = None) -> list[Verdict]:
         """Check `(answer, reference)` pairs; one Verdict each, in order, each within ~`timeout_s` of its start.
+
+        Args:
+            pairs: `(answer, reference)`.
+            deadline: a `time.monotonic()` instant; a pair not answered by then is `timeout` (and is never
+                started if it was still queued). None = wait for every answer.
 
         Raises:
             RuntimeError: the pool is closed.
@@ -354,7 +372,7 @@ class VerifierPool:
             job = jobs.setdefault((answer, reference), _Job(answer, reference))
             waiting.append((i, job))
         self._submit(list(jobs.values()))
-        self._await([j.future for j in jobs.values()])
+        self._await(list(jobs.values()), deadline)
         for i, job in waiting:
             verdicts[i] = job.future.result()
         assert all(v is not None for v in verdicts)
@@ -421,15 +439,25 @@ class VerifierPool:
                 self._inbox.put(job)
             self._wake()
 
-    def _await(self, futures: list[Future[Verdict]]) -> None:
-        """Wait for every future; if the pool thread died, fail the rest instead of hanging."""
-        pending = set(futures)
+    def _await(self, jobs: list[_Job], deadline: float | None) -> None:
+        """Wait for every job; at `deadline`, or if the pool thread died, settle the rest instead of waiting on.
+
+        The caller settles them itself, on its own clock, so the deadline holds however busy the pool thread is.
+        """
+        waiting = {j.future: j for j in jobs}
+        pending = set(waiting)
         while pending:
-            _, pending = wait_futures(pending, timeout=1.0)
-            if pending and not self._thread.is_alive():
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            _, pending = wait_futures(pending, timeout=max(left, 0.0))
+            if not pending:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
                 for f in pending:
-                    if not f.done():
-                        f.set_result(Verdict("error", None, "the verifier pool stopped"))
+                    _resolve(waiting[f], _past_deadline(waiting[f]))
+                return
+            if not self._thread.is_alive():
+                for f in pending:
+                    _resolve(waiting[f], Verdict(ScoreStatus.error, None, "the verifier pool stopped"))
                 return
 
     # ----------------------------------------------------------------- the pool thread
@@ -470,7 +498,7 @@ class VerifierPool:
     def _start(self, slot: _Slot, now: float) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_worker_main, args=(child, self._memory_mb, self._test_hooks), name="verifier-worker", daemon=True
+            target=_worker_main, args=(child, self._memory_mb, self._check), name="verifier-worker", daemon=True
         )
         try:
             proc.start()
@@ -495,6 +523,8 @@ class VerifierPool:
         for slot in self._slots:
             while slot.ready and slot.job is None and self._pending:
                 job = self._pending.popleft()
+                if job.future.done():
+                    continue  # its caller's deadline passed: nobody waits for it, so it never runs
                 job.id, job.started, job.deadline = next(self._ids), now, now + self.timeout_s
                 msg = {"id": job.id, "answer": job.answer, "reference": job.reference, "soft_s": self._soft_s}
                 try:
@@ -523,7 +553,9 @@ class VerifierPool:
             if slot.proc is not None:
                 slot.proc.join(timeout=1.0)  # reap it, for the exit code
             code = slot.proc.exitcode if slot.proc is not None else None
-            self._retire(slot, Verdict("error", None, f"the verifier worker died (exit code {code})"), died=True)
+            self._retire(
+                slot, Verdict(ScoreStatus.error, None, f"the verifier worker died (exit code {code})"), died=True
+            )
             return
         if msg.get("ready"):
             slot.ready, slot.failures = True, 0
@@ -532,7 +564,10 @@ class VerifierPool:
         if job is None or msg.get("id") != job.id:
             log.warning("verifier worker answered a job it was not given: %r", msg.get("id"))
             return
-        status = msg["status"] if msg.get("status") in ("ok", "timeout", "error") else "error"
+        try:
+            status = ScoreStatus(msg.get("status"))
+        except ValueError:
+            status = ScoreStatus.error
         _resolve(job, Verdict(status, msg.get("correct"), msg.get("detail"), time.monotonic() - job.started))
 
     def _expire(self, now: float) -> None:
@@ -541,7 +576,7 @@ class VerifierPool:
                 log.warning("verifier worker passed the %.2f s hard limit: killed", self.timeout_s)
                 self._stats["kills"] += 1
                 detail = f"killed at the hard limit ({self.timeout_s:.2f} s)"
-                self._retire(slot, Verdict("timeout", None, detail))
+                self._retire(slot, Verdict(ScoreStatus.timeout, None, detail))
             elif slot.proc is not None and not slot.ready and now >= slot.started + START_TIMEOUT_S:
                 log.warning("verifier worker did not start within %.0f s: killed", START_TIMEOUT_S)
                 self._retire(slot, None)
@@ -567,7 +602,7 @@ class VerifierPool:
 
     def _fail_pending(self, detail: str) -> None:
         while self._pending:
-            _resolve(self._pending.popleft(), Verdict("error", None, detail))
+            _resolve(self._pending.popleft(), Verdict(ScoreStatus.error, None, detail))
 
     def _shutdown(self) -> None:
         """Runs on the pool thread as it ends: settle every job, stop every worker."""
@@ -579,7 +614,7 @@ class VerifierPool:
         self._fail_pending("the verifier pool closed")
         for slot in self._slots:
             if slot.job is not None:
-                _resolve(slot.job, Verdict("error", None, "the verifier pool closed"))
+                _resolve(slot.job, Verdict(ScoreStatus.error, None, "the verifier pool closed"))
                 slot.job = None
             if slot.conn is not None:
                 slot.conn.close()  # an idle worker reads EOF and exits

@@ -2,6 +2,11 @@
 
 Scores go through the same code as `POST /v1/score` (`scoring.score_items` and the killable verifier pool), and each
 hand-off is atomic (XADD scored + XACK rollouts, keyed by the task id), so a worker killed mid-batch loses nothing.
+
+Each entry stands alone: one that decodes but can never be scored (a task id or reference over the `ScoreItem`
+limits, anything its item cannot be built from) is dead-lettered at once with its reason (`Queue.reject`), and its
+batch-mates are scored and handed off as if it had not been there. Entries that do not decode at all never reach
+the worker: `Queue.consume` dead-letters them.
 """
 
 from __future__ import annotations
@@ -9,51 +14,52 @@ from __future__ import annotations
 import logging
 import threading
 
-from services.reward.scoring import score_items
+from pydantic import ValidationError
+
+from services.reward.scoring import item_from_rollout, score_items
 from services.reward.settings import RewardSettings
-from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem
+from services.reward.verify import VerifierPool
+from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem, WorkerKind, describe_validation_error
+from shared.queue import Delivery
 from shared.worker import StreamWorker
 
 log = logging.getLogger("gtpo.reward.worker")
 
 
-def score_item_of(msg: RolloutMessage) -> ScoreItem:
-    """What the reward functions see of a rollout: its text, reference, length and denoising steps."""
-    r = msg.rollout
-    return ScoreItem(
-        id=msg.task.task_id,
-        response=r.text,
-        reference=msg.task.reference,
-        token_count=len(r.token_ids),
-        steps=len(set(r.step_map)),  # forwards that unmasked response tokens (DiRL's speed denominator)
-        block_size=r.params.block_size or 4,
-        max_new_tokens=r.params.max_new_tokens,
-        finish_reason=r.finish_reason,
-    )
+def reason_of(err: Exception) -> str:
+    """One line for the dead-letter reason: pydantic's field-by-field message, else the exception's."""
+    text = describe_validation_error(err) if isinstance(err, ValidationError) else f"{type(err).__name__}: {err}"
+    return text.replace("\n", "; ")[:1000]
 
 
 class RewardWorker(StreamWorker):
-    kind = "reward"
+    kind = WorkerKind.reward
     log = log
 
-    def __init__(self, pool, settings: RewardSettings) -> None:
+    def __init__(self, pool: VerifierPool, settings: RewardSettings) -> None:
         super().__init__(settings.redis, settings.worker_id)
         self.pool, self.settings = pool, settings
 
     def tick(self) -> int:
-        self.registry.heartbeat("reward", self.id, None, ttl_s=self.settings.heartbeat_ttl_s)
+        """Read one batch; score what can be scored, dead-letter what cannot. Returns entries completed."""
+        self.registry.heartbeat(WorkerKind.reward, self.id, None, ttl_s=self.settings.heartbeat_ttl_s)
         deliveries = self.queue.consume(self.keys.rollouts, self.keys.reward_group, self.id, RolloutMessage,
                                         count=self.settings.batch, block_ms=1000)  # fmt: skip
-        if not deliveries:
-            return 0
-        results = score_items([score_item_of(d.message) for d in deliveries], self.settings.weights, self.pool)
-        for d, res in zip(deliveries, results, strict=True):
+        batch: list[tuple[Delivery[RolloutMessage], ScoreItem]] = []
+        for d in deliveries:
+            task = d.message.task
+            try:
+                batch.append((d, item_from_rollout(task.task_id, d.message.rollout, task.reference)))
+            except Exception as e:  # built from this entry alone: whatever fails is the entry's fault
+                self.queue.reject(d, self.keys.reward_group, f"cannot be scored: {reason_of(e)}")
+        results = score_items([item for _, item in batch], self.settings.weights, self.pool)
+        for (d, _), res in zip(batch, results, strict=True):
             msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res)
             self.queue.hand_off(self.keys.rollouts, self.keys.reward_group, d.entry_id, self.keys.scored, msg,
                                 d.message.task.task_id)  # fmt: skip
         return len(deliveries)
 
 
-def start_worker(pool, settings: RewardSettings, stop: threading.Event) -> threading.Thread:
+def start_worker(pool: VerifierPool, settings: RewardSettings, stop: threading.Event) -> threading.Thread:
     """Run a RewardWorker in a daemon thread until `stop` is set."""
     return RewardWorker(pool, settings).start(stop)
