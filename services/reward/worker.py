@@ -39,10 +39,11 @@ class RewardWorker(StreamWorker):
     def __init__(self, pool: VerifierPool, settings: RewardSettings) -> None:
         super().__init__(settings.redis, settings.worker_id)
         self.pool, self.settings = pool, settings
+        self.heartbeat_ttl_s = settings.heartbeat_ttl_s
 
     def tick(self) -> int:
         """Read one batch; score what can be scored, dead-letter what cannot. Returns entries completed."""
-        self.registry.heartbeat(WorkerKind.reward, self.id, None, ttl_s=self.settings.heartbeat_ttl_s)
+        self.heartbeat()
         deliveries = self.queue.consume(self.keys.rollouts, self.keys.reward_group, self.id, RolloutMessage,
                                         count=self.settings.batch, block_ms=1000)  # fmt: skip
         batch: list[tuple[Delivery[RolloutMessage], ScoreItem]] = []
@@ -52,7 +53,8 @@ class RewardWorker(StreamWorker):
                 batch.append((d, item_from_rollout(task.task_id, d.message.rollout, task.reference)))
             except Exception as e:  # built from this entry alone: whatever fails is the entry's fault
                 self.queue.reject(d, self.keys.reward_group, f"cannot be scored: {reason_of(e)}")
-        results = score_items([item for _, item in batch], self.settings.weights, self.pool)
+        with self.busy():
+            results = score_items([item for _, item in batch], self.settings.weights, self.pool)
         for (d, _), res in zip(batch, results, strict=True):
             msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res)
             self.queue.hand_off(self.keys.rollouts, self.keys.reward_group, d.entry_id, self.keys.scored, msg,
