@@ -179,10 +179,12 @@ class Driver:
         self.waiting = "checkpointing"
         path = self.trainer.save()
         if self.main:
+            self.lease.check()  # a trainer replaced while it saved must not publish its version over the new one's
             self._after_checkpoint(path, batch)
         self.trainer.accelerator.wait_for_everyone()
         metrics["time_checkpoint_s"] = time.monotonic() - t2
         if self.main:
+            self.lease.check()
             with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             timings = {"wait": t1 - t0, "train": t2 - t1, "checkpoint": metrics["time_checkpoint_s"]}
