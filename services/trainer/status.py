@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -54,6 +55,22 @@ class _StatusGauges:
                 yield GaugeMetricFamily(f"gtpo_trainer_last_{k}", f"last step's {k}", value=float(v))
 
 
+def json_safe(value):
+    """`value` with every non-finite float as its name ("nan", "inf", "-inf"): JSON has no such numbers, and a
+    diverged loss must not turn the status page into a 500.
+
+    >>> json_safe({"loss": float("nan"), "xs": [1.0, float("-inf")]})
+    {'loss': 'nan', 'xs': [1.0, '-inf']}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def create_app(status, ready, metrics: TrainerMetrics):
     """The trainer's FastAPI app.
 
@@ -82,7 +99,7 @@ def create_app(status, ready, metrics: TrainerMetrics):
 
     @app.get("/status")
     def get_status() -> dict:
-        return status()
+        return json_safe(status())
 
     @app.get("/metrics")
     def get_metrics():
