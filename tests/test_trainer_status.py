@@ -1,7 +1,8 @@
 """The trainer's HTTP side through ASGI: health, readiness, status (whatever the metrics hold) and Prometheus
 metrics, and fuzzed paths and query strings that never give a server error."""
 
-import httpx
+import string
+
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,15 +42,15 @@ def test_metrics_are_prometheus_text_with_phases_and_staleness():
     assert stale["0.0"] == 1 and stale["1.0"] == 3 and stale["+Inf"] == 4
 
 
-@given(path=st.text(max_size=40), query=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3),
+URL_TEXT = st.text(string.ascii_letters + string.digits + "-._~%/?&=+:@!$'()*,;", max_size=40)
+
+
+@given(path=URL_TEXT, query=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3),
        last=st.dictionaries(st.text(max_size=8), st.one_of(st.floats(), st.integers(), st.text(), st.none()),
                             max_size=4))  # fmt: skip
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzz_never_a_server_error(path, query, last):
     client, _ = _app(last)
     for route in ("/health", "/ready", "/status", "/metrics", "/" + path.lstrip("/")):
-        try:
-            r = client.get(route, params=query)
-        except (httpx.InvalidURL, UnicodeEncodeError):  # an URL the client refuses to build never reaches the app
-            continue
+        r = client.get(route, params=query)  # query values are percent-encoded, any text goes
         assert r.status_code < 500, (route, r.text)
