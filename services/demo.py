@@ -63,6 +63,11 @@ class DemoConfig(BaseModel):
     )
     speed_weight: float = Field(1.0, ge=0, description="weight of the speed reward next to accuracy (1.0)")
     threads: int = Field(2, ge=1)
+    overlap: bool = Field(
+        False,
+        description="also run GTPO with max_staleness=1 (rollout overlaps training) from the same SFT model; both "
+        "GTPO arms then run their rollout worker and trainer on one thread each, so they share the same two cores",
+    )
 
 
 class Arm(NamedTuple):
@@ -74,6 +79,8 @@ class Arm(NamedTuple):
     weights: dict[str, float]
     spread: float
     floor_correct: bool = False
+    max_staleness: int = 0
+    one_thread: bool = False
 
 
 def sampling(cfg: DemoConfig) -> SamplingParams:
@@ -117,24 +124,33 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     stage("evaluate the SFT model")
     results = {"sft": _eval(sft_model, test_rows, cfg)}
-    arms = {"gtpo": Arm("GTPO", out / "rl", {"accuracy": 1.0}, 0.0)}
+    arms = {"gtpo": Arm("GTPO", out / "rl", {"accuracy": 1.0}, 0.0, one_thread=cfg.overlap)}
+    if cfg.overlap:
+        arms["gtpo_async"] = Arm("GTPO k=1", out / "rl_async", {"accuracy": 1.0}, 0.0, max_staleness=1, one_thread=True)
     if cfg.speed:
         spread, fast = cfg.threshold_spread, {"accuracy": 1.0, "speed": cfg.speed_weight}
         arms["gtpo_spread"] = Arm("GTPO + spread", out / "rl_spread", {"accuracy": 1.0}, spread)
         arms["gtpo_speed"] = Arm("GTPO + spread + speed", out / "rl_speed", fast, spread, floor_correct=True)
+    rl_seconds = {}
     for key, arm in arms.items():
         stage(f"{arm.label} through the rollout / reward / trainer services")
+        start = time.time()
         model = _gtpo(cfg, sft_model, data["train"], arm)
+        rl_seconds[key] = round(time.time() - start, 1)
         stage(f"evaluate the {arm.label} model")
         results[key] = _eval(model, test_rows, cfg)
     summary = {"config": json.loads(cfg.model_dump_json()), **{k: r.row() for k, r in results.items()},
-               "seconds": round(time.time() - t0, 1)}  # fmt: skip
+               "rl_seconds": rl_seconds, "seconds": round(time.time() - t0, 1)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from services.plots import plot_rl
 
     plot = plot_rl({arm.label: arm.run_dir / "metrics.jsonl" for arm in arms.values()}, out / "rl_curves.png",
                    title=f"GTPO on the tiny model (seed {cfg.seed})")  # fmt: skip
     _print_table(console, results)
+    if cfg.overlap:
+        ratio = rl_seconds["gtpo"] / max(rl_seconds["gtpo_async"], 1e-9)
+        console.print(f"RL wall time: k=0 {rl_seconds['gtpo']:.0f} s, k=1 {rl_seconds['gtpo_async']:.0f} s "
+                      f"({ratio:.2f}x faster)")  # fmt: skip
     metrics = ", ".join(str(arm.run_dir / "metrics.jsonl") for arm in arms.values())
     console.print(f"plots: {plot}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
     return summary
@@ -153,8 +169,9 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
                  "threshold_spread": arm.spread}, reward_weights=arm.weights, loss={"floor_correct": arm.floor_correct},
         micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
         redis={"namespace": f"demo-{cfg.seed}-{arm.run_dir.name}-{int(time.time())}"}, oversample=3.0,
+        max_staleness=arm.max_staleness,
     )  # fmt: skip
-    code = run_stack(rl)
+    code = run_stack(rl, threads=1 if arm.one_thread else None)
     if code != 0:
         raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {arm.run_dir / 'logs'}")
     return latest_checkpoint(arm.run_dir / "checkpoints") / "model"
@@ -174,6 +191,9 @@ def _print_table(console, results: dict[str, EvalResult]) -> None:
     """SFT -> GTPO; with the speed arms, a second table of GTPO + spread and GTPO + spread + speed against GTPO."""
     title = "held-out evaluation (avg@k at T=1, dynamic decoding, threshold 0.9)"
     console.print(_table(title, results, "sft", [("SFT", "sft"), ("GTPO", "gtpo")]))
+    if "gtpo_async" in results:
+        arms = [("GTPO k=0", "gtpo"), ("GTPO k=1", "gtpo_async")]
+        console.print(_table("rollout overlapping training (max_staleness=1) against k=0", results, "gtpo", arms))
     if "gtpo_speed" in results:
         arms = [("GTPO", "gtpo"), ("+ spread", "gtpo_spread"), ("+ spread + speed", "gtpo_speed")]
         console.print(_table("speed arms against GTPO (same SFT start, same evaluation)", results, "gtpo", arms))

@@ -101,8 +101,19 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
     return procs, trainer, trainer_cfg, cfg_path
 
 
-def run_stack(cfg: RLConfig, *, rollout_workers: int = 1, reward_workers: int = 1, resume: bool = False) -> int:
-    """Run the whole job locally; returns the trainer's exit code."""
+def run_stack(
+    cfg: RLConfig,
+    *,
+    rollout_workers: int = 1,
+    reward_workers: int = 1,
+    resume: bool = False,
+    threads: int | None = None,
+) -> int:
+    """Run the whole job locally; returns the trainer's exit code.
+
+    Args:
+        threads: CPU threads of each process's torch (OMP_NUM_THREADS); None = torch's default (every core).
+    """
     from rich.console import Console
 
     from shared.redis_server import EmbeddedRedis
@@ -118,6 +129,8 @@ def run_stack(cfg: RLConfig, *, rollout_workers: int = 1, reward_workers: int = 
         url = embedded.url
     token = secrets.token_urlsafe(24)
     env = {**os.environ, "REDIS_URL": url, "GTPO_API_TOKEN": token, "GTPO_ROLLOUT_API_TOKEN": token}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume)
     cfg_path.write_text(dump_config(trainer_cfg))
     console.print(f"redis {url} ({'embedded' if embedded else 'REDIS_URL'}), logs in {run_dir / 'logs'}")
