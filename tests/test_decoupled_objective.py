@@ -170,7 +170,9 @@ def test_staleness_by_hand():
 
 
 def test_a_sample_newer_than_the_trainer_is_refused():
-    with pytest.raises(ValueError, match=r"Rollout.policy_version: group 1 sample 0 has v4, newer than the trainer's v3"):
+    with pytest.raises(
+        ValueError, match=r"Rollout.policy_version: group 1 sample 0 has v4, newer than the trainer's v3"
+    ):
         staleness([[3, 3], [4]], 3)
 
 

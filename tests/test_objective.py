@@ -12,8 +12,8 @@ from services.trainer.objective import (
     filter_groups,
     group_advantages,
     gtpo_loss,
-    k3_kl,
     importance_weights,
+    k3_kl,
     token_weights,
 )
 
@@ -309,7 +309,14 @@ def test_loss_config_defaults_and_validation():
     )
     with pytest.raises(pydantic.ValidationError, match="eps_low"):
         LossConfig(eps_low=1.5)
-    for bad in ({"beta": -0.1}, {"tis_cap": 0.99}, {"objective": "areal"}, {"log_ratio_clamp": 0.0}, {"norm": "seq"}, {"typo": 1}):
+    for bad in (
+        {"beta": -0.1},
+        {"tis_cap": 0.99},
+        {"objective": "areal"},
+        {"log_ratio_clamp": 0.0},
+        {"norm": "seq"},
+        {"typo": 1},
+    ):
         with pytest.raises(pydantic.ValidationError, match=next(iter(bad))):
             LossConfig(**bad)
 
