@@ -1,6 +1,7 @@
 """The GTPO / SFT trainer: Accelerate, explicit gradient accumulation, checkpoints, exact resume.
 
-One ``step`` (an RL step or an SFT step) makes exactly ``updates_per_step * passes`` optimizer updates. Within an
+One ``step`` (an RL step or an SFT step) makes exactly ``updates_per_step * passes`` optimizer updates (a step with
+fewer responses than ``updates_per_step`` makes one update per response and pass). Within an
 update, the batch's responses are spread over the processes (response i on rank i % world) and over micro-batches;
 every target token carries a normalisation weight computed from counts over the whole update (known on every
 rank, since every rank sees the whole batch), so summing the ranks' gradients gives the single-process gradient.
@@ -315,9 +316,10 @@ class GTPOTrainer:
     def _at_targets(self, per_response: list, sel: list[int], batch) -> Tensor:
         """Per-response values indexed by response position (pi_prox or pi_behav), gathered at the targets (float64:
         an engine's log-probs arrive as python floats, and a 1e-6 gap must survive)."""
-        pairs = zip(batch.response_index.tolist(), batch.token_index.tolist(), strict=True)
-        values = [float(per_response[sel[r]][t]) for r, t in pairs]
-        return torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        rows = [torch.as_tensor(per_response[i], dtype=torch.float64) for i in sel]
+        starts = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
+        at = starts[batch.response_index.cpu()] + batch.token_index.cpu()
+        return torch.cat(rows)[at].to(self.accelerator.device)
 
     @torch.no_grad()
     def _ref_logprobs(self, batch) -> Tensor:
