@@ -154,7 +154,8 @@ def test_decoupled_two_processes_give_the_same_update_and_metrics_as_one(tiny_di
     script = REPO / "tests" / "scripts" / "rl_step.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    # micro-batch 1: rank 0 trains 2 responses per update and rank 1 one; both recompute only their own pi_prox
+    # 11 responses, micro-batch 1: rank 0 recomputes pi_prox for its 6, rank 1 for its 5 (and joins the 6th
+    # forward on a response it discards); neither recomputes the other's
     subprocess.run([sys.executable, str(script), str(tiny_dir), str(one), "1", "decoupled"], check=True, env=env,
                    timeout=300)  # fmt: skip
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -302,8 +302,9 @@ class GTPOTrainer:
             scale = torch.tensor([chunk[i].token_scale for i in sel], device=logp.device)[resp]
             loss = -(w * scale * logp).sum()
             return loss, {"loss": float(loss.detach()), "tokens": 0.0 if dummy else float(len(logp))}, None
-        # not recomputed (one update, every sample from the current weights): pi_prox is pi_theta.detach() exactly
-        prox_lp = self._at_targets(prox, sel, batch) if prox is not None else logp.detach()
+        # not recomputed (one update, every sample from the current weights): pi_prox is pi_theta.detach() exactly;
+        # an empty shard's stand-in response is another rank's, whose pi_prox this rank never computed
+        prox_lp = self._at_targets(prox, sel, batch) if prox is not None and not dummy else logp.detach()
         adv = torch.tensor([chunk[i].advantage for i in sel], device=logp.device, dtype=torch.float32)[resp]
         ref = self._ref_logprobs(batch) if self.ref is not None else None
         decoupled = self.cfg.loss.objective == "decoupled"

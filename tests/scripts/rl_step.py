@@ -4,7 +4,7 @@ next to them). Run plainly or under `accelerate launch` (the 2-process tests com
     python tests/scripts/rl_step.py MODEL_DIR OUT_FILE [micro_batch_size] [standard|decoupled]
 
 `decoupled`: the off-policy case of the decoupled objective: the trainer is at v2 while the groups were sampled
-at v0, v1, v2, and the behaviour log-probs are shifted (see `shifted_behaviour`).
+at v0, v1, v2, the behaviour log-probs are shifted (see `shifted_behaviour`) and the last group is one short.
 """
 
 import json
@@ -65,6 +65,8 @@ def main() -> None:
     if objective == "decoupled":
         trainer.state.policy_version = 2
         groups = shifted_behaviour(groups)
+        # 11 responses: on 2 ranks one gets 6 and the other 5, so its last micro-batch (of 1) is empty
+        groups[-1], rewards[-1] = groups[-1][1:], rewards[-1][1:]
     m = trainer.rl_step(groups, rewards)
     print(f"rank {trainer.rank}/{trainer.world} loss {m['loss']:.6f} tokens {m['tokens']}", flush=True)
     if trainer.accelerator.is_main_process:
