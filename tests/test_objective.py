@@ -12,8 +12,8 @@ from services.trainer.objective import (
     filter_groups,
     group_advantages,
     gtpo_loss,
+    importance_weights,
     k3_kl,
-    tis_weights,
     token_weights,
 )
 
@@ -113,7 +113,7 @@ def test_log_ratio_is_clamped_before_exp():
     _close(obj, [-2.718282])
 
 
-# --- k3_kl, tis_weights -------------------------------------------------------------------------------------------
+# --- k3_kl, importance_weights -------------------------------------------------------------------------------------------
 
 
 def test_k3_kl_by_hand():
@@ -123,10 +123,10 @@ def test_k3_kl_by_hand():
     _close(k3_kl(logp, ref), [0.193147, 0.306853, 0.0])
 
 
-def test_tis_weights_cap_and_no_grad():
-    old = _log([0.3, 0.9, 0.4]).requires_grad_()
-    engine = _log([0.6, 0.3, 0.4])
-    w = tis_weights(old, engine, cap=2.0)
+def test_importance_weights_cap_and_no_grad():
+    prox = _log([0.3, 0.9, 0.4]).requires_grad_()
+    behav = _log([0.6, 0.3, 0.4])
+    w = importance_weights(prox, behav, cap=2.0)
     # .3/.6 = .5; .9/.3 = 3 -> capped at 2; .4/.4 = 1
     _close(w, [0.5, 2.0, 1.0])
     assert not w.requires_grad
@@ -208,7 +208,7 @@ G_COUNTS = {"n_responses": 2, "n_tokens": 4, "max_len": 4}
 
 
 def _gtpo(norm="token", **kw):
-    cfg_kw = {k: kw.pop(k) for k in ("beta", "tis_cap") if k in kw}
+    cfg_kw = {k: kw.pop(k) for k in ("beta", "tis_cap", "objective") if k in kw}
     cfg = LossConfig(norm=norm, **cfg_kw)
     w = token_weights(G_RESP, G_ROUND, norm, **G_COUNTS)
     return gtpo_loss(G_LOGP, G_OLD, G_ADV, w, cfg, **kw)
@@ -231,7 +231,7 @@ def test_gtpo_loss_each_normalisation(norm, expected):
             "clip_frac": 0.5,  # t1 and t2
             "ratio_mean": 1.0,  # (1 + 1.5 + .5 + 1) / 4
             "kl": 0.0,
-            "tis_mean": 1.0,
+            "iw_mean": 1.0,
             "adv_mean": 0.25,  # (1 + 1 - .5 - .5) / 4
             "tokens": 4.0,
         }
@@ -247,19 +247,21 @@ def test_gtpo_loss_with_kl():
     assert metrics["kl"] == pytest.approx(0.125)  # .5 / 4
 
 
-def test_gtpo_loss_with_tis():
-    # old .5 against engine [.25, .5, 1, .1]: weights [2, 1, .5, 5 -> cap 2]
-    engine = _log([0.25, 0.5, 1.0, 0.1])
-    loss, metrics = _gtpo("token", tis_cap=2.0, engine_logp=engine)
-    # -obj * tis = [-2, -1.28, .2, 1.0], sum -2.08, / 4
+def test_gtpo_loss_decoupled_weights_by_prox_over_behav():
+    # prox .5 against behav [.25, .5, 1, .1]: weights [2, 1, .5, 5 -> cap 2]
+    behav = _log([0.25, 0.5, 1.0, 0.1])
+    loss, metrics = _gtpo("token", objective="decoupled", tis_cap=2.0, behav_logp=behav)
+    # -obj * iw = [-2, -1.28, .2, 1.0], sum -2.08, / 4
     assert loss.item() == pytest.approx(-0.52)
-    assert metrics["tis_mean"] == pytest.approx(1.375)  # 5.5 / 4
+    assert metrics["iw_mean"] == pytest.approx(1.375)  # 5.5 / 4
 
 
-def test_tis_needs_both_cap_and_engine_logp():
-    engine = _log([0.25, 0.5, 1.0, 0.1])
-    assert _gtpo("token", engine_logp=engine)[0].item() == pytest.approx(-0.345)  # no cap: off
-    assert _gtpo("token", tis_cap=2.0)[0].item() == pytest.approx(-0.345)  # no engine log-probs: off
+def test_behav_logp_goes_with_the_decoupled_objective_only():
+    behav = _log([0.25, 0.5, 1.0, 0.1])
+    with pytest.raises(ValueError, match="behav_logp"):
+        _gtpo("token", behav_logp=behav)  # standard: it would be silently unused
+    with pytest.raises(ValueError, match="behav_logp"):
+        _gtpo("token", objective="decoupled")  # decoupled: never silently without the correction
 
 
 @pytest.mark.parametrize("norm", ["token", "step", "length"])
@@ -296,17 +298,25 @@ def test_gtpo_loss_empty_shard_is_finite():
 
 def test_loss_config_defaults_and_validation():
     cfg = LossConfig()
-    assert (cfg.eps_low, cfg.eps_high, cfg.advantage, cfg.norm, cfg.beta, cfg.tis_cap) == (
+    assert (cfg.eps_low, cfg.eps_high, cfg.advantage, cfg.norm, cfg.beta, cfg.objective, cfg.tis_cap) == (
         0.2,
         0.28,
         "zscore",
         "token",
         0.0,
-        None,
+        "standard",
+        2.0,
     )
     with pytest.raises(pydantic.ValidationError, match="eps_low"):
         LossConfig(eps_low=1.5)
-    for bad in ({"beta": -0.1}, {"tis_cap": 0.0}, {"log_ratio_clamp": 0.0}, {"norm": "seq"}, {"typo": 1}):
+    for bad in (
+        {"beta": -0.1},
+        {"tis_cap": 0.99},
+        {"objective": "areal"},
+        {"log_ratio_clamp": 0.0},
+        {"norm": "seq"},
+        {"typo": 1},
+    ):
         with pytest.raises(pydantic.ValidationError, match=next(iter(bad))):
             LossConfig(**bad)
 

@@ -56,6 +56,11 @@ def test_rl_step_makes_exactly_the_configured_updates(tiny_dir, tmp_path, groups
     assert steps == {6.0}
 
 
+def test_fewer_responses_than_updates_make_one_update_each(tiny_dir, tmp_path, groups):
+    m = _trainer(tiny_dir, tmp_path, updates_per_step=20).rl_step(*groups)  # 12 responses
+    assert m["updates"] == 12 and m["tokens"] > 0
+
+
 def test_on_policy_token_loss_is_minus_mean_token_advantage(tiny_dir, tmp_path, groups):
     rollouts, rewards = groups
     rewards = [[r + 0.1 * i for i, r in enumerate(g)] for g in rewards]

@@ -6,11 +6,17 @@ response unmasked. Padding and non-target positions never reach these functions,
 Normalisation is expressed as per-token weights ``w`` with ``loss = sum_t w_t * l_t``. The weights come from
 global counts over the whole optimizer batch, so each data-parallel rank can compute its own part and the parts
 add up to the same loss however the responses are split across ranks (see ``token_weights``).
+
+Three policies per token (design.md section 7): pi_behav, the engine's distribution when it unmasked the token
+(``Rollout.logprobs``); pi_prox, the trainer's weights at the start of the step's first update (the clip anchor,
+no gradient); pi_theta, the weights being trained. The standard objective assumes pi_behav = pi_prox (on-policy,
+engine == trainer); the decoupled one (AReaL) corrects for the difference with a truncated importance weight.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,11 +48,23 @@ class LossConfig(BaseModel):
         "length: per-response sum / max response length (TraceRL)",
     )
     beta: float = Field(0.0, ge=0.0, description="weight of the k3 KL to a frozen reference policy; 0 = off")
-    tis_cap: float | None = Field(
-        None, gt=0.0, description="truncated importance sampling cap against engine log-probs; None = off"
+    objective: Literal["standard", "decoupled"] = Field(
+        "standard",
+        description="standard: PPO, the ratio pi_theta / pi_prox clipped, for on-policy samples (engine == trainer, "
+        "sampled by the current weights). decoupled (AReaL, for stale or engine-mismatched samples): the same "
+        "clipped surrogate times the importance weight min(pi_prox / pi_behav, tis_cap), pi_behav being the "
+        "engine's log-prob at unmask time (Rollout.logprobs, required on every rollout). pi_prox is the trainer's "
+        "weights at the start of the step: recomputed when a sample is stale or the step makes several updates, "
+        "otherwise pi_theta.detach() exactly. On-policy, both give the same loss up to the engine's float error",
+    )
+    tis_cap: float = Field(
+        2.0,
+        ge=1.0,
+        description="decoupled: the importance weight pi_prox / pi_behav is truncated at this (TIS; a cap below 1 "
+        "would down-weight on-policy tokens too); unused by the standard objective, which has no such weight",
     )
     log_ratio_clamp: float = Field(
-        10.0, gt=0.0, description="clamp of log(pi / pi_old) before exp, so one stale token cannot overflow"
+        10.0, gt=0.0, description="clamp of log(pi_theta / pi_prox) before exp, so one stale token cannot overflow"
     )
 
 
@@ -100,14 +118,14 @@ def floor_correct(adv: Tensor, correct: Tensor) -> Tensor:
     return torch.where(correct, adv.clamp(min=0.0), adv)
 
 
-def _ratio(logp: Tensor, old_logp: Tensor, log_ratio_clamp: float) -> Tensor:
+def _ratio(logp: Tensor, prox_logp: Tensor, log_ratio_clamp: float) -> Tensor:
     # Clamping the log-ratio (not the ratio) keeps exp finite for a token whose probability moved a lot.
-    return torch.exp(torch.clamp(logp - old_logp, -log_ratio_clamp, log_ratio_clamp))
+    return torch.exp(torch.clamp(logp - prox_logp, -log_ratio_clamp, log_ratio_clamp))
 
 
 def clipped_surrogate(
     logp: Tensor,
-    old_logp: Tensor,
+    prox_logp: Tensor,
     adv: Tensor,
     eps_low: float,
     eps_high: float,
@@ -116,8 +134,8 @@ def clipped_surrogate(
     """PPO clipped surrogate with an asymmetric clip range [1 - eps_low, 1 + eps_high].
 
     Args:
-        logp: (T,) log-probs of the target tokens under the current policy (carries the gradient).
-        old_logp: (T,) log-probs under the policy that sampled them (no gradient expected).
+        logp: (T,) log-probs of the target tokens under pi_theta (carries the gradient).
+        prox_logp: (T,) log-probs under pi_prox, the clip anchor (no gradient expected).
         adv: (T,) advantage of each token's response.
         eps_low, eps_high: clip range of the ratio.
         log_ratio_clamp: |log ratio| is clamped to this before exp.
@@ -126,7 +144,7 @@ def clipped_surrogate(
         obj: (T,) min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A), to be maximised.
         clipped: (T,) bool, True where the clipped branch is the smaller one (those tokens get no gradient).
     """
-    ratio = _ratio(logp, old_logp, log_ratio_clamp)
+    ratio = _ratio(logp, prox_logp, log_ratio_clamp)
     unclipped = ratio * adv
     clipped_value = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     clipped = clipped_value < unclipped
@@ -138,32 +156,33 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Schulman's k3 estimator of KL(pi || pi_ref) from samples of pi: unbiased, >= 0, and 0 when equal.
 
     Args:
-        logp: (T,) log-probs under the current policy (the tokens were sampled from it).
-        ref_logp: (T,) log-probs of the same tokens under the frozen reference.
+        logp: (T,) log-probs under the policy the tokens were sampled from.
+        ref_logp: (T,) log-probs of the same tokens under the other policy.
 
     Returns:
         (T,) exp(ref - logp) - (ref - logp) - 1.
     """
     log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    # expm1: for the 1e-6 gaps of two equal policies, exp(x) - 1 - x would be all rounding error
+    return torch.expm1(log_ratio) - log_ratio
 
 
-def tis_weights(old_logp: Tensor, engine_logp: Tensor, cap: float) -> Tensor:
-    """Truncated importance sampling weights for tokens sampled by a different engine, precision or settings.
+def importance_weights(prox_logp: Tensor, behav_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights min(pi_prox / pi_behav, cap) of the decoupled objective.
 
-    The rollout engine's distribution (fp16, top-k, EOS bans, ...) is not the trainer's pi_old; reweighting
-    by pi_old / pi_engine makes the gradient unbiased again, and the cap bounds its variance.
+    The tokens were sampled by pi_behav (older weights, or the engine's precision and settings), not by pi_prox;
+    the weight makes the gradient unbiased again and the cap bounds its variance (TIS).
 
     Args:
-        old_logp: (T,) log-probs under the trainer's pi_old.
-        engine_logp: (T,) log-probs the engine reported when it sampled each token.
+        prox_logp: (T,) log-probs under the trainer's pi_prox.
+        behav_logp: (T,) log-probs the engine reported when it sampled each token.
         cap: upper bound of a weight.
 
     Returns:
-        (T,) min(exp(old_logp - engine_logp), cap), detached: a weight is a constant of the objective.
+        (T,) weights, detached: a weight is a constant of the objective.
     """
     # exp may overflow to inf for a huge gap; min with cap still gives cap.
-    return torch.clamp(torch.exp(old_logp.detach() - engine_logp.detach()), max=cap)
+    return torch.clamp(torch.exp(prox_logp.detach() - behav_logp.detach()), max=cap)
 
 
 def token_weights(
@@ -224,50 +243,57 @@ def token_weights(
 
 def gtpo_loss(
     logp: Tensor,
-    old_logp: Tensor,
+    prox_logp: Tensor,
     adv: Tensor,
     weights: Tensor,
     cfg: LossConfig,
     *,
     ref_logp: Tensor | None = None,
-    engine_logp: Tensor | None = None,
+    behav_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The GTPO loss of one shard of target tokens: sum_t w_t * (-obj_t * tis_t + beta * kl_t).
+    """The GTPO loss of one shard of target tokens: sum_t w_t * (-obj_t * iw_t + beta * kl_t).
 
-    On-policy (``old_logp = logp.detach()``) the ratio is 1 and the gradient is -sum_t w_t * A_t * grad logp_t.
+    obj is the clipped surrogate of pi_theta / pi_prox. iw is 1 for the standard objective and
+    min(pi_prox / pi_behav, tis_cap) for the decoupled one. On-policy (``prox_logp = logp.detach()``) the ratio
+    is 1 and the gradient is -sum_t w_t * iw_t * A_t * grad logp_t.
 
     Args:
-        logp: (T,) current log-probs (carries the gradient).
-        old_logp: (T,) log-probs under the sampling policy pi_old.
+        logp: (T,) log-probs under pi_theta (carries the gradient).
+        prox_logp: (T,) log-probs under pi_prox.
         adv: (T,) advantage of each token's response.
         weights: (T,) normalisation weights from ``token_weights``.
-        cfg: clip range, KL weight, TIS cap.
+        cfg: objective, clip range, KL weight, cap.
         ref_logp: (T,) reference log-probs; required when cfg.beta > 0.
-        engine_logp: (T,) engine log-probs; TIS is applied when this and cfg.tis_cap are both given.
+        behav_logp: (T,) the engine's log-probs (pi_behav); required by, and only allowed with, the decoupled
+            objective.
 
     Returns:
         loss: scalar tensor.
         metrics: python floats over this shard's tokens (plain means, not weighted): loss, clip_frac,
-        ratio_mean, kl (0 when off), tis_mean (1 when off), adv_mean, tokens.
+        ratio_mean, kl (0 when off), iw_mean (1 when standard), adv_mean, tokens.
     """
     shape = logp.shape
-    for name, x in (("old_logp", old_logp), ("adv", adv), ("weights", weights), ("ref_logp", ref_logp)):
+    named_inputs = (("prox_logp", prox_logp), ("adv", adv), ("weights", weights), ("ref_logp", ref_logp),
+                    ("behav_logp", behav_logp))  # fmt: skip
+    for name, x in named_inputs:
         if x is not None and x.shape != shape:
             raise ValueError(f"{name} must have the shape of logp {tuple(shape)}, got {tuple(x.shape)}")
-    if engine_logp is not None and engine_logp.shape != shape:
-        raise ValueError(f"engine_logp must have the shape of logp {tuple(shape)}, got {tuple(engine_logp.shape)}")
     if cfg.beta > 0 and ref_logp is None:
         raise ValueError(f"ref_logp is required when beta > 0 (beta={cfg.beta})")
+    if (cfg.objective == "decoupled") != (behav_logp is not None):
+        raise ValueError(
+            f"behav_logp: the decoupled objective needs it and only it uses it (objective={cfg.objective})"
+        )
 
     # At least fp32: the ratio of two bf16 log-probs is too coarse for a clip range of 0.2.
     dtype = torch.promote_types(logp.dtype, torch.float32)
-    logp, old_logp, adv, weights = (x.to(dtype) for x in (logp, old_logp, adv, weights))
-    obj, clipped = clipped_surrogate(logp, old_logp, adv, cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp)
+    logp, prox_logp, adv, weights = (x.to(dtype) for x in (logp, prox_logp, adv, weights))
+    obj, clipped = clipped_surrogate(logp, prox_logp, adv, cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp)
     per_token = -obj
-    tis = None
-    if cfg.tis_cap is not None and engine_logp is not None:
-        tis = tis_weights(old_logp, engine_logp.to(dtype), cfg.tis_cap)
-        per_token = per_token * tis
+    iw = None
+    if behav_logp is not None:
+        iw = importance_weights(prox_logp, behav_logp.to(dtype), cfg.tis_cap)
+        per_token = per_token * iw
     kl = None
     if cfg.beta > 0:
         kl = k3_kl(logp, ref_logp.to(dtype))
@@ -278,20 +304,108 @@ def gtpo_loss(
         n = logp.shape[0]
         if n == 0:
             # A rank may get a shard with no targets; its metrics must still be finite.
-            metrics = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "kl": 0.0, "tis_mean": 1.0, "adv_mean": 0.0}
+            metrics = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "kl": 0.0, "iw_mean": 1.0, "adv_mean": 0.0}
         else:
             named = {
                 "loss": loss.detach(),
                 "clip_frac": clipped.float().mean(),
-                "ratio_mean": _ratio(logp, old_logp, cfg.log_ratio_clamp).mean(),
+                "ratio_mean": _ratio(logp, prox_logp, cfg.log_ratio_clamp).mean(),
                 "kl": kl.mean() if kl is not None else loss.new_zeros(()),
-                "tis_mean": tis.mean() if tis is not None else loss.new_ones(()),
+                "iw_mean": iw.mean() if iw is not None else loss.new_ones(()),
                 "adv_mean": adv.mean(),
             }
             values = torch.stack(list(named.values())).tolist()  # one device sync for all metrics
             metrics = dict(zip(named, values, strict=True))
         metrics["tokens"] = float(n)
     return loss, metrics
+
+
+# --- behaviour diagnostics: how far the sampling policy was from pi_prox ------------------------------------------
+
+BEHAVIOUR_SUMS = ("tokens", "gap_sum", "kl_k3_sum", "iw_sum", "iw_truncated")
+BEHAVIOUR_MAXES = ("gap_max", "iw_max")
+
+
+def behaviour_sums(prox_logp: Tensor, behav_logp: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """One shard's part of the step's behaviour diagnostics, in float64 (gaps of 1e-6 must stay visible).
+
+    With d = log pi_prox - log pi_behav per target token and the raw weight w = exp(d):
+
+    Args:
+        prox_logp: (T,) the trainer's log-probs on the first pass (pi_prox).
+        behav_logp: (T,) the engine's (pi_behav).
+        cap: the truncation of w (``LossConfig.tis_cap``).
+
+    Returns:
+        sums: (5,) float64 in ``BEHAVIOUR_SUMS`` order: T, sum |d|, sum k3 (exp(d) - 1 - d: the tokens are
+            samples of pi_behav, so this estimates KL(pi_behav || pi_prox)), sum min(w, cap), count of w > cap.
+            Add them over shards and ranks.
+        maxes: (2,) float64 in ``BEHAVIOUR_MAXES`` order: max |d|, max w (before truncation); 0 for an empty
+            shard. Take the max over shards and ranks.
+    """
+    if prox_logp.shape != behav_logp.shape or prox_logp.dim() != 1:
+        raise ValueError(f"need two (T,) log-probs, got {tuple(prox_logp.shape)} and {tuple(behav_logp.shape)}")
+    d = prox_logp.detach().double() - behav_logp.detach().double()
+    if d.numel() == 0:
+        return d.new_zeros(len(BEHAVIOUR_SUMS)), d.new_zeros(len(BEHAVIOUR_MAXES))
+    w = torch.exp(d)
+    sums = torch.stack([d.new_tensor(float(d.numel())), d.abs().sum(), (torch.expm1(d) - d).sum(),
+                        w.clamp(max=cap).sum(), (w > cap).sum().double()])  # fmt: skip
+    return sums, torch.stack([d.abs().max(), w.max()])
+
+
+def behaviour_metrics(sums: Tensor, maxes: Tensor, *, weighted: bool) -> dict[str, float]:
+    """The step's behaviour metrics from the summed ``behaviour_sums`` of all its shards (per target token).
+
+    Returns:
+        logprob_gap_mean / logprob_gap_max: mean / max |log pi_prox - log pi_behav| (engine vs trainer);
+        behav_kl_k3: the k3 estimate of KL(pi_behav || pi_prox); and with ``weighted`` (the decoupled objective)
+        iw_mean (mean applied weight min(w, cap)), iw_max (max raw w) and iw_truncated_frac (share of w > cap).
+    """
+    s = dict(zip(BEHAVIOUR_SUMS, sums.tolist(), strict=True))
+    m = dict(zip(BEHAVIOUR_MAXES, maxes.tolist(), strict=True))
+    n = max(s["tokens"], 1.0)
+    out = {"logprob_gap_mean": s["gap_sum"] / n, "logprob_gap_max": m["gap_max"], "behav_kl_k3": s["kl_k3_sum"] / n}
+    if weighted:
+        out |= {"iw_mean": s["iw_sum"] / n, "iw_max": m["iw_max"], "iw_truncated_frac": s["iw_truncated"] / n}
+    return out
+
+
+def staleness(versions: Sequence[Sequence[int]], current: int) -> tuple[float, int]:
+    """Mean and max over samples of current - the policy version that generated the sample.
+
+    Args:
+        versions: per group, each sample's ``Rollout.policy_version``.
+        current: the trainer's policy version.
+
+    Raises:
+        ValueError: a sample claims a version newer than the trainer's (the two disagree on what was published).
+
+    >>> staleness([[3, 2], [1]], 3)
+    (1.0, 2)
+    """
+    flat = [v for g in versions for v in g]
+    for g, group in enumerate(versions):
+        for i, v in enumerate(group):
+            if v > current:
+                raise ValueError(f"Rollout.policy_version: group {g} sample {i} has v{v}, newer than the trainer's "
+                                 f"v{current}")  # fmt: skip
+    if not flat:
+        return 0.0, 0
+    lags = [current - v for v in flat]
+    return sum(lags) / len(lags), max(lags)
+
+
+def identical_groups(token_ids: Sequence[Sequence[Sequence[int]]]) -> list[int]:
+    """Indices of the groups of >= 2 samples whose token ids are all the same.
+
+    At temperature 1 that is all but impossible for a response of more than a few tokens; a decoder that
+    ignores the temperature or the per-sample seed produces exactly this.
+
+    >>> identical_groups([[[1, 2], [1, 2]], [[1, 2], [1, 3]], [[5]]])
+    [0]
+    """
+    return [g for g, group in enumerate(token_ids) if len(group) >= 2 and all(t == group[0] for t in group[1:])]
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The GTPO / SFT trainer: Accelerate, explicit gradient accumulation, checkpoints, exact resume.
 
-One ``step`` (an RL step or an SFT step) makes exactly ``updates_per_step * passes`` optimizer updates. Within an
+One ``step`` (an RL step or an SFT step) makes exactly ``updates_per_step * passes`` optimizer updates (a step with
+fewer responses than ``updates_per_step`` makes one update per response and pass). Within an
 update, the batch's responses are spread over the processes (response i on rank i % world) and over micro-batches;
 every target token carries a normalisation weight computed from counts over the whole update (known on every
 rank, since every rank sees the whole batch), so summing the ranks' gradients gives the single-process gradient.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -26,11 +28,25 @@ from torch import Tensor
 
 from services.trainer.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.config import TrainerConfig
-from services.trainer.objective import filter_groups, floor_correct, group_advantages, gtpo_loss, token_weights
+from services.trainer.objective import (
+    BEHAVIOUR_MAXES,
+    BEHAVIOUR_SUMS,
+    behaviour_metrics,
+    behaviour_sums,
+    filter_groups,
+    floor_correct,
+    group_advantages,
+    gtpo_loss,
+    identical_groups,
+    staleness,
+    token_weights,
+)
 from services.trainer.policy import TokenLogProbs
 from services.trainer.trajectory import Trajectory, build_batch, rollout_trajectory
 from shared.contracts import Rollout
 from shared.model import LoadedModel, load_model
+
+log = logging.getLogger("gtpo.trainer")
 
 
 @dataclass
@@ -46,6 +62,17 @@ class WorkItem:
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The generator of one (step, rank): resume-safe randomness."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def check_behaviour_logprobs(groups: Sequence[Sequence[Rollout]]) -> None:
+    """Raise ValueError naming the first rollout without the engine's per-token log-probs (pi_behav)."""
+    for g, group in enumerate(groups):
+        for i, r in enumerate(group):
+            if r.logprobs is None:
+                raise ValueError(
+                    f"Rollout.logprobs: loss.objective='decoupled' needs the engine's log-prob of every token "
+                    f"(pi_behav); group {g} sample {i} has none (sample with SamplingParams.logprobs=True)"
+                )
 
 
 def split_even(n: int, parts: int) -> list[range]:
@@ -126,12 +153,22 @@ class GTPOTrainer:
         """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank) with `extra`.
 
         `correct` (grouped like `rewards`) is each response's accuracy verdict; `loss.floor_correct` needs it.
+        Each rollout's `policy_version` is the version that sampled it: a sample from an older version than the
+        trainer's makes the step recompute pi_prox (design.md section 7).
         """
         if len(groups) != len(rewards) or any(len(g) != len(r) for g, r in zip(groups, rewards, strict=True)):
             raise ValueError("rewards: need one reward per rollout, grouped like the rollouts")
         if self.cfg.loss.floor_correct:
             if correct is None or [len(c) for c in correct] != [len(r) for r in rewards]:
                 raise ValueError("loss.floor_correct: need one accuracy verdict per rollout, grouped like the rewards")
+        if self.cfg.loss.objective == "decoupled":
+            check_behaviour_logprobs(groups)
+        lag_mean, lag_max = staleness([[r.policy_version for r in g] for g in groups], self.state.policy_version)
+        same = identical_groups([[r.token_ids for r in g] for g in groups])
+        if same and self.accelerator.is_main_process:
+            log.warning("step %d: %d of %d groups have all their samples identical (groups %s): does the decoder "
+                        "ignore the temperature or the per-sample seed?", self.state.step + 1, len(same),
+                        len(groups), same[:10])  # fmt: skip
         keep, stats = filter_groups([list(map(float, r)) for r in rewards])
         if not self.cfg.dynamic_sampling:
             keep = [len(g) > 0 for g in groups]
@@ -145,14 +182,16 @@ class GTPOTrainer:
             adv = adv[0]
             for rollout, a in zip(group, adv.tolist(), strict=True):
                 items.append(WorkItem(rollout_trajectory(rollout, self.cfg.shrink), a, rollout.logprobs))
-        stale = any(r.policy_version != self.state.policy_version for g in groups for r in g)
-        metrics = self._train_items(items, rl=True, recompute_old=stale)
+        metrics = self._train_items(items, rl=True, recompute_prox=lag_max > 0)
         flat = [x for r in rewards for x in r]
         metrics.update(
             reward_mean=sum(flat) / max(1, len(flat)),
             groups=stats.groups,
             groups_kept=stats.kept,
             groups_dropped=stats.dropped,
+            groups_identical=len(same),
+            staleness_mean=lag_mean,
+            staleness_max=lag_max,
         )
         metrics.update(extra or {})
         return self._finish_step(metrics, write=write)
@@ -161,67 +200,100 @@ class GTPOTrainer:
 
     def sft_step(self, items: list[WorkItem]) -> dict[str, float]:
         """One SFT step on prepared items (random-masking or trace rounds); returns metrics."""
-        return self._finish_step(self._train_items(items, rl=False, recompute_old=False))
+        return self._finish_step(self._train_items(items, rl=False, recompute_prox=False))
 
     # ------------------------------------------------------------------ the shared update machinery
 
-    def _train_items(self, items: list[WorkItem], *, rl: bool, recompute_old: bool) -> dict[str, float]:
+    def _train_items(self, items: list[WorkItem], *, rl: bool, recompute_prox: bool) -> dict[str, float]:
         cfg = self.cfg
         passes = cfg.passes if rl else 1
-        updates = cfg.updates_per_step * passes
         if not items:
             self.accelerator.print("no trainable responses in this step (all groups dropped); no update made")
             return {"updates": 0, "loss": 0.0, "tokens": 0}
-        old = self._old_logprobs(items) if rl and (recompute_old or updates > 1) else None
+        # fewer responses than updates: the surplus updates would have nothing to train on
+        chunks = [c for c in split_even(len(items), cfg.updates_per_step) if len(c)]
+        prox = self._proximal_logprobs(items, chunks) if rl and (recompute_prox or len(chunks) * passes > 1) else None
+        # the behaviour diagnostics need pi_behav for every response (they are then the same set on every rank)
+        diagnose = rl and all(it.engine_logprobs is not None for it in items)
         totals: dict[str, float] = {}
+        behav: tuple[Tensor, Tensor] | None = None
         done = 0
-        for _ in range(passes):
-            for chunk in split_even(len(items), cfg.updates_per_step):
-                m = self._update([items[i] for i in chunk], None if old is None else [old[i] for i in chunk], rl)
+        for p in range(passes):
+            for chunk in chunks:
+                sub = None if prox is None else [prox[i] for i in chunk]
+                m, b = self._update([items[i] for i in chunk], sub, rl, diagnose=diagnose and p == 0)
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + v
+                if b is not None:
+                    behav = b if behav is None else (behav[0] + b[0], torch.maximum(behav[1], b[1]))
                 done += 1
         out = {k: v / done for k, v in totals.items()}
         out["updates"] = done
+        if behav is not None:
+            out.update(behaviour_metrics(*behav, weighted=cfg.loss.objective == "decoupled"))
         return out
 
-    def _update(self, chunk: list[WorkItem], old: list[Tensor] | None, rl: bool) -> dict[str, float]:
-        """One optimizer update over `chunk` (all ranks), with explicit accumulation over micro-batches."""
+    def _micro_batches(self, n: int) -> list[list[int]]:
+        """This rank's positions among an update's n responses, in micro-batches.
+
+        Every rank gets the same number of micro-batches (some may be empty), so each joins every collective.
+        """
+        mine = list(range(self.rank, n, self.world))
+        size = self.cfg.micro_batch_size
+        n_micro = max(1, math.ceil(math.ceil(n / self.world) / size))
+        return [mine[j * size : (j + 1) * size] for j in range(n_micro)]
+
+    def _update(
+        self, chunk: list[WorkItem], prox: list | None, rl: bool, *, diagnose: bool = False
+    ) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+        """One optimizer update over `chunk` (all ranks), with explicit accumulation over micro-batches.
+
+        Returns the update's metrics and, with `diagnose`, its ``behaviour_sums`` summed (maxed) over all ranks.
+        """
         # RL normalises by target tokens; SFT by response tokens (SDAR), masked or not
         n_tokens = sum(it.trajectory.target_count if rl else it.trajectory.response_len for it in chunk)
         max_len = max(it.trajectory.response_len for it in chunk)
-        mine = list(range(self.rank, len(chunk), self.world))
-        per_rank = math.ceil(len(chunk) / self.world)
-        n_micro = max(1, math.ceil(per_rank / self.cfg.micro_batch_size))
         sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
-        for j in range(n_micro):
-            idx = mine[j * self.cfg.micro_batch_size : (j + 1) * self.cfg.micro_batch_size]
-            last = j == n_micro - 1
+        b_sums = torch.zeros(len(BEHAVIOUR_SUMS), dtype=torch.float64)
+        b_max = torch.zeros(len(BEHAVIOUR_MAXES), dtype=torch.float64)
+        micro = self._micro_batches(len(chunk))
+        for j, idx in enumerate(micro):
+            last = j == len(micro) - 1
             # gradients are all-reduced once per update, at its last micro-batch: no_sync for DDP, and the
             # sync flag for DeepSpeed, whose engine would otherwise step the optimizer on every backward
             self.accelerator.gradient_state._set_sync_gradients(last)
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy):
-                loss, m = self._micro_loss(chunk, idx, old, rl, len(chunk), n_tokens, max_len)
+                loss, m, b = self._micro_loss(chunk, idx, prox, rl, (len(chunk), n_tokens, max_len), diagnose)
                 self.accelerator.backward(loss * self.world)
             sums["loss"] += m["loss"]
             sums["tokens"] += m["tokens"]
             for k in ("clip_frac", "kl"):
                 sums[k] += m.get(k, 0.0) * m["tokens"]
+            if b is not None:
+                b_sums, b_max = b_sums + b[0].cpu(), torch.maximum(b_max, b[1].cpu())
         grad_norm = self._optimizer_step()
-        reduced = self.accelerator.reduce(torch.tensor(list(sums.values()), device=self.accelerator.device), "sum")
-        s = dict(zip(sums, reduced.tolist(), strict=True))
+        dev = self.accelerator.device
+        vec = torch.cat([torch.tensor(list(sums.values()), dtype=torch.float64), b_sums if diagnose else b_sums[:0]])
+        reduced = self.accelerator.reduce(vec.to(dev), "sum").cpu()
+        s = dict(zip(sums, reduced[: len(sums)].tolist(), strict=True))
         tok = max(s["tokens"], 1.0)
-        return {"loss": s["loss"], "clip_frac": s["clip_frac"] / tok, "kl": s["kl"] / tok, "tokens": s["tokens"],
-                "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
+        metrics = {"loss": s["loss"], "clip_frac": s["clip_frac"] / tok, "kl": s["kl"] / tok, "tokens": s["tokens"],
+                   "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
+        if not diagnose:
+            return metrics, None
+        maxes = self.accelerator.gather(b_max.to(dev)).view(-1, len(BEHAVIOUR_MAXES)).max(0).values.cpu()
+        return metrics, (reduced[len(sums) :], maxes)
 
-    def _micro_loss(self, chunk, idx, old, rl, n_resp, n_tokens, max_len) -> tuple[Tensor, dict[str, float]]:
-        """Loss of one micro-batch; `loss` is already weighted by the update's global counts."""
+    def _micro_loss(self, chunk, idx, prox, rl, counts, diagnose) -> tuple[Tensor, dict[str, float], tuple | None]:
+        """Loss of one micro-batch, already weighted by the update's global `counts` (responses, targets, max
+        length); with `diagnose`, also its ``behaviour_sums`` (None for an empty shard)."""
         dummy = not idx
         sel = idx or [0]  # an empty shard runs one zero-weight response so every rank joins the collectives
         batch = build_batch([chunk[i].trajectory for i in sel], self.loaded.spec.mask_token_id, self.cfg.layout)
         batch = batch.to(self.accelerator.device)
         logp = self.policy(batch)
         resp = batch.response_index
+        n_resp, n_tokens, max_len = counts
         w = token_weights(
             resp, batch.round_index, self.cfg.loss.norm if rl else "token",
             n_responses=n_resp, n_tokens=n_tokens, max_len=max_len,
@@ -231,40 +303,52 @@ class GTPOTrainer:
         if not rl:
             scale = torch.tensor([chunk[i].token_scale for i in sel], device=logp.device)[resp]
             loss = -(w * scale * logp).sum()
-            return loss, {"loss": float(loss.detach()), "tokens": 0.0 if dummy else float(len(logp))}
-        order_old = self._at_targets(old, sel, batch) if old is not None else logp.detach()
+            return loss, {"loss": float(loss.detach()), "tokens": 0.0 if dummy else float(len(logp))}, None
+        # not recomputed (one update, every sample from the current weights): pi_prox is pi_theta.detach() exactly;
+        # an empty shard's stand-in response is another rank's, whose pi_prox this rank never computed
+        prox_lp = self._at_targets(prox, sel, batch) if prox is not None and not dummy else logp.detach()
         adv = torch.tensor([chunk[i].advantage for i in sel], device=logp.device, dtype=torch.float32)[resp]
         ref = self._ref_logprobs(batch) if self.ref is not None else None
-        eng = self._engine_logprobs(chunk, sel, batch)
-        loss, m = gtpo_loss(logp, order_old, adv, w, self.cfg.loss, ref_logp=ref, engine_logp=eng)
+        decoupled = self.cfg.loss.objective == "decoupled"
+        behav = self._at_targets([it.engine_logprobs for it in chunk], sel, batch) if decoupled or diagnose else None
+        loss, m = gtpo_loss(logp, prox_lp, adv, w, self.cfg.loss, ref_logp=ref, behav_logp=behav if decoupled else None)
         m["tokens"] = 0.0 if dummy else m["tokens"]
-        return loss, m
+        stats = behaviour_sums(prox_lp, behav, self.cfg.loss.tis_cap) if diagnose and not dummy else None
+        return loss, m, stats
 
     def _at_targets(self, per_response: list, sel: list[int], batch) -> Tensor:
-        """Per-response values indexed by response position (old or engine log-probs), gathered at the targets."""
-        pairs = zip(batch.response_index.tolist(), batch.token_index.tolist(), strict=True)
-        return torch.tensor([float(per_response[sel[r]][t]) for r, t in pairs], device=self.accelerator.device)
-
-    def _engine_logprobs(self, chunk, sel, batch) -> Tensor | None:
-        if self.cfg.loss.tis_cap is None or any(chunk[i].engine_logprobs is None for i in sel):
-            return None
-        return self._at_targets([it.engine_logprobs for it in chunk], sel, batch)
+        """Per-response values indexed by response position (pi_prox or pi_behav), gathered at the targets (float64:
+        an engine's log-probs arrive as python floats, and a 1e-6 gap must survive)."""
+        rows = [torch.as_tensor(per_response[i], dtype=torch.float64) for i in sel]
+        starts = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
+        at = starts[batch.response_index.cpu()] + batch.token_index.cpu()
+        return torch.cat(rows)[at].to(self.accelerator.device)
 
     @torch.no_grad()
     def _ref_logprobs(self, batch) -> Tensor:
         return self.ref(batch)
 
     @torch.no_grad()
-    def _old_logprobs(self, items: list[WorkItem]) -> list[Tensor]:
-        """pi_old: the policy before this step's first update, per response, indexed by response position."""
+    def _proximal_logprobs(self, items: list[WorkItem], chunks: list[range]) -> list[Tensor | None]:
+        """pi_prox, the weights before this step's first update: per response, indexed by response position.
+
+        Only for the responses this rank trains, in the micro-batches its updates will use, so that the first
+        update's ratio is 1 to the bit and no rank recomputes another's share; every rank makes the same number
+        of forwards (DDP buffer syncs and ZeRO-3 / FSDP gathers are collectives). Others' entries stay None.
+        """
         self.policy.eval()
-        out = []
-        for it in items:
-            batch = build_batch([it.trajectory], self.loaded.spec.mask_token_id, self.cfg.layout)
-            lp = self.unwrapped(batch.to(self.accelerator.device)).float()
-            full = torch.zeros(it.trajectory.response_len, device=lp.device)
-            full[batch.token_index.to(lp.device)] = lp
-            out.append(full.cpu())
+        out: list[Tensor | None] = [None] * len(items)
+        for chunk in chunks:
+            for idx in self._micro_batches(len(chunk)):
+                sel = [chunk[i] for i in idx] or [chunk[0]]  # an empty shard joins on a response it discards
+                batch = build_batch([items[i].trajectory for i in sel], self.loaded.spec.mask_token_id, self.cfg.layout)
+                batch = batch.to(self.accelerator.device)
+                lp = self.policy(batch).double().cpu()
+                resp, pos = batch.response_index.cpu(), batch.token_index.cpu()
+                for k, i in enumerate(sel if idx else []):
+                    full = torch.zeros(items[i].trajectory.response_len, dtype=torch.float64)
+                    full[pos[resp == k]] = lp[resp == k]
+                    out[i] = full
         self.policy.train()
         return out
 

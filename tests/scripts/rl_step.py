@@ -1,9 +1,13 @@
-"""One GTPO step on fixed rollouts; the main process writes the updated weights. Run plainly or under
-`accelerate launch` (the 2-process test compares the two).
+"""One GTPO step on fixed rollouts; the main process writes the updated weights (and the step's metrics as JSON
+next to them). Run plainly or under `accelerate launch` (the 2-process tests compare the two).
 
-    python tests/scripts/rl_step.py MODEL_DIR OUT_FILE [micro_batch_size]
+    python tests/scripts/rl_step.py MODEL_DIR OUT_FILE [micro_batch_size] [standard|decoupled]
+
+`decoupled`: the off-policy case of the decoupled objective: the trainer is at v2 while the groups were sampled
+at v0, v1, v2, the behaviour log-probs are shifted (see `shifted_behaviour`) and the last group is one short.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from safetensors.torch import save_file
 
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import OptimConfig, TrainerConfig
+from services.trainer.objective import LossConfig
 from services.trainer.trainer import GTPOTrainer
 from shared.contracts import GenerationRequest, SamplingParams
 from shared.model import load_model
@@ -32,20 +37,42 @@ def fixed_groups(model_dir: str, prompts: int = 3, n: int = 4):
     return groups, rewards
 
 
+SHIFT = 0.5  # nats: behaviour log-prob = engine log-prob - SHIFT at even response positions, + SHIFT at odd ones
+
+
+def shifted_behaviour(groups, versions=(0, 1, 2)):
+    """The groups as if sampled by another policy: group g at policy version versions[g % len(versions)], its
+    behaviour log-probs moved so that log pi_prox - log pi_behav is +SHIFT (even positions) / -SHIFT (odd)."""
+    return [
+        [r.model_copy(update={"policy_version": versions[g % len(versions)],
+                              "logprobs": [lp - SHIFT if i % 2 == 0 else lp + SHIFT for i, lp in enumerate(r.logprobs)]})
+         for r in group]
+        for g, group in enumerate(groups)
+    ]  # fmt: skip
+
+
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     micro = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    objective = sys.argv[4] if len(sys.argv) > 4 else "standard"
     groups, rewards = fixed_groups(model_dir)
+    loss = LossConfig(objective=objective, tis_cap=1.5) if objective == "decoupled" else LossConfig()
     cfg = TrainerConfig(
-        model=model_dir, output_dir=out.parent / f"{out.stem}-run", micro_batch_size=micro,
+        model=model_dir, output_dir=out.parent / f"{out.stem}-run", micro_batch_size=micro, loss=loss,
         optim=OptimConfig(lr=1e-4, max_grad_norm=1.0),  # Adam's first step is lr * sign(g): keep fp noise small
     )  # fmt: skip
     trainer = GTPOTrainer(cfg)
+    if objective == "decoupled":
+        trainer.state.policy_version = 2
+        groups = shifted_behaviour(groups)
+        # 11 responses: on 2 ranks one gets 6 and the other 5, so its last micro-batch (of 1) is empty
+        groups[-1], rewards[-1] = groups[-1][1:], rewards[-1][1:]
     m = trainer.rl_step(groups, rewards)
     print(f"rank {trainer.rank}/{trainer.world} loss {m['loss']:.6f} tokens {m['tokens']}", flush=True)
     if trainer.accelerator.is_main_process:
         state = {k: v.detach().contiguous().clone() for k, v in trainer.unwrapped.lm.state_dict().items()}
         save_file(state, str(out))
+        out.with_suffix(".json").write_text(json.dumps(m))
     trainer.accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
 
