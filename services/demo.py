@@ -166,11 +166,12 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
         model=sft_model, output_dir=arm.run_dir, data=train, steps=cfg.rl_steps, seed=cfg.seed,
         prompts_per_step=cfg.prompts_per_step, prompt_template="{question}", chat_template=False,
         rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
-                 "threshold_spread": arm.spread}, reward_weights=arm.weights, loss={"floor_correct": arm.floor_correct},
+                 "threshold_spread": arm.spread}, reward_weights=arm.weights, loss={"floor_correct": arm.floor_correct, "objective": "decoupled" if arm.max_staleness else "standard"},
         micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
         redis={"namespace": f"demo-{cfg.seed}-{arm.run_dir.name}-{int(time.time())}"}, oversample=3.0,
         max_staleness=arm.max_staleness,
     )  # fmt: skip
+
     code = run_stack(rl, threads=1 if arm.one_thread else None)
     if code != 0:
         raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {arm.run_dir / 'logs'}")

@@ -21,6 +21,7 @@ from shared.keys import Keys
 pytestmark = pytest.mark.redis
 
 RECORDED = Path(__file__).parent / "data" / "sync_run_k0.json"
+DECOUPLED = {"objective": "decoupled", "tis_cap": 2.0}
 
 
 class AsyncStack(Stack):
@@ -80,7 +81,7 @@ def test_k2_runs_ahead_within_the_bound_and_trains_once_through_sigkills(tmp_pat
     ns = "async-kill"
     k, per_step, steps = 2, 2, 5
     cfg = _config(tmp_path, tiny_dir, ns, steps=steps, max_staleness=k, rollout={"max_new_tokens": 24},
-                  loss={"tis_cap": 2.0})  # fmt: skip
+                  loss=DECOUPLED)  # fmt: skip
     stack = AsyncStack(cfg, embedded_redis.url)
     r = redis.Redis.from_url(embedded_redis.url)
     keys = Keys(ns)
@@ -112,7 +113,7 @@ def test_k2_runs_ahead_within_the_bound_and_trains_once_through_sigkills(tmp_pat
 
 
 def test_k2_survives_a_redis_restart(tmp_path, tiny_dir, embedded_redis):
-    cfg = _config(tmp_path, tiny_dir, "async-restart", steps=4, max_staleness=2)
+    cfg = _config(tmp_path, tiny_dir, "async-restart", steps=4, max_staleness=2, loss=DECOUPLED)
     stack = AsyncStack(cfg, embedded_redis.url, rollout_workers=1, reward_workers=1)
     try:
         stack.start()
@@ -129,7 +130,7 @@ def test_k2_survives_a_redis_restart(tmp_path, tiny_dir, embedded_redis):
 
 def test_a_second_trainer_for_the_namespace_refuses_to_start(tmp_path, tiny_dir, redis_url):
     ns = f"async-lease-{os.getpid()}-{time.time_ns()}"
-    cfg = _config(tmp_path, tiny_dir, ns, steps=3, max_staleness=1)
+    cfg = _config(tmp_path, tiny_dir, ns, steps=3, max_staleness=1, loss=DECOUPLED)
     stack = Stack(cfg, redis_url)
     try:
         stack.start()
@@ -155,7 +156,7 @@ def test_a_stalled_trainer_loses_its_lease_and_stops_without_writing(tmp_path, t
     import shutil
 
     ns = f"async-takeover-{os.getpid()}-{time.time_ns()}"
-    cfg = _config(tmp_path, tiny_dir, ns, steps=4, lease_ttl_s=2, max_staleness=1)
+    cfg = _config(tmp_path, tiny_dir, ns, steps=4, lease_ttl_s=2, max_staleness=1, loss=DECOUPLED)
     stack = Stack(cfg, redis_url)
     keys = Keys(ns)
     r = redis.Redis.from_url(redis_url)

@@ -28,6 +28,7 @@ def _collector(redis_client, keys, tmp_path, k=0, **over) -> Collector:
     cfg = RLConfig.model_validate({
         "model": str(tmp_path), "output_dir": str(tmp_path / "run"), "data": str(tmp_path / "d.jsonl"),
         "prompts_per_step": 2, "oversample": 1.0, "max_staleness": k, "chat_template": False,
+        "loss": {"objective": "decoupled" if k else "standard"},
         "rollout": {"group_size": 2, "max_new_tokens": 8}, "redis": {"namespace": keys.namespace}, **over,
     })  # fmt: skip
     prompts = [Prompt(f"q{i}", str(i)) for i in range(50)]

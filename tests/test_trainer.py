@@ -103,11 +103,12 @@ def test_micro_batching_gives_the_same_update(tiny_dir, tmp_path, groups):
     assert max((results[0][k] - results[1][k]).abs().max() for k in results[0]) <= 1e-6
 
 
-def test_zero_variance_groups_are_dropped_without_update(tiny_dir, tmp_path, groups):
+def test_zero_variance_groups_get_no_gradient(tiny_dir, tmp_path, groups):
+    # the driver's collector drops such groups (dynamic sampling); given one anyway, its advantages are all 0
     trainer = _trainer(tiny_dir, tmp_path)
     before = _params(trainer)
     m = trainer.rl_step(groups[0], [[1.0] * len(g) for g in groups[0]])
-    assert m["updates"] == 0 and m["groups_dropped"] == 3
+    assert m["groups_kept"] == 0 and m["groups_dropped"] == 3 and m["grad_norm"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in _params(trainer).items())
 
 

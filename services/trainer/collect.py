@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from services.trainer.config import RLConfig
+from services.trainer.objective import filter_groups
 from shared.contracts import SamplingParams, ScoredMessage, TaskMessage
 from shared.prompts import encode_prompt
 
@@ -136,8 +137,7 @@ def verdict_of(samples: list[ScoredMessage], dynamic_sampling: bool) -> str:
     """
     if any(m.score.status != "ok" for m in samples):
         return "reward_error"
-    totals = [m.score.total for m in samples]
-    if dynamic_sampling and max(totals) - min(totals) <= 1e-9:
+    if dynamic_sampling and not filter_groups([[m.score.total for m in samples]])[0][0]:
         return "zero_variance"
     return "kept"
 

@@ -44,7 +44,6 @@ class TrainerConfig(BaseModel):
     shrink: int = Field(1, ge=1, description="merge this many consecutive steps of a block into one round")
     attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="auto: flex on CUDA, sdpa on CPU")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
-    dynamic_sampling: bool = Field(True, description="drop groups whose rewards all agree (no signal)")
     ref_model: Path | None = Field(None, description="frozen reference for the KL term; None = the start model")
     keep_last: int = Field(3, ge=1, description="checkpoints kept")
     sft_mask_eps: float = Field(1e-3, gt=0, lt=1, description="SFT: mask rate t ~ U(eps, 1)")
@@ -114,6 +113,7 @@ class RLConfig(TrainerConfig):
         2.0, ge=1.0, description="enqueue up to this many times the groups to refill dropped ones"
     )
     rollout: RolloutSampling = Field(default_factory=RolloutSampling)
+    dynamic_sampling: bool = Field(True, description="drop (and refill) groups whose rewards all agree: no signal")
     max_staleness: int = Field(
         0,
         ge=0,
@@ -131,6 +131,16 @@ class RLConfig(TrainerConfig):
     reward_weights: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0}, description="`gtpo up`: the reward workers' weights"
     )
+
+    @model_validator(mode="after")
+    def _check_staleness(self) -> RLConfig:
+        # samples up to k versions old are off-policy: without the behaviour correction the update is biased
+        if self.max_staleness >= 1 and self.loss.objective != "decoupled":
+            raise ValueError(
+                f"max_staleness: {self.max_staleness} needs loss.objective=decoupled (stale samples need the "
+                "importance weight pi_prox / pi_behav), got loss.objective=standard"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_floor_correct(self) -> RLConfig:

@@ -169,12 +169,12 @@ class GTPOTrainer:
             log.warning("step %d: %d of %d groups have all their samples identical (groups %s): does the decoder "
                         "ignore the temperature or the per-sample seed?", self.state.step + 1, len(same),
                         len(groups), same[:10])  # fmt: skip
-        keep, stats = filter_groups([list(map(float, r)) for r in rewards])
-        if not self.cfg.dynamic_sampling:
-            keep = [len(g) > 0 for g in groups]
+        # every group given is trained: which groups are worth training (dynamic sampling) is decided once, where
+        # groups are collected and refilled (services.trainer.collect); a zero-variance group has advantage 0
+        _, stats = filter_groups([list(map(float, r)) for r in rewards])  # refuses non-finite rewards
         items: list[WorkItem] = []
-        for i, (group, rew, k) in enumerate(zip(groups, rewards, keep, strict=True)):
-            if not k:
+        for i, (group, rew) in enumerate(zip(groups, rewards, strict=True)):
+            if not group:
                 continue
             adv = group_advantages(torch.tensor([list(rew)], dtype=torch.float64), self.cfg.loss.advantage)
             if self.cfg.loss.floor_correct:
