@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import doctest
 import json
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ from services.trainer.checkpoint import (
     CheckpointError,
     TrainerState,
     checkpoint_dir,
+    checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -151,7 +153,7 @@ def test_resume_is_exact(init_dir, tmp_path):
     _seed_all(0)
     loaded_b, opt_b, sched_b = _setup(init_dir)
     losses_b = train_steps(loaded_b.model, opt_b, sched_b, 3)
-    state = TrainerState(step=3, policy_version=3, data_cursor=6, extra={"queue": ("1700-0", 5), "workers": {"w0": 2}})
+    state = TrainerState(step=3, policy_version=3, data_cursor=6)
     path = save_checkpoint(
         tmp_path, 3, model=loaded_b.model, tokenizer=loaded_b.tokenizer, spec=loaded_b.spec, optimizer=opt_b,
         scheduler=sched_b, state=state,
@@ -221,6 +223,29 @@ def test_keep_last_latest_and_partial_dirs(init_dir, tmp_path):
     save(6)  # the next save removes the partial dir
     assert not partial.exists()
     assert latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_checkpoint_names_are_zero_padded_step_numbers(tmp_path):
+    assert [checkpoint_name(s) for s in (0, 7, 40, 12345678)] == [
+        "step-00000000", "step-00000007", "step-00000040", "step-12345678",
+    ]  # fmt: skip
+    assert sorted(checkpoint_name(s) for s in (10, 9, 100)) == [checkpoint_name(s) for s in (9, 10, 100)]
+    assert checkpoint_dir(tmp_path, 40) == tmp_path / "step-00000040"
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        checkpoint_name(-1)
+    assert doctest.testmod(ckpt_module).failed == 0
+
+
+def test_a_checkpoint_with_the_old_extra_field_still_loads(init_dir, tmp_path):
+    """trainer_state.json of earlier versions held an `extra` mapping (tagged tuples included); it is ignored."""
+    loaded, _, _ = _setup(init_dir)
+    path = save_checkpoint(
+        tmp_path, 3, model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, state=TrainerState(step=3)
+    )
+    old = {"format": 1, "step": 3, "policy_version": 2, "data_cursor": 6,
+           "extra": {"queue": {"__tuple__": ["1700-0", 5]}, "workers": {"w0": 2}}}  # fmt: skip
+    (path / "trainer_state.json").write_text(json.dumps(old))
+    assert load_checkpoint(path) == TrainerState(step=3, policy_version=2, data_cursor=6)
 
 
 def test_saved_model_dir_loads_as_sdar(init_dir, tmp_path):

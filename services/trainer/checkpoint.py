@@ -8,7 +8,7 @@ A checkpoint is one directory `<root>/step-XXXXXXXX/`:
     scheduler.json          `scheduler.state_dict()`
     rng.safetensors         torch CPU and CUDA generator states
     rng.json                python `random` and numpy global states
-    trainer_state.json      step, policy version, data cursor, extra (queue positions, ...)
+    trainer_state.json      step, policy version, data cursor
 
 `<root>/latest` names the newest directory. Nothing here pickles or unpickles: tensors go to safetensors,
 everything else to JSON through a small tagged codec that keeps tuples, non-string dict keys and tensor
@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,13 @@ class TrainerState:
         step: optimizer steps (SFT) or RL steps done.
         policy_version: version of the weights rollouts are tagged with.
         data_cursor: position in the dataset / prompt stream.
-        extra: anything else JSON-encodable (queue positions, ...); tuples and int keys survive.
+
+    Older checkpoints also hold an `extra` mapping that nothing ever filled; loading ignores it.
     """
 
     step: int = 0
     policy_version: int = 0
     data_cursor: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- JSON codec
@@ -266,11 +266,20 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- saving
 
 
-def checkpoint_dir(root: str | Path, step: int) -> Path:
-    """`root/step-XXXXXXXX` (zero-padded so names sort by step)."""
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of `step`, zero-padded so names sort by step.
+
+    >>> checkpoint_name(40)
+    'step-00000040'
+    """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return Path(root) / f"{CHECKPOINT_PREFIX}{step:08d}"
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    """`root/step-XXXXXXXX` (see `checkpoint_name`)."""
+    return Path(root) / checkpoint_name(step)
 
 
 def _write_contents(
@@ -356,7 +365,7 @@ def save_checkpoint(
         optimizer: its full (gathered) state is saved when given.
         scheduler: an LR scheduler whose `state_dict()` is JSON-encodable (LambdaLR with plain functions,
             LinearLR, CosineAnnealingLR, SequentialLR, ...).
-        state: trainer counters and extras.
+        state: the trainer's counters.
         keep_last: how many checkpoints to keep, the new one included (>= 1).
 
     Returns:
@@ -462,7 +471,6 @@ def _load_state(path: Path) -> TrainerState:
             step=int(decoded["step"]),
             policy_version=int(decoded["policy_version"]),
             data_cursor=int(decoded["data_cursor"]),
-            extra=dict(decoded.get("extra", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path / STATE_FILE}: {exc!r}") from exc
