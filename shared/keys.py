@@ -149,5 +149,6 @@ class Keys:
 
     @property
     def trainer_status(self) -> str:
-        """String: JSON status the trainer writes each round (step, version, what it waits for)."""
+        """String: JSON ``{step, policy_version, waiting, ts}`` the trainer writes at each step: its step and policy
+        version, what it is waiting for, and when it wrote it (unix seconds)."""
         return self.prefix + "trainer:status"

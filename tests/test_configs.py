@@ -24,7 +24,7 @@ def test_accelerate_configs_load(path):
 def test_yaml_env_and_overrides_precedence(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model: m\noutput_dir: o\noptim:\n  lr: 1.0e-5\n  warmup_steps: 3\n")
-    env = {"GTPO_OPTIM__LR": "2e-5", "GTPO_SEED": "7", "GTPO_UNRELATED": "x"}
+    env = {"GTPO_OPTIM__LR": "2e-5", "GTPO_SEED": "7", "GTPO_REWARD_TIMEOUT_S": "x"}  # the last: the reward service's
     cfg = load_config(TrainerConfig, f, ["optim.lr=3e-5", "loss.norm=step"], environ=env)
     assert cfg.optim.lr == 3e-5 and cfg.seed == 7 and cfg.optim.warmup_steps == 3 and cfg.loss.norm == "step"
     assert "lr: 3.0e-05" in dump_config(cfg)

@@ -344,6 +344,13 @@ def launch_command(
     Example (every node of a 2-node job runs the same command):
     gtpo launch --config run.yaml --accelerate-config deploy/accelerate/zero2.yaml --resume
     """
+    from services.trainer.config import RLConfig, SFTConfig
+    from shared.config import ConfigError, load_config
+
+    try:  # here, not in every process accelerate starts: a bad config fails once, before any rendezvous
+        load_config(RLConfig, config, overrides or [], siblings=(SFTConfig,))
+    except ConfigError as e:
+        raise _fail(str(e)) from None
     try:
         spec = resolve_dist(os.environ)
         acc = find_accelerate_config(accelerate_config)
