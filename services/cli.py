@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.prompts import PROMPT_TEMPLATE
+from shared.prompts import PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
 
 app = typer.Typer(
     name="gtpo",
@@ -116,7 +116,6 @@ def generate(
 
     from services.rollout.engines.torch_engine import TorchEngine
     from shared.contracts import GenerationRequest
-    from shared.prompts import encode_prompt
 
     engine = TorchEngine.from_pretrained(model, device=device)
     tok = engine.tokenizer
@@ -143,8 +142,6 @@ def _show_rollout(prompt: str, r, tokenizer) -> None:
     for blk, cells in by_block.items():
         table.add_row(str(blk), "  ".join(cells))
     console.print(table)
-    from shared.prompts import denoising_steps, tokens_per_step
-
     console.print(
         f"finish={r.finish_reason}  tokens={len(r.token_ids)} (+{len(r.tail_ids)} tail)  "
         f"denoising steps={denoising_steps(r.step_map)}  tokens/step={tokens_per_step(len(r.token_ids), r.step_map):.2f}"

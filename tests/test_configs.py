@@ -218,3 +218,11 @@ def test_bearer_token_refuses_what_a_header_cannot_carry_without_quoting_it():
         message = describe_error(err.value, Service)
         assert message.startswith("api_token: must be printable ASCII") and message.endswith("(got **********)")
         assert bad not in message
+
+
+def test_doctests():
+    import doctest
+
+    import shared.config as config_module
+
+    assert doctest.testmod(config_module).failed == 0
