@@ -149,6 +149,7 @@ class Keys:
 
     @property
     def trainer_status(self) -> str:
-        """String: JSON ``{step, policy_version, waiting, ts}`` the trainer writes at each step: its step and policy
-        version, what it is waiting for, and when it wrote it (unix seconds)."""
+        """String expiring a minute after its last write: JSON the trainer writes after each step and every 10 s
+        while it waits for groups, holding its ``step``, ``policy_version``, what it is ``waiting`` for and ``ts``
+        (unix seconds), with the collector's counts and the last metrics row (`Driver.status`)."""
         return self.prefix + "trainer:status"

@@ -153,7 +153,7 @@ def test_resume_is_exact(init_dir, tmp_path):
     _seed_all(0)
     loaded_b, opt_b, sched_b = _setup(init_dir)
     losses_b = train_steps(loaded_b.model, opt_b, sched_b, 3)
-    state = TrainerState(step=3, policy_version=3, data_cursor=6)
+    state = TrainerState(step=3, policy_version=3, data_cursor=6, extra={"queue": ("1700-0", 5), "workers": {"w0": 2}})
     path = save_checkpoint(
         tmp_path, 3, model=loaded_b.model, tokenizer=loaded_b.tokenizer, spec=loaded_b.spec, optimizer=opt_b,
         scheduler=sched_b, state=state,
@@ -234,18 +234,6 @@ def test_checkpoint_names_are_zero_padded_step_numbers(tmp_path):
     with pytest.raises(ValueError, match="step must be >= 0"):
         checkpoint_name(-1)
     assert doctest.testmod(ckpt_module).failed == 0
-
-
-def test_a_checkpoint_with_the_old_extra_field_still_loads(init_dir, tmp_path):
-    """trainer_state.json of earlier versions held an `extra` mapping (tagged tuples included); it is ignored."""
-    loaded, _, _ = _setup(init_dir)
-    path = save_checkpoint(
-        tmp_path, 3, model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, state=TrainerState(step=3)
-    )
-    old = {"format": 1, "step": 3, "policy_version": 2, "data_cursor": 6,
-           "extra": {"queue": {"__tuple__": ["1700-0", 5]}, "workers": {"w0": 2}}}  # fmt: skip
-    (path / "trainer_state.json").write_text(json.dumps(old))
-    assert load_checkpoint(path) == TrainerState(step=3, policy_version=2, data_cursor=6)
 
 
 def test_saved_model_dir_loads_as_sdar(init_dir, tmp_path):

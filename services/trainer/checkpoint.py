@@ -8,7 +8,7 @@ A checkpoint is one directory `<root>/step-XXXXXXXX/`:
     scheduler.json          `scheduler.state_dict()`
     rng.safetensors         torch CPU and CUDA generator states
     rng.json                python `random` and numpy global states
-    trainer_state.json      step, policy version, data cursor
+    trainer_state.json      step, policy version, data cursor, extra (the RL driver's collector state, metrics row)
 
 `<root>/latest` names the newest directory. Nothing here pickles or unpickles: tensors go to safetensors,
 everything else to JSON through a small tagged codec that keeps tuples, non-string dict keys and tensor
@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,15 @@ class TrainerState:
         step: optimizer steps (SFT) or RL steps done.
         policy_version: version of the weights rollouts are tagged with.
         data_cursor: position in the dataset / prompt stream.
-
-    Older checkpoints also hold an `extra` mapping that nothing ever filled; loading ignores it.
+        extra: what else a resumed step needs, JSON-encodable (tuples and int keys survive). The RL driver keeps
+            ``collector`` (its collector's state, to rebuild the buffer) and ``metrics`` (the step's metrics row,
+            written again when the trainer died between the checkpoint and the row); SFT leaves it empty.
     """
 
     step: int = 0
     policy_version: int = 0
     data_cursor: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- JSON codec
@@ -365,7 +367,7 @@ def save_checkpoint(
         optimizer: its full (gathered) state is saved when given.
         scheduler: an LR scheduler whose `state_dict()` is JSON-encodable (LambdaLR with plain functions,
             LinearLR, CosineAnnealingLR, SequentialLR, ...).
-        state: the trainer's counters.
+        state: trainer counters and extras.
         keep_last: how many checkpoints to keep, the new one included (>= 1).
 
     Returns:
@@ -471,6 +473,7 @@ def _load_state(path: Path) -> TrainerState:
             step=int(decoded["step"]),
             policy_version=int(decoded["policy_version"]),
             data_cursor=int(decoded["data_cursor"]),
+            extra=dict(decoded.get("extra", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path / STATE_FILE}: {exc!r}") from exc
