@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.prompts import PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
+
 app = typer.Typer(
     name="gtpo",
     help="Post-training (SFT + GTPO RL) for SDAR block-diffusion language models.",
@@ -28,6 +30,12 @@ _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}  # commands 
 def main() -> None:
     """Post-training (SFT + GTPO RL) for SDAR block-diffusion language models."""
     # an explicit callback keeps `init-model` a subcommand while it is the only one
+
+
+def _fail(command: str, message: str) -> typer.Exit:
+    """A config or input error: the message on stderr (one line per bad field, no traceback) and exit status 2."""
+    typer.echo(f"gtpo {command}: {message}", err=True)
+    return typer.Exit(code=2)
 
 
 def _check_preset(preset: str) -> str:
@@ -111,23 +119,13 @@ def generate(
 
     engine = TorchEngine.from_pretrained(model, device=device)
     tok = engine.tokenizer
-    reqs = [GenerationRequest(prompt_ids=_encode(tok, p, chat), params=params) for p in prompt]
+    reqs = [GenerationRequest(prompt_ids=encode_prompt(tok, p, chat=chat), params=params) for p in prompt]
     for text, rollouts in zip(prompt, engine.generate(reqs), strict=True):
         for r in rollouts:
             if as_json:
                 typer.echo(r.model_dump_json())
             else:
                 _show_rollout(text, r, tok)
-
-
-def _encode(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )["input_ids"]
-        )
-    return list(tokenizer(text)["input_ids"])
 
 
 def _show_rollout(prompt: str, r, tokenizer) -> None:
@@ -144,21 +142,25 @@ def _show_rollout(prompt: str, r, tokenizer) -> None:
     for blk, cells in by_block.items():
         table.add_row(str(blk), "  ".join(cells))
     console.print(table)
-    steps = len(set(r.step_map))  # forwards that unmasked response tokens
     console.print(
-        f"finish={r.finish_reason}  tokens={len(r.token_ids)} (+{len(r.tail_ids)} tail)  denoising steps={steps}  "
-        f"tokens/step={len(r.token_ids) / max(steps, 1):.2f}  text={r.text!r}"
+        f"finish={r.finish_reason}  tokens={len(r.token_ids)} (+{len(r.tail_ids)} tail)  "
+        f"denoising steps={denoising_steps(r.step_map)}  tokens/step={tokens_per_step(len(r.token_ids), r.step_map):.2f}"
+        f"  text={r.text!r}"
     )
 
 
-def _experiment(model, config: Path | None, args: list[str], dry_run: bool, environ=None):
-    """Load an experiment config (YAML < GTPO_* env < key=value); with --dry-run print it and exit."""
+def _experiment(command: str, model, config: Path | None, args: list[str], dry_run: bool, *, siblings=(), environ=None):
+    """Load an experiment config (YAML < GTPO_* env < key=value); with --dry-run print it and exit.
+
+    Args:
+        siblings: the other trainer commands' configs, whose GTPO_* variables this command leaves alone.
+    """
     from shared.config import ConfigError, dump_config, load_config
 
     try:
-        cfg = load_config(model, config, args, environ=environ)
+        cfg = load_config(model, config, args, environ=environ, siblings=siblings)
     except ConfigError as e:
-        raise typer.BadParameter(str(e)) from e
+        raise _fail(command, str(e)) from None
     if dry_run:
         typer.echo(dump_config(cfg))
         raise typer.Exit(0)
@@ -178,40 +180,19 @@ def sft(
     gtpo sft --config sft.yaml model=runs/tiny data=train.jsonl output_dir=runs/sft steps=200 optim.lr=2e-3
     Multi-GPU: accelerate launch --config_file deploy/accelerate/ddp.yaml -m services sft --config sft.yaml
     """
-    from services.trainer.config import SFTConfig
+    from services.trainer.config import RLConfig, SFTConfig
 
-    cfg = _experiment(SFTConfig, config, list(ctx.args), dry_run)
+    cfg = _experiment("sft", SFTConfig, config, list(ctx.args), dry_run, siblings=(RLConfig,))
     from services.trainer.sft import DataError, run_sft
 
     try:
         history = run_sft(cfg, resume=resume)
     except DataError as e:
-        raise typer.BadParameter(str(e)) from e
+        raise _fail("sft", str(e)) from None
     if history:
         console.print(
             f"sft done: {len(history)} steps, last loss {history[-1]['loss']:.4f}, checkpoints in {cfg.output_dir}"
         )
-
-
-def _settings_from(cls, config: Path | None, overrides: list[str]):
-    """Service settings: defaults < GTPO_<SERVICE>_* environment < YAML file < key=value overrides."""
-    import yaml
-    from pydantic import ValidationError
-
-    from shared.config import ConfigError, parse_override, set_dotted
-    from shared.contracts import describe_validation_error
-
-    data: dict = {}
-    if config is not None:
-        data = yaml.safe_load(config.read_text()) or {}
-    try:
-        for text in overrides:
-            set_dotted(data, *parse_override(text))
-        return cls(**data)
-    except ConfigError as e:
-        raise typer.BadParameter(str(e)) from e
-    except ValidationError as e:
-        raise typer.BadParameter(f"invalid {cls.__name__}:\n{describe_validation_error(e)}") from e
 
 
 @app.command("serve", context_settings=_EXTRA)
@@ -226,14 +207,19 @@ def serve_cmd(
 
     Example: gtpo serve rollout model=runs/tiny port=8001 --worker
     """
+    from shared.config import ConfigError, load_settings
+
     overrides = list(ctx.args) + (["worker=true"] if worker else [])
     if service == "rollout":
         from services.rollout.settings import RolloutSettings as cls
     elif service == "reward":
         from services.reward.settings import RewardSettings as cls
     else:
-        raise typer.BadParameter(f"service: unknown {service!r}; allowed: rollout, reward")
-    settings = _settings_from(cls, config, overrides)
+        raise _fail("serve", f"service: unknown {service!r}; allowed: rollout, reward")
+    try:
+        settings = load_settings(cls, config, overrides)
+    except ConfigError as e:
+        raise _fail(f"serve {service}", str(e)) from None
     if dry_run:
         typer.echo(settings.model_dump_json(indent=2))
         return
@@ -260,9 +246,9 @@ def train_cmd(
 
     Example: gtpo train --config run.yaml steps=20 rollout.group_size=8
     """
-    from services.trainer.config import RLConfig
+    from services.trainer.config import RLConfig, SFTConfig
 
-    cfg = _experiment(RLConfig, config, list(ctx.args), dry_run)
+    cfg = _experiment("train", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
     import logging
 
     from services.trainer.driver import run_rl
@@ -271,7 +257,7 @@ def train_cmd(
     try:
         history = run_rl(cfg, resume=resume)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+        raise _fail("train", str(e)) from None
     console.print(f"train done: {len(history)} steps this run; checkpoints in {cfg.output_dir / 'checkpoints'}")
 
 
@@ -289,9 +275,9 @@ def up_cmd(
 
     Example: gtpo up --config run.yaml steps=2
     """
-    from services.trainer.config import RLConfig
+    from services.trainer.config import RLConfig, SFTConfig
 
-    cfg = _experiment(RLConfig, config, list(ctx.args), dry_run)
+    cfg = _experiment("up", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
     from services.launcher import run_stack
 
     code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
@@ -319,9 +305,7 @@ def eval_cmd(
     ),
     k: int = typer.Option(4, "--k", min=1, help="samples per question"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
-    template: str = typer.Option(
-        "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$.", "--template"
-    ),
+    template: str = typer.Option(PROMPT_TEMPLATE, "--template", help="user message; {question} is replaced"),
     chat: bool = typer.Option(True, "--chat/--raw"),
     rollout_url: str | None = typer.Option(None, "--rollout-url", help="generate through a running rollout service"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
@@ -333,15 +317,29 @@ def eval_cmd(
     Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
     Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
     """
+    from pydantic import ValidationError
+
     from services.evaluate import evaluate, load_rows
+    from shared.config import describe_error
     from shared.contracts import SamplingParams
 
     try:
+        template.format(question="")
+    except (KeyError, IndexError, ValueError) as e:
+        hint = "only {question} is replaced; write literal braces as {{ }}"
+        raise _fail(
+            "eval", f"--template: not a format string with {{question}} ({type(e).__name__}: {e}); {hint}"
+        ) from None
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+    except ValidationError as e:
+        raise _fail("eval", describe_error(e, SamplingParams)) from None
+    try:
         rows = load_rows(dataset)[:limit]
-        res = evaluate(model, rows, k=k, params=SamplingParams(max_new_tokens=max_new_tokens), template=template,
-                       chat=chat, rollout_url=rollout_url, seed=seed)  # fmt: skip
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+        res = evaluate(model, rows, k=k, params=params, template=template, chat=chat, rollout_url=rollout_url,
+                       seed=seed)  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise _fail("eval", str(e)) from None
     table = Table(title=f"gtpo eval {dataset} (k={k})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -373,11 +371,11 @@ def demo_cmd(
     from shared.tasks import TaskError
 
     overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}"]
-    cfg = _experiment(DemoConfig, None, overrides, dry_run=False, environ={})
+    cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=False, environ={})
     try:
         run_demo(cfg)
     except TaskError as e:
-        raise typer.BadParameter(str(e)) from e
+        raise _fail("demo", str(e)) from None
 
 
 def _register_launch() -> None:

@@ -93,6 +93,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import torch
     from rich.console import Console
 
+    from services.trainer.checkpoint import checkpoint_name
     from services.trainer.config import OptimConfig, SFTConfig
     from services.trainer.sft import run_sft
     from shared.tasks import TaskSpec, write_task
@@ -120,7 +121,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=20, schedule="cosine", total_updates=cfg.sft_steps, min_lr_ratio=0.1),
     )  # fmt: skip
     run_sft(sft)
-    sft_model = out / "sft" / "checkpoints" / f"step-{cfg.sft_steps:08d}" / "model"
+    sft_model = out / "sft" / "checkpoints" / checkpoint_name(cfg.sft_steps) / "model"
 
     stage("evaluate the SFT model")
     results = {"sft": _eval(sft_model, test_rows, cfg)}

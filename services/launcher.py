@@ -19,7 +19,8 @@ from pathlib import Path
 
 from services.trainer.config import RLConfig
 from shared.config import dump_config
-from shared.process import die_with_parent
+from shared.process import die_with_parent, free_port
+from shared.settings import redact_url
 
 
 @dataclass
@@ -55,34 +56,24 @@ class Managed:
             self.proc.wait(10)
 
 
-def free_port(taken: set[int] | None = None) -> int:
-    """A port nothing listens on now and that this launcher has not handed out yet (the processes bind later, so
-    two calls could otherwise return the same port)."""
-    import socket
-
-    taken = taken if taken is not None else set()
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
-
-
 def _gtpo(*args: str) -> list[str]:
     return [sys.executable, "-m", "services", *args]
 
 
+def redis_arguments(cfg: RLConfig) -> list[str]:
+    """`redis.<field>=<value>` for every Redis setting but the URL, which travels as $REDIS_URL (a secret)."""
+    return [f"redis.{k}={v}" for k, v in cfg.redis.model_dump(mode="json", exclude={"url"}).items()]
+
+
 def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int, resume: bool):
-    """The processes of a stack (not started) and the trainer config they share."""
+    """The processes of a stack (not started) and the trainer config they share.
+
+    Secrets stay out of the commands and of the trainer's config file: the Redis URL and the API token reach
+    every process through its environment (`run_stack`).
+    """
     root = Path(os.path.commonpath([cfg.model.resolve(), run_dir.resolve()]))
-    ns, logs = cfg.redis.namespace, run_dir / "logs"
-    common = [
-        f"redis.namespace={ns}",
-        f"redis.codec={cfg.redis.codec}",
-        f"redis.claim_idle_ms={cfg.redis.claim_idle_ms}",
-    ]
+    logs = run_dir / "logs"
+    common = redis_arguments(cfg)
     procs, urls, ports = [], [], set()
     for i in range(rollout_workers):
         port = free_port(ports)
@@ -94,7 +85,9 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
         cmd = _gtpo("serve", "reward", "--worker", f"port={free_port(ports)}", f"worker_id=reward-{i}",
                     f"weights={json.dumps(cfg.reward_weights)}", *common)  # fmt: skip
         procs.append(Managed(f"reward-{i}", cmd, logs / f"reward-{i}.log"))
-    trainer_cfg = cfg.model_copy(update={"rollout_urls": urls})
+    trainer_cfg = cfg.model_copy(
+        update={"rollout_urls": urls, "api_token": None, "redis": cfg.redis.model_copy(update={"url": None})}
+    )
     cfg_path = run_dir / "run.yaml"
     trainer = Managed("trainer", _gtpo("train", "--config", str(cfg_path), *(["--resume"] if resume else [])),
                       logs / "trainer.log")  # fmt: skip
@@ -133,7 +126,8 @@ def run_stack(
         env["OMP_NUM_THREADS"] = str(threads)
     workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume)
     cfg_path.write_text(dump_config(trainer_cfg))
-    console.print(f"redis {url} ({'embedded' if embedded else 'REDIS_URL'}), logs in {run_dir / 'logs'}")
+    source = "embedded" if embedded else "redis.url" if cfg.redis.url else "REDIS_URL"
+    console.print(f"redis {redact_url(url)} ({source}), logs in {run_dir / 'logs'}")
     try:
         for p in workers:
             p.start(env)

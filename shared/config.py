@@ -1,27 +1,154 @@
-"""Experiment files: YAML + dotted CLI overrides (`optim.lr=1e-5`) + `GTPO_` environment overrides, validated once.
+"""Experiment files and service settings: YAML, `GTPO_*` environment variables and dotted `key=value` arguments,
+validated once, with errors that name the field (and the nearest one for a typo) and never print a secret.
 
-Precedence, lowest first: the model's defaults, the YAML file, `GTPO_SECTION__KEY=value` environment variables,
-then command-line `key=value` overrides. Values are parsed as YAML scalars (`1e-5`, `true`, `[1, 2]`).
+Trainer commands (`gtpo train`, `sft`, `up`, `launch`), lowest first: the model's defaults, the YAML file,
+`GTPO_SECTION__KEY=value` environment variables, then `key=value` arguments. Services (`gtpo serve`): the defaults,
+their `GTPO_ROLLOUT_*` / `GTPO_REWARD_*` variables (read by pydantic-settings), the YAML file, then `key=value`.
+
+Environment and `key=value` values are typed by the field they set: a string field (a token, a path, a name) takes
+the text byte for byte; a field of numbers, booleans, lists, mappings or a section parses it as JSON, else as YAML
+(`1e-5`, `true`, `[0.9, 0.99]`, `{"accuracy": 1}`); an empty value clears an optional field.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, TypeVar
+import types
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
-
-from shared.contracts import describe_validation_error
+from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 ENV_PREFIX = "GTPO_"
+SERVICE_ENV_PREFIXES = ("GTPO_ROLLOUT_", "GTPO_REWARD_")
+"""The services' variables: a trainer command leaves them alone. Its own `rollout` section is `GTPO_ROLLOUT__*`
+(two underscores), and its `rollout_urls` / `reward_weights` are set in YAML or as `key=value` only."""
+FOREIGN_ENV = frozenset({"GTPO_IMAGE", "GTPO_VERSION"})
+"""`GTPO_*` names that no gtpo command reads (docker compose's image tag in deploy/compose.yaml)."""
+HIDDEN = "**********"
 
 
 class ConfigError(ValueError):
-    """A config file, override or value is wrong; the message names it."""
+    """A config file, override, environment variable or value is wrong; the message names it (never a secret)."""
+
+
+class UnknownKey(ConfigError):
+    """A dotted key names no field; `nearest` is the closest existing key, if any is close."""
+
+    def __init__(self, key: str, model: type[BaseModel], nearest: str | None) -> None:
+        self.key, self.nearest = key, nearest
+        hint = f"; did you mean {nearest}?" if nearest else ""
+        super().__init__(f"{key}: {model.__name__} has no such setting{hint}")
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _members(annotation: Any) -> tuple[list[Any], bool]:
+    """The members of a (possibly Optional, possibly Annotated) type, and whether None is one of them."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = list(get_args(annotation))
+    else:
+        args = [annotation]
+    members = []
+    for a in args:
+        while get_origin(a) is Annotated:
+            a = get_args(a)[0]
+        members.append(a)
+    return [a for a in members if a is not type(None)], type(None) in members
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    members, _ = _members(annotation)
+    return next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
+
+
+def _entry_type(annotation: Any, key: Any) -> Any | None:
+    """The type of one entry of a mapping (any key) or of a list / tuple (an int index); None if neither."""
+    for m in _members(annotation)[0]:
+        origin, args = get_origin(m), get_args(m)
+        if origin is dict or m is dict:
+            return args[1] if len(args) == 2 else Any
+        if isinstance(key, int) and origin in (list, tuple, set, frozenset):
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                return args[key] if key < len(args) else None
+            return args[0] if args else Any
+    return None
+
+
+def _is_text(t: Any) -> bool:
+    if isinstance(t, type) and issubclass(t, (str, SecretStr, PurePath)):
+        return True  # str enums too
+    return get_origin(t) is Literal and all(isinstance(a, str) for a in get_args(t))
+
+
+def _is_secret(annotation: Any) -> bool:
+    return any(isinstance(m, type) and issubclass(m, (SecretStr, SecretBytes)) for m in _members(annotation)[0])
+
+
+def _nearest(name: str, candidates: Iterable[str]) -> str | None:
+    found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def field_type(model: type[BaseModel], key: str) -> Any:
+    """The annotation of dotted `key` in `model` (`"optim.lr"` -> float); entries of a mapping take its value type.
+
+    Raises:
+        UnknownKey: `key` names no field (with the nearest field of that section, when one is close).
+        ConfigError: `key` goes below a value that is not a section or a mapping.
+    """
+    node: Any = model
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        section = _section(node)
+        if section is not None:
+            if part not in section.model_fields:
+                near = _nearest(part, section.model_fields)
+                raise UnknownKey(key, model, ".".join([*parts[:i], near]) if near else None)
+            node = section.model_fields[part].annotation
+            continue
+        entry = _entry_type(node, part)
+        if entry is None:
+            raise ConfigError(f"{key}: {'.'.join(parts[:i])} is a single value, not a section")
+        node = entry
+    return node
+
+
+def parse_value(annotation: Any, raw: str) -> Any:
+    """`raw` text as a value of a field of type `annotation` (see the module docstring).
+
+    >>> parse_value(str, "abc #def"), parse_value(float, "1e-5"), parse_value(list[int], "[1, 2]")
+    ('abc #def', 1e-05, [1, 2])
+    >>> parse_value(int | None, ""), parse_value(dict[str, float], '{"accuracy": 1}')
+    (None, {'accuracy': 1})
+    """
+    members, optional = _members(annotation)
+    if optional and raw == "":
+        return None
+    if members and all(_is_text(m) for m in members):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        pass
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    if isinstance(value, str) and any(_is_text(m) for m in members):
+        return raw  # a text member of a union: keep the text as written, not as YAML read it
+    return value
+
+
+# --------------------------------------------------------------------------- sources
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -36,22 +163,164 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`"optim.lr=1e-5"` -> `("optim.lr", 1e-05)`."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping of names; anything else is a ConfigError naming the file."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config {path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of settings")
+    bad = [k for k in loaded if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config {path}: setting names must be text, got {bad[0]!r}")
+    return loaded
+
+
+def typed_override(model: type[BaseModel], text: str) -> tuple[str, Any]:
+    """`"optim.lr=1e-5"` -> `("optim.lr", 1e-05)`, typed by the field it sets."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=1e-5")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    if not sep:
+        raise ConfigError(f"argument {text[:60]!r}: expected key=value, e.g. optim.lr=1e-5")
+    if not key:
+        raise ConfigError("argument with nothing before '=': expected key=value, e.g. optim.lr=1e-5")
+    try:
+        return key, parse_value(field_type(model, key), raw)
+    except UnknownKey:
+        raise
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
-def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
-    """`GTPO_OPTIM__LR=1e-5` -> `("optim.lr", 1e-05)`."""
+def env_name(key: str, prefix: str = ENV_PREFIX) -> str:
+    """`"optim.lr"` -> `"GTPO_OPTIM__LR"`."""
+    return prefix + key.upper().replace(".", "__")
+
+
+def _services_variable(name: str) -> bool:
+    return name in FOREIGN_ENV or any(
+        name.startswith(p) and not name[len(p) :].startswith("_") for p in SERVICE_ENV_PREFIXES
+    )
+
+
+def env_overrides(
+    model: type[BaseModel], environ: Mapping[str, str], *, siblings: Iterable[type[BaseModel]] = ()
+) -> list[tuple[str, Any]]:
+    """Typed `(dotted key, value)` pairs of the `GTPO_*` variables that set fields of `model`.
+
+    `GTPO_OPTIM__LR=1e-5` -> `("optim.lr", 1e-05)`. Left alone: the services' variables (`SERVICE_ENV_PREFIXES`),
+    `FOREIGN_ENV`, and variables naming a field of a sibling (another trainer command's config, e.g. `run_id`
+    while `gtpo sft` runs).
+
+    Raises:
+        ConfigError: any other `GTPO_*` variable (a typo), naming it and the nearest variable; a value that does
+            not parse for its field.
+    """
+    siblings = list(siblings)
     out = []
     for name, raw in sorted(environ.items()):
-        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            out.append((key, yaml.safe_load(raw) if raw.strip() else ""))
+        if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX) or _services_variable(name):
+            continue
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        top = key.split(".")[0]
+        if top not in model.model_fields and any(top in s.model_fields for s in siblings):
+            continue
+        try:
+            out.append((key, parse_value(field_type(model, key), raw)))
+        except UnknownKey as e:
+            hint = f"; did you mean {env_name(e.nearest)}?" if e.nearest else ""
+            raise ConfigError(f"{name}: not a setting of {model.__name__} ({key}){hint}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
     return out
+
+
+def check_service_environ(settings: type[BaseModel], environ: Mapping[str, str]) -> None:
+    """Refuse a variable with the service's prefix that names none of its settings (a typo), naming the nearest.
+
+    pydantic-settings reads the values; it ignores unknown names, so `GTPO_ROLLOUT_PORTT=1` would pass unseen.
+    Names continuing the prefix with `_` (`GTPO_ROLLOUT__GROUP_SIZE`) are the trainer's `rollout` section.
+    """
+    prefix = settings.model_config.get("env_prefix", "")
+    delimiter = settings.model_config.get("env_nested_delimiter") or "__"
+    for name in sorted(environ):
+        rest = name[len(prefix) :]
+        if not prefix or not name.startswith(prefix) or not rest or rest.startswith("_"):
+            continue
+        key = rest.lower().replace(delimiter, ".")
+        try:
+            field_type(settings, key)
+        except UnknownKey as e:
+            hint = f"; did you mean {env_name(e.nearest, prefix)}?" if e.nearest else ""
+            raise ConfigError(f"{name}: not a setting of {settings.__name__} ({key}){hint}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _secret_at(model: type[BaseModel], loc: tuple[Any, ...]) -> bool:
+    """Whether the value at `loc` (a pydantic error location) is, or lies inside, a secret field."""
+    node: Any = model
+    for part in loc:
+        if _is_secret(node):
+            return True
+        section = _section(node)
+        if section is not None and isinstance(part, str) and part in section.model_fields:
+            node = section.model_fields[part].annotation
+            continue
+        entry = _entry_type(node, part)
+        if entry is not None:
+            node = entry
+        # else: a union member's tag (`function-after[...]`, `str`, ...): same field
+    return _is_secret(node)
+
+
+def _shown(value: Any) -> str:
+    """` (got 0)` for a scalar; containers are never shown (a section's value holds its secrets too)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return f" (got {value!r})"
+    if isinstance(value, str):
+        return f" (got {value[:80]!r}{'...' if len(value) > 80 else ''})"
+    return ""
+
+
+def describe_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """One line per bad field: `field: message (got value)`. A secret field's value is shown as stars, a section's
+    or a list's not at all; an unknown key gets the nearest field."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            try:
+                field_type(model, where)
+                detail = "unknown key"
+            except UnknownKey as unknown:
+                detail = f"unknown key{f'; did you mean {unknown.nearest}?' if unknown.nearest else ''}"
+            except ConfigError:
+                detail = "unknown key"
+            lines.append(f"{where}: {detail}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ").removeprefix(f"{where}: ")  # validators name their field too
+        shown = f" (got {HIDDEN})" if _secret_at(model, loc) else _shown(e.get("input"))
+        lines.append(f"{where}: {msg}{shown}" if where else msg)
+    return "\n".join(lines)
+
+
+def _invalid(model: type[BaseModel], err: ValidationError) -> ConfigError:
+    lines = describe_error(err, model).splitlines()
+    body = f" {lines[0]}" if len(lines) == 1 else "".join(f"\n  {line}" for line in lines)
+    return ConfigError(f"invalid {model.__name__}:{body}")
+
+
+# --------------------------------------------------------------------------- loading
 
 
 def load_config(
@@ -59,35 +328,42 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     environ: Mapping[str, str] | None = None,
-    env_keys: set[str] | None = None,
+    *,
+    siblings: Iterable[type[BaseModel]] = (),
 ) -> M:
-    """Build and validate `model` from a YAML file, environment and `key=value` overrides.
+    """Build and validate a trainer command's `model` from a YAML file, `GTPO_*` variables and `key=value`s.
 
     Args:
-        env_keys: top-level keys that environment variables may set (others are ignored, so that unrelated
-            `GTPO_*` variables of other services do not break this one); None = the model's fields.
+        environ: the environment (None = `os.environ`); see `env_overrides`.
+        siblings: the configs of the other trainer commands, whose variables this one leaves alone.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"config {path}: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path}: the top level must be a mapping")
-        data = loaded
-    allowed = env_keys if env_keys is not None else set(model.model_fields)
-    for key, value in env_overrides(os.environ if environ is None else environ):
-        if key.split(".")[0] in allowed:
-            set_dotted(data, key, value)
+    data = read_yaml(path) if path is not None else {}
+    for key, value in env_overrides(model, os.environ if environ is None else environ, siblings=siblings):
+        set_dotted(data, key, value)
     for text in overrides or []:
-        set_dotted(data, *parse_override(text))
+        set_dotted(data, *typed_override(model, text))
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"invalid {model.__name__}:\n{describe_validation_error(e)}") from e
+        raise _invalid(model, e) from None
+
+
+def load_settings(settings: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
+    """A service's settings: defaults < its environment variables < the YAML file < `key=value` overrides."""
+    from pydantic_settings import SettingsError
+
+    check_service_environ(settings, os.environ)
+    data = read_yaml(path) if path is not None else {}
+    for text in overrides or []:
+        set_dotted(data, *typed_override(settings, text))
+    try:
+        return settings(**data)
+    except ValidationError as e:
+        raise _invalid(settings, e) from None
+    except SettingsError as e:  # an environment value pydantic-settings could not parse; names the field only
+        raise ConfigError(f"invalid {settings.__name__}: {e}") from None
 
 
 def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML (what `--dry-run` prints)."""
+    """The resolved config as YAML (what `--dry-run` prints); secrets show as stars, URLs without passwords."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

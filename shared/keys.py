@@ -149,7 +149,9 @@ class Keys:
 
     @property
     def trainer_status(self) -> str:
-        """String: JSON status the trainer writes each round (step, version, what it waits for)."""
+        """String expiring a minute after its last write: JSON the trainer writes after each step and every 10 s
+        while it waits for groups, holding its ``step``, ``policy_version``, what it is ``waiting`` for and ``ts``
+        (unix seconds), with the collector's counts and the last metrics row (`Driver.status`)."""
         return self.prefix + "trainer:status"
 
     # ------------------------------------------------------------------ the trainer's run state

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
 import weakref
@@ -20,16 +19,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.process import die_with_parent
+from shared.process import die_with_parent, free_port
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS may hand it out again; `start` retries on a clash)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _default_binary() -> str:
@@ -133,7 +125,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
             if not self._fixed_port:
-                self.port = self.port if attempt == 0 and self.port else _free_port()
+                self.port = self.port if attempt == 0 and self.port else free_port()
             try:
                 self._spawn()
                 self._fixed_port = True  # a restart must come back on the same port: clients keep the URL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import doctest
 import json
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ from services.trainer.checkpoint import (
     CheckpointError,
     TrainerState,
     checkpoint_dir,
+    checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -221,6 +223,17 @@ def test_keep_last_latest_and_partial_dirs(init_dir, tmp_path):
     save(6)  # the next save removes the partial dir
     assert not partial.exists()
     assert latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_checkpoint_names_are_zero_padded_step_numbers(tmp_path):
+    assert [checkpoint_name(s) for s in (0, 7, 40, 12345678)] == [
+        "step-00000000", "step-00000007", "step-00000040", "step-12345678",
+    ]  # fmt: skip
+    assert sorted(checkpoint_name(s) for s in (10, 9, 100)) == [checkpoint_name(s) for s in (9, 10, 100)]
+    assert checkpoint_dir(tmp_path, 40) == tmp_path / "step-00000040"
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        checkpoint_name(-1)
+    assert doctest.testmod(ckpt_module).failed == 0
 
 
 def test_saved_model_dir_loads_as_sdar(init_dir, tmp_path):

@@ -1,6 +1,7 @@
 """`gtpo launch`: node rank / node count / main address per scheduler scheme, the accelerate command it builds, and
 the process supervision that lets a SIGTERM reach the trainer."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -212,11 +213,20 @@ def _app() -> typer.Typer:
     return app
 
 
-def test_launch_command_dry_run(tmp_path, monkeypatch):
+@pytest.fixture
+def in_run_dir(tmp_path, monkeypatch):
+    """A working directory holding a valid `run.yaml` (the launcher validates it before anything else)."""
+    monkeypatch.chdir(tmp_path)  # the accelerate config is found relative to the checkout too
+    (tmp_path / "run.yaml").write_text("model: m\noutput_dir: o\ndata: d.jsonl\n")
+    for name in [n for n in os.environ if n.startswith("GTPO_")]:
+        monkeypatch.delenv(name)
+    return tmp_path
+
+
+def test_launch_command_dry_run(in_run_dir, monkeypatch):
     for name in ("PET_NNODES", "MASTER_ADDR", "WORLD_SIZE", "RANK", "JOB_COMPLETION_INDEX", "NNODES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NPROC_PER_NODE", "1")
-    monkeypatch.chdir(tmp_path)  # the accelerate config is found relative to the checkout too
     r = CliRunner().invoke(_app(), ["launch", "--config", "run.yaml", "--dry-run", "--resume", "steps=2"])
     assert r.exit_code == 0, r.output
     assert "scheme=single nnodes=1 node_rank=0 master=127.0.0.1:29500 nproc_per_node=1" in r.output
@@ -224,7 +234,7 @@ def test_launch_command_dry_run(tmp_path, monkeypatch):
     assert "--num_processes 1 --cpu -m services train --config run.yaml --resume steps=2" in r.output
 
 
-def test_launch_command_errors_are_messages(monkeypatch):
+def test_launch_command_errors_are_messages(in_run_dir, monkeypatch):
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
     monkeypatch.setenv("NNODES", "2")
     for name in ("PET_NNODES", "MASTER_ADDR", "WORLD_SIZE", "RANK", "HEADLESS_SERVICE"):
@@ -233,11 +243,11 @@ def test_launch_command_errors_are_messages(monkeypatch):
     assert r.exit_code == 2 and "HEADLESS_SERVICE" in r.output
     monkeypatch.delenv("JOB_COMPLETION_INDEX")
     monkeypatch.delenv("NNODES")
-    r = CliRunner().invoke(_app(), ["launch", "--config", "r.yaml", "--accelerate-config", "nope.yaml", "--dry-run"])
+    r = CliRunner().invoke(_app(), ["launch", "--config", "run.yaml", "--accelerate-config", "nope.yaml", "--dry-run"])
     assert r.exit_code == 2 and "nope.yaml not found" in r.output
 
 
-def test_multinode_on_cpu_is_refused(monkeypatch):
+def test_multinode_on_cpu_is_refused(in_run_dir, monkeypatch):
     env = {"JOB_COMPLETION_INDEX": "0", "NNODES": "2", "HEADLESS_SERVICE": "svc", "JOB_NAME": "j"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -47,3 +47,69 @@ def test_sigkilled_launch_supervisor_leaves_no_child(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert not outlives(int(pid_file.read_text()), 10.0)
+
+
+CHOSEN_SIGNAL = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", '''
+import pathlib, signal, sys, time
+from shared.process import set_parent_death_signal
+def stop(signum, frame):
+    pathlib.Path(sys.argv[1]).write_text(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, stop)
+assert set_parent_death_signal(signal.SIGUSR1)
+print("armed", flush=True)
+time.sleep(120)
+''', sys.argv[1]], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "armed"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_set_parent_death_signal_delivers_the_chosen_signal(tmp_path):
+    """What the reward service's check workers need (SIGKILL there): the child arms it itself, after the fork."""
+    marker = tmp_path / "got"
+    parent = subprocess.Popen([sys.executable, "-c", CHOSEN_SIGNAL, str(marker)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    assert not outlives(child, 10.0)
+    assert marker.read_text() == "SIGUSR1"
+
+
+SUBREAPER = """
+import os, subprocess, sys, time
+from shared.process import become_subreaper
+assert become_subreaper()
+middle = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print(p.pid)"],
+    stdout=subprocess.PIPE, text=True)
+grandchild = int(middle.stdout.readline())
+middle.wait()
+time.sleep(0.2)
+with open(f"/proc/{grandchild}/stat") as f:
+    ppid = int(f.read().split(")")[-1].split()[1])
+os.kill(grandchild, 9)
+os.waitpid(grandchild, 0)  # only a parent can reap it
+print(ppid == os.getpid(), flush=True)
+"""
+
+
+def test_become_subreaper_adopts_orphaned_grandchildren():
+    out = subprocess.run([sys.executable, "-c", SUBREAPER], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
+def test_free_port_is_bindable_and_never_handed_out_twice():
+    import socket
+
+    from shared.process import free_port
+
+    taken: set[int] = set()
+    ports = [free_port(taken) for _ in range(20)]
+    assert len(set(ports)) == 20 and taken == set(ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # free when handed out

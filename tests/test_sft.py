@@ -34,6 +34,9 @@ def test_prompt_response_and_messages_rows_encode_the_same(tiny):
     prompt, response = a
     assert tok.decode(prompt) == "<|im_start|>user\n1+1=<|im_end|>\n<|im_start|>assistant\n"
     assert response == tok("2", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    raw_prompt, raw_response = encode_example({"prompt": "1+1=", "response": "2"}, tok, False, "x")
+    assert raw_prompt == tok("1+1=", add_special_tokens=False)["input_ids"]  # the text's own ids, no BOS
+    assert raw_response == tok("2", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 def test_bad_rows_name_file_line_and_field(tmp_path, tiny):
@@ -45,6 +48,8 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tiny):
         encode_example({"question": "q"}, tiny.tokenizer, True, "d.jsonl:1")
     with pytest.raises(DataError, match="assistant"):
         encode_example({"messages": [{"role": "user", "content": "q"}]}, tiny.tokenizer, True, "d.jsonl:1")
+    with pytest.raises(DataError, match="assistant"):
+        encode_example({"messages": ["q", {"role": "assistant", "content": "a"}]}, tiny.tokenizer, True, "x")
     with pytest.raises(DataError, match="rollout"):
         trace_item({"step_map": [1]}, 1, "d.jsonl:2")
 

@@ -8,7 +8,7 @@ A checkpoint is one directory `<root>/step-XXXXXXXX/`:
     scheduler.json          `scheduler.state_dict()`
     rng.safetensors         torch CPU and CUDA generator states
     rng.json                python `random` and numpy global states
-    trainer_state.json      step, policy version, data cursor, extra (queue positions, ...)
+    trainer_state.json      step, policy version, data cursor, extra (the RL driver's collector state, metrics row)
 
 `<root>/latest` names the newest directory. Nothing here pickles or unpickles: tensors go to safetensors,
 everything else to JSON through a small tagged codec that keeps tuples, non-string dict keys and tensor
@@ -75,7 +75,9 @@ class TrainerState:
         step: optimizer steps (SFT) or RL steps done.
         policy_version: version of the weights rollouts are tagged with.
         data_cursor: position in the dataset / prompt stream.
-        extra: anything else JSON-encodable (queue positions, ...); tuples and int keys survive.
+        extra: what else a resumed step needs, JSON-encodable (tuples and int keys survive). The RL driver keeps
+            ``collector`` (its collector's state, to rebuild the buffer) and ``metrics`` (the step's metrics row,
+            written again when the trainer died between the checkpoint and the row); SFT leaves it empty.
     """
 
     step: int = 0
@@ -266,11 +268,20 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- saving
 
 
-def checkpoint_dir(root: str | Path, step: int) -> Path:
-    """`root/step-XXXXXXXX` (zero-padded so names sort by step)."""
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of `step`, zero-padded so names sort by step.
+
+    >>> checkpoint_name(40)
+    'step-00000040'
+    """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return Path(root) / f"{CHECKPOINT_PREFIX}{step:08d}"
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    """`root/step-XXXXXXXX` (see `checkpoint_name`)."""
+    return Path(root) / checkpoint_name(step)
 
 
 def _write_contents(

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import typer
 
-from shared.process import die_with_parent
+from shared.process import become_subreaper, die_with_parent
 
 DEFAULT_PORT = 29500
 DEFAULT_ACCELERATE_CONFIG = Path("deploy/accelerate/ddp.yaml")
@@ -252,17 +252,6 @@ def wait_for_host(host: str, port: int, timeout_s: float, *, interval_s: float =
 # ---------------------------------------------------------------------------------------------- process supervision
 
 
-def _become_subreaper() -> None:
-    """Orphaned descendants are re-parented to this process (Linux), so it can wait for all of them."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-        except (OSError, AttributeError):
-            pass
-
-
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -300,7 +289,7 @@ def run_supervised(
     left behind get SIGTERM and, `straggler_grace_s` later, SIGKILL. Meant for a process whose only children are the
     ones this starts (the `gtpo launch` CLI, often PID 1 of its container): it waits for every child it has.
     """
-    _become_subreaper()
+    become_subreaper()
     # own session for the signal forwarding; die_with_parent so a SIGKILLed supervisor leaves no trainer behind
     proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True,
                             preexec_fn=die_with_parent)  # fmt: skip
@@ -355,6 +344,13 @@ def launch_command(
     Example (every node of a 2-node job runs the same command):
     gtpo launch --config run.yaml --accelerate-config deploy/accelerate/zero2.yaml --resume
     """
+    from services.trainer.config import RLConfig, SFTConfig
+    from shared.config import ConfigError, load_config
+
+    try:  # here, not in every process accelerate starts: a bad config fails once, before any rendezvous
+        load_config(RLConfig, config, overrides or [], siblings=(SFTConfig,))
+    except ConfigError as e:
+        raise _fail(str(e)) from None
     try:
         spec = resolve_dist(os.environ)
         acc = find_accelerate_config(accelerate_config)

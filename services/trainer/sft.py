@@ -19,6 +19,7 @@ import torch
 from services.trainer.trainer import WorkItem
 from services.trainer.trajectory import Round, Trajectory, rollout_trajectory
 from shared.contracts import Rollout
+from shared.prompts import encode_prompt
 
 
 class DataError(ValueError):
@@ -50,19 +51,12 @@ def turn_end_id(tokenizer) -> int:
     return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else tokenizer.eos_token_id
 
 
-def encode_prompt(tokenizer, messages: list[dict[str, str]], chat: bool) -> list[int]:
-    """Prompt ids: the chat template with the assistant header, or the plain text of the last message."""
-    if chat:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-    return tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-
-
 def encode_example(row: dict[str, Any], tokenizer, chat: bool, where: str) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids ending with the turn end) of a `{prompt, response}` or `{messages}` row."""
     if "messages" in row:
         msgs = row["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+        if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs)
+                or msgs[-1].get("role") != "assistant"):  # fmt: skip
             raise DataError(f"{where}: messages must be a list ending with an assistant message")
         prompt_msgs, response = msgs[:-1], msgs[-1].get("content")
     elif "prompt" in row and "response" in row:
@@ -71,7 +65,7 @@ def encode_example(row: dict[str, Any], tokenizer, chat: bool, where: str) -> tu
         raise DataError(f"{where}: needs 'prompt' and 'response', or 'messages' (got keys {sorted(row)})")
     if not isinstance(response, str) or not all(isinstance(m.get("content"), str) for m in prompt_msgs):
         raise DataError(f"{where}: prompt/response contents must be strings")
-    prompt_ids = encode_prompt(tokenizer, prompt_msgs, chat)
+    prompt_ids = encode_prompt(tokenizer, prompt_msgs, chat=chat)
     end = turn_end_id(tokenizer) if chat else tokenizer.eos_token_id
     return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
 
