@@ -254,10 +254,15 @@ def train_cmd(
     from services.trainer.driver import run_rl
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from services.trainer.lease import LeaseHeld, LeaseLost
+
     try:
         history = run_rl(cfg, resume=resume)
-    except ValueError as e:
+    except (ValueError, LeaseHeld) as e:
         raise _fail("train", str(e)) from None
+    except LeaseLost as e:  # replaced by another trainer: not a config error, and nothing was written
+        typer.echo(f"gtpo train: {e}", err=True)
+        raise typer.Exit(code=3) from None
     console.print(f"train done: {len(history)} steps this run; checkpoints in {cfg.output_dir / 'checkpoints'}")
 
 
@@ -360,6 +365,12 @@ def demo_cmd(
         "--speed",
         help="also run GTPO with spread rollout thresholds, and with spread + the speed reward, from the same SFT model",
     ),
+    overlap: bool = typer.Option(
+        False,
+        "--overlap",
+        help="also run GTPO with max_staleness=1 (rollout overlapping training) from the same SFT model, both GTPO "
+        "arms on one thread per process, and report their RL wall times",
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
 ) -> None:
@@ -370,7 +381,8 @@ def demo_cmd(
     from services.demo import DemoConfig, run_demo
     from shared.tasks import TaskError
 
-    overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}"]
+    overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}",
+                 f"overlap={str(overlap).lower()}"]  # fmt: skip
     cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=False, environ={})
     try:
         run_demo(cfg)

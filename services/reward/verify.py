@@ -41,7 +41,6 @@ import os
 import pickle
 import queue
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -56,6 +55,7 @@ from types import TracebackType
 from typing import Any
 
 from shared.contracts import ScoreStatus
+from shared.process import set_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +213,6 @@ def verify_inline(answer: str, reference: str, timeout_s: float | None = None) -
 # --------------------------------------------------------------------------- worker process
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the thread that started it ends (no orphaned hung workers)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 def _limit_memory(memory_mb: int) -> None:
     if memory_mb > 0:
         import resource
@@ -244,7 +235,7 @@ _WARM_UP = [("\\frac{1}{2}", "0.5"), ("x^2+2x+1", "(x+1)^2"), ("(1, 2]", "[1, 2)
 
 def _worker_main(conn: Connection, memory_mb: int, check: CheckFn) -> None:
     """A worker: warm up once, then answer `{"id", "answer", "reference", "soft_s"}` jobs until EOF."""
-    _die_with_parent()
+    set_parent_death_signal(signal.SIGKILL)  # no orphaned hung workers when the pool's owner dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent shuts us down
     _limit_memory(memory_mb)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled": we own the timeouts

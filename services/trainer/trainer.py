@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from services.trainer.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from services.trainer.checkpoint import (
+    TrainerState,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from services.trainer.config import TrainerConfig
 from services.trainer.objective import (
     BEHAVIOUR_MAXES,
@@ -380,7 +386,7 @@ class GTPOTrainer:
         """Checkpoint the current state; with `publish`, the weights become the next policy version."""
         if publish:
             self.state.policy_version += 1
-        path = self.checkpoint_root / f"step-{self.state.step:08d}"
+        path = self.checkpoint_root / checkpoint_name(self.state.step)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             path = save_checkpoint(
