@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from services.trainer.objective import LossConfig
-from shared.settings import BearerToken, RedisConfig
+from shared.settings import RedisConfig
 
 
 class OptimConfig(BaseModel):
@@ -126,7 +126,7 @@ class RLConfig(TrainerConfig):
     step_timeout_s: float = Field(1800.0, gt=0, description="then train on the groups that are complete and say so")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     rollout_urls: list[str] = Field(default_factory=list, description="also push new weights to these over HTTP")
-    api_token: BearerToken | None = Field(None, description="bearer token for the rollout services' /v1/weights")
+    api_token: SecretStr | None = Field(None, description="bearer token for the rollout services' /v1/weights")
     health_port: int | None = Field(None, ge=0, le=65535, description="/health /status /metrics; None = off")
     reward_weights: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0}, description="`gtpo up`: the reward workers' weights"
