@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
-from services.rollout.engines.base import Engine, create_engine
+from services.rollout.engines import Engine, create_engine
 from services.rollout.settings import RolloutSettings
 from shared.contracts import (
     GenerateRequest,
