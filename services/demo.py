@@ -143,17 +143,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary = {"config": json.loads(cfg.model_dump_json()), **{k: r.row() for k, r in results.items()},
                "rl_seconds": rl_seconds, "seconds": round(time.time() - t0, 1)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from services.plots import plot_rl
+    from services.plots import plot_rl, plot_timing
 
-    plot = plot_rl({arm.label: arm.run_dir / "metrics.jsonl" for arm in arms.values()}, out / "rl_curves.png",
-                   title=f"GTPO on the tiny model (seed {cfg.seed})")  # fmt: skip
+    runs = {arm.label: arm.run_dir / "metrics.jsonl" for arm in arms.values()}
+    plot = plot_rl(runs, out / "rl_curves.png", title=f"GTPO on the tiny model (seed {cfg.seed})")
+    plot_timing(runs, out / "rl_timing.png", title=f"where the RL time goes (seed {cfg.seed})")
     _print_table(console, results)
     if cfg.overlap:
         ratio = rl_seconds["gtpo"] / max(rl_seconds["gtpo_async"], 1e-9)
         console.print(f"RL wall time: k=0 {rl_seconds['gtpo']:.0f} s, k=1 {rl_seconds['gtpo_async']:.0f} s "
                       f"({ratio:.2f}x faster)")  # fmt: skip
     metrics = ", ".join(str(arm.run_dir / "metrics.jsonl") for arm in arms.values())
-    console.print(f"plots: {plot}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
+    console.print(f"plots: {plot}, {out / 'rl_timing.png'}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
     return summary
 
 

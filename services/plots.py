@@ -46,6 +46,52 @@ def rl_figure(runs: dict[str, list[dict]], title: str = "GTPO"):
     return fig
 
 
+TIMING_PANELS = (
+    ("seconds per step", (("time_wait_s", "waiting for data", "-"), ("time_train_s", "training", "--"),
+                          ("time_checkpoint_s", "checkpoint + publish", ":"))),
+    ("staleness of trained samples (versions)", (("staleness_mean", "mean", "-"), ("staleness_max", "max", "--"))),
+    ("busy fraction", (("busy_rollout", "rollout workers", "-"), ("busy_reward", "reward workers", "--"))),
+)  # fmt: skip
+"""Where a run's time goes: per panel, (metric, label, line style); one colour per run."""
+
+
+def timing_figure(runs: dict[str, list[dict]], title: str = "GTPO"):
+    """The step's phases, the staleness of what it trained and the workers' busy fractions against the RL step:
+    what shows whether rollout and training overlap (`max_staleness`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TIMING_PANELS), figsize=(4.2 * len(TIMING_PANELS), 3.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (label, series) in zip(axes, TIMING_PANELS, strict=True):
+        for i, (name, rows) in enumerate(runs.items()):
+            for key, what, style in series:
+                if any(key in r for r in rows):
+                    ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], style,
+                            color=colours[i % len(colours)], label=f"{name}: {what}" if len(runs) > 1 else what)  # fmt: skip
+        ax.set_xlabel("RL step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_timing(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Path:
+    """Write the timing curves of one or more runs (label -> metrics.jsonl) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = timing_figure({name: read_metrics(path) for name, path in metrics.items()}, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_rl(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Path:
     """Write the RL curves of one or more runs (label -> metrics.jsonl) as a PNG."""
     import matplotlib.pyplot as plt

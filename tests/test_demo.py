@@ -100,6 +100,7 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert {"sft", "gtpo", "gtpo_spread", "gtpo_speed"} <= set(summary) and summary["config"]["speed"] is True
     assert summary["sft"]["questions"] == 4 and 0 <= summary["gtpo_speed"]["boxed_rate"] <= 1
     assert (out / "rl_curves.png").stat().st_size > 10_000
+    assert (out / "rl_timing.png").stat().st_size > 10_000
     for arm, spread, weights, floor in (("rl", 0.0, {"accuracy": 1.0}, False),
                                         ("rl_spread", 0.2, {"accuracy": 1.0}, False),
                                         ("rl_speed", 0.2, {"accuracy": 1.0, "speed": 1.0}, True)):  # fmt: skip
