@@ -226,3 +226,13 @@ def test_doctests():
     import shared.config as config_module
 
     assert doctest.testmod(config_module).failed == 0
+
+
+def test_the_trainer_config_never_imports_torch():
+    # what its docstring promises: any process (a launcher, a CPU-only service) can parse a run without torch
+    import subprocess
+    import sys
+
+    code = "import sys, services.trainer.config, shared.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

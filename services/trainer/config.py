@@ -7,8 +7,50 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from services.trainer.objective import LossConfig
 from shared.settings import RedisConfig
+
+
+class LossConfig(BaseModel):
+    """Knobs of ``gtpo_loss``; the defaults are DiPO's clip and an on-policy, KL-free update."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eps_low: float = Field(0.2, ge=0.0, lt=1.0, description="lower clip: the ratio is clipped below at 1 - eps_low")
+    eps_high: float = Field(
+        0.28, ge=0.0, description="upper clip: the ratio is clipped above at 1 + eps_high (DAPO clip-higher)"
+    )
+    advantage: Literal["zscore", "mean"] = Field(
+        "zscore", description="group z-score of the reward (GRPO) or mean-centred only (Dr.GRPO, nanochat)"
+    )
+    floor_correct: bool = Field(
+        False,
+        description="never give a correct response (accuracy reward 1) a negative advantage: a speed or length "
+        "reward then ranks correct answers by pulling the better ones up, not by pushing a correct one down",
+    )
+    norm: Literal["token", "step", "length"] = Field(
+        "token",
+        description="token: mean over all target tokens; step: per-round mean summed over rounds (DiPO); "
+        "length: per-response sum / max response length (TraceRL)",
+    )
+    beta: float = Field(0.0, ge=0.0, description="weight of the k3 KL to a frozen reference policy; 0 = off")
+    objective: Literal["standard", "decoupled"] = Field(
+        "standard",
+        description="standard: PPO, the ratio pi_theta / pi_prox clipped, for on-policy samples (engine == trainer, "
+        "sampled by the current weights). decoupled (AReaL, for stale or engine-mismatched samples): the same "
+        "clipped surrogate times the importance weight min(pi_prox / pi_behav, tis_cap), pi_behav being the "
+        "engine's log-prob at unmask time (Rollout.logprobs, required on every rollout). pi_prox is the trainer's "
+        "weights at the start of the step: recomputed when a sample is stale or the step makes several updates, "
+        "otherwise pi_theta.detach() exactly. On-policy, both give the same loss up to the engine's float error",
+    )
+    tis_cap: float = Field(
+        2.0,
+        ge=1.0,
+        description="decoupled: the importance weight pi_prox / pi_behav is truncated at this (TIS; a cap below 1 "
+        "would down-weight on-policy tokens too); unused by the standard objective, which has no such weight",
+    )
+    log_ratio_clamp: float = Field(
+        10.0, gt=0.0, description="clamp of log(pi_theta / pi_prox) before exp, so one stale token cannot overflow"
+    )
 
 
 class OptimConfig(BaseModel):
