@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from services.rollout.engines import GenerationCancelled
-from services.rollout.host import EngineHost, request_error
+from services.rollout.host import EngineHost, error_text, request_error
 from services.rollout.settings import RolloutSettings
 from services.rollout.weights import WeightsError
 from shared.contracts import GenerationRequest, Rollout, RolloutMessage, ScoreItem, TaskMessage
@@ -44,20 +44,15 @@ def task_error(task: TaskMessage, settings: RolloutSettings) -> str | None:
     try:
         GenerationRequest(prompt_ids=task.prompt_ids, params=task.params)
     except ValidationError as e:
-        return f"prompt_ids: {_errors(e)}"
+        return error_text(e)
     reason = request_error(task.prompt_ids, task.params, settings, "prompt_ids")
     if reason is not None:
         return reason
     try:  # what the reward stage builds from it (services/reward/worker.py): refused there, it would fail there
         ScoreItem(id=task.task_id, response="", reference=task.reference)
     except ValidationError as e:
-        return f"the reward stage would refuse it as a ScoreItem ({_errors(e)}; from task_id / reference)"
+        return f"the reward stage would refuse it as a ScoreItem ({error_text(e)}; from task_id / reference)"
     return None
-
-
-def _errors(e: ValidationError) -> str:
-    """Each bad field and why, without the (possibly huge) input."""
-    return "; ".join(".".join(map(str, err["loc"])) + f": {err['msg']}" for err in e.errors()[:5])
 
 
 class RolloutWorker(StreamWorker):
@@ -139,7 +134,7 @@ class RolloutWorker(StreamWorker):
         except GenerationCancelled:
             return 0
         except ValueError as e:  # the engine refuses this task (its ids, its settings): it always will
-            self.queue.reject(d, self.keys.rollout_group, f"cannot be generated: {str(e)[:1000]}")
+            self.queue.reject(d, self.keys.rollout_group, f"cannot be generated: {error_text(e)}")
             return 1
         except Exception:  # not the task's fault (a device error...): redelivered later, dead after max_deliveries
             log.exception("%s: task %s failed; left pending", self.id, d.message.task_id)
