@@ -28,6 +28,7 @@ import torch
 
 from scripts.check_report import Report, finish
 from services.rollout.engines import lmdeploy_patch as lp
+from services.rollout.engines import lmdeploy_sim
 from services.rollout.engines.lmdeploy_engine import LMDeployEngine, LMDeployOptions
 from services.trainer.policy import TokenLogProbs
 from services.trainer.trajectory import build_batch, rollout_trajectory
@@ -128,7 +129,7 @@ def run(args) -> Report:
     v0, v1 = make_checkpoint(tmp / "v0", 0), make_checkpoint(tmp / "v1", 1)
     t = time.monotonic()
     info = lp.apply_patch()
-    lp.self_check()
+    lmdeploy_sim.self_check()
     rep.stage("patch", True, fixes=info.fixes, self_check_s=round(time.monotonic() - t, 2))
 
     t = time.monotonic()

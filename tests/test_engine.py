@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from services.rollout.engines.base import create_engine
+from services.rollout.engines import create_engine
 from services.rollout.engines.naive import naive_generate
 from services.rollout.engines.torch_engine import TorchEngine
 from shared.contracts import GenerationRequest, Rollout, SamplingParams, Strategy

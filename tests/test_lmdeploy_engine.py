@@ -1,21 +1,27 @@
 """The `lmdeploy` engine on CPU: the real engine wrapper and step-map recorder, with LMDeploy's AsyncEngine replaced
-by a stand-in that decodes through LMDeploy's real scheduler classes (lmdeploy_patch.simulate) and a fake model.
+by a stand-in that decodes through LMDeploy's real scheduler classes (lmdeploy_sim.simulate), with the fake model
+or with the tiny torch model sampled as the torch engine samples.
 
-Covers: the rollout contract (same as the torch engine's), grouping by LMDeploy's engine-wide settings, weight
-versions (rebuild and in-place paths), the rollout service choosing the engine by its setting alone, and the
-error naming the extra when LMDeploy is absent.
+Covers: the rollout contract (same as the torch engine's, and the torch engine's very rollouts and log-probs for
+the same model), behaviour log-probs, grouping by LMDeploy's engine-wide settings, cancellation, numerical edge
+settings, weight versions (rebuild and in-place paths), the rollout service choosing the engine by its setting
+alone, and the error naming the extra when LMDeploy is absent.
 """
 
 import itertools
+import math
 import os
 import shutil
 import sys
+import threading
 from copy import deepcopy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
-from services.rollout.engines.base import create_engine
+from services.rollout.engines import GenerationCancelled, create_engine
 from shared.contracts import GenerationRequest, Rollout, SamplingParams
 
 try:
@@ -39,6 +45,8 @@ class FakeAsyncEngine:
     """What LMDeployEngine uses of `lmdeploy.serve.core.async_engine.AsyncEngine`, decoding on CPU."""
 
     instances: list["FakeAsyncEngine"] = []
+    model = None  # a lmdeploy_sim.SimModel (read from the class: a plain function); None = the fake model
+    sim_options: dict = {}
 
     def __init__(self, model_path, cfg):
         self.model_path, self.backend_config = model_path, cfg
@@ -61,7 +69,7 @@ class FakeAsyncEngine:
         return SimpleNamespace(session=session, inputs={"input_ids": list(input_ids)}, gen_config=gc)
 
     async def generate(self, req, stream_response=True):
-        from services.rollout.engines import lmdeploy_patch as lp
+        from services.rollout.engines import lmdeploy_sim as lp
 
         bc, gc = self.backend_config, req.gen_config
         self.requests.append(req)
@@ -74,9 +82,17 @@ class FakeAsyncEngine:
             max_new_tokens=gc.max_new_tokens,
             stop_token_ids=stops,
             logit_width=1024,  # prompts are tiny-tokenizer ids (< 320)
+            **self.sim_options,
         )
         sid = req.session.session_id
-        res = lp.simulate([req.inputs["input_ids"]], [gc.random_seed], cfg, session_ids=[sid], keep_published=True)
+        res = lp.simulate(
+            [req.inputs["input_ids"]],
+            [gc.random_seed],
+            cfg,
+            session_ids=[sid],
+            keep_published=True,
+            model=type(self).model,
+        )
         ids = res.records[0].engine_ids
         reason = "stop" if ids and ids[-1] in stops else "length"
         yield SimpleNamespace(token_ids=ids[:-1] if reason == "stop" else ids, finish_reason=None)
@@ -89,7 +105,45 @@ def fake(monkeypatch):
 
     FakeAsyncEngine.instances = []
     monkeypatch.setattr(lmdeploy_engine, "build_async_engine", FakeAsyncEngine)
+    monkeypatch.setattr(FakeAsyncEngine, "model", None)
+    monkeypatch.setattr(FakeAsyncEngine, "sim_options", {})
     return FakeAsyncEngine
+
+
+def torch_sim_model(loaded):
+    """A loaded torch model as a `lmdeploy_sim.SimModel`, sampling as the torch engine does.
+
+    Logits: the naive decoder's forward (the whole sequence, block-causal). Tokens: `sample_block` at T = 1 on the
+    sample's own uniforms, row s of block k's draw at the block's s-th denoising forward. The forward index is
+    recovered from which positions are still masked (each forward unmasks some, so a block's states are distinct),
+    so a preempted sequence that re-prefills the same state draws the same row again.
+    """
+    from services.rollout.engines.sampling import block_uniforms, sample_block
+    from shared.masks import block_causal_mask, to_additive
+
+    b = loaded.spec.block_size
+    dtype = next(loaded.model.parameters()).dtype
+    states: dict[tuple[int, int], dict[bytes, int]] = {}
+
+    @torch.inference_mode()
+    def forward(seed, ids, masked, block_start, prompt_len):
+        x = torch.as_tensor(ids, dtype=torch.long)[None]
+        attn = to_additive(block_causal_mask(x.shape[1], b)[None], dtype)
+        hidden = loaded.model.model(input_ids=x, attention_mask=attn, use_cache=False).last_hidden_state
+        logits = loaded.model.lm_head(hidden[0, -b:]).float()
+        if not masked.any():  # LMDeploy's KV-store pass of a finished block: nothing is sampled
+            return logits, np.zeros(b, dtype=np.int64)
+        seen = states.setdefault((seed, block_start), {})
+        step = seen.setdefault(masked.tobytes(), len(seen))
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(block_start // b - prompt_len // b + 1):
+            u = block_uniforms(gen, b)
+        tok, _, _ = sample_block(
+            logits[None], u[step][None], torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1)
+        )
+        return logits, tok[0].numpy()
+
+    return forward
 
 
 @pytest.fixture
@@ -101,7 +155,7 @@ def engine(fake, tiny_dir):
 
 def expected(prompt, rollout, *, extra_stops=()):
     """The reference trajectory for one rollout: the fake model decoded by our own rules."""
-    from services.rollout.engines import lmdeploy_patch as lp
+    from services.rollout.engines import lmdeploy_sim as lp
 
     p = rollout.params
     cfg = lp.SimConfig(
@@ -204,8 +258,12 @@ def test_engine_wide_settings_group_requests_and_rebuild(engine, fake):
 
 @needs_lmdeploy
 def test_unsupported_requests_are_value_errors(engine):
+    settings = r"logprobs: .*temperature=1, top_k=0, top_p=1"
     for params, words in [
-        (SamplingParams(logprobs=True), "logprobs"),
+        (SamplingParams(logprobs=True, temperature=0.7), settings + r".*got temperature=0.7, top_k=0, top_p=1.0"),
+        (SamplingParams(logprobs=True, top_k=5), settings + r".*top_k=5"),
+        (SamplingParams(logprobs=True, top_p=0.9), settings + r".*top_p=0.9"),
+        (SamplingParams(logprobs=True, temperature=0), settings),
         (SamplingParams(temperature=3.0), "temperature"),
         (SamplingParams(max_new_tokens=5000), "session_len"),
     ]:
@@ -339,3 +397,103 @@ def test_gpu_check_script_dry_run_with_the_torch_engine(tmp_path):
         **dict.fromkeys(["patch", "build", "rl", "greedy", "stop", "weights", "sequential", "tau0"], "PASS"),
         "graphs": "SKIP",
     }
+
+
+@needs_lmdeploy
+def test_logprobs_are_the_behaviour_log_probs_of_the_reference(engine):
+    """At T = 1, top-k 0, top-p 1 the recorder's log-prob is log softmax(logits)[token] of the forward that unmasked
+    the token: the reference decoder's value under the torch engine's maths (`filtered_log_probs`)."""
+    reqs = [
+        GenerationRequest(
+            prompt_ids=[1, 2, 3, 4, 5], params=SamplingParams(n=2, seed=4, max_new_tokens=9, logprobs=True)
+        ),
+        GenerationRequest(
+            prompt_ids=[7], params=SamplingParams(seed=8, max_new_tokens=6, stop_token_ids=[3], logprobs=True)
+        ),
+    ]
+    checked = 0
+    for req, group in zip(reqs, engine.generate(reqs), strict=True):
+        for r in group:
+            want = expected(req.prompt_ids, r)
+            assert (r.token_ids, r.step_map) == (want.token_ids, want.step_map)
+            assert len(r.logprobs) == len(r.token_ids) and all(math.isfinite(x) and x <= 0 for x in r.logprobs)
+            assert max(abs(a - b) for a, b in zip(r.logprobs, want.logprobs, strict=True)) <= 1e-5
+            checked += len(r.logprobs)
+    assert checked >= 20
+    ((plain,),) = engine.generate(
+        [GenerationRequest(prompt_ids=[7], params=reqs[1].params.model_copy(update={"logprobs": False}))]
+    )
+    assert plain.logprobs is None
+
+
+@needs_lmdeploy
+@pytest.mark.parametrize(("model", "tol"), [("tiny", 1e-5), ("peaky", 2e-3)])  # peaky: fp32 rounding x 200
+def test_through_lmdeploys_scheduler_the_tiny_model_gives_the_torch_engines_rollouts(
+    request, fake, tiny_dir, model, tol
+):
+    """LMDeploy's scheduler, unmasking and stopping code with our patch, driven by the tiny model's logits and the
+    torch engine's sampler: the very rollouts of the torch engine (tokens, step maps, tails, finish reasons), and its
+    log-probs within `tol` (the torch engine caches KV, the stand-in recomputes the sequence)."""
+    from services.rollout.engines.torch_engine import TorchEngine
+
+    loaded = request.getfixturevalue(model)
+    fake.model = torch_sim_model(loaded)
+    fake.sim_options = {"vocab": loaded.model.config.vocab_size, "mask_id": loaded.spec.mask_token_id}
+    stops = list(range(0, 320, 9))  # about one token in nine stops: stops in the first block and later ones
+    reqs = [
+        GenerationRequest(
+            prompt_ids=list(range(10, 10 + n)),
+            params=SamplingParams(n=2, seed=30 + n, max_new_tokens=10, stop_token_ids=stops, logprobs=True),
+        )
+        for n in (1, 2, 3, 4, 5, 7, 9)
+    ]
+    eng = create_engine("lmdeploy", tiny_dir, device="auto", max_batch_size=8)
+    try:
+        out = eng.generate(reqs)
+    finally:
+        eng.close()
+    ref = TorchEngine(loaded).generate(reqs)
+    reasons, multi = set(), 0
+    for group, ref_group in zip(out, ref, strict=True):
+        for r, t in zip(group, ref_group, strict=True):
+            assert (r.token_ids, r.step_map, r.tail_ids, r.tail_steps, r.finish_reason) == (
+                t.token_ids,
+                t.step_map,
+                t.tail_ids,
+                t.tail_steps,
+                t.finish_reason,
+            )
+            assert max(abs(a - b) for a, b in zip(r.logprobs, t.logprobs, strict=True)) <= tol
+            reasons.add(r.finish_reason)
+            multi += len(set(r.step_map)) < len(r.step_map)
+    assert reasons == {"stop", "length"}
+    if model == "peaky":
+        assert multi > 0  # several tokens unmasked in one step really happened
+
+
+@needs_lmdeploy
+def test_cancel_set_raises_and_the_engine_serves_on(engine, fake):
+    cancel = threading.Event()
+    cancel.set()
+    req = GenerationRequest(prompt_ids=[1, 2, 3], params=SamplingParams(seed=1, max_new_tokens=6))
+    with pytest.raises(GenerationCancelled):
+        engine.generate([req], cancel=cancel)
+    assert fake.instances[-1].requests == []  # nothing reached LMDeploy
+    ((r,),) = engine.generate([req], cancel=threading.Event())
+    assert r.token_ids == expected(req.prompt_ids, r).token_ids
+
+
+@needs_lmdeploy
+def test_numerical_edge_settings_reach_lmdeploy_in_range(engine, fake):
+    """A vanishing temperature is greedy, a top-k past the vocabulary is no top-k, and stop ids outside the
+    vocabulary (never sampled) are not sent: nothing LMDeploy would overflow on."""
+    for temperature in (1e-300, 1e-45, 1e-6):
+        params = SamplingParams(seed=1, max_new_tokens=3, temperature=temperature)
+        ((r,),) = engine.generate([GenerationRequest(prompt_ids=[1, 2], params=params)])
+        gc = fake.instances[-1].requests[-1].gen_config
+        assert (gc.do_sample, gc.temperature, r.params.temperature) == (False, 1.0, 0.0)
+    params = SamplingParams(seed=1, max_new_tokens=5, top_k=10**30, stop_token_ids=[10**30, 3])
+    ((r,),) = engine.generate([GenerationRequest(prompt_ids=[1, 2], params=params)])
+    gc = fake.instances[-1].requests[-1].gen_config
+    assert (gc.top_k, gc.stop_token_ids, r.params.top_k) == (0, [3], 0)
+    assert r.params.stop_token_ids == [10**30, 3]  # the contract's own list, cut by us

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,13 @@ from typing import TYPE_CHECKING
 from shared.contracts import GenerationRequest, Rollout
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from shared.model import DiffusionSpec
+
+
+class GenerationCancelled(Exception):
+    """``Engine.generate`` stopped because its caller set the ``cancel`` event; nothing is returned."""
 
 
 class Engine(ABC):
@@ -33,9 +40,21 @@ class Engine(ABC):
     def policy_version(self) -> int:
         """Version of the weights that produced the next rollouts."""
 
+    @property
     @abstractmethod
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Rollout]]:
-        """Decode every request; returns ``params.n`` rollouts per request, in request order."""
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The served model's tokenizer (prompt text -> ids, response ids -> text)."""
+
+    @abstractmethod
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
+    ) -> list[list[Rollout]]:
+        """Decode every request; returns ``params.n`` rollouts per request, in request order.
+
+        Raises:
+            ValueError: a request this model or engine cannot serve (the message names the field).
+            GenerationCancelled: ``cancel`` was set; the engine stopped at its next block boundary.
+        """
 
     @abstractmethod
     def load_weights(self, path: str | Path, version: int) -> None:
@@ -43,20 +62,3 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - engines without resources need not override
         """Release devices and processes."""
-
-
-def create_engine(kind: str, model_path: str | Path, **options: object) -> Engine:
-    """Build an engine by name. LMDeploy is imported only when asked for (GPU-only extra)."""
-    if kind == "torch":
-        from services.rollout.engines.torch_engine import TorchEngine
-
-        return TorchEngine.from_pretrained(model_path, **options)  # type: ignore[arg-type]
-    if kind == "lmdeploy":
-        try:
-            from services.rollout.engines.lmdeploy_engine import LMDeployEngine  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise ValueError(
-                f"engine: 'lmdeploy' needs the GPU extra (pip install 'gtpo[lmdeploy]') and its engine module: {e}"
-            ) from e
-        return LMDeployEngine.from_pretrained(model_path, **options)
-    raise ValueError(f"engine: unknown engine {kind!r}; allowed: 'torch', 'lmdeploy'")

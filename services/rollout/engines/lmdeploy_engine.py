@@ -19,8 +19,11 @@ How LMDeploy is driven:
 * Weights: `load_weights` loads version N from a checkpoint directory in place (LMDeploy's own weight loader
   into the running model, same node, no serialisation) when the architecture is unchanged and the model
   runs in this process; otherwise it rebuilds the engine.
-* Per-token log-probs are not offered: LMDeploy's dLLM log-probs are known to be wrong; the trainer
-  recomputes them.
+* Behaviour log-probs (``logprobs=True``) are offered at temperature 1, top-k 0 and top-p 1 only: there the
+  recorder's value is log p(token) under the policy that sampled it (see `lmdeploy_patch`); LMDeploy's own dLLM
+  log-probs are not used (they are known to be wrong).
+* Cancellation: the ``cancel`` event is polled every ``CANCEL_POLL_S`` while LMDeploy decodes; when set, the
+  request tasks are cancelled (LMDeploy ends their sessions) and ``GenerationCancelled`` is raised.
 """
 
 from __future__ import annotations
@@ -28,15 +31,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from services.rollout.engines import lmdeploy_patch as patch
 from services.rollout.engines.base import Engine
-from services.rollout.engines.torch_engine import _Row, build_rollout, default_stop_ids, expand_rows
+from services.rollout.engines.rows import (
+    Row,
+    build_rollout,
+    check_spec,
+    decode_grouped,
+    default_stop_ids,
+    expand_rows,
+    raise_if_cancelled,
+)
 from shared.contracts import GenerationRequest, Rollout, SamplingParams, Strategy
 from shared.model import DiffusionSpec, load_tokenizer, read_config, translate_config
 
@@ -45,6 +57,8 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = SamplingParams.model_fields["confidence_threshold"].default
 MAX_TEMPERATURE = 2.0
 """LMDeploy's GenerationConfig accepts temperatures in [0, 2]."""
+CANCEL_POLL_S = 0.05
+"""How often a running generate looks at its ``cancel`` event."""
 ARCH_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -168,11 +182,17 @@ class _LoopThread:
             self.loop.close()
 
 
-async def _gather_or_cancel(coros):
-    """Like `asyncio.gather`, but a failure cancels the rest (no orphan requests left decoding)."""
+async def _gather_or_cancel(coros, cancel: threading.Event | None = None):
+    """Like `asyncio.gather`, but a failure, or ``cancel`` set (GenerationCancelled), cancels the rest and waits for
+    them to unwind (no orphan requests left decoding)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        return await asyncio.gather(*tasks)
+        gathered = asyncio.gather(*tasks)
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=CANCEL_POLL_S)
+            if done:
+                return gathered.result()
+            raise_if_cancelled(cancel)
     except BaseException:
         for t in tasks:
             t.cancel()
@@ -198,7 +218,9 @@ class LMDeployEngine(Engine):
             raise ValueError(f"max_batch_size: must be >= 1, got {self._opts.max_batch_size}")
         self._info = patch.apply_patch(allow_untested=self._opts.allow_untested_lmdeploy)
         if self._opts.self_check:
-            patch.self_check()
+            from services.rollout.engines.lmdeploy_sim import self_check
+
+            self_check()
         self._path = Path(model_path)
         self._raw = read_config(self._path)
         self._tokenizer = load_tokenizer(self._path)
@@ -261,31 +283,34 @@ class LMDeployEngine(Engine):
         """The dLLM settings of the running LMDeploy engine."""
         return self._settings
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Rollout]]:
-        rows = expand_rows(requests, self._spec.block_size, self._stop_ids)
-        groups: dict[tuple, list[_Row]] = {}
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
+    ) -> list[list[Rollout]]:
+        """Rows are grouped by (dLLM settings, temperature, top-k, top-p) and the groups run one after another."""
+        rows = expand_rows(requests, self._spec.block_size, self._stop_ids, self._vocab)
         for row in rows:
             self._check_row(row)
+
+        def key(row: Row) -> Hashable:
             p = row.params
-            key = (self._resolve_settings(p), p.temperature, p.top_k, p.top_p)
-            groups.setdefault(key, []).append(row)
-        done: dict[tuple[int, int], Rollout] = {}
-        for (settings, *_), group in groups.items():
-            if settings != self._settings:
-                log.warning("lmdeploy: rebuilding the engine for %s (was %s)", settings, self._settings)
-                self._rebuild(settings)
-            out = self._loop.run(_gather_or_cancel([self._generate_row(row) for row in group]))
-            for row, rollout in zip(group, out, strict=True):
-                done[(row.request_index, row.sample_index)] = rollout
-        return [[done[(i, j)] for j in range(req.params.n)] for i, req in enumerate(requests)]
+            return (self._resolve_settings(p), p.temperature, p.top_k, p.top_p)
+
+        def decode(k: Hashable, group: list[Row]) -> list[Rollout]:
+            assert isinstance(k, tuple)
+            raise_if_cancelled(cancel)
+            if k[0] != self._settings:
+                log.warning("lmdeploy: rebuilding the engine for %s (was %s)", k[0], self._settings)
+                self._rebuild(k[0])
+            return self._loop.run(_gather_or_cancel([self._generate_row(row) for row in group], cancel))
+
+        return decode_grouped(requests, rows, key, decode)
 
     def load_weights(self, path: str | Path, version: int) -> None:
         path = Path(path)
         raw = read_config(path)
         tokenizer = load_tokenizer(path)
         _, spec = translate_config(raw, tokenizer)
-        if spec != self._spec:
-            raise ValueError(f"weights: {path} has {spec}, the engine serves {self._spec}")
+        check_spec(path, spec, self._spec)
         if not any(path.glob("*.safetensors")):
             raise FileNotFoundError(f"no safetensors weights in {path}")
         same_arch = all(raw.get(k) == self._raw.get(k) for k in ARCH_KEYS)
@@ -315,21 +340,23 @@ class LMDeployEngine(Engine):
             denoising_steps=b if dynamic else (p.denoising_steps or b),
         )
 
-    def _check_row(self, row: _Row) -> None:
+    @property
+    def _vocab(self) -> int:
+        return int(self._raw["vocab_size"])
+
+    def _check_row(self, row: Row) -> None:
         p = row.params
-        if p.logprobs:
+        if p.logprobs and (p.temperature, p.top_k, p.top_p) != (1.0, 0, 1.0):
             raise ValueError(
-                "logprobs: the 'lmdeploy' engine does not return per-token log-probs (LMDeploy's dLLM "
-                "log-probs are unreliable); the trainer recomputes them"
+                "logprobs: the 'lmdeploy' engine returns behaviour log-probs only at temperature=1, top_k=0, "
+                f"top_p=1 (where the unmasking confidence is the sampling probability), got temperature="
+                f"{p.temperature}, top_k={p.top_k}, top_p={p.top_p}; use engine 'torch' for log-probs under other "
+                "settings"
             )
         if p.temperature > MAX_TEMPERATURE:
             raise ValueError(
                 f"temperature: the 'lmdeploy' engine accepts at most {MAX_TEMPERATURE}, got {p.temperature}"
             )
-        vocab = int(self._raw["vocab_size"])
-        bad = [t for t in row.prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_ids: token ids must be in [0, {vocab}), got {bad[:5]}")
         session_len = getattr(self._ae, "session_len", None)
         need = len(row.prompt) + p.max_new_tokens + 2 * p.block_size
         if session_len is not None and need > session_len:
@@ -396,7 +423,11 @@ class LMDeployEngine(Engine):
         self._loop.call(_load)
         return True
 
-    def _gen_config(self, row: _Row):
+    def _stop_ids_for_lmdeploy(self, p: SamplingParams) -> list[int]:
+        """The stop ids LMDeploy can see: ids outside the vocabulary are never sampled (and may not fit int64)."""
+        return [t for t in p.stop_token_ids or [] if t < self._vocab]
+
+    def _gen_config(self, row: Row):
         from lmdeploy import GenerationConfig
 
         p = row.params
@@ -409,15 +440,15 @@ class LMDeployEngine(Engine):
             top_k=p.top_k,
             top_p=p.top_p,
             random_seed=row.seed,
-            stop_token_ids=list(p.stop_token_ids or []) or None,
+            stop_token_ids=self._stop_ids_for_lmdeploy(p) or None,
         )
 
-    async def _generate_row(self, row: _Row) -> Rollout:
+    async def _generate_row(self, row: Row) -> Rollout:
         ae, p = self._ae, row.params
         session = ae.session_mgr.get()
         req = await ae.preprocess(None, session, gen_config=self._gen_config(row), input_ids=list(row.prompt))
         # LMDeploy adds the tokenizer's and generation_config's eos ids; the contract's stop ids are exact
-        req.gen_config.stop_token_ids = list(p.stop_token_ids or [])
+        req.gen_config.stop_token_ids = self._stop_ids_for_lmdeploy(p)
         req.gen_config.ignore_eos = False
         sid = req.session.session_id
         returned: list[int] = []
@@ -441,11 +472,12 @@ class LMDeployEngine(Engine):
             max_new_tokens=p.max_new_tokens,
             stop_token_ids=p.stop_token_ids or [],
         )
-        length = len(traj.token_ids)
+        if p.logprobs and not all(math.isfinite(x) for x in traj.logprobs):
+            raise RuntimeError(f"session {sid}: LMDeploy reported no log-prob for some response tokens")
         filled = replace(
             row,
             tokens=traj.token_ids + traj.tail_ids,
             steps=traj.step_map + traj.tail_steps,
-            logprobs=[],
+            logprobs=traj.logprobs + traj.tail_logprobs,
         )
-        return build_rollout(filled, length, traj.finish_reason, self._tokenizer, self._version)
+        return build_rollout(filled, len(traj.token_ids), traj.finish_reason, self._tokenizer, self._version)

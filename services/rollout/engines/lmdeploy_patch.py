@@ -17,6 +17,14 @@ process that owns the engine loop, so the step map is recorded there (design.md 
   region, up to the end of the last block and before LMDeploy truncates it, is published in a bounded
   store keyed by session id; the engine pops it when the request ends (:func:`pop_record`).
 
+Behaviour log-probs travel the same way. The model agent's ``post_sampling`` (``DLLMModelAgentStrategy``) sees
+the logits LMDeploy sampled from, after its logits processors, and the token sampled at each position: the patch
+adds log softmax(logits)[token] per position to the forward's extra outputs (a subclass of
+``DLLMExtraOutputs`` with one more field, so LMDeploy's own copies to CPU and numpy keep it), and
+``DLLMSequenceStrategy.update_running`` hands each sequence its row before the token update, where the recorder
+stores the values of the positions it stamps. At temperature 1, top-k 0 and top-p 1 the processors leave the
+logits alone, so the value is log p(token) under the behaviour policy (the unmasking confidence, in log space).
+
 LMDeploy's second stop bug (Q2: in the block where ``max_new_tokens`` is reached, the length position wins
 over an earlier stop word) and any stop id that slips past its check are handled by :func:`finalize`,
 which cuts token ids and steps together at the first stop id, as the torch engine does.
@@ -29,21 +37,19 @@ re-lays the 1-D rows sequence-major and gives each block position its own seed, 
 together are independent draws, as the trainer's per-token log-probs assume.
 
 The patch refuses an untested LMDeploy version, changed internals, and configurations that move the
-scheduler out of this process. :func:`self_check` drives LMDeploy's real scheduler classes on CPU with a
-fake model and compares the recorded step maps with an independent reference decoder.
+scheduler out of this process. ``lmdeploy_sim.self_check`` drives LMDeploy's real scheduler classes on CPU with
+a fake model and compares the recorded step maps and log-probs with an independent reference decoder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import inspect
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
 import numpy as np
@@ -61,6 +67,7 @@ MAX_RECORDS = 65536
 
 _STATE = "_gtpo_step_state"
 _MARK = "_gtpo_step_map_patch"
+_LOGPROBS = "_gtpo_logprobs"  # attribute: this forward's log-probs, on extra inputs and on each sequence
 
 _EXPECTED_METHODS: dict[str, tuple[str, ...]] = {
     "_update_token_ids_inputs": ("self", "token_ids", "dllm_mask"),
@@ -108,8 +115,9 @@ def import_lmdeploy() -> Any:
 class StepRecord:
     """What the recorder saw for one finished sequence.
 
-    `token_ids` / `step_map`: every generated position up to the end of the last decoded block (prompt tail
-    excluded), before LMDeploy's own stop truncation. `engine_ids`: LMDeploy's `generated_ids` after it.
+    `token_ids` / `step_map` / `logprobs`: every generated position up to the end of the last decoded block
+    (prompt tail excluded), before LMDeploy's own stop truncation; a log-prob is NaN where LMDeploy reported
+    none. `engine_ids`: LMDeploy's `generated_ids` after it.
     """
 
     session_id: int
@@ -118,6 +126,7 @@ class StepRecord:
     engine_ids: list[int]
     stop_pos: int
     error: str | None = None
+    logprobs: list[float] = field(default_factory=list)
 
 
 class _RecordStore:
@@ -152,15 +161,25 @@ def pop_record(session_id: int) -> StepRecord | None:
     return _STORE.pop(session_id)
 
 
+def publish_record(record: StepRecord) -> None:
+    """Put a record in the store, as a finishing sequence does (for drivers that collect records themselves)."""
+    _STORE.put(record)
+
+
 @dataclass(frozen=True)
 class Trajectory:
-    """A response cut at its first stop token (kept) or at max_new_tokens, with the rest of its last block."""
+    """A response cut at its first stop token (kept) or at max_new_tokens, with the rest of its last block.
+
+    ``logprobs`` / ``tail_logprobs``: the behaviour log-prob of each response / tail token at unmask time.
+    """
 
     token_ids: list[int]
     step_map: list[int]
     tail_ids: list[int]
     tail_steps: list[int]
     finish_reason: str
+    logprobs: list[float] = field(default_factory=list)
+    tail_logprobs: list[float] = field(default_factory=list)
 
 
 def finalize(
@@ -191,27 +210,33 @@ def finalize(
         )
     if any(s < 1 for s in steps[:end]):
         raise RuntimeError(f"session {record.session_id}: unstamped positions in the step map {steps[:end]}")
-    return Trajectory(ids[:length], steps[:length], ids[length:end], steps[length:end], reason)
+    logps = record.logprobs if len(record.logprobs) == len(ids) else [float("nan")] * len(ids)
+    return Trajectory(
+        ids[:length], steps[:length], ids[length:end], steps[length:end], reason, logps[:length], logps[length:end]
+    )
 
 
 # --------------------------------------------------------------------------- the recorder
 
 
 class _Steps:
-    """Per-sequence recorder state: absolute position -> step (0 = not generated), and the step counter."""
+    """Per-sequence recorder state: absolute position -> step (0 = not generated) and -> log-prob (NaN = none
+    reported), and the step counter."""
 
-    __slots__ = ("buf", "counter", "error")
+    __slots__ = ("buf", "logp", "counter", "error")
 
     def __init__(self) -> None:
         self.buf = np.zeros(256, dtype=np.int32)
+        self.logp = np.full(256, np.nan, dtype=np.float64)
         self.counter = 0
         self.error: str | None = None
 
     def fit(self, size: int) -> None:
         if size > len(self.buf):
-            grown = np.zeros(max(size, 2 * len(self.buf)), dtype=np.int32)
-            grown[: len(self.buf)] = self.buf
-            self.buf = grown
+            n = max(size, 2 * len(self.buf))
+            buf, logp = np.zeros(n, dtype=np.int32), np.full(n, np.nan, dtype=np.float64)
+            buf[: len(self.buf)], logp[: len(self.logp)] = self.buf, self.logp
+            self.buf, self.logp = buf, logp
 
 
 def _steps(seq: Any) -> _Steps:
@@ -241,6 +266,7 @@ def _wrap_inputs(orig):
         st = _steps(self)
         st.fit(len(self.history_cache))
         st.buf[self.num_history_ids :] = 0
+        st.logp[self.num_history_ids :] = np.nan
         st.counter, st.error = 0, None
         _STORE.pop(self.session_id)  # a stale record of an earlier message of this session
         if _OPTIONS.fix_output_start:
@@ -256,6 +282,7 @@ def _wrap_decode(orig, masked: int, unmasked: int):
         start = self.num_history_ids
         new = np.asarray(dllm_mask)
         old = np.array(self.history_dllm_mask[start : start + len(new)], copy=True)
+        logp = self.__dict__.pop(_LOGPROBS, None)  # this forward's, from update_running; None if not reported
         orig(self, token_ids, dllm_mask)
         st = _steps(self)
         if len(old) != len(new):
@@ -266,6 +293,8 @@ def _wrap_decode(orig, masked: int, unmasked: int):
             st.counter += 1
             st.fit(start + len(new))
             st.buf[start + newly] = st.counter
+            if logp is not None and len(logp) == len(new):
+                st.logp[start + newly] = logp[newly]
         return None
 
     return _update_token_ids_decode
@@ -276,6 +305,7 @@ def _wrap_stop(orig):
     def set_stop_pos(self, pos):
         full_ids = np.array(self.generated_ids, copy=True)
         full_steps = self.generated_step_map
+        full_logp = _generated(self, "logp")
         orig(self, pos)
         st = _steps(self)
         _STORE.put(
@@ -286,6 +316,7 @@ def _wrap_stop(orig):
                 engine_ids=np.asarray(self.generated_ids).tolist(),
                 stop_pos=int(pos),
                 error=st.error,
+                logprobs=full_logp.tolist(),
             )
         )
         return None
@@ -293,13 +324,77 @@ def _wrap_stop(orig):
     return set_stop_pos
 
 
-def _generated_step_map(self) -> np.ndarray:
-    """Steps of `generated_ids`, position by position (the same slice, so stop truncation is inherited)."""
-    end = self.num_valid_ids
-    start = end - self.num_new_tokens
-    st = _steps(self)
+def _generated(seq: Any, buffer: str) -> np.ndarray:
+    """A recorder buffer (`buf` or `logp`) over the positions of `generated_ids` (the same slice, so stop
+    truncation is inherited)."""
+    end = seq.num_valid_ids
+    start = end - seq.num_new_tokens
+    st = _steps(seq)
     st.fit(end)
-    return st.buf[start:end].copy()
+    return getattr(st, buffer)[start:end].copy()
+
+
+def _generated_step_map(self) -> np.ndarray:
+    """Steps of `generated_ids`, position by position."""
+    return _generated(self, "buf")
+
+
+# --------------------------------------------------------------------------- behaviour log-probs
+
+
+@functools.cache
+def _outputs_class(base: type) -> type:
+    """`DLLMExtraOutputs` with a log-prob field: LMDeploy copies extra outputs field by field (`to_cpu`, `to_numpy`)."""
+    return make_dataclass("DLLMExtraOutputsWithLogprobs", [("logprobs", Any, field(default=None))], bases=(base,))
+
+
+def sampled_logprobs(logits: Any, token_ids: Any) -> Any:
+    """log softmax(logits)[token] per row, in float32. logits: (N, V); token_ids: (N,). Returns (N,)."""
+    x = logits.float()
+    return x.gather(-1, token_ids.long()[:, None]).squeeze(-1) - x.logsumexp(-1)
+
+
+def _wrap_post_sampling(orig):
+    @functools.wraps(orig)
+    def post_sampling(self, inputs, logits, next_token_ids, extra_inputs):
+        next_token_ids, extra_inputs = orig(self, inputs, logits, next_token_ids, extra_inputs)
+        # unmasked positions hold the tokens sampled from these logits in this forward; the recorder keeps only
+        # the positions unmasked now
+        setattr(extra_inputs, _LOGPROBS, sampled_logprobs(logits, next_token_ids))
+        return next_token_ids, extra_inputs
+
+    return post_sampling
+
+
+def _wrap_extra_outputs(orig):
+    @functools.wraps(orig)
+    def make_extra_outputs(self, extra_inputs):
+        out = orig(self, extra_inputs)
+        logp = getattr(extra_inputs, _LOGPROBS, None)
+        if logp is None:
+            return out
+        values = {f.name: getattr(out, f.name) for f in fields(out)}
+        return _outputs_class(type(out))(**values, logprobs=logp)
+
+    return make_extra_outputs
+
+
+def _wrap_update_running(orig):
+    @functools.wraps(orig)
+    def update_running(self, running, batched_outputs, model_inputs, delta, **kwargs):
+        logp = getattr(getattr(batched_outputs, "extra_outputs", None), "logprobs", None)
+        if logp is not None and len(running):
+            rows = np.asarray(logp.float().cpu() if hasattr(logp, "cpu") else logp, dtype=np.float64)
+            rows = rows.reshape(len(running), -1)
+            for seq, row in zip(running, rows, strict=True):
+                seq.__dict__[_LOGPROBS] = row
+        try:
+            return orig(self, running, batched_outputs, model_inputs, delta, **kwargs)
+        finally:
+            for seq in running:  # a sequence that was not updated (not running) must not keep a stale row
+                seq.__dict__.pop(_LOGPROBS, None)
+
+    return update_running
 
 
 def _wrap_mask_id(orig_func):
@@ -406,6 +501,29 @@ def _check_update_running(strategy_cls: type) -> None:
         )
 
 
+_EXPECTED_AGENT_METHODS: dict[str, tuple[str, ...]] = {
+    "post_sampling": ("self", "inputs", "logits", "next_token_ids", "extra_inputs"),
+    "make_extra_outputs": ("self", "extra_inputs"),
+}
+
+
+def check_model_agent(agent_cls: type, outputs_cls: type, strategy_cls: type) -> None:
+    """Raise RuntimeError unless the log-prob path's hooks are as the patch expects (names, signatures, fields)."""
+    problems = []
+    for name, params in _EXPECTED_AGENT_METHODS.items():
+        fn = agent_cls.__dict__.get(name)
+        got = tuple(inspect.signature(fn).parameters) if callable(fn) else None
+        if got != params:
+            problems.append(f"{agent_cls.__name__}.{name}{got} != {params}")
+    if "dllm_mask" not in getattr(outputs_cls, "__dataclass_fields__", {}):
+        problems.append(f"{outputs_cls.__name__} is not a dataclass with dllm_mask")
+    run = tuple(inspect.signature(strategy_cls.__dict__["update_running"]).parameters)
+    if run[:5] != ("self", "running", "batched_outputs", "model_inputs", "delta"):
+        problems.append(f"{strategy_cls.__name__}.update_running{run}")
+    if problems:
+        raise RuntimeError("LMDeploy internals changed; the log-prob recorder refuses to run: " + "; ".join(problems))
+
+
 def apply_patch(*, allow_untested: bool = False) -> PatchInfo:
     """Install the recorder and the fixes (idempotent). Raises if LMDeploy is missing, untested or changed."""
     global _APPLIED
@@ -416,12 +534,14 @@ def apply_patch(*, allow_untested: bool = False) -> PatchInfo:
         check_version(lmdeploy.__version__, allow_untested=allow_untested)
         from lmdeploy.pytorch import consts
         from lmdeploy.pytorch.configurations.sdar import SDARModelConfigBuilder
+        from lmdeploy.pytorch.strategies.dllm.model_agent import DLLMExtraOutputs, DLLMModelAgentStrategy
         from lmdeploy.pytorch.strategies.dllm.sampling import DLLMSamplingStrategy
         from lmdeploy.pytorch.strategies.dllm.sequence import DLLMSequenceStrategy, SchedulerSequenceDLLM
 
         cls = SchedulerSequenceDLLM
         check_sequence_class(cls, consts)
         _check_update_running(DLLMSequenceStrategy)
+        check_model_agent(DLLMModelAgentStrategy, DLLMExtraOutputs, DLLMSequenceStrategy)
         if not isinstance(SDARModelConfigBuilder.__dict__.get("build"), classmethod):
             raise RuntimeError("LMDeploy internals changed: SDARModelConfigBuilder.build is not a classmethod")
         if not callable(DLLMSamplingStrategy.__dict__.get("make_sampling_inputs")):
@@ -438,6 +558,10 @@ def apply_patch(*, allow_untested: bool = False) -> PatchInfo:
         DLLMSamplingStrategy.make_sampling_inputs = _wrap_sampling_inputs(
             DLLMSamplingStrategy.__dict__["make_sampling_inputs"]
         )
+        agent = DLLMModelAgentStrategy
+        agent.post_sampling = _wrap_post_sampling(agent.__dict__["post_sampling"])
+        agent.make_extra_outputs = _wrap_extra_outputs(agent.__dict__["make_extra_outputs"])
+        DLLMSequenceStrategy.update_running = _wrap_update_running(DLLMSequenceStrategy.__dict__["update_running"])
         _APPLIED = PatchInfo(
             version=lmdeploy.__version__,
             fixes=(
@@ -447,6 +571,7 @@ def apply_patch(*, allow_untested: bool = False) -> PatchInfo:
                 "rope_parameters",
                 "sampling_layout",
                 "per_position_seeds",
+                "logprobs",
             ),
         )
         log.info("lmdeploy %s: step-map recorder installed", lmdeploy.__version__)
@@ -473,381 +598,3 @@ def check_engine_config(cfg: Any) -> None:
         problems.append("enable_prefix_caching=True would reuse KV computed with older weights")
     if problems:
         raise ValueError("lmdeploy engine config: " + "; ".join(problems))
-
-
-# --------------------------------------------------------------------------- CPU driver and reference
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """One CPU run of LMDeploy's scheduler classes with a fake model (see :func:`simulate`)."""
-
-    block_size: int = 4
-    strategy: str = "low_confidence_dynamic"
-    threshold: float = 0.9
-    denoising_steps: int | None = None
-    max_new_tokens: int = 16
-    stop_token_ids: tuple[int, ...] = ()
-    vocab: int = 16
-    logit_width: int = 0
-    logit_scale: float = 4.0
-    num_gpu_blocks: int = 64
-    paging_block: int = 16
-    max_batches: int = 8
-    preempt_prob: float = 0.0
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.vocab  # never sampled: the fake model draws from [0, vocab)
-
-    @property
-    def width(self) -> int:
-        """Logit columns: at least every id a prompt may hold (LMDeploy gathers scores at given positions too)."""
-        return max(self.vocab + 1, self.logit_width)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny CPU tensors: torch's intra-op thread pool costs ~1000x the work itself."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def fake_forward(seed: int, block_start: int, block_ids: Sequence[int], cfg: SimConfig) -> tuple[Any, np.ndarray]:
-    """The fake model: logits (B, V) float32 tensor and sampled tokens (B,), a pure function of the block state.
-
-    Depending only on (seed, block position, block contents) makes the trajectory independent of batching,
-    preemption and re-prefill, so one reference decoder serves every schedule.
-    """
-    import torch
-
-    digest = hashlib.blake2b(
-        np.asarray([seed, block_start, *block_ids], dtype=np.int64).tobytes(), digest_size=8
-    ).digest()
-    rng = np.random.default_rng(int.from_bytes(digest, "little"))
-    b, v = len(block_ids), cfg.vocab
-    logits = rng.normal(size=(b, v)) * rng.uniform(0.0, cfg.logit_scale, size=(b, 1))
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    u = rng.random((b, 1))
-    tokens = np.minimum((probs.cumsum(1) < u).sum(1), v - 1).astype(np.int64)
-    padded = np.full((b, cfg.width), -1e9)
-    padded[:, :v] = logits
-    return torch.tensor(padded, dtype=torch.float32), tokens
-
-
-def reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig) -> Trajectory:
-    """Independent reference: decode one sequence block by block with our own unmasking rules (sampling.py)."""
-    with _one_thread():
-        return _reference_decode(prompt, seed, cfg)
-
-
-def _reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig) -> Trajectory:
-    import torch
-
-    from services.rollout.engines.sampling import select_unmask, strategy_codes
-    from shared.contracts import Strategy
-
-    b, mask = cfg.block_size, cfg.mask_token_id
-    code = strategy_codes([Strategy(cfg.strategy)])
-    threshold = torch.tensor([cfg.threshold])
-    per_step = torch.tensor([max(1, b // (cfg.denoising_steps or b))])
-    full = len(prompt) // b * b
-    tail = list(prompt[full:])
-    tokens: list[int] = []
-    steps: list[int] = []
-    counter, start = 0, full
-    while True:
-        cur = tail + [mask] * (b - len(tail))
-        block_steps = [0] * b
-        masked = torch.tensor([[i >= len(tail) for i in range(b)]])
-        while bool(masked.any()):
-            logits, sampled = fake_forward(seed, start, cur, cfg)
-            conf = logits.softmax(-1).gather(-1, torch.as_tensor(sampled)[:, None]).squeeze(-1)
-            sel = select_unmask(conf[None], masked, code, threshold, per_step)[0]
-            counter += 1
-            for i in sel.nonzero().squeeze(1).tolist():
-                cur[i], block_steps[i] = int(sampled[i]), counter
-            masked &= ~sel[None]
-        tokens += cur[len(tail) :]
-        steps += block_steps[len(tail) :]
-        tail, start = [], start + b
-        length, reason = cut_response(tokens, cfg.max_new_tokens, list(cfg.stop_token_ids))
-        if reason:
-            return Trajectory(tokens[:length], steps[:length], tokens[length:], steps[length:], reason)
-
-
-@dataclass
-class SimResult:
-    records: dict[int, StepRecord]
-    forwards: int = 0
-    prefills: int = 0
-    re_prefills: int = 0
-    preemptions: int = 0
-    evictions: int = 0
-
-
-class _Sim:
-    """Drives LMDeploy's real scheduler-side classes through prefill, decode, preemption/re-prefill and stop.
-
-    Real: `Scheduler` (paging, admission, eviction), `SchedulerSequenceDLLM` (patched), `DLLMSequenceStrategy.
-    update_running`, `DLLMModelAgentStrategy` (extra inputs, slicing, `post_sampling` -> `UnmaskingProcessor`,
-    stopping criteria), `DLLMSamplingStrategy.make_sampling_inputs` (stop words), `step_inputs._update_dllm`.
-    Replaced: the model forward and the sampler (:func:`fake_forward`). After every forward the scheduler's
-    view of each running sequence is checked against the device-side state `_update_dllm` computes.
-    """
-
-    def __init__(self, cfg: SimConfig, rng_seed: int) -> None:
-        from lmdeploy.pytorch.config import CacheConfig, DLLMConfig, SchedulerConfig, UnmaskingStrategy
-        from lmdeploy.pytorch.messages import SequenceMeta
-        from lmdeploy.pytorch.paging.scheduler import Scheduler
-        from lmdeploy.pytorch.strategies.dllm.engine import DLLMEngineStrategy
-        from lmdeploy.pytorch.strategies.dllm.model_agent import DLLMModelAgentStrategy
-        from lmdeploy.pytorch.strategies.dllm.sampling import DLLMSamplingStrategy
-        from lmdeploy.pytorch.strategies.dllm.sequence import DLLMSequenceStrategy
-
-        self.cfg, b = cfg, cfg.block_size
-        dllm = DLLMConfig(
-            block_length=b,
-            unmasking_strategy=UnmaskingStrategy.from_str(cfg.strategy),
-            denoising_steps=cfg.denoising_steps or b,
-            confidence_threshold=cfg.threshold,
-        )
-        sched_cfg = SchedulerConfig(max_batches=cfg.max_batches, max_session_len=1 << 16)
-        cache_cfg = CacheConfig(
-            max_batches=cfg.max_batches,
-            block_size=cfg.paging_block,
-            num_cpu_blocks=0,
-            num_gpu_blocks=cfg.num_gpu_blocks,
-        )
-        self.seq_strategy = DLLMSequenceStrategy(b, cfg.mask_token_id)
-        self.agent = DLLMModelAgentStrategy(dllm, cfg.mask_token_id)
-        self.sampling = DLLMSamplingStrategy(0, b)
-        engine_strategy = DLLMEngineStrategy(sched_cfg, cache_cfg, b)
-        self.prealloc = engine_strategy.get_prealloc_size(True)
-        self.required = engine_strategy.get_num_required_tokens()
-        self.sched = Scheduler(
-            sched_cfg, cache_cfg, seq_meta=SequenceMeta(cfg.paging_block, strategy=self.seq_strategy)
-        )
-        self.rng = np.random.default_rng(rng_seed)
-        self.seeds: dict[int, int] = {}
-        self.index: dict[int, int] = {}  # session id -> request index
-        self.device: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # seq id -> (ids, mask) the device holds next
-        self.running: list[Any] = []
-        self.seen_history: dict[int, int] = {}  # seq id -> the most history it ever had (eviction detection)
-
-    def add(self, index: int, sid: int, prompt: Sequence[int], seed: int) -> None:
-        from lmdeploy.pytorch.messages import SamplingParam
-
-        session = self.sched.add_session(sid)
-        param = SamplingParam(max_new_tokens=self.cfg.max_new_tokens, stop_words=list(self.cfg.stop_token_ids))
-        session.add_sequence(np.asarray(prompt, dtype=np.int64), sampling_param=param)
-        self.seeds[sid], self.index[sid] = seed, index
-
-    def _inputs(self, seqs, prefill: bool):
-        import torch
-        from lmdeploy.pytorch.model_inputs import ModelInputs
-
-        ids = [np.asarray(s.token_ids) for s in seqs]
-        seq_len = torch.tensor([len(x) for x in ids])
-        hist = torch.tensor([s.num_history_ids for s in seqs])
-        kv = seq_len + hist
-        return ModelInputs(
-            input_ids=torch.as_tensor(np.concatenate(ids))[None],
-            seq_length=seq_len,
-            history_lengths=hist,
-            block_offsets=None,
-            is_decoding=not prefill,
-            num_ignored_history=torch.zeros(len(seqs), dtype=torch.long),
-            max_q_seqlen=int(seq_len.max()),
-            max_kv_seqlen=int(kv.max()),
-            sum_kv_seqlen=int(kv.sum()),
-        )
-
-    def forward(self, seqs, prefill: bool) -> None:
-        import torch
-        from lmdeploy.pytorch.engine.model_agent import BatchedOutputs
-        from lmdeploy.pytorch.strategies.dllm.step_inputs import _update_dllm
-
-        b, n = self.cfg.block_size, len(seqs)
-        inputs = self._inputs(seqs, prefill)
-        extra = self.agent.make_extra_inputs(seqs, inputs)
-        stopping = self.agent.make_stopping_criteria(seqs)
-        sampling = self.sampling.make_sampling_inputs(seqs)
-        extra = self.agent.slice_extra_inputs(extra, inputs, None)
-        last = self.agent.slice_outputs(inputs.input_ids.flatten(), inputs.seq_length).view(n, b)
-        mask_in = extra.dllm_mask.view(n, b)
-        for s, ids_, m in zip(seqs, last.numpy(), mask_in.numpy(), strict=True):
-            want = self.device.pop(s.seq_id, None)
-            if not prefill and want is not None:
-                assert np.array_equal(want[0], ids_) and np.array_equal(want[1], m), "scheduler != device state"
-        logits, sampled = [], []
-        for s, ids_ in zip(seqs, last.tolist(), strict=True):
-            start = s.num_history_ids + len(s.token_ids) - b
-            lg, tok = fake_forward(self.seeds[s.session_id], start, ids_, self.cfg)
-            logits.append(lg)
-            sampled.append(tok)
-        next_ids, extra = self.agent.post_sampling(
-            inputs, torch.cat(logits), torch.as_tensor(np.concatenate(sampled)), extra
-        )
-        stopped, stop_pos, _ = stopping.step(next_ids, sampling.stop_words, inputs=inputs, extra_inputs=extra)
-        out = BatchedOutputs(
-            next_token_ids=next_ids,
-            stopped=stopped,
-            stop_pos=stop_pos,
-            extra_outputs=self.agent.make_extra_outputs(extra),
-        )
-        dev_ids, dev_mask, _ = _update_dllm(next_ids, extra.dllm_mask, torch.full((n,), b), b, self.cfg.mask_token_id)
-        for s, ids_, m in zip(seqs, dev_ids.view(n, b).numpy(), dev_mask.view(n, b).numpy(), strict=True):
-            self.device[s.seq_id] = (ids_.copy(), m.copy())
-        self.seq_strategy.update_running(running=seqs, batched_outputs=out, model_inputs=inputs, delta=None)
-
-    # the engine loop, one forward per call
-
-    def prefill_step(self, result: SimResult) -> None:
-        seqs = self.sched.schedule(is_prefill=True, prealloc_size=0).running
-        if not seqs:
-            if not self.running:
-                raise RuntimeError("simulate: nothing schedulable (KV pool too small for one sequence)")
-            return
-        self.sched.activate_seqs(seqs)
-        for s in seqs:
-            result.prefills += 1
-            if s.seq_id in self.seen_history:
-                result.re_prefills += 1
-                result.evictions += int(s.num_history_ids == 0 and self.seen_history[s.seq_id] > 0)
-            self.device.pop(s.seq_id, None)
-        self.forward(seqs, prefill=True)
-        result.forwards += 1
-        self.running += seqs
-
-    def decode_step(self, result: SimResult) -> None:
-        from lmdeploy.pytorch.messages import MessageStatus
-
-        if self.cfg.preempt_prob and self.running and self.rng.random() < self.cfg.preempt_prob:
-            victim = self.running[int(self.rng.integers(len(self.running)))]
-            self.sched.preempt_seqs([victim])
-            result.preemptions += 1
-        self.running = [s for s in self.running if s.status == MessageStatus.RUNNING]
-        if self.running:
-            valid = self.sched.schedule_running(
-                self.running, num_required_tokens=self.required, prealloc_size=self.prealloc
-            )
-            result.preemptions += valid.count(False)
-            self.running = [s for s, ok in zip(self.running, valid, strict=True) if ok]
-        if self.running:
-            self.forward(self.running, prefill=False)
-            result.forwards += 1
-
-    def collect(self, result: SimResult, keep_published: bool) -> None:
-        """Finished sequences: take their records and end their sessions, as the engine's response path does."""
-        from lmdeploy.pytorch.messages import MessageStatus
-
-        for s in self.running:
-            self.seen_history[s.seq_id] = max(self.seen_history.get(s.seq_id, 0), s.num_history_ids)
-            if s.status != MessageStatus.STOPPED:
-                continue
-            sid = s.session_id
-            rec = pop_record(sid)
-            if rec is None:
-                raise RuntimeError(f"simulate: session {sid} stopped without a record")
-            result.records[self.index[sid]] = rec
-            if keep_published:
-                _STORE.put(rec)
-            self.sched.end_session(sid)
-            self.device.pop(s.seq_id, None)
-        self.running = [s for s in self.running if s.status == MessageStatus.RUNNING]
-
-
-def simulate(
-    prompts: Sequence[Sequence[int]],
-    seeds: Sequence[int],
-    cfg: SimConfig,
-    *,
-    rng_seed: int = 0,
-    session_ids: Sequence[int] | None = None,
-    keep_published: bool = False,
-) -> SimResult:
-    """Decode `prompts` through LMDeploy's real scheduler classes on CPU; the recorder's output per prompt.
-
-    Preemption happens when the KV pool (`num_gpu_blocks`) runs short, and at random with `preempt_prob`
-    per decode step; preempted sequences that lose their blocks restart from `set_step(0)` and re-prefill.
-    `keep_published` leaves the records in the store for a consumer that pops them by session id.
-    """
-    apply_patch()
-    with _one_thread():
-        return _simulate(prompts, seeds, cfg, rng_seed, session_ids, keep_published)
-
-
-def _simulate(prompts, seeds, cfg, rng_seed, session_ids, keep_published) -> SimResult:
-    sim = _Sim(cfg, rng_seed)
-    sids = list(session_ids) if session_ids is not None else [1000 + i for i in range(len(prompts))]
-    for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
-        sim.add(i, sids[i], p, s)
-    result = SimResult(records={})
-    for _ in range(100_000):
-        if len(result.records) == len(prompts):
-            return result
-        if sim.sched.has_waiting() and (not sim.running or sim.rng.random() < 0.5):
-            sim.prefill_step(result)
-        else:
-            sim.decode_step(result)
-        sim.collect(result, keep_published)
-    raise RuntimeError("simulate: did not finish")
-
-
-def _check_sampling_layout() -> None:
-    """Per-sequence sampling rows come out sequence-major, with one seed per block position."""
-    from lmdeploy.pytorch.messages import SamplingParam
-
-    cfg = SimConfig()
-    sim = _Sim(cfg, rng_seed=0)
-    temps = [0.5, 1.0, 1.5]
-    for i, temp in enumerate(temps):
-        session = sim.sched.add_session(900 + i)
-        param = SamplingParam(temperature=temp, top_k=0, random_seed=100 + i, max_new_tokens=4)
-        session.add_sequence(np.array([1, 2, 3]), sampling_param=param)
-    out = sim.sampling.make_sampling_inputs(sim.sched.waiting)
-    b = cfg.block_size
-    rows = out.temperature.view(len(temps), b).tolist()
-    seeds = out.random_seeds.tolist()
-    if rows != [[t] * b for t in temps] or len(set(seeds)) != len(seeds):
-        raise RuntimeError(f"LMDeploy sampling-row layout self-check failed: temperatures {rows}, seeds {seeds}")
-
-
-def self_check() -> None:
-    """Startup check against the installed LMDeploy: recorder == reference on a few schedules, and the layout of
-    the sampling rows (< 1 s).
-
-    Raises:
-        RuntimeError: on any mismatch, so the service refuses to start rather than serve wrong step maps.
-    """
-    apply_patch()
-    with _one_thread():
-        _check_sampling_layout()
-    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9], [3], [2, 4, 6, 8, 10, 12, 14]]
-    cases = [
-        SimConfig(strategy="sequential", max_new_tokens=9, stop_token_ids=(3,), num_gpu_blocks=3, preempt_prob=0.3),
-        SimConfig(threshold=0.3, max_new_tokens=10, stop_token_ids=(5,), num_gpu_blocks=3, preempt_prob=0.3),
-        SimConfig(strategy="low_confidence_static", block_size=8, denoising_steps=4, max_new_tokens=12),
-    ]
-    for cfg in cases:
-        seeds = list(range(len(prompts)))
-        res = simulate(prompts, seeds, cfg, rng_seed=1)
-        for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
-            got = finalize(
-                res.records[i],
-                prompt_len=len(p),
-                block_size=cfg.block_size,
-                max_new_tokens=cfg.max_new_tokens,
-                stop_token_ids=cfg.stop_token_ids,
-            )
-            want = reference_decode(p, s, cfg)
-            if got != want:
-                raise RuntimeError(f"LMDeploy step-map self-check failed ({cfg}, prompt {i}): {got} != {want}")

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from services.rollout.engines.rows import Row, build_rollout, default_stop_ids, expand_rows
 from services.rollout.engines.sampling import block_uniforms, cut_response, sample_block, select_unmask, strategy_codes
-from services.rollout.engines.torch_engine import DecodeStats, _Row, build_rollout, default_stop_ids, expand_rows
+from services.rollout.engines.torch_engine import DecodeStats
 from shared.contracts import GenerationRequest, Rollout
 from shared.masks import block_causal_mask, to_additive
 from shared.model import LoadedModel
 
 
 @torch.inference_mode()
-def naive_decode(loaded: LoadedModel, row: _Row, stats: DecodeStats | None = None) -> Rollout:
+def naive_decode(loaded: LoadedModel, row: Row, stats: DecodeStats | None = None) -> Rollout:
     """Decode one row by recomputing prompt + every earlier block + the current block at each step."""
     model, p = loaded.model, row.params
     b, mask_id, dev = p.block_size, loaded.spec.mask_token_id, next(model.parameters()).device
@@ -68,11 +69,12 @@ def naive_decode(loaded: LoadedModel, row: _Row, stats: DecodeStats | None = Non
 
 def naive_generate(loaded: LoadedModel, requests: list[GenerationRequest], stats: DecodeStats | None = None):
     """Same contract as ``Engine.generate``, one sample at a time."""
-    rows = expand_rows(requests, loaded.spec.block_size, default_stop_ids(loaded.tokenizer))
+    vocab = loaded.model.config.vocab_size
+    rows = expand_rows(requests, loaded.spec.block_size, default_stop_ids(loaded.tokenizer), vocab)
     out: list[list[Rollout]] = [[] for _ in requests]
     for row in rows:
         out[row.request_index].append(naive_decode(loaded, row, stats))
     return out
 
 
-__all__ = ["naive_decode", "naive_generate", "_Row"]
+__all__ = ["naive_decode", "naive_generate"]

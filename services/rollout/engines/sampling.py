@@ -12,6 +12,11 @@ from shared.contracts import Strategy
 
 _MASK64 = (1 << 64) - 1
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily, as T = 0 (vLLM's rule too). logits / T leaves float32 long before T
+reaches 0 (1e-45 is still a float32 and overflows every logit above 5e-7; 1e-300 rounds to 0), and the limit
+T -> 0+ is the argmax anyway. At or above it, |logits| < 3e33 keeps logits / T finite."""
+
 
 def derive_seed(seed: int, sample_index: int) -> int:
     """Seed of sample j of a request: j == 0 keeps the request seed, so ``seed=rollout.seed, n=1`` reproduces it.
@@ -39,7 +44,8 @@ def filtered_log_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p
 
     Args:
         logits: (R, B, V) float.
-        temperature: (R,) > 0.  top_k: (R,) int, 0 = off.  top_p: (R,) in (0, 1], 1 = off.
+        temperature: (R,) >= MIN_TEMPERATURE.  top_k: (R,) int, 0 = off.  top_p: (R,) in [0, 1], 1 = off; 0 (a
+            positive top-p that rounds to 0 in float32) keeps the most likely token alone.
 
     Returns:
         (R, B, V) log-probs; filtered-out tokens are -inf.
@@ -68,8 +74,8 @@ def sample_block(
     """Sample a token at every block position by inverse CDF on the caller's uniforms.
 
     The uniforms come from per-request generators, so a request's draws do not depend on its batch.
-    Confidence follows LMDeploy: p(token) under softmax(logits / T), before top-k / top-p. Temperature 0 is
-    greedy (argmax, confidence under softmax(logits), log-prob 0).
+    Confidence follows LMDeploy: p(token) under softmax(logits / T), before top-k / top-p. A temperature below
+    :data:`MIN_TEMPERATURE` (0 included) is greedy: argmax, confidence under softmax(logits), log-prob 0.
 
     Args:
         logits: (R, B, V).  uniforms: (R, B) in [0, 1).  temperature, top_k, top_p: (R,).
@@ -77,7 +83,7 @@ def sample_block(
     Returns:
         tokens (R, B) long, confidence (R, B) float, logprob (R, B) float (under the sampling distribution).
     """
-    greedy = temperature <= 0
+    greedy = temperature < MIN_TEMPERATURE
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = filtered_log_probs(logits, safe_t, top_k, top_p)
     cdf = logp.exp().cumsum(-1)

@@ -15,24 +15,26 @@ from __future__ import annotations
 
 import functools
 import inspect
-import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from services.rollout.engines.base import Engine
-from services.rollout.engines.sampling import (
-    block_uniforms,
-    cut_response,
-    derive_seed,
-    sample_block,
-    select_unmask,
-    strategy_codes,
+from services.rollout.engines.rows import (
+    Row,
+    build_rollout,
+    check_spec,
+    decode_grouped,
+    default_stop_ids,
+    expand_rows,
+    raise_if_cancelled,
 )
-from shared.contracts import GenerationRequest, Rollout, SamplingParams
+from services.rollout.engines.sampling import block_uniforms, cut_response, sample_block, select_unmask, strategy_codes
+from shared.contracts import GenerationRequest, Rollout
 from shared.masks import attention_mask, square_mask, to_additive
 from shared.model import DiffusionSpec, LoadedModel, load_model
 
@@ -45,65 +47,10 @@ class DecodeStats:
     tokens: int = 0
 
 
-@dataclass
-class _Row:
-    """One sample being decoded."""
-
-    request_index: int
-    sample_index: int
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    generator: torch.Generator
-    tokens: list[int] = field(default_factory=list)  # generated positions, whole blocks, prompt tail excluded
-    steps: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    step: int = 0
-
-
-def default_stop_ids(tokenizer) -> list[int]:
-    """The model's end tokens: eos and, where the tokenizer has it, the chat turn end ``<|im_end|>``."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
-
-
-def build_rollout(row: _Row, length: int, reason: str, tokenizer, version: int) -> Rollout:
-    """Split a finished row into response and tail and wrap it in the wire contract."""
-    text_ids = row.tokens[:length]
-    if reason == "stop":
-        text_ids = text_ids[:-1]
-    return Rollout(
-        prompt_ids=row.prompt,
-        token_ids=row.tokens[:length],
-        step_map=row.steps[:length],
-        tail_ids=row.tokens[length:],
-        tail_steps=row.steps[length:],
-        text=tokenizer.decode(text_ids, skip_special_tokens=True),
-        finish_reason=reason,
-        policy_version=version,
-        params=row.params,
-        seed=row.seed,
-        logprobs=row.logprobs[:length] if row.params.logprobs else None,
-    )
-
-
-def expand_rows(requests: Sequence[GenerationRequest], block_size: int, stop_ids: list[int]) -> list[_Row]:
-    """One row per (request, sample) with its resolved settings and its own generator."""
-    rows = []
-    for i, req in enumerate(requests):
-        params = req.params.resolved(block_size, stop_ids)
-        base = params.seed if params.seed is not None else secrets.randbits(62)
-        for j in range(params.n):
-            seed = derive_seed(base, j)
-            gen = torch.Generator().manual_seed(seed)
-            rows.append(_Row(i, j, list(req.prompt_ids), params, seed, gen))
-    return rows
-
-
 class _RowParams:
     """Per-row sampling settings as tensors, indexable when rows finish."""
 
-    def __init__(self, rows: list[_Row], device: torch.device):
+    def __init__(self, rows: list[Row], device: torch.device):
         p = [r.params for r in rows]
         self.temperature = torch.tensor([x.temperature for x in p], device=device, dtype=torch.float32)
         self.top_k = torch.tensor([x.top_k for x in p], device=device)
@@ -127,6 +74,20 @@ def cache_kwarg(layer_cls: type) -> str:
     (once per layer class: this runs on every denoising step).
     """
     return "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
+
+
+def select_cache_rows(cache, idx: Tensor) -> None:
+    """Keep the batch rows ``idx`` (n,) of a DynamicCache, in that order.
+
+    transformers' ``batch_select_indices`` leaves a layer that holds no positions alone, batch dimension and all;
+    the next forward then concatenates a smaller batch onto it and fails. The cache is empty while the first
+    block decodes when no prompt has a whole block (each denoising forward's KV is cropped), so an empty cache is
+    reset instead: it has nothing to keep, and the next forward creates it with the new batch size.
+    """
+    if cache.get_seq_length() == 0:
+        cache.reset()
+    else:
+        cache.batch_select_indices(idx)
 
 
 class TorchEngine(Engine):
@@ -182,30 +143,25 @@ class TorchEngine(Engine):
     def load_weights(self, path: str | Path, version: int) -> None:
         p = next(self.model.parameters())
         loaded = load_model(path, dtype=p.dtype, device=p.device)
-        if loaded.spec != self.spec:
-            raise ValueError(f"weights: {path} has {loaded.spec}, the engine serves {self.spec}")
+        check_spec(path, loaded.spec, self.spec)
         self._loaded, self._version = loaded, version
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Rollout]]:
-        rows = expand_rows(requests, self.spec.block_size, default_stop_ids(self.tokenizer))
-        for r in rows:
-            self._check_vocab(r.prompt)
-        by_block: dict[int, list[_Row]] = {}
-        for r in rows:
-            by_block.setdefault(r.params.block_size, []).append(r)
-        done: dict[tuple[int, int], Rollout] = {}
-        for block_size, group in by_block.items():
-            for start in range(0, len(group), self.max_batch_size):
-                chunk = group[start : start + self.max_batch_size]
-                for row, rollout in zip(chunk, self._decode(chunk, block_size), strict=True):
-                    done[(row.request_index, row.sample_index)] = rollout
-        return [[done[(i, j)] for j in range(req.params.n)] for i, req in enumerate(requests)]
-
-    def _check_vocab(self, ids: list[int]) -> None:
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
+    ) -> list[list[Rollout]]:
+        """Rows are grouped by block size and decoded ``max_batch_size`` at a time; ``cancel`` is checked before
+        every block of every chunk."""
         vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_ids: token ids must be in [0, {vocab}), got {bad[:5]}")
+        rows = expand_rows(requests, self.spec.block_size, default_stop_ids(self.tokenizer), vocab)
+
+        def decode(block_size: Hashable, group: list[Row]) -> list[Rollout]:
+            assert isinstance(block_size, int)
+            out: list[Rollout] = []
+            for start in range(0, len(group), self.max_batch_size):
+                out += self._decode(group[start : start + self.max_batch_size], block_size, cancel)
+            return out
+
+        return decode_grouped(requests, rows, lambda r: r.params.block_size, decode)
 
     def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache) -> Tensor:
         """Run the decoder layers. ids, pos: (N, Q); mask: (N, Q, K) bool. Returns hidden states (N, Q, H).
@@ -226,9 +182,10 @@ class TorchEngine(Engine):
         return body.norm(hidden)
 
     @torch.inference_mode()
-    def _decode(self, rows: list[_Row], block_size: int) -> list[Rollout]:
+    def _decode(self, rows: list[Row], block_size: int, cancel: threading.Event | None = None) -> list[Rollout]:
         from transformers import DynamicCache
 
+        raise_if_cancelled(cancel)
         dev, b = self.device, block_size
         cache = DynamicCache(config=self.model.config)
         order = list(range(len(rows)))  # batch row -> index into `rows`
@@ -240,6 +197,7 @@ class TorchEngine(Engine):
         results: dict[int, Rollout] = {}
         t = 0
         while order:
+            raise_if_cancelled(cancel)
             block_pos = (full_blocks + t)[:, None] * b + torch.arange(b, device=dev)  # (n, B) absolute positions
             cur, given, steps, logps = self._denoise_block(
                 [rows[i] for i in order], t, block_pos, params, counter, cache, k_pos, k_valid, pending
@@ -261,7 +219,7 @@ class TorchEngine(Engine):
                     keep.append(i)
             if len(keep) < len(order) and keep:
                 idx = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(idx)
+                select_cache_rows(cache, idx)
                 k_pos, k_valid, full_blocks, counter = k_pos[idx], k_valid[idx], full_blocks[idx], counter[idx]
                 cur, block_pos, params = cur[idx], block_pos[idx], params.select(idx)
             order = [order[i] for i in keep]
@@ -316,7 +274,7 @@ class TorchEngine(Engine):
             masked &= ~sel
         return cur, given, steps, logps
 
-    def _prefill(self, rows: list[_Row], full_blocks: Tensor, b: int, cache) -> tuple[Tensor, Tensor]:
+    def _prefill(self, rows: list[Row], full_blocks: Tensor, b: int, cache) -> tuple[Tensor, Tensor]:
         """Cache the prompts' whole blocks, left-padded by whole blocks. Returns key positions and validity (N, L)."""
         dev, n = self.device, len(rows)
         length = int(full_blocks.max()) * b
