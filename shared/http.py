@@ -55,11 +55,12 @@ def confine(path: str | Path, root: Path) -> Path:
 
 
 def safe_jsonable(value: Any, depth: int = 0) -> Any:
-    """`value` as JSON-safe data, whatever it holds: non-finite floats and huge integers as strings, text with
-    lone surrogates backslash-escaped, long strings, lists and objects cut short, anything else as its repr.
+    """`value` as data `SafeJSONResponse` renders, whatever it holds: non-finite floats and huge integers as
+    strings, long strings, lists and objects cut short, anything else as its repr. Lone surrogates stay (the
+    response escapes them: `"\\udcff"`), so an echoed input reads back as it was sent.
 
-    >>> safe_jsonable({"t": float("nan"), "seed": 10**40, "s": "a\\udcff"})
-    {'t': 'nan', 'seed': '<integer of 133 bits>', 's': 'a\\\\udcff'}
+    >>> safe_jsonable({"t": float("nan"), "seed": 10**40, "s": "a" * 300})["seed"]
+    '<integer of 133 bits>'
     """
     if value is None or isinstance(value, bool):
         return value
@@ -95,7 +96,6 @@ def safe_jsonable(value: Any, depth: int = 0) -> Any:
 
 
 def _clip(text: str) -> str:
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates -> "\udcff" literally
     return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
 
 
@@ -109,7 +109,8 @@ class SafeJSONResponse(JSONResponse):
 
 async def _http_error(request: Request, exc: Exception) -> SafeJSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return SafeJSONResponse({"detail": safe_jsonable(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    detail = exc.detail if isinstance(exc.detail, str) else safe_jsonable(exc.detail)  # our own messages: whole
+    return SafeJSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> SafeJSONResponse:
@@ -153,12 +154,13 @@ async def until_disconnected(request: Request, work: Callable[[threading.Event],
         cancel.set()
 
 
-def health_router(ready: Callable[[], str | None]) -> APIRouter:
+def health_router(ready: Callable[[], str | None], info: Callable[[], dict[str, Any]] | None = None) -> APIRouter:
     """`GET /health` (liveness: always 200 `{"status": "ok"}`) and `GET /ready` (readiness: 200
-    `{"status": "ready"}` when `ready()` returns None, else 503 `{"status": "not ready", "reason": ...}`).
+    `{"status": "ready", **info()}` when `ready()` returns None, else 503 `{"status": "not ready", "reason": ...}`).
 
     Args:
         ready: says why the process cannot serve yet, or None; called in a thread (it may block briefly).
+        info: what a ready process adds to its answer (engine, version, pool size...); called when ready.
     """
     router = APIRouter(tags=["health"])
 
@@ -171,9 +173,10 @@ def health_router(ready: Callable[[], str | None]) -> APIRouter:
     async def readiness() -> SafeJSONResponse:
         """Readiness: what the process needs to do its work is up."""
         reason = await run_in_threadpool(ready)
-        if reason is None:
-            return SafeJSONResponse({"status": "ready"})
-        return SafeJSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        if reason is not None:
+            return SafeJSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        extra = await run_in_threadpool(info) if info is not None else {}
+        return SafeJSONResponse(safe_jsonable({**extra, "status": "ready"}))
 
     return router
 

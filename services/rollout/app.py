@@ -31,6 +31,11 @@ def not_ready(state: State) -> str | None:
     return None
 
 
+def ready_info(state: State) -> dict[str, object]:
+    """What a ready service says of itself: its engine and the version it serves."""
+    return {"engine": state.host.engine.name, "policy_version": state.host.engine.policy_version}
+
+
 def create_app(settings: RolloutSettings, engine: Engine | None = None) -> FastAPI:
     """The app; pass `engine` to serve an already built one (tests), else the lifespan builds (and closes) it."""
 
@@ -68,7 +73,7 @@ def create_app(settings: RolloutSettings, engine: Engine | None = None) -> FastA
     app.state.host, app.state.worker_thread = None, None
     install_error_handlers(app)
     app.include_router(router)
-    app.include_router(health_router(lambda: not_ready(app.state)))
+    app.include_router(health_router(lambda: not_ready(app.state), lambda: ready_info(app.state)))
     return app
 
 
