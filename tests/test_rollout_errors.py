@@ -156,3 +156,10 @@ def test_safe_jsonable_leaves_plain_values_alone():
     value = {"a": [1, 2.5, None, True, "ü"], "b": {"c": -(2**63)}}
     assert safe_jsonable(value) == value
     assert safe_jsonable([math.nan, math.inf, 2**65]) == ["nan", "inf", "<integer of 66 bits>"]
+
+
+def test_a_body_over_the_size_limit_is_413(tiny_dir, tiny):
+    settings = RolloutSettings(model=tiny_dir, max_body_bytes=4096)
+    with TestClient(create_app(settings, engine=TorchEngine(tiny))) as c:
+        r = c.post("/v1/generate", json={"prompts": ["x" * 5000]})
+        assert r.status_code == 413, r.text

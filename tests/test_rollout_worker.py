@@ -147,3 +147,33 @@ def _metrics(host) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(host.metrics.registry).decode()
+
+
+def test_shutdown_abandons_the_batch_at_a_block_boundary_and_leaves_it_pending(root, tiny, redis_url, redis_ns):
+    """SIGTERM sets the stop event: the engine stops at its next block boundary, the task is neither handed off
+    nor dead-lettered, and the next worker gets it."""
+    import threading
+    import time
+
+    engine = TorchEngine(tiny)
+    settings = RolloutSettings(
+        model=root / "v0", checkpoint_root=root, max_new_tokens=131072,
+        redis=RedisConfig(url=redis_url, namespace=redis_ns.namespace),
+    )  # fmt: skip
+    w = RolloutWorker(EngineHost(engine, RolloutMetrics()), settings)
+    w.queue.ensure_groups()
+    w.registry.publish(WeightsVersion(version=0, path=str(root / "v0")))
+    enqueue(w, [task(0, params=SamplingParams(max_new_tokens=131072, stop_token_ids=[], seed=0))])
+    stop = threading.Event()
+    thread = w.start(stop)
+    deadline = time.monotonic() + 60
+    while engine.stats.forwards < 20:  # decoding has started
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    stop.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert engine.stats.forwards < 131072 // engine.spec.block_size  # far short of the whole generation
+    assert handed_off(w) == {} and w.queue.dead_letters() == [] and pending(w) == 1
+    assert 'gtpo_rollout_cancelled_total{source="queue"} 1.0' in _metrics(w.host)
+    w.redis.close()

@@ -98,12 +98,12 @@ class RolloutWorker(StreamWorker):
             return []
         needed = max(d.message.policy_version for d in tasks)
         deadline = time.monotonic() + self.settings.weights_wait_s
-        while (self.host.served_version or -1) < needed and time.monotonic() < deadline and not self.stop.is_set():
+        while not _serves(self.host.served_version, needed) and time.monotonic() < deadline and not self.stop.is_set():
             time.sleep(0.2)
             self.refresh_weights()
             self.heartbeat()
         served = self.host.served_version
-        ready = [d for d in tasks if served is not None and d.message.policy_version <= served]
+        ready = [d for d in tasks if _serves(served, d.message.policy_version)]
         if len(ready) < len(tasks):
             log.warning("%s: %d tasks need weights newer than v%s, never published within %.0f s; left pending",
                         self.id, len(tasks) - len(ready), served, self.settings.weights_wait_s)  # fmt: skip
@@ -168,6 +168,11 @@ class RolloutWorker(StreamWorker):
         if done.seconds:
             self.heartbeat()
             log.info("rollout worker %s loaded v%d from %s in %.1fs", self.id, cur.version, done.path, done.seconds)
+
+
+def _serves(served: int | None, needed: int) -> bool:
+    """Whether weights `served` may generate a task enqueued at version `needed` (the start model may not)."""
+    return served is not None and served >= needed
 
 
 def _request(d: Task) -> GenerationRequest:
