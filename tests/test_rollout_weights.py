@@ -100,7 +100,7 @@ def config_not_json(root):
 
 def config_deep(root):
     d = copy(root, "config-deep")
-    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "config.json").write_text("[" * 10_000 + "]" * 10_000)
     return d
 
 

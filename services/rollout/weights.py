@@ -125,8 +125,12 @@ def served_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _resolve(path: str | Path, root: Path, what: str) -> Path:
+    if "\x00" in str(path):  # what the registry holds was never validated as a file name
+        raise WeightsError(422, f"{what} holds a NUL character")
     try:
         return confine(path, root)
+    except UnicodeError as e:
+        raise WeightsError(422, f"{what} is no file name: {e}") from e
     except ValueError as e:
         raise WeightsError(403, str(e)) from e
     except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13), a name too long
