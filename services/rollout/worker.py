@@ -165,9 +165,9 @@ class RolloutWorker(StreamWorker):
         except WeightsError as e:
             log.error("%s: cannot serve v%d from %s, still serving v%s: %s", self.id, cur.version, cur.path, served, e)
             return
-        if done.seconds:
-            self.heartbeat()
-            log.info("rollout worker %s loaded v%d from %s in %.1fs", self.id, cur.version, done.path, done.seconds)
+        self.heartbeat()
+        how = f"in {done.seconds:.1f}s" if done.seconds else "(already served: pushed over HTTP first)"
+        log.info("rollout worker %s loaded v%d from %s %s", self.id, cur.version, done.path, how)
 
 
 def _serves(served: int | None, needed: int) -> bool:
