@@ -23,6 +23,7 @@ import torch
 
 from services.rollout.engines import GenerationCancelled, create_engine
 from shared.contracts import GenerationRequest, Rollout, SamplingParams
+from shared.prompts import denoising_steps
 
 try:
     import lmdeploy  # noqa: F401
@@ -438,7 +439,13 @@ def test_through_lmdeploys_scheduler_the_tiny_model_gives_the_torch_engines_roll
 
     loaded = request.getfixturevalue(model)
     fake.model = torch_sim_model(loaded)
-    fake.sim_options = {"vocab": loaded.model.config.vocab_size, "mask_id": loaded.spec.mask_token_id}
+    # preemption with a small KV pool: re-prefilled states must draw what they drew before
+    fake.sim_options = {
+        "vocab": loaded.model.config.vocab_size,
+        "mask_id": loaded.spec.mask_token_id,
+        "preempt_prob": 0.3,
+        "num_gpu_blocks": 4,
+    }
     stops = list(range(0, 320, 9))  # about one token in nine stops: stops in the first block and later ones
     reqs = [
         GenerationRequest(
@@ -465,7 +472,7 @@ def test_through_lmdeploys_scheduler_the_tiny_model_gives_the_torch_engines_roll
             )
             assert max(abs(a - b) for a, b in zip(r.logprobs, t.logprobs, strict=True)) <= tol
             reasons.add(r.finish_reason)
-            multi += len(set(r.step_map)) < len(r.step_map)
+            multi += denoising_steps(r.step_map) < len(r.step_map)
     assert reasons == {"stop", "length"}
     if model == "peaky":
         assert multi > 0  # several tokens unmasked in one step really happened
@@ -497,3 +504,15 @@ def test_numerical_edge_settings_reach_lmdeploy_in_range(engine, fake):
     gc = fake.instances[-1].requests[-1].gen_config
     assert (gc.top_k, gc.stop_token_ids, r.params.top_k) == (0, [3], 0)
     assert r.params.stop_token_ids == [10**30, 3]  # the contract's own list, cut by us
+
+
+@needs_lmdeploy
+def test_logprobs_need_the_model_agent_in_this_process(fake, tiny_dir):
+    eng = create_engine("lmdeploy", tiny_dir, device="auto", tp=2)
+    try:
+        with pytest.raises(ValueError, match=r"logprobs: .*tp=1 .*tp=2"):
+            eng.generate([GenerationRequest(prompt_ids=[1, 2], params=SamplingParams(logprobs=True))])
+        ((r,),) = eng.generate([GenerationRequest(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=3))])
+        assert r.logprobs is None
+    finally:
+        eng.close()

@@ -294,3 +294,25 @@ def test_rotary_settings_come_from_sdar_rope_theta(tmp_path, theta, scaling, emb
 
 def test_self_check_passes():
     sim.self_check()
+
+
+def test_logprobs_survive_lmdeploys_copies_of_the_outputs():
+    """The engine loop receives the agent's outputs through BatchedOutputs.to_cpu (and to_numpy / to_tensor across
+    processes), which rebuild extra outputs field by field: the log-prob field must come through."""
+    import torch
+    from lmdeploy.pytorch.config import DLLMConfig
+    from lmdeploy.pytorch.engine.model_agent import BatchedOutputs
+    from lmdeploy.pytorch.strategies.dllm.model_agent import DLLMExtraInputs, DLLMModelAgentStrategy
+
+    agent = DLLMModelAgentStrategy(DLLMConfig(block_length=4), 16)
+    extra = DLLMExtraInputs(dllm_mask=torch.zeros(8, dtype=torch.uint8))
+    logits = torch.randn(8, 17)
+    tokens = torch.arange(8)
+    setattr(extra, lp._LOGPROBS, lp.sampled_logprobs(logits, tokens))
+    out = BatchedOutputs(
+        next_token_ids=tokens, stopped=torch.zeros(2, dtype=torch.bool), extra_outputs=agent.make_extra_outputs(extra)
+    )
+    want = logits.log_softmax(-1)[torch.arange(8), tokens]
+    for copy in (out.to_cpu(), out.to_numpy().to_tensor()):
+        assert torch.allclose(torch.as_tensor(copy.extra_outputs.logprobs), want, atol=1e-6)
+        assert torch.equal(torch.as_tensor(copy.extra_outputs.dllm_mask), extra.dllm_mask)

@@ -353,6 +353,11 @@ class LMDeployEngine(Engine):
                 f"{p.temperature}, top_k={p.top_k}, top_p={p.top_p}; use engine 'torch' for log-probs under other "
                 "settings"
             )
+        if p.logprobs and self._opts.tp != 1:
+            raise ValueError(
+                f"logprobs: the 'lmdeploy' engine records log-probs in its model agent, which runs in this process "
+                f"only at tp=1 (this engine runs tp={self._opts.tp})"
+            )
         if p.temperature > MAX_TEMPERATURE:
             raise ValueError(
                 f"temperature: the 'lmdeploy' engine accepts at most {MAX_TEMPERATURE}, got {p.temperature}"

@@ -40,8 +40,8 @@ may sample the mask id itself, so the ids alone do not say). Must be a pure func
 
 @dataclass(frozen=True)
 class SimConfig:
-    """One CPU run of LMDeploy's scheduler classes (see :func:`simulate`); ``vocab`` onwards describe the fake
-    model (``mask_id``: the mask token of another :data:`SimModel`)."""
+    """One CPU run of LMDeploy's scheduler classes (see :func:`simulate`). ``vocab``, ``logit_width`` and
+    ``logit_scale`` describe the fake model; ``mask_id`` is the mask token of another :data:`SimModel`."""
 
     block_size: int = 4
     strategy: str = "low_confidence_dynamic"

@@ -1,7 +1,8 @@
 """The naive decoder: one request at a time, no KV cache, the whole sequence recomputed at every denoising step.
 
 It is the baseline the cached, batched engine is checked against (same seeds: identical tokens and step maps) and
-benchmarked against. It shares only the pure per-step maths (sampling, unmask selection, the cut) with it.
+benchmarked against. It shares the pure per-step maths (sampling.py) and the row handling (rows.py) with it,
+none of the decoding.
 """
 
 from __future__ import annotations
