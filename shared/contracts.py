@@ -8,7 +8,14 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_ID = 2**31 - 1
+"""Token ids, step numbers and top-k fit a signed 32-bit integer (what the engines' tensors hold)."""
+MAX_SEED = 2**62
+"""Seeds and versions fit a signed 64-bit integer with room to spare (msgpack, torch generators, Redis scores)."""
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
 class Strategy(str, Enum):
@@ -25,7 +32,7 @@ class Strategy(str, Enum):
 class SamplingParams(BaseModel):
     """How one request is decoded. Defaults are the RL defaults (T=1, no top-k, top-p 1: unbiased)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     block_size: int | None = Field(None, ge=1, le=256, description="tokens per block; None = the model's block size")
     strategy: Strategy = Field(Strategy.low_confidence_dynamic, description="unmasking strategy")
@@ -34,20 +41,20 @@ class SamplingParams(BaseModel):
         None, ge=1, le=256, description="static/sequential: steps per block; None = block_size (one token per step)"
     )
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="0 = disabled")
+    top_k: int = Field(0, ge=0, le=MAX_ID, description="0 = disabled")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = disabled")
     max_new_tokens: int = Field(256, ge=1, le=131072, description="response tokens at most")
-    stop_token_ids: list[int] | None = Field(
-        None, description="the response ends at the first of these (kept); None = the model's end tokens, [] = none"
+    stop_token_ids: list[TokenId] | None = Field(
+        None,
+        max_length=1024,
+        description="the response ends at the first of these (kept); None = the model's end tokens, [] = none",
     )
     n: int = Field(1, ge=1, le=1024, description="samples per prompt")
-    seed: int | None = Field(None, ge=0, le=2**62, description="same seed, same output; None = random")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed, same output; None = random")
     logprobs: bool = Field(False, description="return each token's log-prob under the sampling distribution")
 
     @model_validator(mode="after")
     def _check(self) -> SamplingParams:
-        if any(t < 0 for t in self.stop_token_ids or []):
-            raise ValueError(f"stop_token_ids: every id must be >= 0, got {self.stop_token_ids}")
         if self.block_size is not None and self.denoising_steps is not None and self.denoising_steps > self.block_size:
             raise ValueError(
                 f"denoising_steps: must be between 1 and block_size={self.block_size}, got {self.denoising_steps}"
@@ -79,7 +86,7 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt_ids: list[int] = Field(min_length=1)
+    prompt_ids: list[TokenId] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
 
 
@@ -91,18 +98,19 @@ class Rollout(BaseModel):
     `max_new_tokens`): they were sampled and attended to, so the trainer must place them, never train them.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # a non-finite log-prob is an engine bug: refused here, it never reaches the trainer
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt_ids: list[int]
-    token_ids: list[int]
-    step_map: list[int]
-    tail_ids: list[int] = Field(default_factory=list)
-    tail_steps: list[int] = Field(default_factory=list)
+    prompt_ids: list[TokenId]
+    token_ids: list[TokenId]
+    step_map: list[Annotated[int, Field(le=MAX_ID)]]
+    tail_ids: list[TokenId] = Field(default_factory=list)
+    tail_steps: list[Annotated[int, Field(le=MAX_ID)]] = Field(default_factory=list)
     text: str = ""
     finish_reason: Literal["stop", "length"]
-    policy_version: int = Field(0, ge=0)
+    policy_version: int = Field(0, ge=0, le=MAX_SEED)
     params: SamplingParams
-    seed: int = Field(ge=0, description="the seed of this sample's generator (reproduces it)")
+    seed: int = Field(ge=0, le=MAX_SEED, description="the seed of this sample's generator (reproduces it)")
     logprobs: list[float] | None = None
 
     @model_validator(mode="after")
@@ -290,8 +298,8 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] | None = Field(None, min_length=1, max_length=1024)
-    prompt_ids: list[list[int]] | None = Field(None, min_length=1, max_length=1024)
+    prompts: list[Annotated[str, Field(max_length=1_000_000)]] | None = Field(None, min_length=1, max_length=1024)
+    prompt_ids: list[list[TokenId]] | None = Field(None, min_length=1, max_length=1024)
     chat: bool = Field(True, description="wrap text prompts in the model's chat template")
     params: SamplingParams = Field(default_factory=SamplingParams)
 
@@ -312,17 +320,31 @@ class GenerateResponse(BaseModel):
 
 
 class WeightsRequest(BaseModel):
-    """`POST /v1/weights`: load version `version` from `path` (under the service's checkpoint root)."""
+    """`POST /v1/weights`: load version `version` from `path` (under the service's checkpoint root).
+
+    Versions only move forward: an older version than the one served, or the served version from another path,
+    is refused (409) unless `rollback` is set.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=0)
-    path: str = Field(min_length=1, max_length=4096)
+    version: int = Field(ge=0, le=MAX_SEED)
+    path: str = Field(min_length=1, max_length=4096, description="a checkpoint folder, absolute or under the root")
+    rollback: bool = Field(False, description="allow an older version, or the served version from another path")
+
+    @field_validator("path")
+    @classmethod
+    def _no_nul(cls, path: str) -> str:
+        # pydantic already refuses lone surrogates in a str; a NUL is valid text but no file name
+        if "\x00" in path:
+            raise ValueError("path: holds a NUL character")
+        return path
 
 
 class WeightsResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int
-    path: str
-    seconds: float
+    version: int = Field(description="the version now served")
+    path: str = Field(description="its checkpoint folder, resolved")
+    seconds: float = Field(description="load time; 0 when that version was already served from that path")
+    previous: int | None = Field(None, description="the version served before; None = the start model")

@@ -23,11 +23,19 @@ class RolloutSettings(BaseSettings):
     port: int = Field(8001, ge=0, le=65535)
     max_batch_size: int = Field(32, ge=1, description="rows decoded together")
     max_prompts: int = Field(256, ge=1, description="prompts x n per HTTP request, at most")
-    max_prompt_tokens: int = Field(8192, ge=1)
-    max_new_tokens: int = Field(16384, ge=1, description="a request asking for more is refused (422)")
+    max_prompt_tokens: int = Field(
+        8192, ge=1, description="a prompt longer than this is refused: 422 over HTTP, dead-lettered from the stream"
+    )
+    max_new_tokens: int = Field(
+        16384, ge=1, description="a request asking for more is refused: 422 over HTTP, dead-lettered from the stream"
+    )
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit (413 above)")
     worker: bool = Field(False, description="also consume the tasks stream")
     worker_id: str = Field(default_factory=lambda: default_worker_id("rollout"))
     task_batch: int = Field(16, ge=1, description="tasks read from the stream at once")
+    weights_wait_s: float = Field(
+        120.0, gt=0, description="how long a task waits for the weights version it needs before it is left pending"
+    )
     heartbeat_ttl_s: float = Field(15.0, gt=0, description="a worker silent this long counts as dead")
     redis: RedisConfig = Field(default_factory=RedisConfig)
 

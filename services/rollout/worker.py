@@ -4,6 +4,11 @@ A task names the policy version the trainer had when it enqueued it; the worker 
 newer one (it loads the registry's current weights first). Each rollout is handed off atomically (XADD to rollouts
 + XACK of the task, keyed by the task id), so a worker killed mid-batch leaves its tasks pending, and another worker
 reclaims them once they have been idle for `claim_idle_ms`.
+
+Each task stands alone: one that can never be generated (over a limit, token ids outside the vocabulary, a field
+the next stage refuses) is dead-lettered at once with its reason, and its batch-mates go on. A batch the engine
+refuses is retried one task at a time, so only the bad task is rejected; an error that is not the task's fault
+(anything but a ValueError) leaves it pending, to be redelivered.
 """
 
 from __future__ import annotations
@@ -11,13 +16,43 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
+from pydantic import ValidationError
+
+from services.rollout.engines import GenerationCancelled
+from services.rollout.host import EngineHost, error_text, request_error
 from services.rollout.settings import RolloutSettings
-from shared.contracts import GenerationRequest, RolloutMessage, TaskMessage
-from shared.http import confine
+from services.rollout.weights import WeightsError
+from shared.contracts import GenerationRequest, Rollout, RolloutMessage, ScoreItem, TaskMessage
+from shared.queue import Delivery
 from shared.worker import StreamWorker
 
 log = logging.getLogger("gtpo.rollout.worker")
+
+Task = Delivery[TaskMessage]
+
+
+def task_error(task: TaskMessage, settings: RolloutSettings) -> str | None:
+    """Why a decoded task can never be generated and handed on, or None.
+
+    The engine's own checks (token ids in its vocabulary, settings that fit the model) are its to make: a task
+    they refuse fails with a ValueError when generated alone.
+    """
+    if task.params.n != 1:
+        return f"params.n: a task is one sample, got {task.params.n}"
+    try:
+        GenerationRequest(prompt_ids=task.prompt_ids, params=task.params)
+    except ValidationError as e:
+        return error_text(e)
+    reason = request_error(task.prompt_ids, task.params, settings, "prompt_ids")
+    if reason is not None:
+        return reason
+    try:  # what the reward stage builds from it (services/reward/worker.py): refused there, it would fail there
+        ScoreItem(id=task.task_id, response="", reference=task.reference)
+    except ValidationError as e:
+        return f"the reward stage would refuse it as a ScoreItem ({error_text(e)}; from task_id / reference)"
+    return None
 
 
 class RolloutWorker(StreamWorker):
@@ -26,53 +61,124 @@ class RolloutWorker(StreamWorker):
     kind = "rollout"
     log = log
 
-    def __init__(self, host, settings: RolloutSettings) -> None:
+    def __init__(self, host: EngineHost, settings: RolloutSettings) -> None:
         super().__init__(settings.redis, settings.worker_id)
         self.host, self.settings = host, settings
-        self.loaded: int | None = None  # version loaded from the registry; the start model counts as unknown
+        self.stop = threading.Event()
+        self.handled: tuple[int, str] | None = None
+        """The registry's last (version, path) loaded, found served, or refused: not looked at again."""
+
+    def run(self, stop: threading.Event) -> None:
+        self.stop = stop  # also the engine's cancel event: on shutdown a batch ends at its next block boundary
+        super().run(stop)
 
     def tick(self) -> int:
-        """One read of the tasks stream; returns how many tasks were completed."""
+        """One read of the tasks stream; returns how many tasks were completed (handed off or dead-lettered)."""
         self.refresh_weights()
-        self.registry.heartbeat("rollout", self.id, self.loaded, ttl_s=self.settings.heartbeat_ttl_s)
+        self.heartbeat()
         deliveries = self.queue.consume(self.keys.tasks, self.keys.rollout_group, self.id, TaskMessage,
                                         count=self.settings.task_batch, block_ms=1000)  # fmt: skip
-        if not deliveries:
+        good = []
+        for d in deliveries:
+            reason = task_error(d.message, self.settings)
+            if reason is None:
+                good.append(d)
+            else:
+                self.queue.reject(d, self.keys.rollout_group, reason)
+        servable = self.servable(good)
+        return len(deliveries) - len(good) + self.generate(servable)
+
+    def heartbeat(self) -> None:
+        self.registry.heartbeat("rollout", self.id, self.host.served_version, ttl_s=self.settings.heartbeat_ttl_s)
+
+    def servable(self, tasks: list[Task]) -> list[Task]:
+        """The tasks whose policy version is served, after waiting (bounded) for the trainer to publish the newest
+        one needed; the others stay pending, to be redelivered."""
+        if not tasks:
+            return []
+        needed = max(d.message.policy_version for d in tasks)
+        deadline = time.monotonic() + self.settings.weights_wait_s
+        while not _serves(self.host.served_version, needed) and time.monotonic() < deadline and not self.stop.is_set():
+            time.sleep(0.2)
+            self.refresh_weights()
+            self.heartbeat()
+        served = self.host.served_version
+        ready = [d for d in tasks if _serves(served, d.message.policy_version)]
+        if len(ready) < len(tasks):
+            log.warning("%s: %d tasks need weights newer than v%s, never published within %.0f s; left pending",
+                        self.id, len(tasks) - len(ready), served, self.settings.weights_wait_s)  # fmt: skip
+        return ready
+
+    def generate(self, tasks: Sequence[Task]) -> int:
+        """Generate and hand off `tasks` in one batch, or one by one when the batch fails; returns how many."""
+        if not tasks:
             return 0
-        needed = max(d.message.policy_version for d in deliveries)
-        if self.loaded is None or needed > self.loaded:
-            self.sync_weights(at_least=needed)
-        requests = [GenerationRequest(prompt_ids=d.message.prompt_ids, params=d.message.params) for d in deliveries]
-        out = self.host.generate(requests, "queue")
-        for d, (rollout,) in zip(deliveries, out, strict=True):
-            msg = RolloutMessage(task=d.message, rollout=rollout, worker=self.id)
-            self.queue.hand_off(self.keys.tasks, self.keys.rollout_group, d.entry_id, self.keys.rollouts, msg,
-                                d.message.task_id)  # fmt: skip
-        return len(deliveries)
+        try:
+            out = self.host.generate([_request(d) for d in tasks], "queue", self.stop)
+        except GenerationCancelled:
+            return 0
+        except Exception as e:
+            log.warning("%s: a batch of %d tasks failed (%s: %s); generating them one by one",
+                        self.id, len(tasks), type(e).__name__, e)  # fmt: skip
+            return sum(self.generate_alone(d) for d in tasks)
+        for d, (rollout,) in zip(tasks, out, strict=True):
+            self.hand_off(d, rollout)
+        return len(tasks)
+
+    def generate_alone(self, d: Task) -> int:
+        """One task: handed off (1), rejected for a ValueError of its own (1), or left pending (0)."""
+        if self.stop.is_set():
+            return 0
+        try:
+            ((rollout,),) = self.host.generate([_request(d)], "queue", self.stop)
+        except GenerationCancelled:
+            return 0
+        except ValueError as e:  # the engine refuses this task (its ids, its settings): it always will
+            self.queue.reject(d, self.keys.rollout_group, f"cannot be generated: {error_text(e)}")
+            return 1
+        except Exception:  # not the task's fault (a device error...): redelivered later, dead after max_deliveries
+            log.exception("%s: task %s failed; left pending", self.id, d.message.task_id)
+            return 0
+        self.hand_off(d, rollout)
+        return 1
+
+    def hand_off(self, d: Task, rollout: Rollout) -> None:
+        msg = RolloutMessage(task=d.message, rollout=rollout, worker=self.id)
+        self.queue.hand_off(self.keys.tasks, self.keys.rollout_group, d.entry_id, self.keys.rollouts, msg,
+                            d.message.task_id)  # fmt: skip
 
     def refresh_weights(self) -> None:
-        """Load the registry's current weights if they are newer than what this worker serves."""
+        """Load the registry's current weights if they are newer than what this process serves.
+
+        The same rule as `/v1/weights` without rollback: never an older version, nor the served version from
+        another folder. A version that fails to load is logged once and the old weights stay served.
+        """
         cur = self.registry.current()
-        if cur is None or (self.loaded is not None and cur.version <= self.loaded):
+        if cur is None or (cur.version, cur.path) == self.handled:
             return
-        path = confine(cur.path, self.settings.root())
-        secs = self.host.load(path, cur.version, "registry")
-        self.loaded = cur.version
-        self.registry.heartbeat("rollout", self.id, self.loaded, ttl_s=self.settings.heartbeat_ttl_s)
-        log.info("rollout worker %s loaded v%d from %s in %.1fs", self.id, cur.version, path, secs)
-
-    def sync_weights(self, at_least: int, wait_s: float = 120.0) -> None:
-        """Serve version `at_least` or newer, waiting (bounded) for the trainer to publish it."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            self.refresh_weights()
-            if self.loaded is not None and self.loaded >= at_least:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"weights v{at_least} were never published (serving {self.loaded})")
-            time.sleep(0.2)
+        served = self.host.served_version
+        if served is not None and cur.version < served:
+            return  # pushed over HTTP ahead of the registry
+        self.handled = (cur.version, cur.path)
+        try:
+            done = self.host.load(cur.path, self.settings.root(), cur.version, "registry")
+        except WeightsError as e:
+            log.error("%s: cannot serve v%d from %s, still serving v%s: %s", self.id, cur.version, cur.path, served, e)
+            return
+        self.heartbeat()
+        how = f"in {done.seconds:.1f}s" if done.seconds else "(already served: pushed over HTTP first)"
+        log.info("rollout worker %s loaded v%d from %s %s", self.id, cur.version, done.path, how)
 
 
-def start_worker(host, settings: RolloutSettings, stop: threading.Event) -> threading.Thread:
+def _serves(served: int | None, needed: int) -> bool:
+    """Whether weights `served` may generate a task enqueued at version `needed` (the start model may not)."""
+    return served is not None and served >= needed
+
+
+def _request(d: Task) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=d.message.prompt_ids, params=d.message.params)
+
+
+def start_worker(host: EngineHost, settings: RolloutSettings, stop: threading.Event) -> threading.Thread:
     """Run a RolloutWorker in a daemon thread until `stop` is set."""
     return RolloutWorker(host, settings).start(stop)
