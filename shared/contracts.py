@@ -247,17 +247,19 @@ class TaskMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task_id: str = Field(min_length=1, max_length=512)
-    run_id: str
-    step: int = Field(ge=0)
-    prompt_index: int = Field(ge=0, description="position of the prompt in the dataset")
-    sample_index: int = Field(ge=0)
-    group_size: int = Field(ge=1)
-    prompt_ids: list[int] = Field(min_length=1)
+    run_id: str = Field(min_length=1, max_length=64)
+    step: int = Field(ge=0, le=MAX_SEED, description="the last step that may train it (its staleness deadline)")
+    prompt_index: int = Field(ge=0, le=MAX_SEED, description="position of the prompt in the dataset")
+    sample_index: int = Field(ge=0, le=MAX_ID)
+    group_size: int = Field(ge=1, le=MAX_ID)
+    prompt_ids: list[int] = Field(min_length=1, description="checked against the vocabulary by the worker")
     prompt_text: str = ""
     reference: str | None = None
     params: SamplingParams = Field(description="n = 1; the seed is this sample's")
-    policy_version: int = Field(ge=0, description="the trainer's version when enqueued; generate with >= this")
-    attempt: int = Field(0, ge=0, description="re-enqueued after a stale rollout")
+    policy_version: int = Field(
+        ge=0, le=MAX_SEED, description="the trainer's version when enqueued; generate with >= this"
+    )
+    attempt: int = Field(0, ge=0, le=MAX_ID, description="re-enqueued after a stale or dead-lettered sample")
 
 
 class RolloutMessage(BaseModel):
@@ -285,9 +287,13 @@ class WeightsVersion(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=0)
-    path: str = Field(description="an SDAR-layout checkpoint directory under the shared checkpoint root")
-    step: int = Field(0, ge=0)
+    version: int = Field(ge=0, le=MAX_SEED)
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="an SDAR-layout checkpoint directory under the shared checkpoint root",
+    )
+    step: int = Field(0, ge=0, le=MAX_SEED)
 
 
 # --------------------------------------------------------------------------- rollout service (HTTP)

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.contracts import WeightsVersion
+from shared.contracts import WeightsVersion, WorkerKind
 from shared.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -706,7 +706,7 @@ class WeightRegistry:
                 out[body["id"]] = {k: body[k] for k in ("kind", "version", "info", "ts")}
         return out
 
-    def deletable_versions(self, kind: str = "rollout") -> list[WeightsVersion]:
+    def deletable_versions(self, kind: str = WorkerKind.rollout) -> list[WeightsVersion]:
         """Versions older than both the current one and every live `kind` worker's loaded version.
 
         None at all while a live worker has not loaded any version (it may be about to load an old one);

@@ -10,7 +10,7 @@ import pytest
 from services.rollout.engines import GenerationCancelled
 from services.rollout.engines.sampling import MIN_TEMPERATURE
 from services.rollout.engines.torch_engine import TorchEngine
-from shared.contracts import GenerationRequest, Rollout, SamplingParams
+from shared.contracts import MAX_ID, GenerationRequest, Rollout, SamplingParams
 
 B = 4
 
@@ -105,7 +105,7 @@ def test_top_k_one_is_greedy_and_past_the_vocabulary_is_off(tiny):
     greedy, unfiltered = _one(engine, temperature=0.0), _one(engine)
     assert _trajectory(_one(engine, top_k=1)) == _trajectory(greedy)  # same argmax, same confidence (T = 1)
     vocab = tiny.model.config.vocab_size
-    for top_k in (vocab, vocab + 1, 10**30):  # 10**30 does not fit an int64 tensor
+    for top_k in (vocab, vocab + 1, MAX_ID):  # the contract's largest id, far past any vocabulary
         r = _one(engine, top_k=top_k)
         assert r.params.top_k == 0 and _trajectory(r) == _trajectory(unfiltered)
         assert r.logprobs == unfiltered.logprobs

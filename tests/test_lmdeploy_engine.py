@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from services.rollout.engines import GenerationCancelled, create_engine
-from shared.contracts import GenerationRequest, Rollout, SamplingParams
+from shared.contracts import MAX_ID, GenerationRequest, Rollout, SamplingParams
 from shared.prompts import denoising_steps
 
 try:
@@ -499,11 +499,11 @@ def test_numerical_edge_settings_reach_lmdeploy_in_range(engine, fake):
         ((r,),) = engine.generate([GenerationRequest(prompt_ids=[1, 2], params=params)])
         gc = fake.instances[-1].requests[-1].gen_config
         assert (gc.do_sample, gc.temperature, r.params.temperature) == (False, 1.0, 0.0)
-    params = SamplingParams(seed=1, max_new_tokens=5, top_k=10**30, stop_token_ids=[10**30, 3])
+    params = SamplingParams(seed=1, max_new_tokens=5, top_k=MAX_ID, stop_token_ids=[MAX_ID, 3])
     ((r,),) = engine.generate([GenerationRequest(prompt_ids=[1, 2], params=params)])
     gc = fake.instances[-1].requests[-1].gen_config
     assert (gc.top_k, gc.stop_token_ids, r.params.top_k) == (0, [3], 0)
-    assert r.params.stop_token_ids == [10**30, 3]  # the contract's own list, cut by us
+    assert r.params.stop_token_ids == [MAX_ID, 3]  # the contract's own list, cut by us
 
 
 @needs_lmdeploy

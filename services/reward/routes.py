@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import PlainTextResponse
@@ -39,20 +38,6 @@ async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metric
         results = await run_in_threadpool(score_items, body.items, weights, pool, deadline=deadline)
     metrics.observe(results)
     return ScoreResponse(results=results)
-
-
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """Liveness: the process serves HTTP."""
-    return {"status": "ok"}
-
-
-@router.get("/ready", responses={503: {"description": "the verifier pool is not healthy"}})
-async def ready(pool: PoolDep) -> dict[str, Any]:
-    """Readiness: the verifier pool can check answers."""
-    if not pool.healthy():
-        raise HTTPException(503, "the verifier pool is not healthy")
-    return {"status": "ready", **pool.stats()}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -24,7 +24,7 @@ from services.rollout.engines import GenerationCancelled
 from services.rollout.host import EngineHost, error_text, request_error
 from services.rollout.settings import RolloutSettings
 from services.rollout.weights import WeightsError
-from shared.contracts import GenerationRequest, Rollout, RolloutMessage, ScoreItem, TaskMessage
+from shared.contracts import GenerationRequest, Rollout, RolloutMessage, ScoreItem, TaskMessage, WorkerKind
 from shared.queue import Delivery
 from shared.worker import StreamWorker
 
@@ -58,12 +58,13 @@ def task_error(task: TaskMessage, settings: RolloutSettings) -> str | None:
 class RolloutWorker(StreamWorker):
     """The consume -> generate -> hand-off loop of one rollout process."""
 
-    kind = "rollout"
+    kind = WorkerKind.rollout
     log = log
 
     def __init__(self, host: EngineHost, settings: RolloutSettings) -> None:
         super().__init__(settings.redis, settings.worker_id)
         self.host, self.settings = host, settings
+        self.heartbeat_ttl_s = settings.heartbeat_ttl_s
         self.stop = threading.Event()
         self.handled: tuple[int, str] | None = None
         """The registry's last (version, path) loaded, found served, or refused: not looked at again."""
@@ -88,8 +89,8 @@ class RolloutWorker(StreamWorker):
         servable = self.servable(good)
         return len(deliveries) - len(good) + self.generate(servable)
 
-    def heartbeat(self) -> None:
-        self.registry.heartbeat("rollout", self.id, self.host.served_version, ttl_s=self.settings.heartbeat_ttl_s)
+    def loaded_version(self) -> int | None:
+        return self.host.served_version
 
     def servable(self, tasks: list[Task]) -> list[Task]:
         """The tasks whose policy version is served, after waiting (bounded) for the trainer to publish the newest
@@ -114,7 +115,8 @@ class RolloutWorker(StreamWorker):
         if not tasks:
             return 0
         try:
-            out = self.host.generate([_request(d) for d in tasks], "queue", self.stop)
+            with self.busy():
+                out = self.host.generate([_request(d) for d in tasks], "queue", self.stop)
         except GenerationCancelled:
             return 0
         except Exception as e:
@@ -130,7 +132,8 @@ class RolloutWorker(StreamWorker):
         if self.stop.is_set():
             return 0
         try:
-            ((rollout,),) = self.host.generate([_request(d)], "queue", self.stop)
+            with self.busy():
+                ((rollout,),) = self.host.generate([_request(d)], "queue", self.stop)
         except GenerationCancelled:
             return 0
         except ValueError as e:  # the engine refuses this task (its ids, its settings): it always will

@@ -80,22 +80,12 @@ def create_app(status, ready, metrics: TrainerMetrics):
         metrics: its Prometheus registry.
     """
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
 
-    from shared.http import metrics_response
+    from shared.http import SafeJSONResponse, health_router, install_error_handlers, metrics_response
 
-    app = FastAPI(title="gtpo trainer")
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    def is_ready():
-        reason = ready()
-        if reason is None:
-            return {"status": "ready"}
-        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+    app = FastAPI(title="gtpo trainer", default_response_class=SafeJSONResponse)
+    install_error_handlers(app)
+    app.include_router(health_router(ready))
 
     @app.get("/status")
     def get_status() -> dict:
