@@ -251,7 +251,8 @@ def load_model(
         attn_implementation: "sdpa" (any device), "eager", or "flex_attention" where available.
 
     Raises:
-        ValueError: pickled-only weights, an unsupported model_type, or no mask token.
+        ValueError: pickled-only weights, an unsupported model_type, no mask token, or tensors missing or of
+            the wrong shape.
         FileNotFoundError: no config.json or no weights.
     """
     from transformers import Qwen3ForCausalLM
@@ -261,7 +262,7 @@ def load_model(
     _check_weights(path)
     tokenizer = load_tokenizer(path)
     config, spec = translate_config(raw, tokenizer)
-    model = Qwen3ForCausalLM.from_pretrained(
+    model, info = Qwen3ForCausalLM.from_pretrained(
         str(path),
         config=config,
         dtype=dtype,
@@ -270,7 +271,14 @@ def load_model(
         use_safetensors=True,
         trust_remote_code=False,
         local_files_only=True,
+        output_loading_info=True,
     )
+    # transformers fills a missing tensor with random values and only logs it: a checkpoint that lacks weights is
+    # a broken checkpoint, never a model to train or serve
+    missing, mismatched = list(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = [f"missing {k}" for k in missing[:5]] + [f"wrong shape {m[0]}" for m in mismatched[:5]]
+        raise ValueError(f"weights: {path} does not hold the model's tensors ({', '.join(what)})")
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
 

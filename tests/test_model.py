@@ -274,3 +274,23 @@ def test_load_refuses_pickled_weights(tiny_dir, tmp_path):
     # config + tokenizer alone still translate
     _, spec = translate_config(read_config(tmp_path), load_tokenizer(tmp_path))
     assert spec == DiffusionSpec(4, 259)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_values(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from shared.model import load_model
+    from shared.tiny import init_tiny
+
+    src = init_tiny(tmp_path / "tiny", seed=0)
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    [weights] = broken.glob("*.safetensors")
+    tensors = load_file(weights)
+    dropped = next(k for k in tensors if "layers.0.mlp" in k)
+    del tensors[dropped]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        load_model(broken)
