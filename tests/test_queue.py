@@ -141,6 +141,18 @@ def test_garbage_payload_is_dead_lettered_and_consumer_continues(queue: Queue, r
     assert redis_client.xpending(k.tasks, GROUP)["pending"] == 1  # only the good one awaits its ack
 
 
+def test_fields_that_are_not_utf8_are_dead_lettered_and_read_back(queue: Queue, redis_client: redis.Redis) -> None:
+    k = queue.keys
+    redis_client.xadd(k.tasks, {"d": b"\xff", "v": b"\xfe\xff", "id": b"\xffbad-id"})
+    queue.publish(k.tasks, task(2), "good")
+    got = queue.consume(k.tasks, GROUP, "A", TaskMessage, block_ms=100)
+    assert [d.message_id for d in got] == ["good"]  # its batch-mate went on
+    redis_client.xadd(k.dead, {"reason": b"\xff", "deliveries": b"many", "ts": b"\x00", "id": b"\xfe"})
+    dead = queue.dead_letters()  # whatever a dead letter holds, reading it never raises
+    assert dead[0]["reason"] == "\ufffd" and dead[0]["deliveries"] == 0 and dead[0]["ts"] == 0.0
+    assert dead[1]["message_id"] == "\ufffdbad-id" and dead[1]["reason"].startswith("undecodable")
+
+
 def test_hand_off_is_idempotent_and_acks(queue: Queue, redis_client: redis.Redis) -> None:
     k = queue.keys
     queue.publish(k.tasks, task(1), "t1")
