@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny run: 4 and 16 workers, k 0 and 2, 2 steps")
     args = ap.parse_args(argv)
     if args.quick:
-        args.workers, args.k, args.steps, args.time_scale = [4, 16], [0, 2], 2, max(args.time_scale, 1600.0)
+        args.workers, args.k, args.steps = [4, 16], [0, 2], 2
     for name in ("steps", "warmup", "prompts_per_step", "group_size", "reward_workers", "verifiers"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: must be >= 1")
