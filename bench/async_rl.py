@@ -81,7 +81,7 @@ class Lengths:
         """The q-quantile of the capped length.
 
         >>> round(Lengths(1024, 0.7, 8192).quantile(0.99) / Lengths(1024, 0.7, 8192).quantile(0.5), 2)
-        5.09
+        5.1
         """
         return min(self.cap, self.median * math.exp(self.sigma * statistics.NormalDist().inv_cdf(q)))
 
@@ -161,8 +161,12 @@ def step_map_for(prompt_len: int, n: int) -> list[int]:
     >>> step_map_for(2, 6)  # positions 2,3 | 4,5,6,7: one step for the first block, two for the second
     [1, 1, 2, 2, 3, 3]
     """
-    first = prompt_len // BLOCK
-    return [2 * ((prompt_len + i) // BLOCK - first) + ((prompt_len + i) % BLOCK) // 2 + 1 for i in range(n)]
+    steps, step, pos = [], 0, prompt_len
+    while len(steps) < n:
+        width = min(BLOCK - pos % BLOCK, n - len(steps))  # the response's positions in this block
+        steps += [step + 1 + j // 2 for j in range(width)]
+        step, pos = step + (width + 1) // 2, pos + width
+    return steps
 
 
 def sim_rollout(req: GenerationRequest, prompt: Prompt, version: int, lengths: Lengths) -> Rollout:
@@ -365,22 +369,24 @@ class Bench:
     warmup: int = 1
     steps: int = 8
     seed: int = 0
-    by_ids: dict = field(default_factory=dict)
+    data: Path = field(init=False)
+    """The prompts as the driver reads them."""
+    by_ids: dict[tuple[int, ...], Prompt] = field(init=False, default_factory=dict)
+    """Prompt ids -> prompt: how the simulated engine recognises the prompt of a request."""
 
     def __post_init__(self) -> None:
         from services.trainer.config import RLConfig
         from shared.prompts import encode_prompt
 
         template = RLConfig.model_fields["prompt_template"].default
-        data = self.root / "prompts.jsonl"
-        data.write_text("".join(json.dumps({"question": p.question, "ground_truth_answer": p.answer}) + "\n"
-                                for p in self.prompts))  # fmt: skip
-        self.data = data
-        for p in self.prompts:  # the ids the collector will send: how the simulated engine recognises a prompt
+        self.data = self.root / "prompts.jsonl"
+        self.data.write_text("".join(json.dumps({"question": p.question, "ground_truth_answer": p.answer}) + "\n"
+                                     for p in self.prompts))  # fmt: skip
+        for p in self.prompts:  # the ids the collector will send
             ids = encode_prompt(self.tokenizer, template.format(question=p.question), chat=False)
             self.by_ids[tuple(ids)] = p
 
-    def config(self, workers: int, k: int, out: Path, namespace: str):
+    def config(self, k: int, out: Path, namespace: str):
         from services.trainer.config import RLConfig
 
         return RLConfig.model_validate({
@@ -403,7 +409,7 @@ class Bench:
         tm = self.tm.for_workers(workers)
         out = self.root / namespace
         (out / "start").mkdir(parents=True)
-        cfg = self.config(workers, k, out, namespace)
+        cfg = self.config(k, out, namespace)
         stop = threading.Event()
         hosts = [SimHost(self.by_ids, tm, stop) for _ in range(workers)]
         threads = []

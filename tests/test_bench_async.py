@@ -101,6 +101,7 @@ def test_a_simulated_rollout_follows_from_its_seed_and_is_a_valid_rollout():
         a = sim_rollout(_request(7, prompt_len), prompt, 2, ls)
         assert a == sim_rollout(_request(7, prompt_len), prompt, 2, ls)
         assert a.policy_version == 2 and len(a.logprobs) == len(a.token_ids) == len(a.step_map)
+        assert sorted(set(a.step_map)) == list(range(1, max(a.step_map) + 1))  # steps 1, 2, ... with none skipped
         assert a.text.endswith(("$\\boxed{3}$.", "$\\boxed{4}$."))
         assert a.finish_reason == ("length" if len(a.token_ids) == 64 else "stop")
     lengths = {len(sim_rollout(_request(s, 4), prompt, 0, ls).token_ids) for s in range(50)}
