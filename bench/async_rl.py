@@ -52,6 +52,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
+from services.rollout.host import Loaded, Served
 from services.trainer.checkpoint import TrainerState
 from services.trainer.collect import parse_task_id
 from shared.contracts import GenerationRequest, Rollout
@@ -206,9 +207,9 @@ class SimHost:
     def served_version(self) -> int | None:
         return self.version
 
-    def load(self, path, version: int, source: str) -> float:
-        self.version = version  # a real engine takes seconds here; weight pick-up is not what is measured
-        return 0.0
+    def load(self, path, root: Path, version: int, source: str, rollback: bool = False) -> Loaded:
+        before, self.version = self.version, version  # a real engine takes seconds here: not what is measured
+        return Loaded(version, str(path), 0.0, None if before is None else Served(before, str(path)))
 
     def generate(self, requests: list[GenerationRequest], source: str, cancel=None) -> list[list[Rollout]]:
         start = time.monotonic()
@@ -392,6 +393,7 @@ class Bench:
         return RLConfig.model_validate({
             "model": str(out / "start"), "output_dir": str(out), "data": str(self.data), "seed": self.seed,
             "steps": self.warmup + self.steps, "prompts_per_step": self.prompts_per_step, "max_staleness": k,
+            "loss": {"objective": "decoupled" if k else "standard"},
             "chat_template": False, "keep_last": 2, "step_timeout_s": 600,
             "rollout": {"group_size": self.group_size, "max_new_tokens": self.tm.lengths.cap},
             "redis": {"url": self.redis_url, "namespace": namespace},

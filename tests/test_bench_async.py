@@ -5,6 +5,7 @@ model on hand-derived cases. No wall-clock assertion: the figures are only check
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -112,7 +113,8 @@ def test_the_simulated_host_serves_the_loaded_version_and_counts_its_busy_time()
     prompt = Prompt("q", "3", 0.5)
     req = _request(1, 4)
     host = SimHost({tuple(req.prompt_ids): prompt}, TimeModel(Lengths(16, 1.0, 64), 1.0, 0.0, 1e6), threading.Event())
-    assert host.load("/x", 5, "registry") == 0.0 and host.served_version == 5
+    loaded = host.load("/x", Path("/"), 5, "registry")
+    assert (loaded.version, loaded.seconds, loaded.previous) == (5, 0.0, None) and host.served_version == 5
     ((rollout,),) = host.generate([req], "queue")
     assert rollout.policy_version == 5 and len(host.spans) == 1 and host.spans[0][0] <= host.spans[0][1]
 
