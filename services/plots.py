@@ -70,7 +70,7 @@ def timing_figure(runs: dict[str, list[dict]], title: str = "GTPO"):
             for key, what, style in series:
                 if any(key in r for r in rows):
                     ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], style,
-                            color=colours[i % len(colours)], label=f"{name}: {what}" if len(runs) > 1 else what)  # fmt: skip
+                            marker="o", markersize=2, color=colours[i % len(colours)], label=f"{name}: {what}" if len(runs) > 1 else what)  # fmt: skip
         ax.set_xlabel("RL step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -81,23 +81,20 @@ def timing_figure(runs: dict[str, list[dict]], title: str = "GTPO"):
     return fig
 
 
-def plot_timing(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Path:
-    """Write the timing curves of one or more runs (label -> metrics.jsonl) as a PNG."""
+def _save(fig, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig = timing_figure({name: read_metrics(path) for name, path in metrics.items()}, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_timing(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Path:
+    """Write the timing curves of one or more runs (label -> metrics.jsonl) as a PNG."""
+    return _save(timing_figure({name: read_metrics(path) for name, path in metrics.items()}, title), out)
 
 
 def plot_rl(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Path:
     """Write the RL curves of one or more runs (label -> metrics.jsonl) as a PNG."""
-    import matplotlib.pyplot as plt
-
-    fig = rl_figure({name: read_metrics(path) for name, path in metrics.items()}, title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(rl_figure({name: read_metrics(path) for name, path in metrics.items()}, title), out)
