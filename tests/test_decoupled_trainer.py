@@ -119,9 +119,9 @@ def test_stale_decoupled_step_by_hand(tiny_dir, tmp_path, groups, updates, passe
     assert expected["iw_truncated_frac"] > 0.4 and expected["staleness_mean"] == 1.0 and abs(expected["loss"]) > 1e-2
 
 
-def test_recomputed_prox_equals_the_training_forward(tiny_dir, tmp_path, groups):
-    # same data, one at the current version (pi_prox = pi_theta.detach()), one a version behind (pi_prox
-    # recomputed in the same micro-batches): the same loss and gradient, to the bit
+def test_a_stale_step_of_one_update_equals_the_on_policy_one(tiny_dir, tmp_path, groups):
+    # same data, one at the current version, one a version behind: with one update pi_prox is the weights being
+    # trained either way (no extra forward), so the same loss and gradient, to the bit
     on = _trainer(tiny_dir, tmp_path / "on", micro_batch_size=2).rl_step(*groups)
     behind = _trainer(tiny_dir, tmp_path / "behind", micro_batch_size=2)
     behind.state.policy_version = 1

@@ -39,7 +39,7 @@ class LossConfig(BaseModel):
         "sampled by the current weights). decoupled (AReaL, for stale or engine-mismatched samples): the same "
         "clipped surrogate times the importance weight min(pi_prox / pi_behav, tis_cap), pi_behav being the "
         "engine's log-prob at unmask time (Rollout.logprobs, required on every rollout). pi_prox is the trainer's "
-        "weights at the start of the step: recomputed when a sample is stale or the step makes several updates, "
+        "weights at the start of the step: recomputed (one extra forward) when the step makes several updates, "
         "otherwise pi_theta.detach() exactly. On-policy, both give the same loss up to the engine's float error",
     )
     tis_cap: float = Field(

@@ -188,7 +188,9 @@ class GTPOTrainer:
             adv = adv[0]
             for rollout, a in zip(group, adv.tolist(), strict=True):
                 items.append(WorkItem(rollout_trajectory(rollout, self.cfg.shrink), a, rollout.logprobs))
-        metrics = self._train_items(items, rl=True, recompute_prox=lag_max > 0)
+        # pi_prox is the weights at the start of the step: with one update, that is the weights being trained, so a
+        # stale sample needs no extra forward (pi_prox = pi_theta.detach() to the bit); several updates recompute it
+        metrics = self._train_items(items, rl=True)
         flat = [x for r in rewards for x in r]
         metrics.update(
             reward_mean=sum(flat) / max(1, len(flat)),
@@ -206,11 +208,11 @@ class GTPOTrainer:
 
     def sft_step(self, items: list[WorkItem]) -> dict[str, float]:
         """One SFT step on prepared items (random-masking or trace rounds); returns metrics."""
-        return self._finish_step(self._train_items(items, rl=False, recompute_prox=False))
+        return self._finish_step(self._train_items(items, rl=False))
 
     # ------------------------------------------------------------------ the shared update machinery
 
-    def _train_items(self, items: list[WorkItem], *, rl: bool, recompute_prox: bool) -> dict[str, float]:
+    def _train_items(self, items: list[WorkItem], *, rl: bool) -> dict[str, float]:
         cfg = self.cfg
         passes = cfg.passes if rl else 1
         if not items:
@@ -218,7 +220,7 @@ class GTPOTrainer:
             return {"updates": 0, "loss": 0.0, "tokens": 0}
         # fewer responses than updates: the surplus updates would have nothing to train on
         chunks = [c for c in split_even(len(items), cfg.updates_per_step) if len(c)]
-        prox = self._proximal_logprobs(items, chunks) if rl and (recompute_prox or len(chunks) * passes > 1) else None
+        prox = self._proximal_logprobs(items, chunks) if rl and len(chunks) * passes > 1 else None
         # the behaviour diagnostics need pi_behav for every response (they are then the same set on every rank)
         diagnose = rl and all(it.engine_logprobs is not None for it in items)
         totals: dict[str, float] = {}
