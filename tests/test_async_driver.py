@@ -130,22 +130,28 @@ def test_k2_survives_a_redis_restart(tmp_path, tiny_dir, embedded_redis):
 
 def test_a_second_trainer_for_the_namespace_refuses_to_start(tmp_path, tiny_dir, redis_url):
     ns = f"async-lease-{os.getpid()}-{time.time_ns()}"
-    cfg = _config(tmp_path, tiny_dir, ns, steps=3, max_staleness=1, loss=DECOUPLED)
+    cfg = _config(tmp_path, tiny_dir, ns, steps=200, max_staleness=1, loss=DECOUPLED)  # still running when asked
     stack = Stack(cfg, redis_url)
     try:
         stack.start()
         _wait(lambda: (cfg.output_dir / "trainer.lock").exists() and b"run_id" in (cfg.output_dir / "trainer.lock").read_bytes(),
               120, "the first trainer's lease")  # fmt: skip
         second = subprocess.run(stack.trainer.cmd, env=stack.env, capture_output=True, text=True, timeout=120)
-        assert second.returncode != 0
-        assert "another trainer" in second.stdout + second.stderr
-        assert f"pid {stack.trainer.proc.pid}" in second.stdout + second.stderr  # it names the holder
-        assert stack.wait_trainer(300) == 0, stack.logs()
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "another trainer" in second.stderr
+        assert f"pid {stack.trainer.proc.pid}" in second.stderr  # it names the holder
+        assert stack.trainer.proc.poll() is None, "the first trainer was done before the second one asked"
+        stack.trainer.proc.send_signal(signal.SIGTERM)  # finishes its step and checkpoints
+        assert stack.wait_trainer(120) == 0, stack.logs()
     finally:
         stack.stop()
-    _assert_exactly_once(cfg.output_dir, 3, 2)  # the refused trainer took nothing
+    rows = _trained(cfg.output_dir)
+    ids = [t for r in rows for t in r["task_ids"]]
+    assert rows and len(ids) == len(set(ids))  # the refused trainer took nothing: no sample trained twice
     r = redis.Redis.from_url(redis_url)
     assert r.get(Keys(ns).trainer_lease) is None  # released at the end
+    again = subprocess.run(stack.trainer.cmd, env=stack.env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr  # a fresh run cannot start behind the served weights
     for key in r.scan_iter(match=Keys(ns).pattern, count=1000):
         r.delete(key)
 

@@ -350,6 +350,11 @@ class Collector:
             self.counts["rejected"] += 1
             self.queue.reject(d, self.group_name, reason)  # the dead-letter watch re-samples it
             return
+        if msg.rollout.policy_version > version:
+            self.counts["rejected"] += 1  # weights this trainer never had (another run's registry): never trainable
+            reason = f"generated with weights v{msg.rollout.policy_version}, newer than the trainer's v{version}"
+            self.queue.reject(d, self.group_name, reason)
+            return
         if msg.rollout.policy_version < version - self.k:
             self.counts["stale"] += 1  # too old for the bound: sample it again with the current weights
             self._resample(g, t.sample_index, t.attempt + 1)

@@ -18,6 +18,7 @@ One trainer drives a namespace at a time (`lease`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -166,11 +167,15 @@ class Driver:
         groups, rewards, correct, extra = decode_batch(broadcast_text(self.trainer.accelerator, payload))
         t1 = time.monotonic()
         self.waiting = "training"
-        metrics = self.trainer.rl_step(groups, rewards, extra["rollouts"], correct, write=False)
+        with self._collecting_meanwhile():
+            metrics = self.trainer.rl_step(groups, rewards, extra["rollouts"], correct, write=False)
         t2 = time.monotonic()
         state = self.trainer.state
         state.data_cursor = int(extra["data_cursor"])
         state.extra["collector"] = extra["collector"]
+        if self.main:  # refills enqueued while training moved the cursor on
+            state.data_cursor = self.collector.cursor
+            state.extra["collector"] = self.collector.resume_record(batch)
         metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1)
         state.extra["metrics"] = metrics  # a crash between the checkpoint and the metrics row loses no row
         if self.main:
@@ -192,6 +197,45 @@ class Driver:
         self.history.append(metrics)
         self.waiting = ""
         return metrics
+
+    @contextlib.contextmanager
+    def _collecting_meanwhile(self):
+        """With k >= 1, keep reading scored groups and refilling dropped ones while the trainer trains (main process,
+        a background thread), so the next step finds its groups complete instead of waiting for refills.
+
+        The trainer's version does not change until the checkpoint, so admission stays within the bound; the
+        step's own batch still counts in the window, so nothing is admitted that could only expire. k = 0 is the
+        synchronous loop: nothing runs meanwhile.
+        """
+        if not (self.main and self.cfg.max_staleness > 0):
+            yield
+            return
+        from shared.queue import TRANSIENT_ERRORS
+
+        c, state, done = self.collector, self.trainer.state, threading.Event()
+        step, version, errors = state.step, state.policy_version, []
+
+        def loop() -> None:
+            while not done.is_set() and not self.lease.lost.is_set():
+                try:
+                    c.poll(step, version, block_ms=100)
+                    c.admit(step, version)
+                except TRANSIENT_ERRORS as e:  # Redis away: the loop after training reconnects
+                    log.warning("collecting while training: %s", e)
+                    done.wait(1.0)
+                except Exception as e:
+                    errors.append(e)
+                    return
+
+        thread = threading.Thread(target=loop, name="collect-while-training", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def _after_checkpoint(self, path: Path, batch: list[Group]) -> None:
         from services.trainer.checkpoint import list_checkpoints
@@ -285,6 +329,13 @@ class Driver:
         version = WeightsVersion(version=self.trainer.state.policy_version, path=str(Path(path).resolve()),
                                  step=self.trainer.state.step)  # fmt: skip
         cur = self.registry.current()
+        if cur is not None and cur.version > version.version:
+            # workers would keep serving those newer weights and every sample would come from a policy this trainer
+            # never had
+            raise ValueError(
+                f"redis.namespace: {self.cfg.redis.namespace!r} already serves weights v{cur.version} ({cur.path}), "
+                f"newer than this trainer's v{version.version}: continue that run with --resume, or use a new namespace"
+            )
         if cur is None or cur.version < version.version:
             self._publish(version)
 
