@@ -33,6 +33,9 @@ from shared.prompts import tokens_per_step
 
 log = logging.getLogger("gtpo.trainer")
 
+PREFETCH_PERIOD_S = 0.25
+"""How often scored groups are read (and dropped ones refilled) while the trainer trains, with k >= 1."""
+
 
 def load_prompts(path: Path) -> list[Prompt]:
     """A JSON list or JSONL of `{question, ground_truth_answer}` (the format of the RL datasets)."""
@@ -216,9 +219,10 @@ class Driver:
         step, version, errors = state.step, state.policy_version, []
 
         def loop() -> None:
-            while not done.is_set() and not self.lease.lost.is_set():
+            # a few reads a second: enough to refill drops in time, little enough not to slow the training thread
+            while not done.wait(PREFETCH_PERIOD_S) and not self.lease.lost.is_set():
                 try:
-                    c.poll(step, version, block_ms=100)
+                    c.poll(step, version, block_ms=0)
                     c.admit(step, version)
                 except TRANSIENT_ERRORS as e:  # Redis away: the loop after training reconnects
                     log.warning("collecting while training: %s", e)
@@ -243,7 +247,8 @@ class Driver:
         from shared.queue import with_reconnect
 
         state = self.trainer.state
-        version = WeightsVersion(version=state.policy_version, path=str(path / "model"), step=state.step)
+        # absolute: a worker resolves a relative path against its own checkpoint root, not the trainer's folder
+        version = WeightsVersion(version=state.policy_version, path=str((path / "model").resolve()), step=state.step)
         with_reconnect(lambda: self._publish(version), what="publishing weights")
         with_reconnect(lambda: self.collector.finish_step(batch, state.step), what="acknowledging the step")
         keep = set(list_checkpoints(self.trainer.checkpoint_root)[-self.cfg.keep_last :])
