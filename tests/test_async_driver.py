@@ -141,6 +141,7 @@ def test_a_second_trainer_for_the_namespace_refuses_to_start(tmp_path, tiny_dir,
         assert "another trainer" in second.stderr
         assert f"pid {stack.trainer.proc.pid}" in second.stderr  # it names the holder
         assert stack.trainer.proc.poll() is None, "the first trainer was done before the second one asked"
+        _wait(lambda: (cfg.output_dir / "metrics.jsonl").exists(), 180, "the first trainer's first step")
         stack.trainer.proc.send_signal(signal.SIGTERM)  # finishes its step and checkpoints
         assert stack.wait_trainer(120) == 0, stack.logs()
     finally:
