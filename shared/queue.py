@@ -339,7 +339,7 @@ class Queue:
         )
 
     def own_pending(
-        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int = 256, after: str | None = None
+        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int = 256
     ) -> list[Delivery[M]]:
         """Entries delivered to `consumer` earlier and never acked: call once when a consumer restarts under the
         same name, to resume its work at once instead of after `claim_idle_ms`.
@@ -353,12 +353,8 @@ class Queue:
             consumer: the consumer's stable name.
             model_cls: the payload model.
             count: entries at most.
-            after: only entries with ids above this one (page through a long pending list with the last
-                returned `entry_id`; entries stay pending until acked, so the same call would return them again).
         """
-        return self._with_group(
-            stream, group, lambda: self._own_pending(stream, group, consumer, model_cls, count, after)
-        )
+        return self._with_group(stream, group, lambda: self._own_pending(stream, group, consumer, model_cls, count))
 
     def _with_group(self, stream: str, group: str, fn: Callable[[], T]) -> T:
         """Run `fn`; if the group vanished (Redis restarted without persistence), recreate it and retry once."""
@@ -413,11 +409,8 @@ class Queue:
             logger.info("%s claimed %d entries of %s idle over %d ms", consumer, len(live), stream, self.claim_idle_ms)
         return self._accept_claimed(stream, group, consumer, model_cls, live)
 
-    def _own_pending(
-        self, stream: str, group: str, consumer: str, model_cls: type[M], count: int, after: str | None
-    ) -> list[Delivery[M]]:
-        start = "-" if after is None else "(" + after
-        rows = self.redis.xpending_range(stream, group, min=start, max="+", count=count, consumername=consumer)
+    def _own_pending(self, stream: str, group: str, consumer: str, model_cls: type[M], count: int) -> list[Delivery[M]]:
+        rows = self.redis.xpending_range(stream, group, min="-", max="+", count=count, consumername=consumer)
         ids = [_s(r["message_id"]) for r in rows]
         if not ids:
             return []

@@ -126,9 +126,6 @@ class Group:
         d = json.loads(raw)
         return cls(int(d["tag"]), int(d["prompt_index"]), int(d["cursor"]), int(d["version"]))
 
-    def min_version(self) -> int:
-        return min(m.rollout.policy_version for m in self.samples.values())
-
 
 def verdict_of(samples: list[ScoredMessage], dynamic_sampling: bool) -> str:
     """What a complete group is worth: "kept", or why it is dropped (the one place that drops groups).
@@ -142,10 +139,13 @@ def verdict_of(samples: list[ScoredMessage], dynamic_sampling: bool) -> str:
     return "kept"
 
 
-def check_scored(msg: ScoredMessage, vocab_size: int, max_new_tokens: int) -> str | None:
-    """Why a scored message cannot be trained on (None when it can): the trainer's per-message validation, so
-    that one bad entry is dead-lettered alone instead of failing its step on every resume."""
+def check_scored(msg: ScoredMessage, vocab_size: int, max_new_tokens: int, version: int) -> str | None:
+    """Why a scored message cannot be trained on by a trainer at `version` (None when it can): the trainer's
+    per-message validation, so that one bad entry is dead-lettered alone instead of failing its step on every
+    resume."""
     r, t = msg.rollout, msg.task
+    if r.policy_version > version:  # weights this trainer never had (another run's registry): never trainable
+        return f"generated with weights v{r.policy_version}, newer than the trainer's v{version}"
     if list(r.prompt_ids) != list(t.prompt_ids):
         return "rollout.prompt_ids differ from the task's prompt"
     if len(r.token_ids) > max(max_new_tokens, t.params.max_new_tokens):
@@ -268,10 +268,7 @@ class Collector:
             self.cursor += 1
             if g.key not in self.groups:  # a tiny dataset can wrap within one tag: skip the repeat
                 break
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.keys.run_groups(self.cfg.run_id), g.key, g.record())
-        pipe.set(self.keys.run_cursor(self.cfg.run_id), self.cursor)
-        pipe.execute()
+        self._record(g)
         self.groups[g.key] = g
         self.enqueued += 1
         self._publish_tasks(g, range(self.cfg.rollout.group_size))
@@ -327,13 +324,18 @@ class Collector:
     def republish(self) -> None:
         """Publish the missing samples' tasks again: a no-op while Redis still has them (idempotent ids), the
         recovery when Redis restarted without persistence and lost them."""
-        for g in self.open_groups():
-            missing = [j for j in range(self.cfg.rollout.group_size) if j not in g.samples]
-            self._publish_tasks(g, missing)
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(self.keys.run_groups(self.cfg.run_id), g.key, g.record())
-            pipe.set(self.keys.run_cursor(self.cfg.run_id), self.cursor)
-            pipe.execute()
+        groups = self.open_groups()
+        for g in groups:
+            self._publish_tasks(g, [j for j in range(self.cfg.rollout.group_size) if j not in g.samples])
+        self._record(*groups)
+
+    def _record(self, *groups: Group) -> None:
+        """Write `groups` and the cursor to the ledger, in one transaction (before their tasks are published)."""
+        pipe = self.redis.pipeline(transaction=True)
+        if groups:
+            pipe.hset(self.keys.run_groups(self.cfg.run_id), mapping={g.key: g.record() for g in groups})
+        pipe.set(self.keys.run_cursor(self.cfg.run_id), self.cursor)
+        pipe.execute()
 
     def _route(self, d, step: int, version: int) -> None:
         msg: ScoredMessage = d.message
@@ -345,15 +347,10 @@ class Collector:
             self.counts["late" if t.run_id == self.cfg.run_id else "other_run"] += 1
             self.queue.ack(self.keys.scored, self.group_name, d.entry_id)  # nobody will train it
             return
-        reason = check_scored(msg, self.vocab_size, self.cfg.rollout.max_new_tokens)
+        reason = check_scored(msg, self.vocab_size, self.cfg.rollout.max_new_tokens, version)
         if reason is not None:
             self.counts["rejected"] += 1
             self.queue.reject(d, self.group_name, reason)  # the dead-letter watch re-samples it
-            return
-        if msg.rollout.policy_version > version:
-            self.counts["rejected"] += 1  # weights this trainer never had (another run's registry): never trainable
-            reason = f"generated with weights v{msg.rollout.policy_version}, newer than the trainer's v{version}"
-            self.queue.reject(d, self.group_name, reason)
             return
         if msg.rollout.policy_version < version - self.k:
             self.counts["stale"] += 1  # too old for the bound: sample it again with the current weights
@@ -372,17 +369,20 @@ class Collector:
         self.seq += 1
         self.completed.append(g)
         if g.verdict != "kept":
-            self.counts[g.verdict] += 1
-            self.finished.append(g)
-            del self.groups[g.key]
+            self._drop(g, g.verdict)
+
+    def _drop(self, g: Group, verdict: str) -> None:
+        """Give `g` up (counted under `verdict`): it leaves the buffer now, its entries are acked at the next
+        `finish_step`, after the checkpoint."""
+        g.verdict = verdict
+        self.counts[verdict] += 1
+        self.finished.append(g)
+        del self.groups[g.key]
 
     def _resample(self, g: Group, sample: int, attempt: int) -> None:
         if attempt >= MAX_ATTEMPTS:
             log.warning("group %s: sample %d failed %d times; dropping the group", g.key, sample, attempt)
-            g.verdict = "dead_lettered"
-            self.counts["dead_lettered"] += 1
-            self.finished.append(g)
-            del self.groups[g.key]
+            self._drop(g, "dead_lettered")
             return
         g.attempts[sample] = attempt
         self._publish_tasks(g, [sample])
@@ -421,10 +421,7 @@ class Collector:
         for g in trained:
             self.groups.pop(g.key, None)
         for g in [g for g in self.groups.values() if g.tag < next_step]:
-            self.counts["expired"] += 1  # a kept group beyond the batch, or one still collecting: never trained
-            g.verdict = "expired"
-            self.finished.append(g)
-            del self.groups[g.key]
+            self._drop(g, "expired")  # a kept group beyond the batch, or one still collecting: never trained
         done = [*trained, *self.finished]
         entry_ids = [e for g in done for e in g.entry_ids]
         pipe = self.redis.pipeline(transaction=True)

@@ -76,6 +76,7 @@ class Driver:
         self.stop = threading.Event()
         self.waiting = "starting"
         self.history: list[dict] = []
+        self._busy_prev: dict[str, tuple[float, float]] = {}  # worker -> (busy_s, up_s) at the last step
         self.lease = None
         if self.main:  # one consumer per trainer, however many processes train
             self._connect()  # the lease first: nothing in the output folder is touched while another trainer runs
@@ -313,7 +314,7 @@ class Driver:
     def _worker_busy(self) -> dict[str, float]:
         """Each kind's busy fraction since the last step, from the workers' heartbeats (cumulative busy seconds)."""
         now = {wid: w for wid, w in self.registry.live_workers().items() if "busy_s" in (w.get("info") or {})}
-        prev = getattr(self, "_busy_prev", {})
+        prev = self._busy_prev
         self._busy_prev = {wid: (w["info"]["busy_s"], w["info"]["up_s"]) for wid, w in now.items()}
         out: dict[str, list[float]] = {}
         for wid, w in now.items():
@@ -369,16 +370,16 @@ class Driver:
             log.warning("could not write the trainer status: %s", e)
 
     def status(self) -> dict:
-        c = getattr(self, "collector", None)
+        c = self.collector
         return {
             "run_id": self.cfg.run_id,
-            "step": self.trainer.state.step if hasattr(self, "trainer") else 0,
-            "policy_version": self.trainer.state.policy_version if hasattr(self, "trainer") else 0,
+            "step": self.trainer.state.step,
+            "policy_version": self.trainer.state.policy_version,
             "max_staleness": self.cfg.max_staleness,
             "waiting": self.waiting,
-            "groups_buffered": c.buffered() if c else 0,
-            "groups_open": len(c.open_groups()) if c else 0,
-            "samples_in_flight": c.in_flight() if c else 0,
+            "groups_buffered": c.buffered(),
+            "groups_open": len(c.open_groups()),
+            "samples_in_flight": c.in_flight(),
             "last": self.history[-1] if self.history else None,
         }
 
