@@ -157,6 +157,23 @@ def describe_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def brief_error(err: Exception) -> str:
+    """One line for an error that may echo a huge or secret input: per bad field (at most 5) its location and
+    message without the input, else the exception's message cut to 1,000 characters (dead-letter reasons, 422s).
+
+    >>> try:
+    ...     ScoreItem(id="", response="x")
+    ... except ValidationError as e:
+    ...     print(brief_error(e))
+    id: String should have at least 1 character
+    """
+    if isinstance(err, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors()[:5]
+        )
+    return str(err)[:1000]
+
+
 # --------------------------------------------------------------------------- reward service
 
 

@@ -14,22 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from pydantic import ValidationError
-
 from services.reward.scoring import item_from_rollout, score_items
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
-from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem, WorkerKind, describe_validation_error
+from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem, WorkerKind, brief_error
 from shared.queue import Delivery
 from shared.worker import StreamWorker
 
 log = logging.getLogger("gtpo.reward.worker")
-
-
-def reason_of(err: Exception) -> str:
-    """One line for the dead-letter reason: pydantic's field-by-field message, else the exception's."""
-    text = describe_validation_error(err) if isinstance(err, ValidationError) else f"{type(err).__name__}: {err}"
-    return text.replace("\n", "; ")[:1000]
 
 
 class RewardWorker(StreamWorker):
@@ -52,7 +44,7 @@ class RewardWorker(StreamWorker):
             try:
                 batch.append((d, item_from_rollout(task.task_id, d.message.rollout, task.reference)))
             except Exception as e:  # built from this entry alone: whatever fails is the entry's fault
-                self.queue.reject(d, self.keys.reward_group, f"cannot be scored: {reason_of(e)}")
+                self.queue.reject(d, self.keys.reward_group, f"cannot be scored: {brief_error(e)}")
         with self.busy():
             results = score_items([item for _, item in batch], self.settings.weights, self.pool)
         for (d, _), res in zip(batch, results, strict=True):

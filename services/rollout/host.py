@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from services.rollout.engines import Engine, GenerationCancelled
 from services.rollout.settings import RolloutSettings
 from services.rollout.weights import Served, WeightsError, check_move, checkpoint_folder, served_shapes
@@ -67,17 +65,6 @@ def request_error(
     if not 1 <= len(prompt_ids) <= settings.max_prompt_tokens:
         return f"{field}: needs 1 to {settings.max_prompt_tokens} tokens, got {len(prompt_ids)}"
     return None
-
-
-def error_text(e: ValueError) -> str:
-    """One line per bad field (a pydantic error without its possibly huge input), or the message."""
-    if isinstance(e, ValidationError):
-        return "; ".join(_located(err["loc"], err["msg"]) for err in e.errors()[:5])
-    return str(e)[:1000]
-
-
-def _located(loc: tuple, msg: str) -> str:
-    return f"{'.'.join(map(str, loc))}: {msg}" if loc else msg
 
 
 def prompt_ids_of(body: GenerateRequest, tokenizer, settings: RolloutSettings) -> list[list[int]]:

@@ -8,9 +8,16 @@ from starlette.concurrency import run_in_threadpool
 
 from services.rollout.deps import HostDep, MetricsDep, SettingsDep, check_token
 from services.rollout.engines import GenerationCancelled
-from services.rollout.host import error_text, prompt_ids_of
+from services.rollout.host import prompt_ids_of
 from services.rollout.weights import WeightsError
-from shared.contracts import GenerateRequest, GenerateResponse, GenerationRequest, WeightsRequest, WeightsResponse
+from shared.contracts import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerationRequest,
+    WeightsRequest,
+    WeightsResponse,
+    brief_error,
+)
 from shared.http import metrics_response, until_disconnected
 
 router = APIRouter()
@@ -33,7 +40,7 @@ async def generate(body: GenerateRequest, request: Request, host: HostDep, setti
     except GenerationCancelled:
         return Response(status_code=CLIENT_CLOSED)
     except ValueError as e:  # the message names the field: token ids outside the vocabulary, settings, limits
-        raise HTTPException(422, error_text(e)) from e
+        raise HTTPException(422, brief_error(e)) from e
     result = GenerateResponse(rollouts=out, policy_version=out[0][0].policy_version)
     return Response(result.model_dump_json(), media_type="application/json")
 

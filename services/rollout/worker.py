@@ -21,10 +21,18 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from services.rollout.engines import GenerationCancelled
-from services.rollout.host import EngineHost, error_text, request_error
+from services.rollout.host import EngineHost, request_error
 from services.rollout.settings import RolloutSettings
 from services.rollout.weights import WeightsError
-from shared.contracts import GenerationRequest, Rollout, RolloutMessage, ScoreItem, TaskMessage, WorkerKind
+from shared.contracts import (
+    GenerationRequest,
+    Rollout,
+    RolloutMessage,
+    ScoreItem,
+    TaskMessage,
+    WorkerKind,
+    brief_error,
+)
 from shared.queue import Delivery
 from shared.worker import StreamWorker
 
@@ -44,14 +52,14 @@ def task_error(task: TaskMessage, settings: RolloutSettings) -> str | None:
     try:
         GenerationRequest(prompt_ids=task.prompt_ids, params=task.params)
     except ValidationError as e:
-        return error_text(e)
+        return brief_error(e)
     reason = request_error(task.prompt_ids, task.params, settings, "prompt_ids")
     if reason is not None:
         return reason
     try:  # what the reward stage builds from it (services/reward/worker.py): refused there, it would fail there
         ScoreItem(id=task.task_id, response="", reference=task.reference)
     except ValidationError as e:
-        return f"the reward stage would refuse it as a ScoreItem ({error_text(e)}; from task_id / reference)"
+        return f"the reward stage would refuse it as a ScoreItem ({brief_error(e)}; from task_id / reference)"
     return None
 
 
@@ -137,7 +145,7 @@ class RolloutWorker(StreamWorker):
         except GenerationCancelled:
             return 0
         except ValueError as e:  # the engine refuses this task (its ids, its settings): it always will
-            self.queue.reject(d, self.keys.rollout_group, f"cannot be generated: {error_text(e)}")
+            self.queue.reject(d, self.keys.rollout_group, f"cannot be generated: {brief_error(e)}")
             return 1
         except Exception:  # not the task's fault (a device error...): redelivered later, dead after max_deliveries
             log.exception("%s: task %s failed; left pending", self.id, d.message.task_id)
