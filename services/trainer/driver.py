@@ -162,7 +162,7 @@ class Driver:
         multi-node trainer is one consumer, not one per rank.
         """
         t0 = time.monotonic()
-        step = self.trainer.state.step
+        step, version = self.trainer.state.step, self.trainer.state.policy_version
         batch: list[Group] = []
         payload = None
         if self.main:
@@ -175,16 +175,14 @@ class Driver:
             metrics = self.trainer.rl_step(groups, rewards, extra["rollouts"], correct, write=False)
         t2 = time.monotonic()
         state = self.trainer.state
-        state.data_cursor = int(extra["data_cursor"])
-        state.extra["collector"] = extra["collector"]
-        if self.main:  # refills enqueued while training moved the cursor on
+        if self.main:  # only the main process writes the checkpoint; read after training (refills moved the cursor)
             state.data_cursor = self.collector.cursor
             state.extra["collector"] = self.collector.resume_record(batch)
         metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1)
         state.extra["metrics"] = metrics  # a crash between the checkpoint and the metrics row loses no row
         if self.main:
             self.lease.check()
-            self._record_trained(step, batch)
+            self._record_trained(step, version, batch)
         self.waiting = "checkpointing"
         path = self.trainer.save()
         if self.main:
@@ -197,7 +195,8 @@ class Driver:
             with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             timings = {"wait": t1 - t0, "train": t2 - t1, "checkpoint": metrics["time_checkpoint_s"]}
-            self.metrics.observe_step(timings, extra["staleness"])
+            staleness = [version - m.rollout.policy_version for g in batch for m in g.samples.values()]
+            self.metrics.observe_step(timings, staleness)
         self.history.append(metrics)
         self.waiting = ""
         return metrics
@@ -287,7 +286,7 @@ class Driver:
     def _payload(self, batch: list[Group]) -> str:
         """The batch's rollouts, rewards, accuracy verdicts and the step's collection metrics, as JSON for the
         broadcast (every rank trains on the same batch)."""
-        c, state, size = self.collector, self.trainer.state, self.cfg.rollout.group_size
+        c, size = self.collector, self.cfg.rollout.group_size
         groups, rewards, correct = [], [], []
         for g in batch:
             ordered = [g.samples[i] for i in range(size)]
@@ -296,7 +295,6 @@ class Driver:
             if self.cfg.loss.floor_correct and any("accuracy" not in m.score.components for m in ordered):
                 raise RuntimeError("loss.floor_correct: the reward service sent no accuracy component; weigh it")
             correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
-        staleness = [state.policy_version - m.rollout.policy_version for g in batch for m in g.samples.values()]
         rollouts = rollout_metrics([m for g in c.completed for m in g.samples.values()])
         rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale")})
         rollouts.update(
@@ -307,8 +305,7 @@ class Driver:
         )  # fmt: skip
         return json.dumps({
             "groups": groups, "rewards": rewards, "correct": correct,
-            "extra": {"rollouts": rollouts, "data_cursor": c.cursor, "collector": c.resume_record(batch),
-                      "staleness": staleness},
+            "extra": {"rollouts": rollouts},
         })  # fmt: skip
 
     def _worker_busy(self) -> dict[str, float]:
@@ -350,10 +347,9 @@ class Driver:
 
         publish(self.registry, version, self.cfg.rollout_urls, self.cfg.api_token)
 
-    def _record_trained(self, step: int, batch: list[Group]) -> None:
-        """Append the step's trained groups to trained_groups.jsonl (the audit trail; a resume drops the rows of
-        steps that never reached their checkpoint)."""
-        version = self.trainer.state.policy_version
+    def _record_trained(self, step: int, version: int, batch: list[Group]) -> None:
+        """Append the step's trained groups, trained at policy `version`, to trained_groups.jsonl (the audit trail;
+        a resume drops the rows of steps that never reached their checkpoint)."""
         with (self.cfg.output_dir / "trained_groups.jsonl").open("a") as f:
             for g in batch:
                 msgs = g.samples.values()
