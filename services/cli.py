@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
 from shared.prompts import PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
 
 app = typer.Typer(
@@ -361,9 +362,15 @@ def eval_cmd(
 def demo_cmd(
     ctx: typer.Context,
     speed: bool = typer.Option(
-        False,
-        "--speed",
-        help="also run GTPO with spread rollout thresholds, and with spread + the speed reward, from the same SFT model",
+        False, "--speed", help="also run the speed arms of --speed-method from the same SFT model, against GTPO"
+    ),
+    speed_method: str = typer.Option(
+        None,
+        "--speed-method",
+        help=f"speed arms, comma-separated: {'|'.join(SPEED_METHODS)} (default: {DEFAULT_SPEED_METHOD})",
+    ),
+    reuse: bool = typer.Option(
+        False, "--reuse", help="skip the stages --out already finished with the same settings (SFT, evaluated arms)"
     ),
     overlap: bool = typer.Option(
         False,
@@ -378,15 +385,17 @@ def demo_cmd(
 
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
-    from services.demo import DemoConfig, run_demo
+    from services.demo import DemoConfig, ReuseError, run_demo
     from shared.tasks import TaskError
 
     overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}",
-                 f"overlap={str(overlap).lower()}"]  # fmt: skip
+                 f"overlap={str(overlap).lower()}", f"reuse={str(reuse).lower()}"]  # fmt: skip
+    if speed_method is not None:
+        overrides.append(f"speed_method={speed_method}")
     cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=False, environ={})
     try:
         run_demo(cfg)
-    except TaskError as e:
+    except (TaskError, ReuseError) as e:
         raise _fail("demo", str(e)) from None
 
 

@@ -98,3 +98,35 @@ def plot_timing(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Pat
 def plot_rl(metrics: dict[str, Path], out: Path, title: str = "GTPO") -> Path:
     """Write the RL curves of one or more runs (label -> metrics.jsonl) as a PNG."""
     return _save(rl_figure({name: read_metrics(path) for name, path in metrics.items()}, title), out)
+
+
+def pareto_figure(points: list[dict], title: str = "speed against accuracy"):
+    """Held-out accuracy (avg@k) against tokens per denoising step, one labelled point per arm; the Pareto front
+    (arms no other arm beats on both) is joined by a line. `points`: dicts with label, tokens_per_step, avg_at_k
+    and pareto (`services.demo.pareto_points`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    for p in points:
+        ax.scatter([p["tokens_per_step"]], [100 * p["avg_at_k"]], s=36, label=p["label"],
+                   marker="o" if p["pareto"] else "x")  # fmt: skip
+        ax.annotate(p["label"], (p["tokens_per_step"], 100 * p["avg_at_k"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    front = sorted((p["tokens_per_step"], 100 * p["avg_at_k"]) for p in points if p["pareto"])
+    if len(front) > 1:
+        ax.plot(*zip(*front, strict=True), "--", color="grey", linewidth=1, label="Pareto front")
+    ax.set_xlabel("tokens per denoising step")
+    ax.set_ylabel("held-out avg@k (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(points: list[dict], out: Path, title: str = "speed against accuracy") -> Path:
+    """Write `pareto_figure` as a PNG."""
+    return _save(pareto_figure(points, title), out)

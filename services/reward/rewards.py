@@ -266,6 +266,24 @@ def speed_penalty(item: ScoreItem, correct: bool | None) -> float:
     return 0.5 if ok else cosfn(u, T, -0.5, 0.0)
 
 
+def speed_gated(item: ScoreItem, correct: bool | None) -> float:
+    """Speed for a correct answer only: `speed`'s correct branch rescaled to [0, 1] (0 at one token per step,
+    1.0 at a whole block per step, the same cosine in `u / T`); 0.0 for a wrong or truncated answer, however fast.
+
+    DiRL's `speed` scores a wrong answer 0 when slow and down to -0.5 when fast, so on a mostly-wrong model it
+    favours slow wrong answers; here a wrong answer's speed carries no signal at all. The gate is `accuracy`'s
+    (a truncated response is not correct), read from the same verdict of the same scoring call.
+
+    >>> fast = ScoreItem(id="a", response="", token_count=8, steps=2, block_size=4)
+    >>> slow = ScoreItem(id="a", response="", token_count=8, steps=8, block_size=4)
+    >>> speed_gated(fast, True), speed_gated(slow, True), speed_gated(fast, False)
+    (1.0, 0.0, 0.0)
+    """
+    ok = accuracy(item, _need_verdict("speed_gated", correct))
+    u, T = _speed_u(item)  # also for a wrong answer: a step count that cannot be read is an error, not a 0
+    return cosfn(u, T, 1.0, 0.0) if ok else 0.0
+
+
 REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy,
     "format": format_reward,
@@ -275,6 +293,7 @@ REWARDS: dict[str, RewardFn] = {
     "repetition": repetition,
     "speed": speed,
     "speed_penalty": speed_penalty,
+    "speed_gated": speed_gated,
 }
 
-NEEDS_VERDICT: frozenset[str] = frozenset({"accuracy", "cosine", "speed", "speed_penalty"})
+NEEDS_VERDICT: frozenset[str] = frozenset({"accuracy", "cosine", "speed", "speed_penalty", "speed_gated"})

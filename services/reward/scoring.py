@@ -51,7 +51,7 @@ def check_weights(weights: Mapping[str, float]) -> None:
     >>> check_weights({"accuracy": 1.0, "lenght": 0.5})
     Traceback (most recent call last):
     ...
-    ValueError: weights: unknown reward 'lenght'; known: accuracy, boxed, cosine, format, repetition, soft_overlong, speed, speed_penalty
+    ValueError: weights: unknown reward 'lenght'; known: accuracy, boxed, cosine, format, repetition, soft_overlong, speed, speed_gated, speed_penalty
     """
     if not weights:
         raise ValueError("weights: name at least one reward")

@@ -25,10 +25,11 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.trainer.config import RLConfig
-from services.trainer.objective import filter_groups
+from services.trainer.objective import filter_component_groups, filter_groups
 from shared.contracts import SamplingParams, ScoredMessage, TaskMessage
 from shared.prompts import encode_prompt
 
@@ -127,15 +128,24 @@ class Group:
         return cls(int(d["tag"]), int(d["prompt_index"]), int(d["cursor"]), int(d["version"]))
 
 
-def verdict_of(samples: list[ScoredMessage], dynamic_sampling: bool) -> str:
+def verdict_of(samples: list[ScoredMessage], dynamic_sampling: bool,
+               component_weights: Mapping[str, float] | None = None) -> str:  # fmt: skip
     """What a complete group is worth: "kept", or why it is dropped (the one place that drops groups).
 
     An unverifiable reward is not a zero (do not train on it); a group whose rewards all agree has no signal.
+    With `component_weights` (`loss.reward_norm: per_component`), "agree" means every weighted component agrees:
+    the group is dropped exactly when its advantages would all be 0 (`filter_component_groups`).
     """
     if any(m.score.status != "ok" for m in samples):
         return "reward_error"
-    if dynamic_sampling and not filter_groups([[m.score.total for m in samples]])[0][0]:
-        return "zero_variance"
+    if dynamic_sampling and component_weights is None:
+        if not filter_groups([[m.score.total for m in samples]])[0][0]:
+            return "zero_variance"
+    elif dynamic_sampling:
+        names = sorted(component_weights)
+        table = [[m.score.components.get(n, 0.0) for n in names] for m in samples]
+        if not filter_component_groups([table], [component_weights[n] for n in names])[0][0]:
+            return "zero_variance"
     return "kept"
 
 
@@ -364,7 +374,8 @@ class Collector:
 
     def _close(self, g: Group) -> None:
         ordered = [g.samples[i] for i in range(self.cfg.rollout.group_size)]
-        g.verdict = verdict_of(ordered, self.cfg.dynamic_sampling)
+        per_component = self.cfg.loss.reward_norm == "per_component"
+        g.verdict = verdict_of(ordered, self.cfg.dynamic_sampling, self.cfg.reward_weights if per_component else None)
         g.done = self.seq
         self.seq += 1
         self.completed.append(g)

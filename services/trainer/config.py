@@ -51,6 +51,14 @@ class LossConfig(BaseModel):
     log_ratio_clamp: float = Field(
         10.0, gt=0.0, description="clamp of log(pi_theta / pi_prox) before exp, so one stale token cannot overflow"
     )
+    reward_norm: Literal["total", "per_component"] = Field(
+        "total",
+        description="total: the group normalises each response's total reward (GRPO). per_component (LightningRL): "
+        "each raw reward component is normalised within its group on its own (z-score, or mean-centred under "
+        "advantage: mean; a component constant in the group gives 0), then the components are summed with the "
+        "reward_weights, which must be the weights the reward service scored with (the trainer checks each total). "
+        "A group is then dropped by dynamic sampling only if no weighted component varies in it",
+    )
 
 
 class OptimConfig(BaseModel):

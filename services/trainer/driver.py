@@ -168,11 +168,12 @@ class Driver:
         if self.main:
             batch = self._collect_step()
             payload = self._payload(batch)
-        groups, rewards, correct, extra = decode_batch(broadcast_text(self.trainer.accelerator, payload))
+        groups, rewards, correct, extra, components = decode_batch(broadcast_text(self.trainer.accelerator, payload))
         t1 = time.monotonic()
         self.waiting = "training"
         with self._collecting_meanwhile():
-            metrics = self.trainer.rl_step(groups, rewards, extra["rollouts"], correct, write=False)
+            metrics = self.trainer.rl_step(groups, rewards, extra["rollouts"], correct, write=False,
+                                           components=components, reward_weights=self.cfg.reward_weights)  # fmt: skip
         t2 = time.monotonic()
         state = self.trainer.state
         if self.main:  # only the main process writes the checkpoint; read after training (refills moved the cursor)
@@ -287,11 +288,12 @@ class Driver:
         """The batch's rollouts, rewards, accuracy verdicts and the step's collection metrics, as JSON for the
         broadcast (every rank trains on the same batch)."""
         c, size = self.collector, self.cfg.rollout.group_size
-        groups, rewards, correct = [], [], []
+        groups, rewards, correct, components = [], [], [], []
         for g in batch:
             ordered = [g.samples[i] for i in range(size)]
             groups.append([m.rollout.model_dump(mode="json") for m in ordered])
             rewards.append([m.score.total for m in ordered])
+            components.append([m.score.components for m in ordered])
             if self.cfg.loss.floor_correct and any("accuracy" not in m.score.components for m in ordered):
                 raise RuntimeError("loss.floor_correct: the reward service sent no accuracy component; weigh it")
             correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
@@ -304,7 +306,7 @@ class Driver:
             **self._worker_busy(),
         )  # fmt: skip
         return json.dumps({
-            "groups": groups, "rewards": rewards, "correct": correct,
+            "groups": groups, "rewards": rewards, "correct": correct, "components": components,
             "extra": {"rollouts": rollouts},
         })  # fmt: skip
 
@@ -395,13 +397,14 @@ def broadcast_text(accelerator, text: str | None) -> str:
     return box[0]
 
 
-def decode_batch(text: str) -> tuple[list[list], list[list[float]], list[list[bool]], dict]:
-    """Rollouts, rewards, accuracy verdicts (grouped alike) and the step's extra values."""
+def decode_batch(text: str) -> tuple[list[list], list[list[float]], list[list[bool]], dict, list[list[dict]]]:
+    """Rollouts, rewards, accuracy verdicts, the step's extra values and the raw reward components (grouped like
+    the rewards)."""
     from shared.contracts import Rollout
 
     data = json.loads(text)
     groups = [[Rollout.model_validate(r) for r in g] for g in data["groups"]]
-    return groups, data["rewards"], data["correct"], data["extra"]
+    return groups, data["rewards"], data["correct"], data["extra"], data["components"]
 
 
 def keep_rows(path: Path, keep) -> None:

@@ -16,7 +16,7 @@ engine == trainer); the decoupled one (AReaL) corrects for the difference with a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,45 @@ def group_advantages(rewards: Tensor, mode: str = "zscore", eps: float = 1e-6) -
     if mode == "mean":
         return centred
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def component_advantages(
+    components: Tensor, weights: Tensor, mode: str = "zscore", eps: float = 1e-6, atol: float = 1e-9
+) -> Tensor:
+    """Per-component normalisation (LightningRL): each reward component is normalised within its group on its
+    own, then the weighted normalised components are summed into the advantage.
+
+    ``A[g, i] = sum_c weights[c] * group_advantages(components[:, :, c], mode)[g, i]``, except that a component
+    whose values in a group are all equal (within ``atol``) contributes exactly 0 there. Under ``total`` a rare,
+    wide-ranged component (a speed reward on a mostly-wrong model) can swamp or be swamped by the others; here
+    each component that varies in a group moves the advantage by about its weight, whatever its scale.
+
+    Args:
+        components: (G, n, C) *raw* (unweighted) reward components, as ``ScoreResult.components`` carries them.
+        weights: (C,) the reward weights, in the same component order.
+        mode: "zscore" or "mean", as ``group_advantages``.
+        eps: as ``group_advantages``.
+        atol: a component whose max - min in a group is at most this contributes 0 to that group.
+
+    Returns:
+        (G, n) advantages, in the dtype of ``components`` (at least float32). n == 1 gives 0.
+
+    >>> c = torch.tensor([[[1.0, 1.0], [1.0, 0.5], [0.0, 0.0], [0.0, 0.5]]])  # (1, 4, 2): accuracy, speed
+    >>> component_advantages(c, torch.tensor([1.0, 1.0]), "mean").tolist()  # [.5, .5, -.5, -.5] + [.5, 0, -.5, 0]
+    [[1.0, 0.5, -1.0, -0.5]]
+    """
+    if components.dim() != 3 or weights.shape != components.shape[2:]:
+        raise ValueError(
+            f"components must be (G, n, C) and weights (C,), got {tuple(components.shape)} and {tuple(weights.shape)}"
+        )
+    components = components if components.is_floating_point() else components.float()
+    g, n, c = components.shape
+    flat = components.permute(0, 2, 1).reshape(g * c, n)  # one row per (group, component)
+    adv = group_advantages(flat, mode, eps)
+    varies = (flat.amax(dim=1, keepdim=True) - flat.amin(dim=1, keepdim=True)) > atol if n else flat.new_zeros(0)
+    # exactly 0, not the rounding error of (x - mean) / eps, for a component that is constant in the group
+    adv = torch.where(varies, adv, torch.zeros_like(adv)).reshape(g, c, n)
+    return torch.einsum("gcn,c->gn", adv, weights.to(adv.dtype))
 
 
 def floor_correct(adv: Tensor, correct: Tensor) -> Tensor:
@@ -427,3 +466,102 @@ def filter_groups(rewards: list[list[float]], atol: float = 1e-9) -> tuple[list[
         same_values=same_values,
     )
     return keep, stats
+
+
+def filter_component_groups(
+    components: list[list[list[float]]], weights: Sequence[float], atol: float = 1e-9
+) -> tuple[list[bool], GroupFilterStats]:
+    """Dynamic sampling under ``reward_norm: per_component``: drop a group only if no weighted component varies.
+
+    The rule is the same as ``filter_groups``'s, "drop a group exactly when all its advantages are 0", applied to
+    ``component_advantages``: a group whose totals agree can still carry signal when its components do not (two
+    weighted components that cancel), and a component of weight 0 varying alone carries none.
+
+    Args:
+        components: per group, per response, the raw components in the order of ``weights``.
+        weights: (C,) the reward weights.
+        atol: as ``filter_groups``.
+
+    Returns:
+        keep, stats as ``filter_groups``; ``same_values`` are the weighted totals of the dropped all-same groups.
+
+    >>> all_right_speeds_differ, all_wrong = [[1.0, 0.2], [1.0, 0.7]], [[0.0, 0.0], [0.0, 0.0]]
+    >>> filter_component_groups([all_right_speeds_differ, all_wrong], [1.0, 0.5])[0]
+    [True, False]
+    >>> filter_component_groups([all_right_speeds_differ], [1.0, 0.0])[0]  # only a weight-0 component varies
+    [False]
+    """
+    keep: list[bool] = []
+    all_same = too_small = 0
+    same_values: list[float] = []
+    for g, group in enumerate(components):
+        if any(len(r) != len(weights) for r in group):
+            raise ValueError(f"components[{g}]: need {len(weights)} components per response, like the weights")
+        if not all(math.isfinite(v) for r in group for v in r):
+            raise ValueError(f"components[{g}] has a non-finite component: {group}")
+        if len(group) < 2:
+            too_small += 1
+            keep.append(False)
+            continue
+        weighted = [c for c, w in enumerate(weights) if w != 0]
+        if any(max(r[c] for r in group) - min(r[c] for r in group) > atol for c in weighted):
+            keep.append(True)
+        else:
+            all_same += 1
+            same_values.append(math.fsum(w * v for w, v in zip(weights, group[0], strict=True)))
+            keep.append(False)
+    stats = GroupFilterStats(groups=len(components), kept=sum(keep), dropped_all_same=all_same,
+                             dropped_too_small=too_small, same_values=same_values)  # fmt: skip
+    return keep, stats
+
+
+def component_table(
+    rewards: Sequence[Sequence[float]],
+    components: Sequence[Sequence[Mapping[str, float]]] | None,
+    weights: Mapping[str, float] | None,
+    rtol: float = 1e-6,
+) -> tuple[list[str], list[list[list[float]]]]:
+    """The raw components of every response as (G, n, C) lists, in a fixed order of the reward names, after
+    checking that they are the ones the totals were scored from.
+
+    ``ScoreResult.components`` are *raw* (unweighted) rewards and ``total = sum_c w_c * component_c``; a total
+    that is not that sum means the reward service weighs with other weights than the trainer was given, and
+    per-component advantages would silently use the wrong ones.
+
+    Args:
+        rewards: per group, each response's total.
+        components: per group, each response's components (name -> raw value).
+        weights: reward name -> weight (``RLConfig.reward_weights``).
+        rtol: relative tolerance of the total check.
+
+    Returns:
+        names: the reward names, sorted; the C axis of the table.
+        table: per group, per response, the components in ``names`` order.
+
+    Raises:
+        ValueError: components missing, not grouped like the rewards, other names than the weights', or totals
+            that are not their weighted sum.
+
+    >>> component_table([[1.5, 0.0]], [[{"accuracy": 1.0, "speed": 0.5}, {"accuracy": 0.0, "speed": 0.0}]],
+    ...                 {"speed": 1.0, "accuracy": 1.0})
+    (['accuracy', 'speed'], [[[1.0, 0.5], [0.0, 0.0]]])
+    """
+    if components is None or weights is None:
+        raise ValueError("loss.reward_norm=per_component: needs every response's reward components and the weights")
+    if [len(c) for c in components] != [len(r) for r in rewards]:
+        raise ValueError("components: need one component set per rollout, grouped like the rewards")
+    names = sorted(weights)
+    table: list[list[list[float]]] = []
+    for g, (group, totals) in enumerate(zip(components, rewards, strict=True)):
+        rows = []
+        for i, (comp, total) in enumerate(zip(group, totals, strict=True)):
+            if set(comp) != set(names):
+                raise ValueError(f"components[{g}][{i}]: scored with {sorted(comp)}, but reward_weights name {names}")
+            row = [float(comp[n]) for n in names]
+            expected = math.fsum(weights[n] * v for n, v in zip(names, row, strict=True))
+            if abs(expected - total) > rtol * max(1.0, abs(total)):
+                raise ValueError(f"components[{g}][{i}]: the total {total} is not the reward_weights' sum {expected} "
+                                 f"of {comp}: the reward service weighs with other weights than {dict(weights)}")  # fmt: skip
+            rows.append(row)
+        table.append(rows)
+    return names, table

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,9 @@ from services.trainer.objective import (
     BEHAVIOUR_SUMS,
     behaviour_metrics,
     behaviour_sums,
+    component_advantages,
+    component_table,
+    filter_component_groups,
     filter_groups,
     floor_correct,
     group_advantages,
@@ -155,10 +158,14 @@ class GTPOTrainer:
         correct: Sequence[Sequence[bool]] | None = None,
         *,
         write: bool = True,
+        components: Sequence[Sequence[Mapping[str, float]]] | None = None,
+        reward_weights: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank) with `extra`.
 
         `correct` (grouped like `rewards`) is each response's accuracy verdict; `loss.floor_correct` needs it.
+        `components` (grouped alike: each response's raw `ScoreResult.components`) and the `reward_weights` they
+        were scored with are what `loss.reward_norm: per_component` normalises instead of the totals.
         Each rollout's `policy_version` is the version that sampled it: a sample from an older version than the
         trainer's makes the step recompute pi_prox (design.md section 7).
         """
@@ -178,11 +185,20 @@ class GTPOTrainer:
         # every group given is trained: which groups are worth training (dynamic sampling) is decided once, where
         # groups are collected and refilled (services.trainer.collect); a zero-variance group has advantage 0
         _, stats = filter_groups([list(map(float, r)) for r in rewards])  # refuses non-finite rewards
+        per_component = self.cfg.loss.reward_norm == "per_component"
+        if per_component:
+            names, table = component_table(rewards, components, reward_weights)
+            w = [float(reward_weights[n]) for n in names]
+            _, stats = filter_component_groups(table, w)
         items: list[WorkItem] = []
         for i, (group, rew) in enumerate(zip(groups, rewards, strict=True)):
             if not group:
                 continue
-            adv = group_advantages(torch.tensor([list(rew)], dtype=torch.float64), self.cfg.loss.advantage)
+            if per_component:
+                comp = torch.tensor([table[i]], dtype=torch.float64)
+                adv = component_advantages(comp, torch.tensor(w, dtype=torch.float64), self.cfg.loss.advantage)
+            else:
+                adv = group_advantages(torch.tensor([list(rew)], dtype=torch.float64), self.cfg.loss.advantage)
             if self.cfg.loss.floor_correct:
                 adv = floor_correct(adv, torch.tensor([list(correct[i])], dtype=torch.bool))
             adv = adv[0]

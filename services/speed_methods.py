@@ -1,0 +1,33 @@
+"""The demo's speed methods (`gtpo demo --speed --speed-method ...`): plain data, so the CLI can name them in its
+help without importing the demo."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class SpeedMethod(NamedTuple):
+    """How one speed arm is trained: its label, the speed reward next to accuracy (None: accuracy alone), whether
+    correct answers keep a non-negative advantage (`loss.floor_correct`) and `loss.reward_norm`."""
+
+    label: str
+    speed_reward: str | None
+    floor_correct: bool = False
+    reward_norm: str = "total"
+
+
+SPEED_METHODS: dict[str, SpeedMethod] = {
+    "spread": SpeedMethod("GTPO + spread", None),
+    "dirl": SpeedMethod("DiRL speed", "speed"),
+    "dirl_floor": SpeedMethod("DiRL speed + floor", "speed", floor_correct=True),
+    "gated": SpeedMethod("gated speed", "speed_gated"),
+    "per_component": SpeedMethod("DiRL speed, per-comp", "speed", reward_norm="per_component"),
+    "gated_pc": SpeedMethod("gated speed, per-comp", "speed_gated", reward_norm="per_component"),
+}
+"""`--speed-method` choices, each trained with the threshold spread: accuracy alone (`spread`); accuracy + DiRL's
+`speed` reward, normalised as a total (`dirl`), with correct answers' advantages floored at 0 (`dirl_floor`, the
+arm of the README's block-8 result) or normalised per component (`per_component`); accuracy + `speed_gated`, as a
+total (`gated`) or per component (`gated_pc`)."""
+
+DEFAULT_SPEED_METHOD = "gated"
+"""The method `--speed` runs unless told otherwise."""
