@@ -93,20 +93,45 @@ def test_shortened_demo_end_to_end(tmp_path):
     env.pop("REDIS_URL", None)  # the demo's embedded default
     args = ["sft_steps=4", "sft_batch=8", "rl_steps=2", "prompts_per_step=2", "group_size=2", "eval_k=1",
             "n_train=40", "n_test=4", "max_new_tokens=8"]  # fmt: skip
-    res = subprocess.run([sys.executable, "-m", "services", "demo", "--out", str(out), "--speed", *args], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    demo = [sys.executable, "-m", "services", "demo", "--out", str(out), "--speed"]
+    res = subprocess.run([*demo, "--speed-method", "spread,dirl_floor", *args], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert {"sft", "gtpo", "gtpo_spread", "gtpo_speed"} <= set(summary) and summary["config"]["speed"] is True
-    assert summary["sft"]["questions"] == 4 and 0 <= summary["gtpo_speed"]["boxed_rate"] <= 1
-    assert (out / "rl_curves.png").stat().st_size > 10_000
-    assert (out / "rl_timing.png").stat().st_size > 10_000
+    assert {"sft", "gtpo", "gtpo_spread", "gtpo_dirl_floor"} <= set(summary) and summary["config"]["speed"] is True
+    assert summary["sft"]["questions"] == 4 and 0 <= summary["gtpo_dirl_floor"]["boxed_rate"] <= 1
+    assert [p["arm"] for p in summary["pareto"]] == ["gtpo", "gtpo_spread", "gtpo_dirl_floor"]
+    for name in ("rl_curves.png", "rl_timing.png", "speed_pareto.png"):
+        assert (out / name).stat().st_size > 10_000
     for arm, spread, weights, floor in (("rl", 0.0, {"accuracy": 1.0}, False),
                                         ("rl_spread", 0.2, {"accuracy": 1.0}, False),
-                                        ("rl_speed", 0.2, {"accuracy": 1.0, "speed": 1.0}, True)):  # fmt: skip
+                                        ("rl_dirl_floor", 0.2, {"accuracy": 1.0, "speed": 1.0}, True)):  # fmt: skip
         assert len(read_metrics(out / arm / "metrics.jsonl")) == 2
         run = yaml.safe_load((out / arm / "run.yaml").read_text())
         assert (run["rollout"]["threshold_spread"], run["reward_weights"]) == (spread, weights)
-        assert run["loss"]["floor_correct"] is floor
-    assert "+ spread + speed" in res.stdout
+        assert run["loss"]["floor_correct"] is floor and run["loss"]["reward_norm"] == "total"
+    assert "DiRL speed + floor" in res.stdout and "Pareto" in res.stdout
     assert "held-out evaluation" in res.stdout
+
+    # --reuse: everything finished is read back, nothing is trained again
+    before = {arm: (out / arm / "metrics.jsonl").stat().st_mtime_ns for arm in ("rl", "rl_dirl_floor")}
+    res = subprocess.run([*demo, "--speed-method", "dirl_floor", "--reuse", *args], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "SFT: reusing" in res.stdout and "GTPO: reusing" in res.stdout
+    assert {arm: (out / arm / "metrics.jsonl").stat().st_mtime_ns for arm in before} == before
+    summary = json.loads((out / "summary.json").read_text())
+    assert {p["arm"] for p in summary["pareto"]} == {"gtpo", "gtpo_spread", "gtpo_dirl_floor"}  # spread: found
+    # a finished stage made with other settings is refused, naming the field
+    res = subprocess.run([*demo, "--speed-method", "gated", "--reuse", *args, "rl_steps=3"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 2 and "rl_steps: 2 there, 3 now" in res.stderr, res.stderr[-2000:]
+
+
+def test_demo_names_an_unknown_speed_method(tmp_path):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--speed", "--speed-method", "gated,fast"])
+    assert res.exit_code == 2 and "unknown method 'fast'" in res.output

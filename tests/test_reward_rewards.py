@@ -30,6 +30,7 @@ def test_registry_names_and_doctests():
         "repetition",
         "speed",
         "speed_penalty",
+        "speed_gated",
     }
     assert all(">>>" in (fn.__doc__ or "") for fn in REWARDS.values())
     assert rewards.NEEDS_VERDICT <= set(REWARDS)
