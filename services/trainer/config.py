@@ -97,6 +97,18 @@ class TrainerConfig(BaseModel):
     ref_model: Path | None = Field(None, description="frozen reference for the KL term; None = the start model")
     keep_last: int = Field(3, ge=1, description="checkpoints kept")
     sft_mask_eps: float = Field(1e-3, gt=0, lt=1, description="SFT: mask rate t ~ U(eps, 1)")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer's activations in the backward instead of keeping them (about "
+        "1/3 more compute, the same gradients); `gtpo plan-memory` estimates what it saves",
+    )
+    copies_per_forward: int | None = Field(
+        None,
+        ge=1,
+        description="c: a response's R noisy copies go through forwards of at most c copies, each with the clean "
+        "sequence again (None: all R in one forward, the packed layout; 1: one forward per round). The same "
+        "log-probs and gradients; smaller c = less activation memory, more compute for the repeated clean sequence",
+    )
 
 
 class SFTConfig(TrainerConfig):

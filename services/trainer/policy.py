@@ -18,12 +18,22 @@ FLEX_BLOCK = 128  # FlexAttention's default mask block size
 class TokenLogProbs(nn.Module):
     """``forward(batch) -> (T,)`` log-probs of the labels at the batch's target positions (un-shifted logits)."""
 
-    def __init__(self, lm: nn.Module, attention: str = "sdpa"):
+    def __init__(self, lm: nn.Module, attention: str = "sdpa", checkpointing: bool = False):
         super().__init__()
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention: must be 'sdpa' or 'flex', got {attention!r}")
         if attention == "flex":
             lm.set_attn_implementation("flex_attention")
+        if checkpointing:
+            # Non-reentrant: it needs no input that requires grad (frozen embeddings under LoRA would otherwise get
+            # no gradient at all), passes the mask / BlockMask keyword through, and restores the RNG state before
+            # recomputing, so dropout draws the same masks as the first forward. Only in train mode.
+            enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns
+            kwargs = {"use_reentrant": False}
+            if enable is not None:
+                enable(kwargs)
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.lm = lm
         self.attention = attention
 

@@ -51,7 +51,7 @@ from services.trainer.objective import (
     token_weights,
 )
 from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import Trajectory, build_batch, rollout_trajectory
+from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, forward_rounds, rollout_trajectory
 from shared.contracts import Rollout
 from shared.model import LoadedModel, load_model
 
@@ -107,7 +107,7 @@ class GTPOTrainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not cuda)
         self.loaded: LoadedModel = load_model(cfg.model, device=self.accelerator.device)
         attention = cfg.attention if cfg.attention != "auto" else ("flex" if cuda else "sdpa")
-        policy = TokenLogProbs(self.loaded.model, attention=attention)
+        policy = TokenLogProbs(self.loaded.model, attention=attention, checkpointing=cfg.gradient_checkpointing)
         policy.train()
         o = cfg.optim
         optimizer = torch.optim.AdamW(
@@ -280,14 +280,16 @@ class GTPOTrainer:
         sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
         b_sums = torch.zeros(len(BEHAVIOUR_SUMS), dtype=torch.float64)
         b_max = torch.zeros(len(BEHAVIOUR_MAXES), dtype=torch.float64)
-        micro = self._micro_batches(len(chunk))
-        for j, idx in enumerate(micro):
-            last = j == len(micro) - 1
-            # gradients are all-reduced once per update, at its last micro-batch: no_sync for DDP, and the
+        # each micro-batch makes one forward + backward per group of copies_per_forward rounds
+        forwards = [(idx, rounds) for idx in self._micro_batches(len(chunk)) for rounds in self._round_groups(chunk)]
+        for j, (idx, rounds) in enumerate(forwards):
+            last = j == len(forwards) - 1
+            # gradients are all-reduced once per update, at its last backward: no_sync for DDP, and the
             # sync flag for DeepSpeed, whose engine would otherwise step the optimizer on every backward
             self.accelerator.gradient_state._set_sync_gradients(last)
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy):
-                loss, m, b = self._micro_loss(chunk, idx, prox, rl, (len(chunk), n_tokens, max_len), diagnose)
+                counts = (len(chunk), n_tokens, max_len)
+                loss, m, b = self._micro_loss(chunk, idx, prox, rl, counts, diagnose, rounds)
                 self.accelerator.backward(loss * self.world)
             sums["loss"] += m["loss"]
             sums["tokens"] += m["tokens"]
@@ -308,13 +310,35 @@ class GTPOTrainer:
         maxes = self.accelerator.gather(b_max.to(dev)).view(-1, len(BEHAVIOUR_MAXES)).max(0).values.cpu()
         return metrics, (reduced[len(sums) :], maxes)
 
-    def _micro_loss(self, chunk, idx, prox, rl, counts, diagnose) -> tuple[Tensor, dict[str, float], tuple | None]:
-        """Loss of one micro-batch, already weighted by the update's global `counts` (responses, targets, max
-        length); with `diagnose`, also its ``behaviour_sums`` (None for an empty shard)."""
-        dummy = not idx
+    def _round_groups(self, chunk: list[WorkItem]) -> list[range | None]:
+        """The rounds of each forward of a micro-batch (copies_per_forward); None: all rounds in one forward.
+
+        The count comes from the whole update's longest trajectory, known on every rank, so every rank makes the
+        same number of forwards (ZeRO-3 / FSDP gather parameters in each).
+        """
+        c = self.cfg.copies_per_forward
+        if c is None:
+            return [None]
+        return list(forward_rounds(max(len(it.trajectory.rounds) for it in chunk), c))
+
+    def _forward_batch(self, trajs: list[Trajectory], rounds: range | None) -> tuple[TrainBatch, bool]:
+        """The batch of one forward, and whether it is a stand-in: when none of `trajs` has a round in `rounds`,
+        one copy of the first trajectory, whose results the caller discards (every rank still joins)."""
+        mask_id, layout = self.loaded.spec.mask_token_id, self.cfg.layout
+        batch = build_batch(trajs, mask_id, layout, rounds=rounds)
+        stand_in = batch.input_ids.shape[0] == 0
+        if stand_in:
+            batch = build_batch(trajs[:1], mask_id, layout, rounds=range(1) if trajs[0].rounds else None)
+        return batch.to(self.accelerator.device), stand_in
+
+    def _micro_loss(
+        self, chunk, idx, prox, rl, counts, diagnose, rounds=None
+    ) -> tuple[Tensor, dict[str, float], tuple | None]:
+        """Loss of one forward of a micro-batch (its `rounds`), already weighted by the update's global `counts`
+        (responses, targets, max length); with `diagnose`, also its ``behaviour_sums`` (None for an empty shard)."""
         sel = idx or [0]  # an empty shard runs one zero-weight response so every rank joins the collectives
-        batch = build_batch([chunk[i].trajectory for i in sel], self.loaded.spec.mask_token_id, self.cfg.layout)
-        batch = batch.to(self.accelerator.device)
+        batch, stand_in = self._forward_batch([chunk[i].trajectory for i in sel], rounds)
+        dummy = not idx or stand_in
         logp = self.policy(batch)
         resp = batch.response_index
         n_resp, n_tokens, max_len = counts
@@ -363,16 +387,17 @@ class GTPOTrainer:
         self.policy.eval()
         out: list[Tensor | None] = [None] * len(items)
         for chunk in chunks:
+            group = [items[i] for i in chunk]
             for idx in self._micro_batches(len(chunk)):
                 sel = [chunk[i] for i in idx] or [chunk[0]]  # an empty shard joins on a response it discards
-                batch = build_batch([items[i].trajectory for i in sel], self.loaded.spec.mask_token_id, self.cfg.layout)
-                batch = batch.to(self.accelerator.device)
-                lp = self.policy(batch).double().cpu()
-                resp, pos = batch.response_index.cpu(), batch.token_index.cpu()
-                for k, i in enumerate(sel if idx else []):
-                    full = torch.zeros(items[i].trajectory.response_len, dtype=torch.float64)
-                    full[pos[resp == k]] = lp[resp == k]
-                    out[i] = full
+                for i in sel if idx else []:
+                    out[i] = torch.zeros(items[i].trajectory.response_len, dtype=torch.float64)
+                for rounds in self._round_groups(group):
+                    batch, stand_in = self._forward_batch([items[i].trajectory for i in sel], rounds)
+                    lp = self.policy(batch).double().cpu()
+                    resp, pos = batch.response_index.cpu(), batch.token_index.cpu()
+                    for k, i in enumerate(sel if idx and not stand_in else []):
+                        out[i][pos[resp == k]] = lp[resp == k]
         self.policy.train()
         return out
 

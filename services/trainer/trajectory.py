@@ -8,6 +8,9 @@ prompt tail in the first block is given (never masked); the tail after the cut i
 trained. Token ids are the engine's: nothing is re-tokenised.
 
 Rounds of different blocks are independent given the clean prefix, so round r of every block shares one noisy copy.
+Copies never see each other, and the clean sequence never sees a copy, so the R copies of a response may be split
+over forwards of at most c copies each (``copies_per_forward``), each forward carrying the clean sequence again: the
+log-probs and the summed gradients are those of one forward, at a fraction of its activation memory.
 """
 
 from __future__ import annotations
@@ -158,26 +161,54 @@ class TrainBatch:
         return torch.argsort(key + self.token_index, stable=True)
 
 
-def _rows_for(traj: Trajectory, mask_id: int, layout: str):
-    """(ids, positions, copies, targets per copy position) rows of one trajectory for a layout."""
-    noisy = [torch.where(r.masked, torch.full_like(traj.clean_ids, mask_id), traj.clean_ids) for r in traj.rounds]
+def forward_rounds(n_rounds: int, copies_per_forward: int | None) -> list[range]:
+    """The rounds each forward holds: consecutive groups of at most ``copies_per_forward`` (None: all in one).
+
+    >>> forward_rounds(5, 2)
+    [range(0, 2), range(2, 4), range(4, 5)]
+    >>> forward_rounds(3, None)
+    [range(0, 3)]
+    """
+    if copies_per_forward is not None and copies_per_forward < 1:
+        raise ValueError(f"copies_per_forward: must be >= 1, got {copies_per_forward}")
+    c = copies_per_forward or max(1, n_rounds)
+    return [range(i, min(i + c, n_rounds)) for i in range(0, max(1, n_rounds), c)]
+
+
+def _rows_for(traj: Trajectory, mask_id: int, layout: str, rounds: range | None = None):
+    """(layout, global round index per copy) rows of one trajectory, over ``rounds`` only (None: all rounds)."""
+    chosen = list(range(len(traj.rounds)) if rounds is None else rounds)
+    chosen = [r for r in chosen if r < len(traj.rounds)]
+    noisy = {
+        r: torch.where(traj.rounds[r].masked, torch.full_like(traj.clean_ids, mask_id), traj.clean_ids) for r in chosen
+    }
     if layout == "packed":
-        lay = packed_layout(traj.clean_ids, noisy, traj.prompt_len, traj.block_size, [r.blocks for r in traj.rounds])
-        return [(lay, list(range(len(traj.rounds))))]
+        if not chosen and rounds is not None:
+            return []  # a later forward this trajectory has no round for (without a selection: its clean row)
+        blocks = [traj.rounds[r].blocks for r in chosen]
+        lay = packed_layout(traj.clean_ids, [noisy[r] for r in chosen], traj.prompt_len, traj.block_size, blocks)
+        return [(lay, chosen)]
     if layout == "per_round":
-        return [
-            (per_round_layout(traj.clean_ids, n, traj.prompt_len, traj.block_size), [r]) for r, n in enumerate(noisy)
-        ]
+        return [(per_round_layout(traj.clean_ids, noisy[r], traj.prompt_len, traj.block_size), [r]) for r in chosen]
     raise ValueError(f"layout: must be 'packed' or 'per_round', got {layout!r}")
 
 
-def build_batch(trajectories: list[Trajectory], mask_id: int, layout: str = "packed", pad_id: int = 0) -> TrainBatch:
-    """Lay out trajectories as padded rows: one row per response (packed) or per (response, round)."""
+def build_batch(
+    trajectories: list[Trajectory], mask_id: int, layout: str = "packed", pad_id: int = 0, rounds: range | None = None
+) -> TrainBatch:
+    """Lay out trajectories as padded rows: one row per response (packed) or per (response, round).
+
+    ``rounds`` keeps only those rounds of every trajectory (one forward of ``copies_per_forward``; see
+    :func:`forward_rounds`): a packed row is then ``[clean | the copies of those rounds]``, ``round_index`` stays
+    the round's index in its trajectory and ``response_index`` the trajectory's position in ``trajectories``, so
+    the forwards of one micro-batch together hold every target once. A trajectory with none of those rounds gives
+    no row; with no row at all the batch has zero rows.
+    """
     if len({t.block_size for t in trajectories}) > 1:
         raise ValueError("trajectories: one batch needs one block size")
     rows, tgt_rows = [], []
     for resp, traj in enumerate(trajectories):
-        for lay, round_ids in _rows_for(traj, mask_id, layout):
+        for lay, round_ids in _rows_for(traj, mask_id, layout, rounds):
             tgt = []
             for copy_no, r in enumerate(round_ids, start=1):
                 rnd = traj.rounds[r]
@@ -188,7 +219,7 @@ def build_batch(trajectories: list[Trajectory], mask_id: int, layout: str = "pac
                     tgt.append((idx, int(traj.clean_ids[pos]), resp, r, pos - traj.prompt_len))
             rows.append(lay)
             tgt_rows.append(tgt)
-    width = max(len(lay) for lay in rows)
+    width = max((len(lay) for lay in rows), default=0)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     pos = torch.zeros((n, width), dtype=torch.long)
