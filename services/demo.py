@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.evaluate import EvalResult, evaluate, load_rows
+from services.trainer.config import TrackerNames
 from shared.contracts import SamplingParams
 
 
@@ -67,6 +68,9 @@ class DemoConfig(BaseModel):
         False,
         description="also run GTPO with max_staleness=1 (rollout overlaps training) from the same SFT model; both "
         "GTPO arms then run their rollout worker and trainer on one thread each, so they share the same two cores",
+    )
+    log_with: TrackerNames = Field(
+        default_factory=list, description="experiment trackers of the SFT and every GTPO run (e.g. tensorboard)"
     )
 
 
@@ -117,7 +121,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("SFT")
     sft = SFTConfig(
         model=init_dir, output_dir=out / "sft", data=data["sft"], steps=cfg.sft_steps, batch_size=cfg.sft_batch,
-        micro_batch_size=cfg.sft_batch, save_every=cfg.sft_steps, chat_template=False, seed=cfg.seed,
+        micro_batch_size=cfg.sft_batch, save_every=cfg.sft_steps, chat_template=False, seed=cfg.seed, log_with=cfg.log_with,
         optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=20, schedule="cosine", total_updates=cfg.sft_steps, min_lr_ratio=0.1),
     )  # fmt: skip
     run_sft(sft)
@@ -171,7 +175,7 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
                  "threshold_spread": arm.spread}, reward_weights=arm.weights, loss={"floor_correct": arm.floor_correct, "objective": "decoupled" if arm.max_staleness else "standard"},
         micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
         redis={"namespace": f"demo-{cfg.seed}-{arm.run_dir.name}-{int(time.time())}"}, oversample=3.0,
-        max_staleness=arm.max_staleness,
+        max_staleness=arm.max_staleness, log_with=cfg.log_with,
     )  # fmt: skip
 
     code = run_stack(rl, threads=1 if arm.one_thread else None)
