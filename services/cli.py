@@ -305,7 +305,9 @@ def status_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    dataset: str = typer.Argument(..., help="a JSON/JSONL file of {question, ground_truth_answer} or a preset"),
+    dataset: str = typer.Argument(
+        ..., help="a JSON/JSONL file, a datasets save_to_disk folder, hf:org/name[:config][:split], or a preset"
+    ),
     model: Path | None = typer.Option(
         None, "--model", help="checkpoint directory (also the tokenizer for --rollout-url)"
     ),
@@ -317,11 +319,17 @@ def eval_cmd(
     limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
     out: Path | None = typer.Option(None, "--out", help="write the result as JSON here"),
     seed: int = typer.Option(0, "--seed"),
+    question_field: str = typer.Option("question", "--question-field", help="the column of the question"),
+    answer_field: str = typer.Option("ground_truth_answer", "--answer-field", help="the column of the answer"),
+    answer_extract: str = typer.Option(
+        "none", "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
+    ),
 ) -> None:
     """Evaluate a checkpoint: avg@k, pass@k, boxed rate, length, tokens per step, truncation rate.
 
     Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
     Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
+    Hub columns: gtpo eval hf:HuggingFaceH4/MATH-500 --question-field problem --answer-field answer --model DIR
     """
     from pydantic import ValidationError
 
@@ -341,7 +349,10 @@ def eval_cmd(
     except ValidationError as e:
         raise _fail("eval", describe_error(e, SamplingParams)) from None
     try:
-        rows = load_rows(dataset)[:limit]
+        if answer_extract not in ("none", "boxed", "gsm8k"):
+            raise ValueError(f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
+        rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
+                         answer_extract=answer_extract)[:limit]  # fmt: skip
         res = evaluate(model, rows, k=k, params=params, template=template, chat=chat, rollout_url=rollout_url,
                        seed=seed)  # fmt: skip
     except (OSError, ValueError) as e:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.evaluate import EvalResult, evaluate, load_rows
 from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
+from services.trainer.config import TrackerNames
 from shared.contracts import SamplingParams
 
 
@@ -76,6 +77,9 @@ class DemoConfig(BaseModel):
         False,
         description="also run GTPO with max_staleness=1 (rollout overlaps training) from the same SFT model; both "
         "GTPO arms then run their rollout worker and trainer on one thread each, so they share the same two cores",
+    )
+    log_with: TrackerNames = Field(
+        default_factory=list, description="experiment trackers of the SFT and every GTPO run (e.g. tensorboard)"
     )
 
     @field_validator("speed_method")
@@ -204,7 +208,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             set_aside(out / "sft")
         sft = SFTConfig(
             model=init_dir, output_dir=out / "sft", data=data["sft"], steps=cfg.sft_steps, batch_size=cfg.sft_batch,
-            micro_batch_size=cfg.sft_batch, save_every=cfg.sft_steps, chat_template=False, seed=cfg.seed,
+            micro_batch_size=cfg.sft_batch, save_every=cfg.sft_steps, chat_template=False, seed=cfg.seed, log_with=cfg.log_with,
             optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=20, schedule="cosine", total_updates=cfg.sft_steps, min_lr_ratio=0.1),
         )  # fmt: skip
         run_sft(sft)
@@ -341,7 +345,7 @@ def rl_config(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm):
                  "threshold_spread": arm.spread}, reward_weights=arm.weights, loss=loss,
         micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
         redis={"namespace": f"demo-{cfg.seed}-{arm.run_dir.name}-{int(time.time())}"}, oversample=3.0,
-        max_staleness=arm.max_staleness,
+        max_staleness=arm.max_staleness, log_with=cfg.log_with,
     )  # fmt: skip
 
 

@@ -9,7 +9,6 @@ and math-verify pool as the reward service, so eval and reward never disagree.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,29 +43,24 @@ class EvalResult:
         return asdict(self)
 
 
-def load_rows(dataset: str) -> list[dict]:
-    """Rows `{question, ground_truth_answer}` from a local JSON/JSONL file or a named preset (hub)."""
-    path = Path(dataset)
-    if path.exists():
-        text = path.read_text()
-        rows = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-    elif dataset in PRESETS:
-        try:
-            import datasets  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise ValueError(f"dataset: preset {dataset} needs `pip install datasets` and network access") from e
+def load_rows(dataset: str, **columns) -> list[dict]:
+    """Rows `{question, ground_truth_answer}` of a data source (shared/data.py: a JSON / JSONL file, a `datasets`
+    save_to_disk folder, hf:org/name[:config][:split]) or a named preset (hub); a split left out is `test`.
+
+    Args:
+        columns: question_field, answer_field, answer_extract (see `shared.data.map_columns`).
+    """
+    from shared.data import HUB_PREFIX, load_qa
+
+    source = dataset
+    if dataset in PRESETS and not Path(dataset).exists():
         name, split = PRESETS[dataset]
-        rows = [dict(r) for r in datasets.load_dataset(name, split=split)]
-    else:
-        raise ValueError(f"dataset: {dataset} is neither a file nor a preset ({', '.join(PRESETS)})")
-    for i, r in enumerate(rows):
-        if "question" not in r or "ground_truth_answer" not in r:
-            raise ValueError(f"dataset: row {i} needs 'question' and 'ground_truth_answer'")
-    return rows
+        source = f"{HUB_PREFIX}{name}::{split}"
+    elif not dataset.startswith(HUB_PREFIX) and not Path(dataset.rpartition(":")[0] or dataset).exists():
+        raise ValueError(
+            f"dataset: {dataset} is neither a file, a folder, hf:org/name nor a preset ({', '.join(PRESETS)})"
+        )
+    return load_qa(source, default_split="test", **columns)
 
 
 def generate_local(engine, prompts: list[list[int]], params: SamplingParams) -> list[list[Rollout]]:

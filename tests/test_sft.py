@@ -14,10 +14,10 @@ from services.trainer.sft import (
     encode_example,
     pad_to_block,
     random_mask_item,
-    read_jsonl,
     trace_item,
 )
 from services.trainer.trainer import step_generator
+from shared.data import read_jsonl
 
 
 @pytest.mark.parametrize("module", [sft_mod, traj_mod])

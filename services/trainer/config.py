@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePath
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
 from shared.settings import RedisConfig
+
+
+def _tracker_list(value):
+    """`"tensorboard,wandb"` -> `["tensorboard", "wandb"]`: a `key=value` argument reads as one word."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def _trackers_installed(names: list[str]) -> list[str]:
+    from services.trainer.tracking import check_installed
+
+    check_installed(names)  # at load time: `gtpo up` fails before it starts any process
+    return list(dict.fromkeys(names))
+
+
+DataSource = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, PurePath) else v)]
+"""A dataset (shared/data.py): a JSON / JSONL file, a `datasets` save_to_disk folder, or hf:org/name[:config][:split];
+a Path is taken as its text, so configs written when this field was a Path still load."""
+
+TrackerNames = Annotated[
+    list[Literal["tensorboard", "wandb", "mlflow", "trackio"]],
+    BeforeValidator(_tracker_list),
+    AfterValidator(_trackers_installed),
+]
+"""Experiment trackers by name (services/trainer/tracking.py)."""
 
 
 class LossConfig(BaseModel):
@@ -109,18 +133,29 @@ class TrainerConfig(BaseModel):
         "sequence again (None: all R in one forward, the packed layout; 1: one forward per round). The same "
         "log-probs and gradients; smaller c = less activation memory, more compute for the repeated clean sequence",
     )
+    log_with: TrackerNames = Field(
+        default_factory=list,
+        description="experiment trackers that get every metrics.jsonl row and the config as hyper-parameters "
+        "(none by default; `log_with=tensorboard,wandb` works too); each needs its extra: pip install 'gtpo[wandb]'",
+    )
+    tracker_project: str = Field("gtpo", min_length=1, description="the trackers' project (W&B, trackio) or experiment")
 
 
 class SFTConfig(TrainerConfig):
     """`gtpo sft`: SDAR's random-masking objective (rows with prompt/response or messages) and trace-SFT (rows that
     carry a rollout's `token_ids` and `step_map`)."""
 
-    data: Path = Field(description="JSONL: {prompt, response} | {messages} | a rollout with step_map")
+    data: DataSource = Field(
+        description="{prompt, response} | {messages} | a rollout with step_map, as JSON / JSONL, a datasets "
+        "save_to_disk folder or hf:org/name[:config][:split]"
+    )
     steps: int = Field(100, ge=1, description="optimizer steps (x updates_per_step updates)")
     batch_size: int = Field(32, ge=1, description="responses per step, over all processes")
     save_every: int = Field(50, ge=1, description="checkpoint every this many steps (and at the end)")
     chat_template: bool = Field(True, description="wrap prompts with the tokenizer's chat template")
     max_tokens: int = Field(4096, ge=8, description="drop examples longer than this (prompt + response)")
+    prompt_field: str = Field("prompt", min_length=1, description="the column of the prompt text")
+    response_field: str = Field("response", min_length=1, description="the column of the response text")
 
 
 class RolloutSampling(BaseModel):
@@ -163,7 +198,10 @@ class RLConfig(TrainerConfig):
     """`gtpo train`: GTPO rounds through the rollout and reward services over Redis."""
 
     run_id: str = Field("run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    data: Path = Field(description="JSON list or JSONL of {question, ground_truth_answer}")
+    data: DataSource = Field(
+        description="questions and reference answers: JSON list / JSONL, a datasets save_to_disk folder, or "
+        "hf:org/name[:config][:split] (see question_field, answer_field, answer_extract)"
+    )
     prompt_template: str = Field(
         "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$.",
         description="user message; {question} is replaced",
@@ -192,6 +230,13 @@ class RLConfig(TrainerConfig):
     health_port: int | None = Field(None, ge=0, le=65535, description="/health /status /metrics; None = off")
     reward_weights: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0}, description="`gtpo up`: the reward workers' weights"
+    )
+    question_field: str = Field("question", min_length=1, description="data: the column of the question")
+    answer_field: str = Field("ground_truth_answer", min_length=1, description="data: the column of the answer")
+    answer_extract: Literal["none", "boxed", "gsm8k"] = Field(
+        "none",
+        description="data: the answer column as it is, or a solution text's last \\boxed{} (MATH-style), or what "
+        "follows its last #### (GSM8K)",
     )
 
     @model_validator(mode="after")

@@ -37,25 +37,11 @@ PREFETCH_PERIOD_S = 0.25
 """How often scored groups are read (and dropped ones refilled) while the trainer trains, with k >= 1."""
 
 
-def load_prompts(path: Path) -> list[Prompt]:
-    """A JSON list or JSONL of `{question, ground_truth_answer}` (the format of the RL datasets)."""
-    text = Path(path).read_text()
-    try:
-        rows = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-    except json.JSONDecodeError as e:
-        raise ValueError(f"data: {path} is neither a JSON list nor JSONL ({e.msg}, line {e.lineno})") from e
-    out = []
-    for i, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or "question" not in row or "ground_truth_answer" not in row:
-            raise ValueError(f"data: {path} row {i} needs 'question' and 'ground_truth_answer'")
-        out.append(Prompt(str(row["question"]), str(row["ground_truth_answer"])))
-    if not out:
-        raise ValueError(f"data: {path} has no rows")
-    return out
+def load_prompts(source, **columns) -> list[Prompt]:
+    """The RL prompts of a data source (shared/data.py); `columns`: question_field, answer_field, answer_extract."""
+    from shared.data import load_qa
+
+    return [Prompt(r["question"], r["ground_truth_answer"]) for r in load_qa(source, **columns)]
 
 
 class Driver:
@@ -91,7 +77,8 @@ class Driver:
             keep_rows(cfg.output_dir / "trained_groups.jsonl", lambda row: row["step"] < done)
             keep_rows(cfg.output_dir / "metrics.jsonl", lambda row: row["step"] <= done)
             restore_metrics_row(cfg.output_dir / "metrics.jsonl", self.trainer.state.extra.get("metrics"), done)
-        self.prompts = load_prompts(cfg.data)
+        self.prompts = load_prompts(cfg.data, question_field=cfg.question_field, answer_field=cfg.answer_field,
+                                    answer_extract=cfg.answer_extract)  # fmt: skip
         if self.main:
             tok = self.trainer.loaded.tokenizer
             vocab = int(self.trainer.loaded.model.config.vocab_size)
@@ -99,6 +86,9 @@ class Driver:
             from services.trainer.status import TrainerMetrics
 
             self.metrics = TrainerMetrics(self.status)
+        from services.trainer.tracking import Trackers
+
+        self.trackers = Trackers(cfg)
 
     def _connect(self) -> None:
         from services.trainer.lease import RunLease
@@ -145,6 +135,7 @@ class Driver:
                     metrics = self.one_step()
                     bar.update(task, completed=state.step, info=f"reward {metrics.get('reward_mean', 0):.3f}")
         finally:
+            self.trackers.close()
             if self.lease is not None and not self.lease.lost.is_set():
                 self.lease.release()
         if self.lease is not None and self.lease.lost.is_set():
@@ -195,6 +186,7 @@ class Driver:
             self.lease.check()
             with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            self.trackers.log(metrics)
             timings = {"wait": t1 - t0, "train": t2 - t1, "checkpoint": metrics["time_checkpoint_s"]}
             staleness = [version - m.rollout.policy_version for g in batch for m in g.samples.values()]
             self.metrics.observe_step(timings, staleness)

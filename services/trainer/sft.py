@@ -9,9 +9,7 @@ decode time (design.md section 6).
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,30 +17,8 @@ import torch
 from services.trainer.trainer import WorkItem
 from services.trainer.trajectory import Round, Trajectory, rollout_trajectory
 from shared.contracts import Rollout
+from shared.data import DataError, read_rows
 from shared.prompts import encode_prompt
-
-
-class DataError(ValueError):
-    """A data row is unusable; the message names the file, the line and the field."""
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (blank lines skipped); a bad line is an error naming it."""
-    rows = []
-    with Path(path).open() as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object")
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
 
 
 def turn_end_id(tokenizer) -> int:
@@ -68,6 +44,21 @@ def encode_example(row: dict[str, Any], tokenizer, chat: bool, where: str) -> tu
     prompt_ids = encode_prompt(tokenizer, prompt_msgs, chat=chat)
     end = turn_end_id(tokenizer) if chat else tokenizer.eos_token_id
     return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
+
+
+def sft_columns(row: dict[str, Any], prompt_field: str, response_field: str, where: str) -> dict[str, Any]:
+    """A `{prompt_field, response_field}` row as `{prompt, response}` (messages and rollout rows as they are).
+
+    >>> sft_columns({"problem": "1+1", "solution": "2"}, "problem", "solution", "x")
+    {'prompt': '1+1', 'response': '2'}
+    """
+    if "messages" in row or "step_map" in row or (prompt_field, response_field) == ("prompt", "response"):
+        return row
+    if prompt_field in row and response_field in row:
+        return {"prompt": row[prompt_field], "response": row[response_field]}
+    missing = prompt_field if prompt_field not in row else response_field
+    what = "prompt_field" if missing == prompt_field else "response_field"
+    raise DataError(f"{where}: no column {missing!r} ({what}); the row has {', '.join(map(str, row))}")
 
 
 def pad_to_block(prompt_len: int, response_ids: list[int], block_size: int, end_id: int) -> list[int]:
@@ -118,12 +109,13 @@ def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[in
 
 def prepare_rows(cfg, tokenizer, block_size: int) -> list[tuple[list[int], list[int]] | dict[str, Any]]:
     """Tokenise every row once: (prompt ids, block-padded response ids), or the raw row for trace rows."""
-    rows = read_jsonl(cfg.data)
+    rows = read_rows(cfg.data)
     end = tokenizer.eos_token_id
     out: list[tuple[list[int], list[int]] | dict[str, Any]] = []
     dropped = 0
     for n, row in enumerate(rows, start=1):
         where = f"{cfg.data}:{n}"
+        row = sft_columns(row, cfg.prompt_field, cfg.response_field, where)
         if "step_map" in row:
             trace_item(row, cfg.shrink, where)  # validate now, not mid-run
             out.append(row)
@@ -158,11 +150,13 @@ def run_sft(cfg, *, resume: bool = False, progress: bool = True) -> list[dict[st
     """Train `cfg.steps` SFT steps (continuing from the latest checkpoint with `resume`); returns the metrics."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from services.trainer.tracking import Trackers
     from services.trainer.trainer import GTPOTrainer, step_generator
 
     trainer = GTPOTrainer(cfg)
     if resume:
         trainer.resume()
+    trackers = Trackers(cfg)
     block = trainer.loaded.spec.block_size
     rows = prepare_rows(cfg, trainer.loaded.tokenizer, block)
     history = []
@@ -176,9 +170,11 @@ def run_sft(cfg, *, resume: bool = False, progress: bool = True) -> list[dict[st
             items = build_items(rows, batch_indices(len(rows), cfg.batch_size, step, cfg.seed), cfg, block,
                                 step_generator(cfg.seed, step, 0))  # fmt: skip
             m = trainer.sft_step(items)
+            trackers.log(m)
             trainer.state.data_cursor = (step + 1) * cfg.batch_size
             history.append(m)
             bar.update(task, advance=1, info=f"loss {m['loss']:.4f}")
             if trainer.state.step % cfg.save_every == 0 or trainer.state.step == cfg.steps:
                 trainer.save()
+    trackers.close()
     return history

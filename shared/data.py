@@ -1,0 +1,204 @@
+"""Datasets for `gtpo train`, `gtpo sft` and `gtpo eval`: where the rows come from and which columns they use.
+
+A source (the `data:` setting) is one of
+
+* a local file: a JSON list of objects, or JSONL (one object a line);
+* a local folder written by `datasets`' `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+* `hf:org/name[:config][:split]`, a dataset on the Hugging Face hub, loaded with `datasets.load_dataset`.
+
+`datasets` is imported only for the last two (pip extra `gtpo[datasets]`); nothing is downloaded unless a `hf:`
+source is named. A split left out is the caller's default (`train` for training, `test` for eval); a folder holding
+several splits is read the same way (`folder:split` picks one).
+
+Column mapping: RL and eval rows become `{question, ground_truth_answer}` from `question_field` and `answer_field`;
+`answer_extract` turns a solution text into its answer (`boxed`: the last `\\boxed{}`, as the reward service reads
+answers; `gsm8k`: the text after the last `####`). Every row is checked on load; a missing column is an error
+naming the source, the row and the column.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from shared.answers import extract_last_boxed
+
+HUB_PREFIX = "hf:"
+AnswerExtract = Literal["none", "boxed", "gsm8k"]
+
+
+class DataError(ValueError):
+    """A data source or row is unusable; the message names the source, the row (or line) and the column."""
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (blank lines skipped); a bad line is an error naming it."""
+    rows = []
+    with Path(path).open() as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: each line must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def read_json_or_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """A JSON list of objects or JSONL, told apart by the first character."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+    if not text.lstrip().startswith("["):
+        return read_jsonl(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not a JSON list ({e.msg}, line {e.lineno})") from None
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {i}: each entry must be a JSON object")
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def parse_hub(source: str) -> tuple[str, str | None, str | None]:
+    """`hf:org/name[:config][:split]` -> (name, config, split); empty parts are None.
+
+    >>> parse_hub("hf:openai/gsm8k:main:test"), parse_hub("hf:org/set"), parse_hub("hf:org/set::validation")
+    (('openai/gsm8k', 'main', 'test'), ('org/set', None, None), ('org/set', None, 'validation'))
+    """
+    parts = source[len(HUB_PREFIX) :].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise DataError(f"data: {source!r}: expected hf:org/name[:config][:split]")
+    name, config, split = (parts + [""] * 2)[:3]
+    return name, config or None, split or None
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            "data: hub datasets and save_to_disk folders need the datasets package; install it with "
+            "`pip install 'gtpo[datasets]'` (or `pip install datasets`)"
+        ) from None
+    return datasets
+
+
+def _pick_split(loaded, source: str, split: str | None, default_split: str):
+    """One split of a DatasetDict (`split`, else `default_split`, else its only split); a Dataset as it is."""
+    if not hasattr(loaded, "keys"):
+        if split is not None:
+            raise DataError(f"data: {source} holds one split, not several; drop ':{split}'")
+        return loaded
+    splits = list(loaded.keys())
+    want = split or (default_split if default_split in splits else splits[0] if len(splits) == 1 else None)
+    if want not in splits:
+        raise DataError(f"data: {source} has splits {', '.join(splits)}: name one ({source}:{splits[0]})")
+    return loaded[want]
+
+
+def _on_disk(path: Path) -> bool:
+    return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def read_rows(source: str | Path, *, default_split: str = "train") -> list[dict[str, Any]]:
+    """The rows of `source` (see the module docstring) as dicts, before any column mapping."""
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        name, config, split = parse_hub(text)
+        ds = _datasets()
+        try:
+            loaded = ds.load_dataset(name, config, split=split or default_split)
+        except Exception as e:  # the hub, the network, a missing config: all surface as the source's error
+            raise DataError(f"data: {text}: {type(e).__name__}: {e}") from None
+        return [dict(r) for r in loaded]
+    path, split = Path(text), None
+    if not path.exists() and ":" in path.name:  # `folder:split`
+        head, _, split = text.rpartition(":")
+        path = Path(head)
+    if path.is_dir():
+        if not _on_disk(path):
+            raise DataError(f"data: {path} is a folder but not one written by datasets' save_to_disk")
+        loaded = _pick_split(_datasets().load_from_disk(str(path)), str(path), split, default_split)
+        rows = [dict(r) for r in loaded]
+        if not rows:
+            raise DataError(f"data: {text}: no rows")
+        return rows
+    if split is not None or not path.exists():
+        raise DataError(f"data: {text}: no such file or folder (a hub dataset is hf:org/name)")
+    return read_json_or_jsonl(path)
+
+
+def extract_answer(text: Any, how: AnswerExtract) -> str | None:
+    """The reference answer in a column's value: as it is (`none`), the last `\\boxed{}`, or after `####`.
+
+    >>> extract_answer("so $\\\\boxed{12}$", "boxed"), extract_answer("3 + 4 = 7\\n#### 7", "gsm8k"), extract_answer(5, "none")
+    ('12', '7', '5')
+    """
+    text = str(text)
+    if how == "boxed":
+        return extract_last_boxed(text)
+    if how == "gsm8k":
+        head, sep, tail = text.rpartition("####")
+        return (tail.strip().replace(",", "") or None) if sep else None
+    return text
+
+
+def map_columns(
+    rows: list[Mapping[str, Any]],
+    source: str | Path,
+    *,
+    question_field: str = "question",
+    answer_field: str = "ground_truth_answer",
+    answer_extract: AnswerExtract = "none",
+) -> list[dict[str, str]]:
+    """`{question, ground_truth_answer}` rows from `question_field` and `answer_field` (through `answer_extract`).
+
+    Raises:
+        DataError: a row (1-based) without one of the columns (naming it and the columns the row has), with an
+            empty value, or whose answer the extractor finds nothing in.
+    """
+    out = []
+    for i, row in enumerate(rows, start=1):
+        for field, what in ((question_field, "question_field"), (answer_field, "answer_field")):
+            if field not in row:
+                raise DataError(
+                    f"data: {source} row {i}: no column {field!r} ({what}); the row has {', '.join(map(str, row))}"
+                )
+            if row[field] is None:
+                raise DataError(f"data: {source} row {i}: column {field!r} ({what}) is empty")
+        answer = extract_answer(row[answer_field], answer_extract)
+        if answer is None:
+            raise DataError(
+                f"data: {source} row {i}: column {answer_field!r} has no answer for answer_extract={answer_extract}"
+            )
+        out.append({"question": str(row[question_field]), "ground_truth_answer": answer})
+    if not out:
+        raise DataError(f"data: {source}: no rows")
+    return out
+
+
+def load_qa(
+    source: str | Path,
+    *,
+    question_field: str = "question",
+    answer_field: str = "ground_truth_answer",
+    answer_extract: AnswerExtract = "none",
+    default_split: str = "train",
+) -> list[dict[str, str]]:
+    """`read_rows` then `map_columns`: the RL / eval rows of a source."""
+    return map_columns(read_rows(source, default_split=default_split), source, question_field=question_field,
+                       answer_field=answer_field, answer_extract=answer_extract)  # fmt: skip
