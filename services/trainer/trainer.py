@@ -222,6 +222,9 @@ class GTPOTrainer:
     def _train_items(self, items: list[WorkItem], *, rl: bool) -> dict[str, float]:
         cfg = self.cfg
         passes = cfg.passes if rl else 1
+        if cfg.lora is not None and cfg.lora.dropout > 0:
+            # peft's dropout draws from the global RNG: seed it per (step, rank), so a resumed run drops the same
+            torch.manual_seed(self.generator().initial_seed())
         if not items:
             self.accelerator.print("no trainable responses in this step (all groups dropped); no update made")
             return {"updates": 0, "loss": 0.0, "tokens": 0}
