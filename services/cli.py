@@ -410,6 +410,22 @@ def demo_cmd(
         raise _fail("demo", str(e)) from None
 
 
+@app.command("merge-lora")
+def merge_lora_cmd(
+    checkpoint: Path = typer.Argument(..., help="a trainer checkpoint (with adapter/) or a LoRA adapter folder"),
+    out: Path = typer.Option(..., "--out", help="folder for the merged SDAR-layout checkpoint"),
+    base: Path | None = typer.Option(None, "--base", help="the base model; default: the adapter's own record"),
+) -> None:
+    """Merge a LoRA adapter into its base and write an SDAR checkpoint that transformers and LMDeploy load."""
+    from services.trainer.lora import AdapterError, merge_lora
+
+    try:
+        path = merge_lora(checkpoint, out, base)
+    except (AdapterError, FileNotFoundError) as e:
+        raise _fail("merge-lora", str(e)) from None
+    console.print(f"merged checkpoint written to {path}")
+
+
 def _register_launch() -> None:
     from services.trainer.launch import launch_command
 

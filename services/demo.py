@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.evaluate import EvalResult, evaluate, load_rows
 from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
-from services.trainer.config import TrackerNames
+from services.trainer.config import LoraSettings, TrackerNames
 from shared.contracts import SamplingParams
 
 
@@ -55,6 +55,10 @@ class DemoConfig(BaseModel):
     prompts_per_step: int = Field(16, ge=1)
     group_size: int = Field(8, ge=2)
     rl_lr: float = Field(5e-4, gt=0)
+    lora: LoraSettings | None = Field(
+        None, description="GTPO with LoRA adapters (e.g. lora.r=16) on the fully fine-tuned SFT model; None = full"
+    )
+    lora_lr: float = Field(5e-3, gt=0, description="GTPO learning rate with lora: 10x rl_lr (see README, LoRA)")
     max_new_tokens: int = Field(16, ge=4)
     eval_k: int = Field(16, ge=1, description="samples per held-out question")
     speed: bool = Field(False, description="also run a speed arm per method of speed_method, from the same SFT model")
@@ -343,7 +347,8 @@ def rl_config(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm):
         prompts_per_step=cfg.prompts_per_step, prompt_template="{question}", chat_template=False,
         rollout={"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
                  "threshold_spread": arm.spread}, reward_weights=arm.weights, loss=loss,
-        micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr), keep_last=2, step_timeout_s=600,
+        micro_batch_size=64, optim=OptimConfig(lr=cfg.rl_lr if cfg.lora is None else cfg.lora_lr), keep_last=2,
+        step_timeout_s=600, lora=cfg.lora,
         redis={"namespace": f"demo-{cfg.seed}-{arm.run_dir.name}-{int(time.time())}"}, oversample=3.0,
         max_staleness=arm.max_staleness, log_with=cfg.log_with,
     )  # fmt: skip
@@ -358,7 +363,12 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
     code = run_stack(rl, threads=1 if arm.one_thread else None)
     if code != 0:
         raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {arm.run_dir / 'logs'}")
-    return latest_checkpoint(arm.run_dir / "checkpoints") / "model"
+    ckpt = latest_checkpoint(arm.run_dir / "checkpoints")
+    if cfg.lora is None:
+        return ckpt / "model"
+    from services.trainer.lora import merge_lora
+
+    return merge_lora(ckpt, arm.run_dir / "merged")  # the evaluation decodes the merged weights
 
 
 def _eval(model: Path, rows: list[dict], cfg: DemoConfig) -> EvalResult:

@@ -167,7 +167,9 @@ class EngineHost:
                     engine.load_weights(folder, version)
                 except Exception as e:  # whatever a loader raises on a bad folder; the engine keeps its weights
                     raise WeightsError(422, f"weights: cannot load {path}: {type(e).__name__}: {str(e)[:500]}") from e
-                self.served, self.shapes = Served(version, str(folder)), ckpt.shapes
+                self.served = Served(version, str(folder))
+                if not ckpt.adapter:  # an adapter leaves the base, whose shapes the next version must fit
+                    self.shapes = ckpt.shapes
         except WeightsError:
             self.metrics.weight_failures.labels(source).inc()
             raise

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fits
+from services.trainer.lora import BASE_FILE as ADAPTER_BASE
 from shared.http import confine
 
 MAX_ENTRIES = 4096
@@ -76,10 +78,15 @@ class Checkpoint:
     folder: Path
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
+    adapter: bool = False
+    """A LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to apply to the served base."""
 
     def mismatches(self, served: dict[str, tuple[int, ...]]) -> list[str]:
         """How this checkpoint does not fit a served one: tensors of another shape, tensors it lacks (a loader
-        would initialise them at random without a word). An untied `lm_head.weight` is not needed by a tied one."""
+        would initialise them at random without a word). An untied `lm_head.weight` is not needed by a tied one.
+        An adapter must fit the served base's linear layers (``lora.adapter_fits``)."""
+        if self.adapter:
+            return adapter_fits(self.shapes, served) if served else []
         out = [
             f"{name} has shape {list(shape)}, the served model {list(served[name])}"
             for name, shape in sorted(self.shapes.items())
@@ -106,13 +113,29 @@ def checkpoint_folder(path: str | Path, root: Path) -> Checkpoint:
     if not folder.is_dir():
         raise WeightsError(422, f"path: {path} is not a folder (a checkpoint is a folder with config.json)")
     names = _entries(folder, root, path)
+    if "config.json" not in names and ADAPTER_CONFIG in names:
+        return _adapter_folder(folder, root, names, path)
     if "config.json" not in names:
-        raise WeightsError(422, f"path: {path} holds no SDAR checkpoint (no config.json)")
+        raise WeightsError(422, f"path: {path} holds no SDAR checkpoint (no config.json) and no LoRA adapter")
     config = read_object(folder / "config.json", f"{path}/config.json")
     shapes: dict[str, tuple[int, ...]] = {}
     for shard in _weight_files(folder, root, names, path):
         shapes.update(tensor_shapes(shard, f"{path}/{shard.name}"))
     return Checkpoint(folder, config, shapes)
+
+
+def _adapter_folder(folder: Path, root: Path, names: set[str], path: str | Path) -> Checkpoint:
+    """A LoRA adapter version: its adapter_config.json, the base it was trained on, and its tensors' shapes."""
+    config = read_object(folder / ADAPTER_CONFIG, f"{path}/{ADAPTER_CONFIG}")
+    if config.get("peft_type") != "LORA":
+        raise WeightsError(422, f"{path}/{ADAPTER_CONFIG}: peft_type must be LORA, got {config.get('peft_type')!r}")
+    for name in (ADAPTER_WEIGHTS, ADAPTER_BASE):
+        if name not in names:
+            raise WeightsError(422, f"path: {path} is a LoRA adapter without {name}")
+    read_object(folder / ADAPTER_BASE, f"{path}/{ADAPTER_BASE}")
+    shapes = tensor_shapes(_resolve(folder / ADAPTER_WEIGHTS, root, f"{path}/{ADAPTER_WEIGHTS}"),
+                           f"{path}/{ADAPTER_WEIGHTS}")  # fmt: skip
+    return Checkpoint(folder, config, shapes, adapter=True)
 
 
 def served_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

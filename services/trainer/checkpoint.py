@@ -293,9 +293,17 @@ def _write_contents(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     state: TrainerState,
+    merged: bool = False,
 ) -> None:
     """Write every checkpoint file into `out`; trainer_state.json last (readers take it as "complete")."""
-    save_model(model, tokenizer, spec, out / MODEL_DIR)
+    from services.trainer import lora
+
+    if lora.is_adapter_model(model):  # adapter/ in peft's layout; model/ only when merged weights are published
+        lora.save_adapter(model, out / lora.ADAPTER_DIR, spec)
+        if merged:
+            lora.save_merged(model, tokenizer, spec, out / MODEL_DIR)
+    else:
+        save_model(model, tokenizer, spec, out / MODEL_DIR)
     if optimizer is not None:
         tensors, meta = optimizer_to_tensors(optimizer.state_dict())
         _write_tensors(out / OPTIMIZER_TENSORS, tensors)
@@ -353,6 +361,7 @@ def save_checkpoint(
     scheduler: Any = None,
     state: TrainerState,
     keep_last: int = 3,
+    merged: bool = False,
 ) -> Path:
     """Write a complete checkpoint to `root/step-XXXXXXXX` atomically, point `root/latest` at it, prune old ones.
 
@@ -369,6 +378,7 @@ def save_checkpoint(
             LinearLR, CosineAnnealingLR, SequentialLR, ...).
         state: trainer counters and extras.
         keep_last: how many checkpoints to keep, the new one included (>= 1).
+        merged: a peft `model` also writes its merged weights to model/ (see `services.trainer.lora`).
 
     Returns:
         The checkpoint directory.
@@ -387,8 +397,9 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{_PARTIAL_MARK}", dir=root))
     try:
         _write_contents(
-            staging, model=model, tokenizer=tokenizer, spec=spec, optimizer=optimizer, scheduler=scheduler, state=state
-        )
+            staging, model=model, tokenizer=tokenizer, spec=spec, optimizer=optimizer, scheduler=scheduler, state=state,
+            merged=merged,
+        )  # fmt: skip
         _move_into_place(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -509,7 +520,12 @@ def load_checkpoint(
     path = Path(path)
     state = _load_state(path)
     if model is not None:
-        _load_weights(model, path / MODEL_DIR)
+        from services.trainer import lora
+
+        if lora.is_adapter_model(model):
+            lora.load_adapter(model, path / lora.ADAPTER_DIR)
+        else:
+            _load_weights(model, path / MODEL_DIR)
     if optimizer is not None:
         meta = _read_json(path / OPTIMIZER_META)
         optimizer.load_state_dict(optimizer_from_tensors(_read_tensors(path / OPTIMIZER_TENSORS), meta))

@@ -101,6 +101,28 @@ class OptimConfig(BaseModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a Qwen3 / SDAR decoder block (the embeddings and the LM head stay frozen)."""
+
+
+class LoraSettings(BaseModel):
+    """LoRA (peft): only low-rank adapters on the target layers train; the base stays frozen and is the KL reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="the adapter's output is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS), min_length=1, description="linear layers (by name) that get one"
+    )
+    publish: Literal["adapter", "merged"] = Field(
+        "adapter",
+        description="weight versions: adapter = only the adapter's tensors (the torch engine applies them in place); "
+        "merged = the merged SDAR weights as well (LMDeploy, whose dLLM engine cannot swap adapters, loads those)",
+    )
+
+
 class TrainerConfig(BaseModel):
     """What one trainer process needs: the model, where to write, how to update."""
 
@@ -139,6 +161,17 @@ class TrainerConfig(BaseModel):
         "(none by default; `log_with=tensorboard,wandb` works too); each needs its extra: pip install 'gtpo[wandb]'",
     )
     tracker_project: str = Field("gtpo", min_length=1, description="the trackers' project (W&B, trackio) or experiment")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight; None = full")
+
+    @model_validator(mode="after")
+    def _check_lora_reference(self) -> TrainerConfig:
+        # with LoRA the reference is the frozen base itself (adapters off); a second model would be a second copy
+        if self.lora is not None and self.ref_model is not None:
+            raise ValueError(
+                f"ref_model: with lora the KL reference is the start model with its adapters disabled; "
+                f"leave ref_model unset (got {self.ref_model})"
+            )
+        return self
 
 
 class SFTConfig(TrainerConfig):

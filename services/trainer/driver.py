@@ -241,7 +241,9 @@ class Driver:
 
         state = self.trainer.state
         # absolute: a worker resolves a relative path against its own checkpoint root, not the trainer's folder
-        version = WeightsVersion(version=state.policy_version, path=str((path / "model").resolve()), step=state.step)
+        version = WeightsVersion(
+            version=state.policy_version, path=str(self.trainer.weights_path(path).resolve()), step=state.step
+        )
         with_reconnect(lambda: self._publish(version), what="publishing weights")
         with_reconnect(lambda: self.collector.finish_step(batch, state.step), what="acknowledging the step")
         keep = set(list_checkpoints(self.trainer.checkpoint_root)[-self.cfg.keep_last :])
@@ -322,7 +324,7 @@ class Driver:
         from services.trainer.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(self.trainer.checkpoint_root)
-        path = ckpt / "model" if ckpt is not None else self.cfg.model
+        path = self.trainer.weights_path(ckpt) if ckpt is not None else self.cfg.model
         version = WeightsVersion(version=self.trainer.state.policy_version, path=str(Path(path).resolve()),
                                  step=self.trainer.state.step)  # fmt: skip
         cur = self.registry.current()

@@ -106,16 +106,23 @@ class GTPOTrainer:
         mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
         self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not cuda)
         self.loaded: LoadedModel = load_model(cfg.model, device=self.accelerator.device)
+        self.peft = None  # with LoRA: the peft model around loaded.model (the same modules, adapters injected)
+        if cfg.lora is not None:
+            from services.trainer.lora import apply_lora
+
+            self.peft = apply_lora(self.loaded.model, cfg.lora, seed=cfg.seed, base=Path(cfg.model).resolve())
         attention = cfg.attention if cfg.attention != "auto" else ("flex" if cuda else "sdpa")
         policy = TokenLogProbs(self.loaded.model, attention=attention, checkpointing=cfg.gradient_checkpointing)
         policy.train()
         o = cfg.optim
-        optimizer = torch.optim.AdamW(
-            policy.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-        )
+        optimizer = torch.optim.AdamW(  # only what trains: a frozen base carries no optimizer state
+            [p for p in policy.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
+            weight_decay=o.weight_decay,
+        )  # fmt: skip
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
-        self.ref = self._reference(attention) if cfg.loss.beta > 0 else None
+        # with LoRA the reference is this model with its adapters disabled (`_ref_logprobs`), not a second copy
+        self.ref = self._reference(attention) if cfg.loss.beta > 0 and cfg.lora is None else None
         self.state = TrainerState()
         self.cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -231,6 +238,9 @@ class GTPOTrainer:
     def _train_items(self, items: list[WorkItem], *, rl: bool) -> dict[str, float]:
         cfg = self.cfg
         passes = cfg.passes if rl else 1
+        if cfg.lora is not None and cfg.lora.dropout > 0:
+            # peft's dropout draws from the global RNG: seed it per (step, rank), so a resumed run drops the same
+            torch.manual_seed(self.generator().initial_seed())
         if not items:
             self.accelerator.print("no trainable responses in this step (all groups dropped); no update made")
             return {"updates": 0, "loss": 0.0, "tokens": 0}
@@ -356,7 +366,7 @@ class GTPOTrainer:
         # an empty shard's stand-in response is another rank's, whose pi_prox this rank never computed
         prox_lp = self._at_targets(prox, sel, batch) if prox is not None and not dummy else logp.detach()
         adv = torch.tensor([chunk[i].advantage for i in sel], device=logp.device, dtype=torch.float32)[resp]
-        ref = self._ref_logprobs(batch) if self.ref is not None else None
+        ref = self._ref_logprobs(batch) if self.cfg.loss.beta > 0 else None
         decoupled = self.cfg.loss.objective == "decoupled"
         behav = self._at_targets([it.engine_logprobs for it in chunk], sel, batch) if decoupled or diagnose else None
         loss, m = gtpo_loss(logp, prox_lp, adv, w, self.cfg.loss, ref_logp=ref, behav_logp=behav if decoupled else None)
@@ -374,7 +384,12 @@ class GTPOTrainer:
 
     @torch.no_grad()
     def _ref_logprobs(self, batch) -> Tensor:
-        return self.ref(batch)
+        if self.ref is not None:
+            return self.ref(batch)
+        from services.trainer.lora import adapters_disabled
+
+        with adapters_disabled(self.peft):
+            return self.policy(batch)
 
     @torch.no_grad()
     def _proximal_logprobs(self, items: list[WorkItem], chunks: list[range]) -> list[Tensor | None]:
@@ -433,9 +448,10 @@ class GTPOTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             path = save_checkpoint(
-                self.checkpoint_root, self.state.step, model=self.unwrapped.lm, tokenizer=self.loaded.tokenizer,
-                spec=self.loaded.spec, optimizer=self.optimizer.optimizer, scheduler=self.scheduler.scheduler,
-                state=self.state, keep_last=self.cfg.keep_last,
+                self.checkpoint_root, self.state.step, model=self.peft or self.unwrapped.lm,
+                tokenizer=self.loaded.tokenizer, spec=self.loaded.spec, optimizer=self.optimizer.optimizer,
+                scheduler=self.scheduler.scheduler, state=self.state, keep_last=self.cfg.keep_last,
+                merged=self.cfg.lora is not None and self.cfg.lora.publish == "merged",
             )  # fmt: skip
         self.accelerator.wait_for_everyone()
         return path
@@ -446,10 +462,18 @@ class GTPOTrainer:
         if path is None:
             return False
         self.state = load_checkpoint(
-            path, model=self.unwrapped.lm, optimizer=self.optimizer.optimizer, scheduler=self.scheduler.scheduler
-        )
+            path, model=self.peft or self.unwrapped.lm, optimizer=self.optimizer.optimizer,
+            scheduler=self.scheduler.scheduler,
+        )  # fmt: skip
         self.accelerator.print(f"resumed from {path} (step {self.state.step}, policy v{self.state.policy_version})")
         return True
+
+    def weights_path(self, checkpoint: Path) -> Path:
+        """The folder of `checkpoint` a rollout engine loads as this weight version: the SDAR model, or with LoRA
+        the adapter (``lora.publish=adapter``) or the merged model (``merged``)."""
+        from services.trainer.lora import published_weights
+
+        return published_weights(checkpoint)
 
     def generator(self) -> torch.Generator:
         """The random stream of the coming step on this rank."""

@@ -49,6 +49,7 @@ from services.rollout.engines.rows import (
     expand_rows,
     raise_if_cancelled,
 )
+from services.trainer.lora import is_adapter_dir
 from shared.contracts import GenerationRequest, Rollout, SamplingParams, Strategy
 from shared.model import DiffusionSpec, load_tokenizer, read_config, translate_config
 
@@ -307,6 +308,12 @@ class LMDeployEngine(Engine):
 
     def load_weights(self, path: str | Path, version: int) -> None:
         path = Path(path)
+        if is_adapter_dir(path):
+            # LMDeploy builds its adapters with the engine and has no in-place update for them (docs/lmdeploy.md)
+            raise ValueError(
+                f"{path} is a LoRA adapter version; the lmdeploy engine serves merged weights only: train with "
+                "lora.publish=merged"
+            )
         raw = read_config(path)
         tokenizer = load_tokenizer(path)
         _, spec = translate_config(raw, tokenizer)

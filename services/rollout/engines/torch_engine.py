@@ -101,6 +101,7 @@ class TorchEngine(Engine):
         self._loaded = loaded
         self.max_batch_size = max_batch_size
         self._version = policy_version
+        self._adapter = None  # the LoRA adapter served on top of the base, once a version brought one
         self.stats = DecodeStats()
 
     @classmethod
@@ -141,10 +142,25 @@ class TorchEngine(Engine):
         return next(self.model.parameters()).device
 
     def load_weights(self, path: str | Path, version: int) -> None:
+        """A full SDAR checkpoint replaces the model; a LoRA adapter folder (``services.trainer.lora``) is applied
+        to the served base in place, only its tensors copied (``adapter_bytes``)."""
+        from services.trainer.lora import AdapterSlot, is_adapter_dir
+
+        if is_adapter_dir(path):
+            if self._adapter is None:
+                self._adapter = AdapterSlot()
+            self._adapter.apply(self.model, Path(path), self.spec)
+            self._version = version
+            return
         p = next(self.model.parameters())
         loaded = load_model(path, dtype=p.dtype, device=p.device)
         check_spec(path, loaded.spec, self.spec)
-        self._loaded, self._version = loaded, version
+        self._loaded, self._version, self._adapter = loaded, version, None
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes the last adapter version copied into the model (0 when no adapter is served)."""
+        return 0 if self._adapter is None else self._adapter.bytes_loaded
 
     def generate(
         self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None
