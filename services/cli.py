@@ -293,14 +293,19 @@ def up_cmd(
 @app.command("status")
 def status_cmd(
     redis_url: str | None = typer.Option(None, "--redis-url", envvar="REDIS_URL", help="default: $REDIS_URL"),
-    namespace: str = typer.Option("gtpo", "--namespace"),
+    namespace: str | None = typer.Option(None, "--namespace", help="the run's redis.namespace (default: gtpo)"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="keep the view live, redrawn every --interval seconds"),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between redraws with --watch"),
 ) -> None:
-    """Queue depths, live workers, current and acknowledged weight versions."""
-    if not redis_url:
-        raise typer.BadParameter("--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
-    from services.launcher import print_status
+    """Queue depths, each live worker (kind, busy / idle, weights version, last heartbeat), the trainer's step,
+    policy version and last step's timings, and the weight versions; --watch keeps it live (Ctrl-C ends it)."""
+    from shared.settings import RedisConfig
 
-    print_status(redis_url, namespace, console)
+    if not redis_url:
+        raise _fail("status", "--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
+    from services.status_view import show
+
+    show(redis_url, namespace or RedisConfig().namespace, console, watch=watch, interval_s=interval)
 
 
 @app.command("eval")

@@ -58,7 +58,7 @@ def load_rows(dataset: str, **columns) -> list[dict]:
         source = f"{HUB_PREFIX}{name}::{split}"
     elif not dataset.startswith(HUB_PREFIX) and not Path(dataset.rpartition(":")[0] or dataset).exists():
         raise ValueError(
-            f"dataset: {dataset} is neither a file, a folder, hf:org/name nor a preset ({', '.join(PRESETS)})"
+            f"dataset: {dataset} is neither a file nor a preset ({', '.join(PRESETS)}), a datasets folder or hf:org/name"
         )
     return load_qa(source, default_split="test", **columns)
 

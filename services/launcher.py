@@ -1,4 +1,4 @@
-"""`gtpo up` and `gtpo status`: the all-in-one local stack and its dashboard.
+"""`gtpo up`: the all-in-one local stack (its dashboard, `gtpo status`, is services/status_view.py).
 
 `gtpo up` starts a real Redis (embedded, with AOF, unless REDIS_URL is set), the rollout and reward workers and the
 trainer, each a separate process logging to `output_dir/logs/`, restarts a worker that dies, follows the trainer's
@@ -175,31 +175,3 @@ def _last_metrics(path: Path) -> dict | None:
         return None
     lines = path.read_text().splitlines()
     return json.loads(lines[-1]) if lines else None
-
-
-def print_status(url: str, namespace: str, console) -> None:
-    """Queue depths, live workers and weight versions as tables."""
-    from rich.table import Table
-
-    from shared.keys import Keys
-    from shared.queue import Queue, WeightRegistry, connect
-
-    r = connect(url)
-    keys = Keys(namespace)
-    depths = Queue(r, keys).depths()
-    t = Table(title=f"queues ({namespace})")
-    for col in ("stream", "length", "pending", "lag"):
-        t.add_column(col)
-    for stream, d in depths.items():
-        t.add_row(stream, str(d.get("length")), str(d.get("pending")), str(d.get("lag")))
-    console.print(t)
-    reg = WeightRegistry(r, keys)
-    cur = reg.current()
-    console.print(f"current weights: {cur.version if cur else None} ({cur.path if cur else '-'})")
-    w = Table(title="live workers")
-    for col in ("worker", "kind", "loaded version", "info"):
-        w.add_column(col)
-    for wid, info in reg.live_workers().items():
-        w.add_row(wid, str(info.get("kind")), str(info.get("version")), json.dumps(info.get("info") or {}))
-    console.print(w)
-    console.print(f"published versions: {[v.version for v in reg.versions()]}")

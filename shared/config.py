@@ -1,9 +1,9 @@
 """Experiment files and service settings: YAML, `GTPO_*` environment variables and dotted `key=value` arguments,
 validated once, with errors that name the field (and the nearest one for a typo) and never print a secret.
 
-Trainer commands (`gtpo train`, `sft`, `up`, `launch`), lowest first: the model's defaults, the YAML file,
-`GTPO_SECTION__KEY=value` environment variables, then `key=value` arguments. Services (`gtpo serve`): the defaults,
-their `GTPO_ROLLOUT_*` / `GTPO_REWARD_*` variables (read by pydantic-settings), the YAML file, then `key=value`.
+Every command, lowest first: the model's defaults, the YAML file, the environment, then `key=value` arguments.
+Trainer commands (`gtpo train`, `sft`, `up`, `launch`) read `GTPO_SECTION__KEY=value` variables; services
+(`gtpo serve`) their `GTPO_ROLLOUT_*` / `GTPO_REWARD_*` variables, read by pydantic-settings (`load_settings`).
 
 Environment and `key=value` values are typed by the field they set: a string field (a token, a path, a name) takes
 the text byte for byte; a field of numbers, booleans, lists, mappings or a section parses it as JSON, else as YAML
@@ -348,12 +348,41 @@ def load_config(
         raise _invalid(model, e) from None
 
 
+def _unset_dotted(data: dict[str, Any], dotted: str) -> None:
+    """Remove `data["a"]["b"]` for `dotted == "a.b"` if it is there."""
+    *parents, leaf = dotted.split(".")
+    node: Any = data
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def service_env_keys(settings: type[BaseModel], environ: Mapping[str, str]) -> list[str]:
+    """The dotted keys that the service's own variables set (`GTPO_ROLLOUT_REDIS__URL` -> `redis.url`)."""
+    prefix = settings.model_config.get("env_prefix", "")
+    delimiter = settings.model_config.get("env_nested_delimiter") or "__"
+    return [
+        name[len(prefix) :].lower().replace(delimiter, ".")
+        for name in sorted(environ)
+        if prefix and name.startswith(prefix) and name[len(prefix) :] and not name[len(prefix) :].startswith("_")
+    ]
+
+
 def load_settings(settings: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
-    """A service's settings: defaults < its environment variables < the YAML file < `key=value` overrides."""
+    """A service's settings, in the order of every command: defaults < the YAML file < its `GTPO_<SERVICE>_*`
+    variables < `key=value` overrides.
+
+    pydantic-settings reads the variables (its environment source ranks below the values passed in); a setting a
+    variable names is taken out of the YAML values, so the variable wins over the file, and `key=value` wins over
+    both. Nested sections merge: `GTPO_ROLLOUT_REDIS__URL` and a file's `redis.namespace` both apply.
+    """
     from pydantic_settings import SettingsError
 
     check_service_environ(settings, os.environ)
     data = read_yaml(path) if path is not None else {}
+    for key in service_env_keys(settings, os.environ):
+        _unset_dotted(data, key)
     for text in overrides or []:
         set_dotted(data, *typed_override(settings, text))
     try:

@@ -32,6 +32,7 @@ from redis.retry import Retry
 
 from shared.contracts import WeightsVersion, WorkerKind
 from shared.keys import Keys
+from shared.settings import DEFAULT_CODEC, HEARTBEAT_TTL_S
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class Queue:
         self,
         redis: redis.Redis,
         keys: Keys,
-        codec: str | Codec = "json",
+        codec: str | Codec = DEFAULT_CODEC,
         claim_idle_ms: int = 60_000,
         max_deliveries: int = 5,
         idem_ttl_s: int = 7 * 24 * 3600,
@@ -667,7 +668,12 @@ class WeightRegistry:
         pipe.execute()
 
     def heartbeat(
-        self, kind: str, worker_id: str, loaded_version: int | None, ttl_s: float = 30, info: dict | None = None
+        self,
+        kind: str,
+        worker_id: str,
+        loaded_version: int | None,
+        ttl_s: float = HEARTBEAT_TTL_S,
+        info: dict | None = None,
     ) -> None:
         """Say "alive, serving `loaded_version`" for `ttl_s` seconds; call it every ttl_s / 3 or so.
 

@@ -10,6 +10,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_serializer
 
 MASK = "***"
+HEARTBEAT_TTL_S = 15.0
+"""A worker whose last heartbeat is older than this counts as dead (it beats every third of it)."""
+DEFAULT_CODEC = "msgpack"
+"""How new queue messages are encoded unless `redis.codec` says otherwise (consumers decode either codec)."""
 _SECRET_QUERY_KEYS = ("pass", "token", "secret", "auth")
 
 
@@ -75,7 +79,7 @@ class RedisConfig(BaseModel):
         "(`gtpo up` instead starts an embedded server when neither is set)",
     )
     namespace: str = Field("gtpo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    codec: Literal["json", "msgpack"] = Field("msgpack", description="payload encoding of new messages")
+    codec: Literal["json", "msgpack"] = Field(DEFAULT_CODEC, description="payload encoding of new messages")
     claim_idle_ms: int = Field(60_000, ge=100, description="reclaim a message a consumer held this long (it died)")
     max_deliveries: int = Field(5, ge=1, description="after this many deliveries a message goes to the dead stream")
 
@@ -87,6 +91,14 @@ class RedisConfig(BaseModel):
     def resolved_url(self) -> str | None:
         """The configured URL, else $REDIS_URL, else None (the client then connects to 127.0.0.1:6379)."""
         return (self.url.get_secret_value() if self.url else None) or os.environ.get("REDIS_URL") or None
+
+
+HeartbeatTtl = Annotated[float, Field(gt=0, description="a worker silent this long counts as dead")]
+
+
+def default_reward_weights() -> dict[str, float]:
+    """The reward when none is named: accuracy alone (the reward service's and `gtpo up`'s default)."""
+    return {"accuracy": 1.0}
 
 
 def default_worker_id(kind: str) -> str:

@@ -10,7 +10,7 @@ import time
 
 from shared.keys import Keys
 from shared.queue import TRANSIENT_ERRORS, Queue, WeightRegistry, connect, with_reconnect
-from shared.settings import RedisConfig
+from shared.settings import HEARTBEAT_TTL_S, RedisConfig
 
 
 class StreamWorker:
@@ -27,7 +27,7 @@ class StreamWorker:
                            max_deliveries=rc.max_deliveries)  # fmt: skip
         self.registry = WeightRegistry(self.redis, self.keys)
         self.id = worker_id
-        self.heartbeat_ttl_s = 15.0
+        self.heartbeat_ttl_s = HEARTBEAT_TTL_S
         self.started = time.monotonic()
         self.busy_s = 0.0
         """Seconds spent working (inside `busy()`): the trainer reports each kind's busy fraction from it."""

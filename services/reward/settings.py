@@ -6,7 +6,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.reward.scoring import check_weights
-from shared.settings import RedisConfig, default_worker_id
+from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, default_reward_weights, default_worker_id
 
 
 class RewardSettings(BaseSettings):
@@ -15,7 +15,7 @@ class RewardSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GTPO_REWARD_", env_nested_delimiter="__", extra="forbid")
 
     weights: dict[str, float] = Field(
-        default_factory=lambda: {"accuracy": 1.0}, description="reward name -> weight, when a request names none"
+        default_factory=default_reward_weights, description="reward name -> weight, when a request names none"
     )
     workers: int = Field(2, ge=1, le=256, description="math-verify worker processes")
     timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="hard wall-clock limit per answer check")
@@ -34,7 +34,7 @@ class RewardSettings(BaseSettings):
     worker: bool = Field(False, description="also consume the rollouts stream and hand scores to the scored stream")
     worker_id: str = Field(default_factory=lambda: default_worker_id("reward"))
     batch: int = Field(32, ge=1, le=4096, description="rollouts read from the stream at once")
-    heartbeat_ttl_s: float = Field(15.0, gt=0, description="a worker silent this long counts as dead")
+    heartbeat_ttl_s: HeartbeatTtl = HEARTBEAT_TTL_S
     redis: RedisConfig = Field(default_factory=RedisConfig)
 
     @field_validator("weights")

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import RedisConfig, default_worker_id
+from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, default_worker_id
 
 
 class RolloutSettings(BaseSettings):
@@ -36,7 +36,7 @@ class RolloutSettings(BaseSettings):
     weights_wait_s: float = Field(
         120.0, gt=0, description="how long a task waits for the weights version it needs before it is left pending"
     )
-    heartbeat_ttl_s: float = Field(15.0, gt=0, description="a worker silent this long counts as dead")
+    heartbeat_ttl_s: HeartbeatTtl = HEARTBEAT_TTL_S
     redis: RedisConfig = Field(default_factory=RedisConfig)
 
     def root(self) -> Path:

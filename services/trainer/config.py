@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
-from shared.settings import RedisConfig
+from shared.settings import RedisConfig, default_reward_weights
 
 
 def _tracker_list(value):
@@ -262,7 +262,7 @@ class RLConfig(TrainerConfig):
     api_token: SecretStr | None = Field(None, description="bearer token for the rollout services' /v1/weights")
     health_port: int | None = Field(None, ge=0, le=65535, description="/health /status /metrics; None = off")
     reward_weights: dict[str, float] = Field(
-        default_factory=lambda: {"accuracy": 1.0}, description="`gtpo up`: the reward workers' weights"
+        default_factory=default_reward_weights, description="`gtpo up`: the reward workers' weights"
     )
     question_field: str = Field("question", min_length=1, description="data: the column of the question")
     answer_field: str = Field("ground_truth_answer", min_length=1, description="data: the column of the answer")
