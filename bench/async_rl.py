@@ -257,7 +257,8 @@ class SimTrainer:
     def resume(self) -> bool:
         return False
 
-    def rl_step(self, groups, rewards, extra=None, correct=None, *, write: bool = True) -> dict:
+    def rl_step(self, groups, rewards, extra=None, correct=None, *, write: bool = True, components=None,
+                reward_weights=None) -> dict:
         start = time.monotonic()
         tokens = sum(len(r.token_ids) for g in groups for r in g)
         time.sleep(self.tm.wall(tokens * self.tm.train_s_per_token))
@@ -268,6 +269,9 @@ class SimTrainer:
         metrics.update(step=self.state.step, time=time.time())
         self.spans.append((start, time.monotonic()))
         return metrics
+
+    def weights_path(self, ckpt: Path) -> Path:
+        return ckpt / "model"
 
     def save(self, *, publish: bool = True) -> Path:
         if publish:
