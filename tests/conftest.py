@@ -36,3 +36,17 @@ def peaky(tiny_dir):
     with torch.no_grad():
         loaded.model.lm_head.weight.mul_(200.0)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_dir):
+    """The tiny model with logits x8: with threshold 0.02 the dynamic rule unmasks several tokens per step, so the
+    number of rounds varies. Per module: a module may change its weights."""
+    import torch
+
+    from shared.model import load_model
+
+    loaded = load_model(tiny_dir)
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(8.0)
+    return loaded

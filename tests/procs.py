@@ -1,4 +1,5 @@
-"""Process-tree helpers for the supervision tests (tests/test_launch.py, tests/test_process.py)."""
+"""Process helpers for the tests: the supervision tests (tests/test_launch.py, tests/test_process.py) and whole
+`gtpo up` runs (tests/test_services_e2e.py, tests/test_tracking.py)."""
 
 import os
 import signal
@@ -46,3 +47,17 @@ def outlives(pid: int, wait_s: float) -> bool:
     if survived:
         os.kill(pid, signal.SIGKILL)
     return survived
+
+
+def run_gtpo_up(cfg, redis_url: str, timeout_s: float = 300) -> None:
+    """Write `cfg` (an RLConfig) next to its run and run `gtpo up` on it to the end; fails with the tails of its
+    output and of every service log unless it exits 0."""
+    from shared.config import dump_config
+
+    cfg_file = cfg.output_dir.parent / "run.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    env = {**os.environ, "REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "services", "up", "--config", str(cfg_file)], env=env,
+                         timeout=timeout_s, capture_output=True, text=True)  # fmt: skip
+    logs = "\n".join(p.read_text()[-2000:] for p in (cfg.output_dir / "logs").glob("*.log"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs

@@ -48,17 +48,6 @@ def test_two_forwards_of_the_hand_example():
 
 
 @pytest.fixture(scope="module")
-def sharp(tiny_dir):
-    """The tiny model with logits x8, so the dynamic rule unmasks several tokens per step (rounds vary)."""
-    from shared.model import load_model
-
-    loaded = load_model(tiny_dir)
-    with torch.no_grad():
-        loaded.model.lm_head.weight.mul_(8.0)
-    return loaded
-
-
-@pytest.fixture(scope="module")
 def trajs(sharp):
     """8 rollouts: mixed prompt lengths, stops and tails, multi-token steps; 1..4 rounds per response."""
     g = torch.Generator().manual_seed(3)

@@ -4,13 +4,12 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
+from procs import run_gtpo_up
 
 from services.launcher import plan
 from services.trainer.config import RLConfig
@@ -106,14 +105,8 @@ def _assert_exactly_once(run: Path, steps: int, per_step: int) -> None:
 def test_two_step_run_through_gtpo_up(tmp_path, tiny_dir, redis_url):
     ns = f"e2e-up-{os.getpid()}-{time.time_ns()}"
     cfg = _config(tmp_path, tiny_dir, ns, steps=2, health_port=0)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(dump_config(cfg))
-    env = {**os.environ, "REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "services", "up", "--config", str(cfg_file)], env=env, timeout=300,
-                         capture_output=True, text=True)  # fmt: skip
+    run_gtpo_up(cfg, redis_url)
     run = cfg.output_dir
-    logs = "\n".join(p.read_text()[-2000:] for p in (run / "logs").glob("*.log"))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
     _assert_exactly_once(run, 2, 2)
     rollout_log = (run / "logs" / "rollout-0.log").read_text()
     assert '"POST /v1/weights HTTP/1.1" 200' in rollout_log  # new weights pushed over HTTP

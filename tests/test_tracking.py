@@ -6,18 +6,16 @@ import doctest
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from procs import run_gtpo_up
 
 import services.trainer.tracking as tracking
 from services.trainer.config import RLConfig, SFTConfig
 from services.trainer.tracking import flatten, scalars
-from shared.config import dump_config
 
 
 def test_doctests():
@@ -82,14 +80,8 @@ def test_rl_through_gtpo_up_writes_tensorboard_events_next_to_metrics(tmp_path, 
         "rollout": {"group_size": 2, "max_new_tokens": 8}, "step_timeout_s": 120, "log_with": ["tensorboard"],
         "redis": {"namespace": f"track-{os.getpid()}-{time.time_ns()}"},
     })  # fmt: skip
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(dump_config(cfg))
-    env = {**os.environ, "REDIS_URL": redis_url, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "services", "up", "--config", str(cfg_file)], env=env, timeout=300,
-                         capture_output=True, text=True)  # fmt: skip
+    run_gtpo_up(cfg, redis_url)
     run = cfg.output_dir
-    logs = "\n".join(p.read_text()[-2000:] for p in (run / "logs").glob("*.log"))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
     _assert_events_match_metrics(run, ["loss", "reward_mean", "accuracy", "time_wait_s", "time_train_s"])
     (hparams,) = (run / "tensorboard").glob("*/hparams.yml")
     stored = yaml.safe_load(hparams.read_text())

@@ -74,17 +74,6 @@ def test_packed_batch_layout_by_hand():
 
 
 @pytest.fixture(scope="module")
-def sharp(tiny_dir):
-    """The tiny model with logits x8: with threshold 0.02 the dynamic rule unmasks several tokens per step."""
-    from shared.model import load_model
-
-    loaded = load_model(tiny_dir)
-    with torch.no_grad():
-        loaded.model.lm_head.weight.mul_(8.0)
-    return loaded
-
-
-@pytest.fixture(scope="module")
 def rollouts(sharp):
     """20 rollouts from the reference engine: B=4, dynamic, T=1, no top-k/top-p, mixed prompt lengths."""
     g = torch.Generator().manual_seed(0)
