@@ -396,6 +396,7 @@ def demo_cmd(
     ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ) -> None:
     """The main job on the embedded default: tiny model, SFT, eval, GTPO through the services, eval, plots.
 
@@ -408,7 +409,7 @@ def demo_cmd(
                  f"overlap={str(overlap).lower()}", f"reuse={str(reuse).lower()}"]  # fmt: skip
     if speed_method is not None:
         overrides.append(f"speed_method={speed_method}")
-    cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=False, environ={})
+    cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=dry_run, environ={})
     try:
         run_demo(cfg)
     except (TaskError, ReuseError) as e:

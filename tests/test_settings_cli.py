@@ -129,6 +129,14 @@ def test_demo_bad_value_and_unknown_key(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before any stage ran
 
 
+def test_demo_dry_run_prints_the_resolved_config_and_runs_nothing(tmp_path):
+    out = tmp_path / "demo"
+    result = gtpo("demo", "--out", out, "--dry-run", "--seed", "3", "rl_steps=7", "log_with=tensorboard")
+    assert result.exit_code == 0, result.output
+    assert "rl_steps: 7" in result.output and "seed: 3" in result.output and "tensorboard" in result.output
+    assert not out.exists()  # nothing ran
+
+
 def test_eval_bad_inputs(files, tmp_path):
     assert_config_error(gtpo("eval", tmp_path / "absent.json", "--model", tmp_path), "is neither a file nor a preset")
     assert_config_error(
