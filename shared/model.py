@@ -313,8 +313,11 @@ def _publish(staging: Path, out: Path) -> None:
     os.replace(staging / "config.json", out / "config.json")
 
 
-def save_model(model: Any, tokenizer: Any, spec: DiffusionSpec, out: str | Path) -> Path:
-    """Write `model` + `tokenizer` to `out` in SDAR layout; returns `out`.
+def save_model(
+    model: Any, tokenizer: Any, spec: DiffusionSpec, out: str | Path, state_dict: dict[str, Any] | None = None
+) -> Path:
+    """Write `model` + `tokenizer` to `out` in SDAR layout; returns `out`. `state_dict` replaces the model's own
+    weights (gathered sharded weights, merged LoRA weights).
 
     Layout: config.json (model_type "sdar", SDARForCausalLM, block_size, mask_token_id, no auto_map),
     model.safetensors (Qwen3 parameter names; sharded with an index for large models), generation_config.json,
@@ -325,7 +328,7 @@ def save_model(model: Any, tokenizer: Any, spec: DiffusionSpec, out: str | Path)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         _strip_tokenizer_auto_map(staging)
         sdar = to_sdar_config(model.config, spec)

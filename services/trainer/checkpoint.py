@@ -16,8 +16,8 @@ positions exact, so `--resume` restores the same objects that were saved and con
 
 Distributed use: only the main process calls `save_checkpoint`, with the unwrapped model
 (`accelerator.unwrap_model(model)`); it records that process's RNG states only. Every process calls
-`load_checkpoint`. Sharded optimizer states (DeepSpeed ZeRO, FSDP) must be gathered into a full
-`state_dict()` by the caller before saving.
+`load_checkpoint`. Sharded training (FSDP2, DeepSpeed ZeRO) adds `shards/` or `deepspeed/`, written by every
+process into the shared `staging_dir` before the main process completes it (`services.trainer.sharding`).
 """
 
 from __future__ import annotations
@@ -144,6 +144,20 @@ def _decode(obj: Any, tensors: dict[str, Tensor] | None = None) -> Any:
     return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
+def encode_json(obj: Any, path: str) -> Any:
+    """`obj` as plain JSON values that `decode_json` turns back into the same tuples, int-keyed dicts, ...
+
+    Raises:
+        TypeError: a value JSON cannot hold, named by its location under `path`.
+    """
+    return _encode(obj, path, None)
+
+
+def decode_json(obj: Any) -> Any:
+    """Inverse of `encode_json`."""
+    return _decode(obj)
+
+
 # --------------------------------------------------------------------------- optimizer <-> tensors + JSON
 
 
@@ -198,7 +212,7 @@ def _collect_refs(obj: Any) -> set[str]:
 # --------------------------------------------------------------------------- RNG
 
 
-def _rng_state() -> tuple[dict[str, Tensor], dict]:
+def rng_state() -> tuple[dict[str, Tensor], dict]:
     """Torch (CPU, every CUDA device) generator states as tensors; python and numpy states as JSON."""
     tensors = {"torch.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -214,8 +228,8 @@ def _rng_state() -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict[str, Tensor], meta: dict) -> None:
-    """Restore what `_rng_state` recorded; a CUDA state is restored only where that device exists."""
+def set_rng_state(tensors: dict[str, Tensor], meta: dict) -> None:
+    """Restore what `rng_state` recorded; a CUDA state is restored only where that device exists."""
     torch.set_rng_state(tensors["torch.cpu"])
     cuda = sorted((k for k in tensors if k.startswith("torch.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda:
@@ -238,11 +252,11 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict) -> None:
 # --------------------------------------------------------------------------- file helpers
 
 
-def _write_json(path: Path, data: Any, indent: int | None = 1) -> None:
+def write_json(path: Path, data: Any, indent: int | None = 1) -> None:
     path.write_text(json.dumps(data, indent=indent) + "\n")
 
 
-def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     # safetensors needs contiguous CPU tensors; detach so a tensor with grad history is accepted too
     save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path), metadata={"format": "pt"})
 
@@ -257,7 +271,7 @@ def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from exc
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     return _read(path, lambda p: json.loads(p.read_text()))
 
 
@@ -294,6 +308,7 @@ def _write_contents(
     scheduler: Any,
     state: TrainerState,
     merged: bool = False,
+    model_state: dict[str, Tensor] | None = None,
 ) -> None:
     """Write every checkpoint file into `out`; trainer_state.json last (readers take it as "complete")."""
     from services.trainer import lora
@@ -303,17 +318,30 @@ def _write_contents(
         if merged:
             lora.save_merged(model, tokenizer, spec, out / MODEL_DIR)
     else:
-        save_model(model, tokenizer, spec, out / MODEL_DIR)
+        save_model(model, tokenizer, spec, out / MODEL_DIR, state_dict=model_state)
     if optimizer is not None:
         tensors, meta = optimizer_to_tensors(optimizer.state_dict())
-        _write_tensors(out / OPTIMIZER_TENSORS, tensors)
-        _write_json(out / OPTIMIZER_META, meta)
+        write_tensors(out / OPTIMIZER_TENSORS, tensors)
+        write_json(out / OPTIMIZER_META, meta)
     if scheduler is not None:
-        _write_json(out / SCHEDULER_FILE, _encode(scheduler.state_dict(), "scheduler", None))
-    rng_tensors, rng_meta = _rng_state()
-    _write_tensors(out / RNG_TENSORS, rng_tensors)
-    _write_json(out / RNG_META, rng_meta, indent=None)  # 1,250 ints: one per line is noise
-    _write_json(out / STATE_FILE, {"format": FORMAT_VERSION, **_encode(asdict(state), "state", None)})
+        write_json(out / SCHEDULER_FILE, _encode(scheduler.state_dict(), "scheduler", None))
+    rng_tensors, rng_meta = rng_state()
+    write_tensors(out / RNG_TENSORS, rng_tensors)
+    write_json(out / RNG_META, rng_meta, indent=None)  # 1,250 ints: one per line is noise
+    write_json(out / STATE_FILE, {"format": FORMAT_VERSION, **_encode(asdict(state), "state", None)})
+
+
+def staging_dir(root: str | Path, step: int) -> Path:
+    """The staging folder of a checkpoint that every process writes into (sharded state), named by the step so
+    that every rank finds it without being told. Only the main process creates it (`fresh_dir`)."""
+    return Path(root) / f".{checkpoint_name(step)}{_PARTIAL_MARK}shared"
+
+
+def fresh_dir(path: Path) -> Path:
+    """`path` as a new empty folder (what a crashed save left there is deleted)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def _move_into_place(staging: Path, final: Path) -> None:
@@ -362,6 +390,8 @@ def save_checkpoint(
     state: TrainerState,
     keep_last: int = 3,
     merged: bool = False,
+    model_state: dict[str, Tensor] | None = None,
+    staging: Path | None = None,
 ) -> Path:
     """Write a complete checkpoint to `root/step-XXXXXXXX` atomically, point `root/latest` at it, prune old ones.
 
@@ -379,6 +409,9 @@ def save_checkpoint(
         state: trainer counters and extras.
         keep_last: how many checkpoints to keep, the new one included (>= 1).
         merged: a peft `model` also writes its merged weights to model/ (see `services.trainer.lora`).
+        model_state: the weights to write instead of `model`'s own (a sharded model's gathered weights).
+        staging: the folder (`staging_dir`) that other processes have already written their part into; by
+            default a new one.
 
     Returns:
         The checkpoint directory.
@@ -394,11 +427,11 @@ def save_checkpoint(
     final = checkpoint_dir(root, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{_PARTIAL_MARK}", dir=root))
+    staging = staging or Path(tempfile.mkdtemp(prefix=f".{final.name}{_PARTIAL_MARK}", dir=root))
     try:
         _write_contents(
             staging, model=model, tokenizer=tokenizer, spec=spec, optimizer=optimizer, scheduler=scheduler, state=state,
-            merged=merged,
+            merged=merged, model_state=model_state,
         )  # fmt: skip
         _move_into_place(staging, final)
     finally:
@@ -477,7 +510,7 @@ def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
 
 
 def _load_state(path: Path) -> TrainerState:
-    data = _read_json(path / STATE_FILE)
+    data = read_json(path / STATE_FILE)
     try:
         decoded = _decode(data)
         return TrainerState(
@@ -527,11 +560,11 @@ def load_checkpoint(
         else:
             _load_weights(model, path / MODEL_DIR)
     if optimizer is not None:
-        meta = _read_json(path / OPTIMIZER_META)
+        meta = read_json(path / OPTIMIZER_META)
         optimizer.load_state_dict(optimizer_from_tensors(_read_tensors(path / OPTIMIZER_TENSORS), meta))
     if scheduler is not None:
-        scheduler.load_state_dict(_decode(_read_json(path / SCHEDULER_FILE)))
+        scheduler.load_state_dict(_decode(read_json(path / SCHEDULER_FILE)))
     # last, so nothing above can consume randomness after the restore
     if restore_rng:
-        _set_rng_state(_read_tensors(path / RNG_TENSORS), _read_json(path / RNG_META))
+        set_rng_state(_read_tensors(path / RNG_TENSORS), read_json(path / RNG_META))
     return state

@@ -202,16 +202,6 @@ def merged_state_dict(peft_model) -> dict[str, Tensor]:
     return out
 
 
-class _WithState:
-    """A model whose ``save_pretrained`` writes a given state dict (the merged weights) instead of its own."""
-
-    def __init__(self, model, state: dict[str, Tensor]):
-        self.config, self._model, self._state = model.config, model, state
-
-    def save_pretrained(self, out) -> None:
-        self._model.save_pretrained(out, state_dict=self._state)
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -249,7 +239,7 @@ def save_merged(peft_model, tokenizer, spec: DiffusionSpec, out: Path) -> Path:
     from shared.model import save_model
 
     base = peft_model.get_base_model()
-    return save_model(_WithState(base, merged_state_dict(peft_model)), tokenizer, spec, out)
+    return save_model(base, tokenizer, spec, out, state_dict=merged_state_dict(peft_model))
 
 
 def read_base_info(folder: Path) -> dict[str, Any]:

@@ -26,12 +26,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from services.trainer import sharding
 from services.trainer.checkpoint import (
+    CheckpointError,
     TrainerState,
     checkpoint_name,
+    fresh_dir,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    staging_dir,
 )
 from services.trainer.config import TrainerConfig
 from services.trainer.objective import (
@@ -99,12 +103,18 @@ class GTPOTrainer:
     """Owns the policy, the optimizer and the checkpoints; knows nothing of queues or rewards."""
 
     def __init__(self, cfg: TrainerConfig, accelerator=None):
-        from accelerate import Accelerator
-
         self.cfg = cfg
         cuda = torch.cuda.is_available()
         mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
-        self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not cuda)
+        self.accelerator = accelerator or sharding.make_accelerator(mp, cuda=cuda)
+        self.sharding = sharding.sharding_kind(self.accelerator)  # None, "fsdp2" or "deepspeed"
+        if self.sharding and cfg.lora is not None:
+            raise ValueError(
+                f"lora: not supported with {self.sharding} sharding; LoRA's optimizer state is small, so train"
+                " adapters with plain data parallel (deploy/accelerate/ddp.yaml)"
+            )
+        if self.sharding == sharding.DEEPSPEED:
+            sharding.set_deepspeed_micro_batch(self.accelerator, cfg.micro_batch_size)
         self.loaded: LoadedModel = load_model(cfg.model, device=self.accelerator.device)
         self.peft = None  # with LoRA: the peft model around loaded.model (the same modules, adapters injected)
         if cfg.lora is not None:
@@ -441,30 +451,65 @@ class GTPOTrainer:
         return self.cfg.output_dir / "checkpoints"
 
     def save(self, *, publish: bool = True) -> Path:
-        """Checkpoint the current state; with `publish`, the weights become the next policy version."""
+        """Checkpoint the current state; with `publish`, the weights become the next policy version.
+
+        Every process calls it. Sharded, every process first writes its part into the step's shared staging
+        folder, then the main process adds the gathered weights and the rest and commits it.
+        """
         if publish:
             self.state.policy_version += 1
-        path = self.checkpoint_root / checkpoint_name(self.state.step)
+        root, main = self.checkpoint_root, self.accelerator.is_main_process
+        path = root / checkpoint_name(self.state.step)
+        optimizer, staging, model_state = self.optimizer.optimizer, None, None
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if self.sharding:
+            staging = staging_dir(root, self.state.step)
+            if main:
+                fresh_dir(staging)
+            self.accelerator.wait_for_everyone()
+            model_state = sharding.full_state_dict(self.accelerator, self.policy, self.unwrapped.lm)
+            if self.sharding == sharding.FSDP2:
+                sharding.save_shards(staging / sharding.SHARDS_DIR, self.unwrapped.lm, optimizer, rank=self.rank,
+                                     world=self.world)  # fmt: skip
+            else:
+                sharding.save_deepspeed(staging / sharding.DEEPSPEED_DIR, self.policy, world=self.world, main=main)
+            optimizer = None  # its state is in the shards
+            self.accelerator.wait_for_everyone()
+        if main:
             path = save_checkpoint(
-                self.checkpoint_root, self.state.step, model=self.peft or self.unwrapped.lm,
-                tokenizer=self.loaded.tokenizer, spec=self.loaded.spec, optimizer=self.optimizer.optimizer,
+                root, self.state.step, model=self.peft or self.unwrapped.lm,
+                tokenizer=self.loaded.tokenizer, spec=self.loaded.spec, optimizer=optimizer,
                 scheduler=self.scheduler.scheduler, state=self.state, keep_last=self.cfg.keep_last,
                 merged=self.cfg.lora is not None and self.cfg.lora.publish == "merged",
+                model_state=model_state, staging=staging,
             )  # fmt: skip
         self.accelerator.wait_for_everyone()
         return path
 
     def resume(self) -> bool:
-        """Continue from the latest checkpoint under output_dir, if any. Returns whether one was found."""
+        """Continue from the latest checkpoint under output_dir, if any. Returns whether one was found.
+
+        Raises:
+            CheckpointError: the checkpoint's layout cannot be resumed by this run (named, with both sides).
+        """
         path = latest_checkpoint(self.checkpoint_root)
         if path is None:
             return False
-        self.state = load_checkpoint(
-            path, model=self.peft or self.unwrapped.lm, optimizer=self.optimizer.optimizer,
-            scheduler=self.scheduler.scheduler,
-        )  # fmt: skip
+        kind = sharding.checkpoint_kind(path)
+        if problem := sharding.resume_problem(kind, self.sharding, self.world):
+            raise CheckpointError(f"{path}: {problem}")
+        lm = self.peft or self.unwrapped.lm
+        if kind is None:
+            self.state = load_checkpoint(
+                path, model=lm, optimizer=self.optimizer.optimizer, scheduler=self.scheduler.scheduler,
+            )  # fmt: skip
+        else:  # the counters and the scheduler from the main files, the rest from the shards
+            self.state = load_checkpoint(path, scheduler=self.scheduler.scheduler, restore_rng=False)
+            if kind == sharding.FSDP2:
+                sharding.load_shards(path / sharding.SHARDS_DIR, lm, self.optimizer.optimizer, rank=self.rank,
+                                     world=self.world)  # fmt: skip
+            else:
+                sharding.load_deepspeed(path / sharding.DEEPSPEED_DIR, self.policy, world=self.world)
         self.accelerator.print(f"resumed from {path} (step {self.state.step}, policy v{self.state.policy_version})")
         return True
 

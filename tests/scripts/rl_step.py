@@ -1,5 +1,5 @@
 """One GTPO step on fixed rollouts; the main process writes the updated weights (and the step's metrics as JSON
-next to them). Run plainly or under `accelerate launch` (the 2-process tests compare the two).
+next to them). Run plainly or under `accelerate launch`, DDP or FSDP2 (the 2-process tests compare them).
 
     python tests/scripts/rl_step.py MODEL_DIR OUT_FILE [micro_batch_size] [standard|decoupled]
 
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import OptimConfig, TrainerConfig
 from services.trainer.objective import LossConfig
+from services.trainer.sharding import full_state_dict
 from services.trainer.trainer import GTPOTrainer
 from shared.contracts import GenerationRequest, SamplingParams
 from shared.model import load_model
@@ -68,10 +69,11 @@ def main() -> None:
         # 11 responses: on 2 ranks one gets 6 and the other 5, so its last micro-batch (of 1) is empty
         groups[-1], rewards[-1] = groups[-1][1:], rewards[-1][1:]
     m = trainer.rl_step(groups, rewards)
-    print(f"rank {trainer.rank}/{trainer.world} loss {m['loss']:.6f} tokens {m['tokens']}", flush=True)
+    print(f"rank {trainer.rank}/{trainer.world} sharding {trainer.sharding} loss {m['loss']:.6f}"
+          f" tokens {m['tokens']}", flush=True)  # fmt: skip
+    state = full_state_dict(trainer.accelerator, trainer.policy, trainer.unwrapped.lm)  # collective under FSDP
     if trainer.accelerator.is_main_process:
-        state = {k: v.detach().contiguous().clone() for k, v in trainer.unwrapped.lm.state_dict().items()}
-        save_file(state, str(out))
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out))
         out.with_suffix(".json").write_text(json.dumps(m))
     trainer.accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
