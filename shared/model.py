@@ -256,6 +256,7 @@ def load_model(
         FileNotFoundError: no config.json or no weights.
     """
     from transformers import Qwen3ForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     path = Path(path)
     raw = read_config(path)
@@ -266,7 +267,8 @@ def load_model(
         str(path),
         config=config,
         dtype=dtype,
-        device_map=torch.device(device),
+        # under DeepSpeed ZeRO-3 (its config active in this process) each rank loads only its partition
+        **({} if is_deepspeed_zero3_enabled() else {"device_map": torch.device(device)}),
         attn_implementation=attn_implementation,
         use_safetensors=True,
         trust_remote_code=False,

@@ -1,7 +1,8 @@
-"""Sharded training (FSDP2) with real processes on CPU (gloo), launched with deploy/accelerate/fsdp.yaml as shipped
-(only the process count and the precision are set on the command line): the update equals one process's, a run
-killed mid-step resumes exactly, a checkpoint reshards onto another process count, and what cannot resume is
-refused by name. The shard reader and the row split are checked on hand-made files."""
+"""Sharded training with real processes on CPU (gloo), launched with the configs of deploy/accelerate/ as shipped
+(only the process count and the precision are set on the command line). FSDP2: the update equals one process's, a
+run killed mid-step resumes exactly, a checkpoint reshards onto another process count. DeepSpeed ZeRO-2/3: the
+steps equal one process's and a checkpoint resumes exactly. What cannot resume is refused by name. The shard reader
+and the row split are checked on hand-made files."""
 
 import json
 import os
@@ -21,19 +22,19 @@ from services.trainer.checkpoint import CheckpointError, latest_checkpoint
 from shared.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-FSDP_CONFIG = REPO / "deploy" / "accelerate" / "fsdp.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 6
 
 
-def _launch(processes: int) -> list[str]:
-    """`accelerate launch` with the shipped FSDP2 config on `processes` CPU processes."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+def _launch(processes: int, accelerate_config: str = "fsdp") -> list[str]:
+    """`accelerate launch` with a shipped config (deploy/accelerate/NAME.yaml) on `processes` CPU processes."""
+    path = REPO / "deploy" / "accelerate" / f"{accelerate_config}.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
             "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port())]  # fmt: skip
 
 
-def _sft(cfg: Path, *extra: str, processes: int = 2) -> list[str]:
-    launcher = _launch(processes) if processes > 1 else [sys.executable]
+def _sft(cfg: Path, *extra: str, processes: int = 2, accelerate_config: str = "fsdp") -> list[str]:
+    launcher = _launch(processes, accelerate_config) if processes > 1 else [sys.executable]
     return [*launcher, "-m", "services", "sft", "--config", str(cfg), *extra]
 
 
@@ -66,9 +67,9 @@ def sft_runs(tiny_dir, tmp_path_factory):
     base = {"model": str(tiny_dir), "data": str(data), "steps": STEPS, "batch_size": 8, "save_every": 1,
             "micro_batch_size": 4, "keep_last": 10, "optim": {"lr": 3e-3}}  # fmt: skip
 
-    def config(name: str) -> Path:
+    def config(name: str, **changes) -> Path:
         cfg = root / f"{name}.yaml"
-        cfg.write_text(json.dumps({**base, "output_dir": str(root / name)}))
+        cfg.write_text(json.dumps({**base, "output_dir": str(root / name), **changes}))
         return cfg
 
     _run(_sft(config("fsdp")))
@@ -173,6 +174,35 @@ def test_fsdp2_checkpoint_reshards_onto_one_process(sft_runs):
     assert all(abs(resumed[s] - fsdp[s]) <= 1e-5 * abs(fsdp[s]) for s in resumed), (resumed, fsdp)
     assert _max_diff(_weights(root / "fsdp", STEPS), _weights(root / "resharded", STEPS)) <= 1e-5
     assert sharding.checkpoint_kind(latest_checkpoint(root / "resharded" / "checkpoints")) is None
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_matches_one_process_and_resumes_exactly(sft_runs, stage):
+    """DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes with the shipped config: the steps match one process, and the
+    checkpoint of step 1 (the engine's own partitions, written by both ranks) resumes to the same losses and
+    weights as the uninterrupted run."""
+    pytest.importorskip("deepspeed")
+    root, config = sft_runs
+    steps = 3
+    straight = config(stage, steps=steps)
+    _run(_sft(straight, accelerate_config=stage))
+    run = root / stage
+    ckpt = run / "checkpoints" / "step-00000001"
+    assert sharding.checkpoint_kind(ckpt) == sharding.DEEPSPEED
+    assert json.loads((ckpt / "deepspeed" / "meta.json").read_text())["world"] == 2
+    assert len(list((ckpt / "deepspeed" / "state").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one per rank
+    one, losses = _losses(root / "one"), _losses(run)
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert all(abs(losses[s] - one[s]) <= 1e-5 * abs(one[s]) for s in losses), (losses, one)
+    assert _max_diff(_weights(run, 1), _weights(root / "one", 1)) <= 5e-5  # see the FSDP2 test
+    resumed = config(f"{stage}-resumed", steps=steps)
+    (root / f"{stage}-resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, root / f"{stage}-resumed" / "checkpoints" / ckpt.name)
+    _run(_sft(resumed, "--resume", accelerate_config=stage))
+    again = _losses(root / f"{stage}-resumed")
+    assert again == {s: losses[s] for s in range(2, steps + 1)}
+    a, b = _weights(run, steps), _weights(root / f"{stage}-resumed", steps)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unsharded_checkpoint_is_refused_under_fsdp2_naming_both(sft_runs):

@@ -15,8 +15,9 @@ hold them (`safe_open(...).get_slice`, so no rank ever holds a full tensor): a c
 resumes on any number of processes, 1 (no FSDP) included. With the same number each rank reads back exactly its
 own rows, and the run continues bit for bit.
 
-DeepSpeed keeps its engine's own format (`deepspeed/`, written by every rank through `save_checkpoint`); its
-partitions are tied to the world size, so a resume on another number of processes is refused, naming both.
+DeepSpeed keeps its engine's own format (`deepspeed/`, written by every rank through `save_checkpoint`; it pickles,
+as DeepSpeed does); its partitions are tied to the world size, so a resume on another number of processes is
+refused, naming both.
 """
 
 from __future__ import annotations
@@ -47,24 +48,38 @@ FSDP2, DEEPSPEED = "fsdp2", "deepspeed"
 
 
 def make_accelerator(mixed_precision: str, *, cuda: bool):
-    """The trainer's `Accelerator`, honouring an FSDP config on CPU too.
+    """The trainer's `Accelerator`, honouring an FSDP or DeepSpeed config on CPU too.
 
-    Accelerate applies `distributed_type: FSDP` only on accelerator devices; on CPU it silently runs the same
-    config as plain data parallel (MULTI_CPU), which is how a sharded config would pass CPU tests untested. Here
-    the launcher's FSDP settings (`ACCELERATE_USE_FSDP`, `FSDP_*`) are applied on CPU (gloo) as on GPU.
+    Accelerate applies `distributed_type: FSDP` / `DEEPSPEED` only on accelerator devices; on CPU it silently runs
+    the same config as plain data parallel (MULTI_CPU), which is how a sharded config would pass CPU tests
+    untested. Here the launcher's settings (`ACCELERATE_USE_FSDP` + `FSDP_*`, `ACCELERATE_USE_DEEPSPEED` +
+    `ACCELERATE_DEEPSPEED_*`) are applied on CPU (gloo) as Accelerate applies them on GPU.
     """
-    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
-        accelerator.state.distributed_type = DistributedType.FSDP
-        # the process-level state too: `prepare` copies it back into the accelerator's state
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return accelerator
+    state = accelerator.state
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        plugin = DeepSpeedPlugin()  # reads the launcher's ACCELERATE_DEEPSPEED_* variables
+        plugin.set_mixed_precision(mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins, kind = plugin, DistributedType.DEEPSPEED
+    elif _flag("ACCELERATE_USE_FSDP"):
+        state.fsdp_plugin, kind = FullyShardedDataParallelPlugin(), DistributedType.FSDP  # reads FSDP_*
+    else:
+        return accelerator
+    state.distributed_type = kind
+    # the process-level state too: `prepare` copies it back into the accelerator's state
+    PartialState._shared_state["distributed_type"] = kind
     return accelerator
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
 
 
 def sharding_kind(accelerator) -> str | None:
@@ -87,7 +102,7 @@ def full_state_dict(accelerator, wrapped: torch.nn.Module, lm: torch.nn.Module) 
     if kind == FSDP2:
         return _gather_rows(lm, main=accelerator.is_main_process)
     if kind == DEEPSPEED:  # ZeRO-3 gathers (zero3_save_16bit_model); ZeRO-2 holds whole parameters
-        state = accelerator.get_state_dict(wrapped)
+        state = accelerator.get_state_dict(wrapped) or {}  # None on the other ranks under ZeRO-3
         prefix = _prefix_of(accelerator.unwrap_model(wrapped), lm)
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     return {k: v.detach().cpu() for k, v in lm.state_dict().items()}
@@ -139,6 +154,9 @@ def set_deepspeed_micro_batch(accelerator, micro_batch_size: int) -> None:
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if ds.get("train_batch_size", "auto") == "auto":  # DeepSpeed checks micro x accumulation x world
+        accumulation = int(ds.get("gradient_accumulation_steps", 1))
+        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * accumulation * accelerator.num_processes
 
 
 # --------------------------------------------------------------------------- rows

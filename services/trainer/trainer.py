@@ -115,6 +115,11 @@ class GTPOTrainer:
             )
         if self.sharding == sharding.DEEPSPEED:
             sharding.set_deepspeed_micro_batch(self.accelerator, cfg.micro_batch_size)
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and cfg.loss.beta > 0:
+                raise ValueError(
+                    f"loss.beta: {cfg.loss.beta} needs a reference model, which ZeRO-3 would partition outside its"
+                    " engine; use FSDP2 (deploy/accelerate/fsdp.yaml) or ZeRO-2 for a KL term, or beta=0"
+                )
         self.loaded: LoadedModel = load_model(cfg.model, device=self.accelerator.device)
         self.peft = None  # with LoRA: the peft model around loaded.model (the same modules, adapters injected)
         if cfg.lora is not None:
