@@ -109,13 +109,16 @@ def test_shard_reader_gathers_rows_across_rank_files(tmp_path):
         sharding.ShardReader(tmp_path)
 
 
-def test_fsdp2_rl_update_equals_one_process(tiny_dir, tmp_path):
-    """One packed GTPO update on 2 FSDP2 processes gives the 1-process parameters within fp32 tolerance."""
+@pytest.mark.parametrize(("accelerate_config", "kind"), [("fsdp", "fsdp2"), ("zero3", "deepspeed")])
+def test_sharded_rl_update_equals_one_process(tiny_dir, tmp_path, accelerate_config, kind):
+    """One packed GTPO update on 2 sharded processes gives the 1-process parameters within fp32 tolerance."""
+    if kind == "deepspeed":
+        pytest.importorskip("deepspeed")
     script = REPO / "tests" / "scripts" / "rl_step.py"
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     _run([sys.executable, str(script), str(tiny_dir), str(one)])
-    out = _run([*_launch(2), str(script), str(tiny_dir), str(two)])
-    assert "rank 1/2 sharding fsdp2" in out.stdout  # really sharded, not DDP under an FSDP config
+    out = _run([*_launch(2, accelerate_config), str(script), str(tiny_dir), str(two)])
+    assert f"rank 1/2 sharding {kind}" in out.stdout  # really sharded, not DDP under a sharded config
     a, b, init = load_file(one), load_file(two), load_file(tiny_dir / "model.safetensors")
     assert _max_diff(a, b) <= 1e-5
     assert all(not torch.equal(a[k], init[k]) for k in a if k in init)
