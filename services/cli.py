@@ -208,7 +208,7 @@ def serve_cmd(
 
     Example: gtpo serve rollout model=runs/tiny port=8001 --worker
     """
-    from shared.config import ConfigError, load_settings
+    from shared.config import ConfigError, load_config
 
     overrides = list(ctx.args) + (["worker=true"] if worker else [])
     if service == "rollout":
@@ -218,7 +218,7 @@ def serve_cmd(
     else:
         raise _fail("serve", f"service: unknown {service!r}; allowed: rollout, reward")
     try:
-        settings = load_settings(cls, config, overrides)
+        settings = load_config(cls, config, overrides)
     except ConfigError as e:
         raise _fail(f"serve {service}", str(e)) from None
     if dry_run:

@@ -8,6 +8,9 @@ from typing import Annotated, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_serializer
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from shared.config import LayeredSource
 
 MASK = "***"
 HEARTBEAT_TTL_S = 15.0
@@ -104,3 +107,23 @@ def default_reward_weights() -> dict[str, float]:
 def default_worker_id(kind: str) -> str:
     """`kind@host:pid`: unique per process, readable in `gtpo status`."""
     return f"{kind}@{socket.gethostname()}:{os.getpid()}"
+
+
+class ServiceSettings(BaseSettings):
+    """Base of each service's settings (`env_prefix` `GTPO_<SERVICE>_`, nested with `__`).
+
+    `gtpo serve` loads them with `shared.config.load_config` (defaults < YAML < environment < `key=value`); built
+    directly (`RewardSettings()`, tests), they read the environment through the same source, below the keyword
+    arguments, so a variable means the same either way and a misspelt one is refused, naming the nearest.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, LayeredSource(settings_cls)

@@ -108,7 +108,7 @@ def test_serve_rollout_keeps_the_token_and_hides_it(files):
 
 def test_serve_reward_environment_value_that_does_not_parse(files):
     result = gtpo("serve", "reward", "--dry-run", env={"GTPO_REWARD_WEIGHTS": "{not json"})
-    assert_config_error(result, "invalid RewardSettings", '"weights"')
+    assert_config_error(result, "GTPO_REWARD_WEIGHTS: not valid YAML")  # the variable, as for a trainer command
     assert_config_error(gtpo("serve", "reward", 'weights={"nope": 1}'), "weights: unknown reward 'nope'")
     assert_config_error(gtpo("serve", "other"), "service: unknown 'other'")
 

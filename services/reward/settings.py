@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from services.reward.scoring import check_weights
-from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, default_reward_weights, default_worker_id
+from shared.settings import (
+    HEARTBEAT_TTL_S,
+    HeartbeatTtl,
+    RedisConfig,
+    ServiceSettings,
+    default_reward_weights,
+    default_worker_id,
+)
 
 
-class RewardSettings(BaseSettings):
+class RewardSettings(ServiceSettings):
     """What `gtpo serve reward` runs with."""
 
     model_config = SettingsConfigDict(env_prefix="GTPO_REWARD_", env_nested_delimiter="__", extra="forbid")

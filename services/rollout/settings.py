@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, default_worker_id
+from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, ServiceSettings, default_worker_id
 
 
-class RolloutSettings(BaseSettings):
+class RolloutSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GTPO_ROLLOUT_", env_nested_delimiter="__", extra="forbid")
 
     model: Path = Field(description="SDAR-layout checkpoint to serve first")
