@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
+from shared.contracts import SamplingParams
+from shared.data import ANSWER_FIELD, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
 
 app = typer.Typer(
@@ -25,6 +27,7 @@ console = Console()
 
 MODEL_PRESETS = ("tiny", "tiny-sdar")
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}  # commands taking key=value overrides
+_SAMPLING = {name: f.default for name, f in SamplingParams.model_fields.items()}  # the engines' defaults, once
 
 
 @app.callback()
@@ -79,12 +82,14 @@ def generate(
     n: int = typer.Option(1, "--n", help="samples per prompt"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     strategy: str = typer.Option(
-        "low_confidence_dynamic", "--strategy", help="low_confidence_dynamic|low_confidence_static|sequential"
+        _SAMPLING["strategy"].value, "--strategy", help="low_confidence_dynamic|low_confidence_static|sequential"
     ),
-    threshold: float = typer.Option(0.9, "--threshold", help="dynamic strategy confidence threshold"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    threshold: float = typer.Option(
+        _SAMPLING["confidence_threshold"], "--threshold", help="dynamic strategy confidence threshold"
+    ),
+    temperature: float = typer.Option(_SAMPLING["temperature"], "--temperature"),
+    top_k: int = typer.Option(_SAMPLING["top_k"], "--top-k"),
+    top_p: float = typer.Option(_SAMPLING["top_p"], "--top-p"),
     seed: int | None = typer.Option(None, "--seed", help="same seed, same output"),
     chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
@@ -324,8 +329,8 @@ def eval_cmd(
     limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
     out: Path | None = typer.Option(None, "--out", help="write the result as JSON here"),
     seed: int = typer.Option(0, "--seed"),
-    question_field: str = typer.Option("question", "--question-field", help="the column of the question"),
-    answer_field: str = typer.Option("ground_truth_answer", "--answer-field", help="the column of the answer"),
+    question_field: str = typer.Option(QUESTION_FIELD, "--question-field", help="the column of the question"),
+    answer_field: str = typer.Option(ANSWER_FIELD, "--answer-field", help="the column of the answer"),
     answer_extract: str = typer.Option(
         "none", "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
     ),

@@ -17,6 +17,12 @@ HEARTBEAT_TTL_S = 15.0
 """A worker whose last heartbeat is older than this counts as dead (it beats every third of it)."""
 DEFAULT_CODEC = "msgpack"
 """How new queue messages are encoded unless `redis.codec` says otherwise (consumers decode either codec)."""
+DEFAULT_NAMESPACE = "gtpo"
+"""The Redis key prefix of a run unless `redis.namespace` says otherwise."""
+CLAIM_IDLE_MS = 60_000
+"""A message a consumer has held this long is reclaimed (the consumer died)."""
+MAX_DELIVERIES = 5
+"""After this many deliveries a message goes to the dead stream."""
 _SECRET_QUERY_KEYS = ("pass", "token", "secret", "auth")
 
 
@@ -81,10 +87,14 @@ class RedisConfig(BaseModel):
         description="redis://[user:password@]host:port/db; None = $REDIS_URL, else redis://127.0.0.1:6379/0 "
         "(`gtpo up` instead starts an embedded server when neither is set)",
     )
-    namespace: str = Field("gtpo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     codec: Literal["json", "msgpack"] = Field(DEFAULT_CODEC, description="payload encoding of new messages")
-    claim_idle_ms: int = Field(60_000, ge=100, description="reclaim a message a consumer held this long (it died)")
-    max_deliveries: int = Field(5, ge=1, description="after this many deliveries a message goes to the dead stream")
+    claim_idle_ms: int = Field(
+        CLAIM_IDLE_MS, ge=100, description="reclaim a message a consumer held this long (it died)"
+    )
+    max_deliveries: int = Field(
+        MAX_DELIVERIES, ge=1, description="after this many deliveries a message goes to the dead stream"
+    )
 
     @field_serializer("url", when_used="json")
     def _show_url(self, url: RedisUrl | None) -> str | None:
