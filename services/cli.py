@@ -42,6 +42,22 @@ def _fail(command: str, message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _dry_run(values: dict) -> typer.Exit:
+    """--dry-run of a command without a config file: its resolved settings as YAML (secrets redacted), and exit 0."""
+    import yaml
+    from pydantic import BaseModel
+
+    def plain(v):
+        if isinstance(v, BaseModel):
+            return v.model_dump(mode="json")
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v) if isinstance(v, Path) else v
+
+    typer.echo(yaml.safe_dump({k: plain(v) for k, v in values.items()}, sort_keys=False))
+    return typer.Exit(0)
+
+
 def _check_preset(preset: str) -> str:
     if preset not in MODEL_PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; allowed presets: {', '.join(MODEL_PRESETS)}")
@@ -54,11 +70,14 @@ def init_model(
     out: Path = typer.Option(..., "--out", help="checkpoint directory to write (SDAR layout)"),
     seed: int = typer.Option(0, "--seed", help="torch seed for the random initial weights"),
     force: bool = typer.Option(False, "--force", help="overwrite a directory that already holds a checkpoint"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Write a randomly initialised checkpoint of PRESET to --out (config, safetensors weights, tokenizer)."""
     if (out / "config.json").exists() and not force:
         console.print(f"[red]{out} already holds a checkpoint; pass --force to overwrite it[/red]")
         raise typer.Exit(code=1)
+    if dry_run:
+        raise _dry_run({"preset": preset, "out": out, "seed": seed, "force": force})
 
     from shared.model import count_parameters, load_model
     from shared.tiny import init_tiny, init_tiny_sdar
@@ -94,6 +113,7 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     as_json: bool = typer.Option(False, "--json", help="print one rollout JSON per line instead of tables"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Decode prompts with the torch reference engine and show each token's denoising step.
 
@@ -119,6 +139,9 @@ def generate(
         raise typer.BadParameter(describe_validation_error(e)) from e
     if not (model / "config.json").exists():
         raise typer.BadParameter(f"--model: {model} holds no config.json (make one with `gtpo init-model tiny`)")
+    if dry_run:
+        raise _dry_run({"model": model, "prompt": prompt, "params": params, "chat": chat, "device": device,
+                        "json": as_json})  # fmt: skip
 
     from services.rollout.engines.torch_engine import TorchEngine
     from shared.contracts import GenerationRequest
@@ -301,13 +324,17 @@ def status_cmd(
     namespace: str | None = typer.Option(None, "--namespace", help="the run's redis.namespace (default: gtpo)"),
     watch: bool = typer.Option(False, "--watch", "-w", help="keep the view live, redrawn every --interval seconds"),
     interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between redraws with --watch"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Queue depths, each live worker (kind, busy / idle, weights version, last heartbeat), the trainer's step,
     policy version and last step's timings, and the weight versions; --watch keeps it live (Ctrl-C ends it)."""
-    from shared.settings import RedisConfig
+    from shared.settings import RedisConfig, redact_url
 
     if not redis_url:
         raise _fail("status", "--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
+    if dry_run:
+        raise _dry_run({"redis_url": redact_url(redis_url), "namespace": namespace or RedisConfig().namespace,
+                        "watch": watch, "interval": interval})  # fmt: skip
     from services.status_view import show
 
     show(redis_url, namespace or RedisConfig().namespace, console, watch=watch, interval_s=interval)
@@ -334,6 +361,7 @@ def eval_cmd(
     answer_extract: str = typer.Option(
         "none", "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
     ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Evaluate a checkpoint: avg@k, pass@k, boxed rate, length, tokens per step, truncation rate.
 
@@ -358,9 +386,14 @@ def eval_cmd(
         params = SamplingParams(max_new_tokens=max_new_tokens)
     except ValidationError as e:
         raise _fail("eval", describe_error(e, SamplingParams)) from None
+    if answer_extract not in ("none", "boxed", "gsm8k"):
+        raise _fail("eval", f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
+    if dry_run:
+        raise _dry_run({"dataset": dataset, "model": model, "k": k, "params": params, "template": template,
+                        "chat": chat, "rollout_url": rollout_url, "limit": limit, "out": out, "seed": seed,
+                        "question_field": question_field, "answer_field": answer_field,
+                        "answer_extract": answer_extract})  # fmt: skip
     try:
-        if answer_extract not in ("none", "boxed", "gsm8k"):
-            raise ValueError(f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
                          answer_extract=answer_extract)[:limit]  # fmt: skip
         res = evaluate(model, rows, k=k, params=params, template=template, chat=chat, rollout_url=rollout_url,
@@ -426,8 +459,11 @@ def merge_lora_cmd(
     checkpoint: Path = typer.Argument(..., help="a trainer checkpoint (with adapter/) or a LoRA adapter folder"),
     out: Path = typer.Option(..., "--out", help="folder for the merged SDAR-layout checkpoint"),
     base: Path | None = typer.Option(None, "--base", help="the base model; default: the adapter's own record"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Merge a LoRA adapter into its base and write an SDAR checkpoint that transformers and LMDeploy load."""
+    if dry_run:
+        raise _dry_run({"checkpoint": checkpoint, "out": out, "base": base})
     from services.trainer.lora import AdapterError, merge_lora
 
     try:
