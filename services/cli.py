@@ -313,8 +313,12 @@ def up_cmd(
 
     cfg = _experiment("up", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
     from services.launcher import run_stack
+    from shared.agreement import AgreementError
 
-    code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
+    try:
+        code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
+    except AgreementError as e:  # every process is stopped by then
+        raise _fail("up", str(e)) from None
     raise typer.Exit(code)
 
 

@@ -29,6 +29,7 @@ from shared.contracts import (
     Rollout,
     RolloutMessage,
     ScoreItem,
+    ServiceInfo,
     TaskMessage,
     WorkerKind,
     brief_error,
@@ -99,6 +100,10 @@ class RolloutWorker(StreamWorker):
 
     def loaded_version(self) -> int | None:
         return self.host.served_version
+
+    def service_info(self) -> ServiceInfo:
+        spec = self.host.engine.spec
+        return self.settings.info(spec.block_size, spec.mask_token_id)
 
     def servable(self, tasks: list[Task]) -> list[Task]:
         """The tasks whose policy version is served, after waiting (bounded) for the trainer to publish the newest

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
+from shared.agreement import TrainerSide
 from shared.contracts import SamplingParams
 from shared.data import ANSWER_FIELD, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE
@@ -277,6 +278,17 @@ class RLConfig(TrainerConfig):
         description="data: the answer column as it is, or a solution text's last \\boxed{} (MATH-style), or what "
         "follows its last #### (GSM8K)",
     )
+
+    def trainer_side(self, spec=None) -> TrainerSide:
+        """This run's side of the start-up agreement check (shared/agreement.py).
+
+        Args:
+            spec: the model's DiffusionSpec; None where it is not loaded (`gtpo up`, a simulated trainer).
+        """
+        return TrainerSide(namespace=self.redis.namespace, codec=self.redis.codec, reward_weights=self.reward_weights,
+                           same_weights=self.loss.reward_norm == "per_component",
+                           block_size=None if spec is None else spec.block_size,
+                           mask_token_id=None if spec is None else spec.mask_token_id)  # fmt: skip
 
     @model_validator(mode="after")
     def _check_staleness(self) -> RLConfig:
