@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.trainer.config import RLConfig
-from shared.agreement import ServiceUnreachable, check_agreement, fetch_info
+from shared.agreement import AgreementError, ServiceUnreachable, check_agreement, fetch_info
 from shared.config import dump_config
 from shared.contracts import ServiceInfo
 from shared.process import die_with_parent, free_port
@@ -66,11 +66,12 @@ SERVICE_WAIT_S = 300.0
 
 
 def check_services(cfg: RLConfig, services: list[Managed], wait_s: float = SERVICE_WAIT_S) -> dict[str, ServiceInfo]:
-    """What each started service says (`GET /info`), checked against the run; one that never answers is left to
-    the supervisor (it restarts it) and reported in the returned mapping's absence.
+    """What each started service says (`GET /info`), checked against the run; one still starting after `wait_s` is
+    left to the supervisor and missing from the returned mapping.
 
     Raises:
-        AgreementError: every mismatch, naming both values.
+        AgreementError: every mismatch, naming both values; or a service that exited before it answered (its
+            settings were refused, say), with the last line of its log.
     """
     found = {}
     for p in services:
@@ -79,7 +80,10 @@ def check_services(cfg: RLConfig, services: list[Managed], wait_s: float = SERVI
         try:
             found[p.url] = fetch_info(p.url, wait_s, alive=p.alive)
         except ServiceUnreachable:
-            continue
+            if not p.alive():
+                lines = p.log.read_text(errors="replace").strip().splitlines() if p.log.exists() else []
+                last = f": {lines[-1]}" if lines else ""
+                raise AgreementError(f"{p.name} exited before answering GET /info (log {p.log}){last}") from None
     check_agreement(cfg.trainer_side(), found)
     return found
 
