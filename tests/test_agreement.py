@@ -161,3 +161,11 @@ def test_gtpo_up_stops_before_the_trainer_when_a_service_refuses_its_settings(ti
     assert "gtpo up: reward-0 exited before answering GET /info" in out.stderr
     assert "unknown reward 'nope'" in out.stderr, out.stderr
     assert not (run / "logs" / "trainer.log").exists()  # the trainer never started
+
+
+def test_doctests():
+    import doctest
+
+    import shared.agreement
+
+    assert doctest.testmod(shared.agreement).failed == 0
