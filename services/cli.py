@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
+from shared.contracts import SamplingParams
+from shared.data import ANSWER_FIELD, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
 
 app = typer.Typer(
@@ -25,6 +27,7 @@ console = Console()
 
 MODEL_PRESETS = ("tiny", "tiny-sdar")
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}  # commands taking key=value overrides
+_SAMPLING = {name: f.default for name, f in SamplingParams.model_fields.items()}  # the engines' defaults, once
 
 
 @app.callback()
@@ -39,6 +42,22 @@ def _fail(command: str, message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _dry_run(values: dict) -> typer.Exit:
+    """--dry-run of a command without a config file: its resolved settings as YAML (secrets redacted), and exit 0."""
+    import yaml
+    from pydantic import BaseModel
+
+    def plain(v):
+        if isinstance(v, BaseModel):
+            return v.model_dump(mode="json")
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v) if isinstance(v, Path) else v
+
+    typer.echo(yaml.safe_dump({k: plain(v) for k, v in values.items()}, sort_keys=False))
+    return typer.Exit(0)
+
+
 def _check_preset(preset: str) -> str:
     if preset not in MODEL_PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; allowed presets: {', '.join(MODEL_PRESETS)}")
@@ -51,11 +70,14 @@ def init_model(
     out: Path = typer.Option(..., "--out", help="checkpoint directory to write (SDAR layout)"),
     seed: int = typer.Option(0, "--seed", help="torch seed for the random initial weights"),
     force: bool = typer.Option(False, "--force", help="overwrite a directory that already holds a checkpoint"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Write a randomly initialised checkpoint of PRESET to --out (config, safetensors weights, tokenizer)."""
     if (out / "config.json").exists() and not force:
         console.print(f"[red]{out} already holds a checkpoint; pass --force to overwrite it[/red]")
         raise typer.Exit(code=1)
+    if dry_run:
+        raise _dry_run({"preset": preset, "out": out, "seed": seed, "force": force})
 
     from shared.model import count_parameters, load_model
     from shared.tiny import init_tiny, init_tiny_sdar
@@ -79,16 +101,19 @@ def generate(
     n: int = typer.Option(1, "--n", help="samples per prompt"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     strategy: str = typer.Option(
-        "low_confidence_dynamic", "--strategy", help="low_confidence_dynamic|low_confidence_static|sequential"
+        _SAMPLING["strategy"].value, "--strategy", help="low_confidence_dynamic|low_confidence_static|sequential"
     ),
-    threshold: float = typer.Option(0.9, "--threshold", help="dynamic strategy confidence threshold"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    threshold: float = typer.Option(
+        _SAMPLING["confidence_threshold"], "--threshold", help="dynamic strategy confidence threshold"
+    ),
+    temperature: float = typer.Option(_SAMPLING["temperature"], "--temperature"),
+    top_k: int = typer.Option(_SAMPLING["top_k"], "--top-k"),
+    top_p: float = typer.Option(_SAMPLING["top_p"], "--top-p"),
     seed: int | None = typer.Option(None, "--seed", help="same seed, same output"),
     chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     as_json: bool = typer.Option(False, "--json", help="print one rollout JSON per line instead of tables"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Decode prompts with the torch reference engine and show each token's denoising step.
 
@@ -114,6 +139,9 @@ def generate(
         raise typer.BadParameter(describe_validation_error(e)) from e
     if not (model / "config.json").exists():
         raise typer.BadParameter(f"--model: {model} holds no config.json (make one with `gtpo init-model tiny`)")
+    if dry_run:
+        raise _dry_run({"model": model, "prompt": prompt, "params": params, "chat": chat, "device": device,
+                        "json": as_json})  # fmt: skip
 
     from services.rollout.engines.torch_engine import TorchEngine
     from shared.contracts import GenerationRequest
@@ -208,7 +236,7 @@ def serve_cmd(
 
     Example: gtpo serve rollout model=runs/tiny port=8001 --worker
     """
-    from shared.config import ConfigError, load_settings
+    from shared.config import ConfigError, load_config
 
     overrides = list(ctx.args) + (["worker=true"] if worker else [])
     if service == "rollout":
@@ -218,7 +246,7 @@ def serve_cmd(
     else:
         raise _fail("serve", f"service: unknown {service!r}; allowed: rollout, reward")
     try:
-        settings = load_settings(cls, config, overrides)
+        settings = load_config(cls, config, overrides)
     except ConfigError as e:
         raise _fail(f"serve {service}", str(e)) from None
     if dry_run:
@@ -285,8 +313,12 @@ def up_cmd(
 
     cfg = _experiment("up", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
     from services.launcher import run_stack
+    from shared.agreement import AgreementError
 
-    code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
+    try:
+        code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
+    except AgreementError as e:  # every process is stopped by then
+        raise _fail("up", str(e)) from None
     raise typer.Exit(code)
 
 
@@ -296,13 +328,17 @@ def status_cmd(
     namespace: str | None = typer.Option(None, "--namespace", help="the run's redis.namespace (default: gtpo)"),
     watch: bool = typer.Option(False, "--watch", "-w", help="keep the view live, redrawn every --interval seconds"),
     interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between redraws with --watch"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Queue depths, each live worker (kind, busy / idle, weights version, last heartbeat), the trainer's step,
     policy version and last step's timings, and the weight versions; --watch keeps it live (Ctrl-C ends it)."""
-    from shared.settings import RedisConfig
+    from shared.settings import RedisConfig, redact_url
 
     if not redis_url:
         raise _fail("status", "--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
+    if dry_run:
+        raise _dry_run({"redis_url": redact_url(redis_url), "namespace": namespace or RedisConfig().namespace,
+                        "watch": watch, "interval": interval})  # fmt: skip
     from services.status_view import show
 
     show(redis_url, namespace or RedisConfig().namespace, console, watch=watch, interval_s=interval)
@@ -324,11 +360,12 @@ def eval_cmd(
     limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
     out: Path | None = typer.Option(None, "--out", help="write the result as JSON here"),
     seed: int = typer.Option(0, "--seed"),
-    question_field: str = typer.Option("question", "--question-field", help="the column of the question"),
-    answer_field: str = typer.Option("ground_truth_answer", "--answer-field", help="the column of the answer"),
+    question_field: str = typer.Option(QUESTION_FIELD, "--question-field", help="the column of the question"),
+    answer_field: str = typer.Option(ANSWER_FIELD, "--answer-field", help="the column of the answer"),
     answer_extract: str = typer.Option(
         "none", "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
     ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Evaluate a checkpoint: avg@k, pass@k, boxed rate, length, tokens per step, truncation rate.
 
@@ -353,9 +390,14 @@ def eval_cmd(
         params = SamplingParams(max_new_tokens=max_new_tokens)
     except ValidationError as e:
         raise _fail("eval", describe_error(e, SamplingParams)) from None
+    if answer_extract not in ("none", "boxed", "gsm8k"):
+        raise _fail("eval", f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
+    if dry_run:
+        raise _dry_run({"dataset": dataset, "model": model, "k": k, "params": params, "template": template,
+                        "chat": chat, "rollout_url": rollout_url, "limit": limit, "out": out, "seed": seed,
+                        "question_field": question_field, "answer_field": answer_field,
+                        "answer_extract": answer_extract})  # fmt: skip
     try:
-        if answer_extract not in ("none", "boxed", "gsm8k"):
-            raise ValueError(f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
                          answer_extract=answer_extract)[:limit]  # fmt: skip
         res = evaluate(model, rows, k=k, params=params, template=template, chat=chat, rollout_url=rollout_url,
@@ -421,8 +463,11 @@ def merge_lora_cmd(
     checkpoint: Path = typer.Argument(..., help="a trainer checkpoint (with adapter/) or a LoRA adapter folder"),
     out: Path = typer.Option(..., "--out", help="folder for the merged SDAR-layout checkpoint"),
     base: Path | None = typer.Option(None, "--base", help="the base model; default: the adapter's own record"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Merge a LoRA adapter into its base and write an SDAR checkpoint that transformers and LMDeploy load."""
+    if dry_run:
+        raise _dry_run({"checkpoint": checkpoint, "out": out, "base": base})
     from services.trainer.lora import AdapterError, merge_lora
 
     try:

@@ -2,7 +2,8 @@
 
 `gtpo up` starts a real Redis (embedded, with AOF, unless REDIS_URL is set), the rollout and reward workers and the
 trainer, each a separate process logging to `output_dir/logs/`, restarts a worker that dies, follows the trainer's
-metrics with a progress bar, and stops everything when the trainer exits.
+metrics with a progress bar, and stops everything when the trainer exits. Before it starts the trainer, every service
+must agree with the run (`check_services`); the trainer then checks its model's block size and mask id itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.trainer.config import RLConfig
+from shared.agreement import AgreementError, ServiceUnreachable, check_agreement, fetch_info
 from shared.config import dump_config
+from shared.contracts import ServiceInfo
 from shared.process import die_with_parent, free_port
 from shared.settings import redact_url
 
@@ -32,6 +35,8 @@ class Managed:
     log: Path
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    url: str | None = None
+    """Where a service answers HTTP (its `GET /info`); None for the trainer."""
 
     def start(self, env: dict[str, str]) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +59,33 @@ class Managed:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+SERVICE_WAIT_S = 300.0
+"""How long `gtpo up` waits for each service to answer `GET /info` (a rollout service loads its model first)."""
+
+
+def check_services(cfg: RLConfig, services: list[Managed], wait_s: float = SERVICE_WAIT_S) -> dict[str, ServiceInfo]:
+    """What each started service says (`GET /info`), checked against the run; one still starting after `wait_s` is
+    left to the supervisor and missing from the returned mapping.
+
+    Raises:
+        AgreementError: every mismatch, naming both values; or a service that exited before it answered (its
+            settings were refused, say), with the last line of its log.
+    """
+    found = {}
+    for p in services:
+        if p.url is None:
+            continue
+        try:
+            found[p.url] = fetch_info(p.url, wait_s, alive=p.alive)
+        except ServiceUnreachable:
+            if not p.alive():
+                lines = p.log.read_text(errors="replace").strip().splitlines() if p.log.exists() else []
+                last = f": {lines[-1]}" if lines else ""
+                raise AgreementError(f"{p.name} exited before answering GET /info (log {p.log}){last}") from None
+    check_agreement(cfg.trainer_side(), found)
+    return found
 
 
 def _gtpo(*args: str) -> list[str]:
@@ -80,11 +112,12 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
         urls.append(f"http://127.0.0.1:{port}")
         cmd = _gtpo("serve", "rollout", "--worker", f"model={cfg.model.resolve()}", f"checkpoint_root={root}",
                     f"port={port}", f"worker_id=rollout-{i}", *common)  # fmt: skip
-        procs.append(Managed(f"rollout-{i}", cmd, logs / f"rollout-{i}.log"))
+        procs.append(Managed(f"rollout-{i}", cmd, logs / f"rollout-{i}.log", url=urls[-1]))
     for i in range(reward_workers):
-        cmd = _gtpo("serve", "reward", "--worker", f"port={free_port(ports)}", f"worker_id=reward-{i}",
+        port = free_port(ports)
+        cmd = _gtpo("serve", "reward", "--worker", f"port={port}", f"worker_id=reward-{i}",
                     f"weights={json.dumps(cfg.reward_weights)}", *common)  # fmt: skip
-        procs.append(Managed(f"reward-{i}", cmd, logs / f"reward-{i}.log"))
+        procs.append(Managed(f"reward-{i}", cmd, logs / f"reward-{i}.log", url=f"http://127.0.0.1:{port}"))
     trainer_cfg = cfg.model_copy(
         update={"rollout_urls": urls, "api_token": None, "redis": cfg.redis.model_copy(update={"url": None})}
     )
@@ -131,6 +164,10 @@ def run_stack(
     try:
         for p in workers:
             p.start(env)
+        found = check_services(cfg, workers)
+        unchecked = [p.name for p in workers if p.url not in found]
+        console.print(f"services agree with the run: {len(found)} checked" +
+                      (f"; not answering, unchecked: {', '.join(unchecked)}" if unchecked else ""))  # fmt: skip
         trainer.start(env)
         return _supervise(trainer, workers, env, run_dir, cfg.steps, console)
     finally:

@@ -1,9 +1,11 @@
 """Experiment files and service settings: YAML, `GTPO_*` environment variables and dotted `key=value` arguments,
 validated once, with errors that name the field (and the nearest one for a typo) and never print a secret.
 
-Every command, lowest first: the model's defaults, the YAML file, the environment, then `key=value` arguments.
-Trainer commands (`gtpo train`, `sft`, `up`, `launch`) read `GTPO_SECTION__KEY=value` variables; services
-(`gtpo serve`) their `GTPO_ROLLOUT_*` / `GTPO_REWARD_*` variables, read by pydantic-settings (`load_settings`).
+One loader, `load_config`, for every command and service, lowest first: the model's defaults, the YAML file, the
+environment, then `key=value` arguments. The layers above the defaults are one pydantic-settings source
+(`LayeredSource`); a service's settings class (shared/settings.py `ServiceSettings`) reads the environment through
+the same source when it is built directly. Trainer commands (`gtpo train`, `sft`, `up`, `launch`) read
+`GTPO_SECTION__KEY=value` variables; each service its `GTPO_ROLLOUT_*` / `GTPO_REWARD_*` ones (its `env_prefix`).
 
 Environment and `key=value` values are typed by the field they set: a string field (a token, a path, a name) takes
 the text byte for byte; a field of numbers, booleans, lists, mappings or a section parses it as JSON, else as YAML
@@ -22,6 +24,8 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 M = TypeVar("M", bound=BaseModel)
 ENV_PREFIX = "GTPO_"
@@ -208,58 +212,46 @@ def _services_variable(name: str) -> bool:
     )
 
 
+def env_prefix(model: type[BaseModel]) -> str:
+    """The prefix of `model`'s variables: a service's `env_prefix` (`GTPO_ROLLOUT_`), else `GTPO_` (trainer)."""
+    return model.model_config.get("env_prefix") or ENV_PREFIX
+
+
 def env_overrides(
     model: type[BaseModel], environ: Mapping[str, str], *, siblings: Iterable[type[BaseModel]] = ()
 ) -> list[tuple[str, Any]]:
-    """Typed `(dotted key, value)` pairs of the `GTPO_*` variables that set fields of `model`.
+    """Typed `(dotted key, value)` pairs of the variables with `model`'s prefix (`env_prefix`).
 
-    `GTPO_OPTIM__LR=1e-5` -> `("optim.lr", 1e-05)`. Left alone: the services' variables (`SERVICE_ENV_PREFIXES`),
-    `FOREIGN_ENV`, and variables naming a field of a sibling (another trainer command's config, e.g. `run_id`
-    while `gtpo sft` runs).
+    `GTPO_OPTIM__LR=1e-5` -> `("optim.lr", 1e-05)`, `GTPO_ROLLOUT_REDIS__URL=...` -> `("redis.url", ...)`. A
+    trainer command leaves alone the services' variables (`SERVICE_ENV_PREFIXES`), `FOREIGN_ENV`, and variables
+    naming a field of a sibling (another trainer command's config, e.g. `run_id` while `gtpo sft` runs); a service
+    leaves alone names that continue its prefix with `_` (`GTPO_ROLLOUT__GROUP_SIZE`: the trainer's `rollout`).
 
     Raises:
-        ConfigError: any other `GTPO_*` variable (a typo), naming it and the nearest variable; a value that does
-            not parse for its field.
+        ConfigError: any other variable with the prefix that names no setting (a typo), naming it and the nearest
+            variable; a value that does not parse for its field.
     """
+    prefix = env_prefix(model)
     siblings = list(siblings)
     out = []
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX) or _services_variable(name):
+        rest = name[len(prefix) :]
+        if not name.startswith(prefix) or not rest:
             continue
-        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if _services_variable(name) if prefix == ENV_PREFIX else rest.startswith("_"):
+            continue
+        key = rest.lower().replace("__", ".")
         top = key.split(".")[0]
         if top not in model.model_fields and any(top in s.model_fields for s in siblings):
             continue
         try:
             out.append((key, parse_value(field_type(model, key), raw)))
         except UnknownKey as e:
-            hint = f"; did you mean {env_name(e.nearest)}?" if e.nearest else ""
+            hint = f"; did you mean {env_name(e.nearest, prefix)}?" if e.nearest else ""
             raise ConfigError(f"{name}: not a setting of {model.__name__} ({key}){hint}") from None
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
     return out
-
-
-def check_service_environ(settings: type[BaseModel], environ: Mapping[str, str]) -> None:
-    """Refuse a variable with the service's prefix that names none of its settings (a typo), naming the nearest.
-
-    pydantic-settings reads the values; it ignores unknown names, so `GTPO_ROLLOUT_PORTT=1` would pass unseen.
-    Names continuing the prefix with `_` (`GTPO_ROLLOUT__GROUP_SIZE`) are the trainer's `rollout` section.
-    """
-    prefix = settings.model_config.get("env_prefix", "")
-    delimiter = settings.model_config.get("env_nested_delimiter") or "__"
-    for name in sorted(environ):
-        rest = name[len(prefix) :]
-        if not prefix or not name.startswith(prefix) or not rest or rest.startswith("_"):
-            continue
-        key = rest.lower().replace(delimiter, ".")
-        try:
-            field_type(settings, key)
-        except UnknownKey as e:
-            hint = f"; did you mean {env_name(e.nearest, prefix)}?" if e.nearest else ""
-            raise ConfigError(f"{name}: not a setting of {settings.__name__} ({key}){hint}") from None
-        except ConfigError as e:
-            raise ConfigError(f"{name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- errors
@@ -323,6 +315,68 @@ def _invalid(model: type[BaseModel], err: ValidationError) -> ConfigError:
 # --------------------------------------------------------------------------- loading
 
 
+class LayeredSource(PydanticBaseSettingsSource):
+    """The settings above the defaults, as one pydantic-settings source: the YAML file, then the environment
+    (`env_overrides`), then `key=value` arguments, each later one setting its dotted keys over the earlier ones (a
+    nested section merges, a value given whole replaces the one below).
+
+    Args:
+        settings_cls: the config or settings class the values are for (it types them and names the variables).
+        path: the YAML file, or None.
+        overrides: `key=value` texts.
+        environ: the environment (None = `os.environ`).
+        siblings: the other trainer commands' configs, whose variables this one leaves alone.
+    """
+
+    def __init__(
+        self,
+        settings_cls: type[BaseModel],
+        path: str | Path | None = None,
+        overrides: Iterable[str] = (),
+        environ: Mapping[str, str] | None = None,
+        *,
+        siblings: Iterable[type[BaseModel]] = (),
+    ) -> None:
+        super().__init__(settings_cls)  # type: ignore[arg-type]  # any model: only its fields are read
+        self.path, self.overrides, self.siblings = path, list(overrides), tuple(siblings)
+        self.environ = os.environ if environ is None else environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ builds the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        model = self.settings_cls
+        data = read_yaml(self.path) if self.path is not None else {}
+        for key, value in env_overrides(model, self.environ, siblings=self.siblings):
+            _put(model, data, key, value)
+        for text in self.overrides:
+            _put(model, data, *typed_override(model, text))
+        return data
+
+
+def _put(model: type[BaseModel], data: dict[str, Any], key: str, value: Any) -> None:
+    """`set_dotted`, but a mapping given for a section merges into the section below, key by key (as
+    pydantic-settings merges its sources); any other value, a mapping-typed field's included, replaces it."""
+    try:
+        section = isinstance(value, dict) and _section(field_type(model, key)) is not None
+    except ConfigError:  # an unknown key: validation names it
+        section = False
+    if not section:
+        set_dotted(data, key, value)
+        return
+    set_dotted(data, key, _data_at(data, key) if isinstance(_data_at(data, key), dict) else {})
+    for k, v in value.items():
+        _put(model, data, f"{key}.{k}", v)
+
+
+def _data_at(data: dict[str, Any], dotted: str) -> Any:
+    """`data["a"]["b"]` for `dotted == "a.b"`, None where a level is missing."""
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def load_config(
     model: type[M],
     path: str | Path | None = None,
@@ -331,66 +385,23 @@ def load_config(
     *,
     siblings: Iterable[type[BaseModel]] = (),
 ) -> M:
-    """Build and validate a trainer command's `model` from a YAML file, `GTPO_*` variables and `key=value`s.
+    """Build and validate `model` (a trainer command's config or a service's settings): its defaults < the YAML
+    file < its `GTPO_*` variables < `key=value` overrides (`LayeredSource`).
 
     Args:
         environ: the environment (None = `os.environ`); see `env_overrides`.
         siblings: the configs of the other trainer commands, whose variables this one leaves alone.
+
+    Raises:
+        ConfigError: one line per bad field, naming it (and the nearest one for a typo), never showing a secret.
     """
-    data = read_yaml(path) if path is not None else {}
-    for key, value in env_overrides(model, os.environ if environ is None else environ, siblings=siblings):
-        set_dotted(data, key, value)
-    for text in overrides or []:
-        set_dotted(data, *typed_override(model, text))
+    source = LayeredSource(model, path, overrides or [], environ, siblings=siblings)
     try:
-        return model.model_validate(data)
+        if issubclass(model, BaseSettings):  # exactly these layers, not the class's own reading of os.environ
+            return model(_build_sources=((source,), {}))
+        return model.model_validate(source())
     except ValidationError as e:
         raise _invalid(model, e) from None
-
-
-def _unset_dotted(data: dict[str, Any], dotted: str) -> None:
-    """Remove `data["a"]["b"]` for `dotted == "a.b"` if it is there."""
-    *parents, leaf = dotted.split(".")
-    node: Any = data
-    for p in parents:
-        node = node.get(p) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(leaf, None)
-
-
-def service_env_keys(settings: type[BaseModel], environ: Mapping[str, str]) -> list[str]:
-    """The dotted keys that the service's own variables set (`GTPO_ROLLOUT_REDIS__URL` -> `redis.url`)."""
-    prefix = settings.model_config.get("env_prefix", "")
-    delimiter = settings.model_config.get("env_nested_delimiter") or "__"
-    return [
-        name[len(prefix) :].lower().replace(delimiter, ".")
-        for name in sorted(environ)
-        if prefix and name.startswith(prefix) and name[len(prefix) :] and not name[len(prefix) :].startswith("_")
-    ]
-
-
-def load_settings(settings: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
-    """A service's settings, in the order of every command: defaults < the YAML file < its `GTPO_<SERVICE>_*`
-    variables < `key=value` overrides.
-
-    pydantic-settings reads the variables (its environment source ranks below the values passed in); a setting a
-    variable names is taken out of the YAML values, so the variable wins over the file, and `key=value` wins over
-    both. Nested sections merge: `GTPO_ROLLOUT_REDIS__URL` and a file's `redis.namespace` both apply.
-    """
-    from pydantic_settings import SettingsError
-
-    check_service_environ(settings, os.environ)
-    data = read_yaml(path) if path is not None else {}
-    for key in service_env_keys(settings, os.environ):
-        _unset_dotted(data, key)
-    for text in overrides or []:
-        set_dotted(data, *typed_override(settings, text))
-    try:
-        return settings(**data)
-    except ValidationError as e:
-        raise _invalid(settings, e) from None
-    except SettingsError as e:  # an environment value pydantic-settings could not parse; names the field only
-        raise ConfigError(f"invalid {settings.__name__}: {e}") from None
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -371,3 +371,22 @@ class WeightsResponse(BaseModel):
     path: str = Field(description="its checkpoint folder, resolved")
     seconds: float = Field(description="load time; 0 when that version was already served from that path")
     previous: int | None = Field(None, description="the version served before; None = the start model")
+
+
+class ServiceInfo(BaseModel):
+    """What a rollout or reward service runs with, where the trainer must agree: `GET /info`, and the `service`
+    entry of its workers' heartbeats (for workers reached through Redis only). Checked by `gtpo up` and the trainer
+    before the first step (shared/agreement.py)."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer service may say more; what is checked stays
+
+    kind: WorkerKind = Field(description="rollout or reward")
+    worker_id: str = Field(description="its id in the registry (`gtpo status`)")
+    namespace: str = Field(description="redis.namespace: the streams it reads and writes")
+    codec: Literal["json", "msgpack"] = Field(description="redis.codec: how it encodes the messages it writes")
+    block_size: int | None = Field(None, ge=1, description="rollout: the served model's block size")
+    mask_token_id: int | None = Field(None, ge=0, description="rollout: the served model's mask token id")
+    rewards: list[str] = Field(default_factory=list, description="reward: every reward name it can score")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="reward: the weights it scores the stream with (a request may name others)"
+    )

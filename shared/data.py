@@ -25,6 +25,11 @@ from typing import Any, Literal
 
 from shared.answers import extract_last_boxed
 
+QUESTION_FIELD = "question"
+"""The column of the question (RL, eval) unless `question_field` names another."""
+ANSWER_FIELD = "ground_truth_answer"
+"""The column of the reference answer (RL, eval) unless `answer_field` names another."""
+
 HUB_PREFIX = "hf:"
 AnswerExtract = Literal["none", "boxed", "gsm8k"]
 
@@ -161,8 +166,8 @@ def map_columns(
     rows: list[Mapping[str, Any]],
     source: str | Path,
     *,
-    question_field: str = "question",
-    answer_field: str = "ground_truth_answer",
+    question_field: str = QUESTION_FIELD,
+    answer_field: str = ANSWER_FIELD,
     answer_extract: AnswerExtract = "none",
 ) -> list[dict[str, str]]:
     """`{question, ground_truth_answer}` rows from `question_field` and `answer_field` (through `answer_extract`).
@@ -194,8 +199,8 @@ def map_columns(
 def load_qa(
     source: str | Path,
     *,
-    question_field: str = "question",
-    answer_field: str = "ground_truth_answer",
+    question_field: str = QUESTION_FIELD,
+    answer_field: str = ANSWER_FIELD,
     answer_extract: AnswerExtract = "none",
     default_split: str = "train",
 ) -> list[dict[str, str]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from shared.settings import DEFAULT_NAMESPACE
+
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 """No braces (hash tag), colons (separator) or glob characters (`pattern` must match literally)."""
 
@@ -23,7 +25,7 @@ class Keys:
         namespace: 1-64 characters from ``[A-Za-z0-9_.-]``.
     """
 
-    namespace: str = "gtpo"
+    namespace: str = DEFAULT_NAMESPACE
 
     def __post_init__(self) -> None:
         if not _NAMESPACE.match(self.namespace):

@@ -32,7 +32,7 @@ from redis.retry import Retry
 
 from shared.contracts import WeightsVersion, WorkerKind
 from shared.keys import Keys
-from shared.settings import DEFAULT_CODEC, HEARTBEAT_TTL_S
+from shared.settings import CLAIM_IDLE_MS, DEFAULT_CODEC, HEARTBEAT_TTL_S, MAX_DELIVERIES
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ class Queue:
         redis: redis.Redis,
         keys: Keys,
         codec: str | Codec = DEFAULT_CODEC,
-        claim_idle_ms: int = 60_000,
-        max_deliveries: int = 5,
+        claim_idle_ms: int = CLAIM_IDLE_MS,
+        max_deliveries: int = MAX_DELIVERIES,
         idem_ttl_s: int = 7 * 24 * 3600,
         dead_maxlen: int = 100_000,
     ) -> None:

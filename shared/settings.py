@@ -8,12 +8,21 @@ from typing import Annotated, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_serializer
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from shared.config import LayeredSource
 
 MASK = "***"
 HEARTBEAT_TTL_S = 15.0
 """A worker whose last heartbeat is older than this counts as dead (it beats every third of it)."""
 DEFAULT_CODEC = "msgpack"
 """How new queue messages are encoded unless `redis.codec` says otherwise (consumers decode either codec)."""
+DEFAULT_NAMESPACE = "gtpo"
+"""The Redis key prefix of a run unless `redis.namespace` says otherwise."""
+CLAIM_IDLE_MS = 60_000
+"""A message a consumer has held this long is reclaimed (the consumer died)."""
+MAX_DELIVERIES = 5
+"""After this many deliveries a message goes to the dead stream."""
 _SECRET_QUERY_KEYS = ("pass", "token", "secret", "auth")
 
 
@@ -78,10 +87,14 @@ class RedisConfig(BaseModel):
         description="redis://[user:password@]host:port/db; None = $REDIS_URL, else redis://127.0.0.1:6379/0 "
         "(`gtpo up` instead starts an embedded server when neither is set)",
     )
-    namespace: str = Field("gtpo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     codec: Literal["json", "msgpack"] = Field(DEFAULT_CODEC, description="payload encoding of new messages")
-    claim_idle_ms: int = Field(60_000, ge=100, description="reclaim a message a consumer held this long (it died)")
-    max_deliveries: int = Field(5, ge=1, description="after this many deliveries a message goes to the dead stream")
+    claim_idle_ms: int = Field(
+        CLAIM_IDLE_MS, ge=100, description="reclaim a message a consumer held this long (it died)"
+    )
+    max_deliveries: int = Field(
+        MAX_DELIVERIES, ge=1, description="after this many deliveries a message goes to the dead stream"
+    )
 
     @field_serializer("url", when_used="json")
     def _show_url(self, url: RedisUrl | None) -> str | None:
@@ -104,3 +117,23 @@ def default_reward_weights() -> dict[str, float]:
 def default_worker_id(kind: str) -> str:
     """`kind@host:pid`: unique per process, readable in `gtpo status`."""
     return f"{kind}@{socket.gethostname()}:{os.getpid()}"
+
+
+class ServiceSettings(BaseSettings):
+    """Base of each service's settings (`env_prefix` `GTPO_<SERVICE>_`, nested with `__`).
+
+    `gtpo serve` loads them with `shared.config.load_config` (defaults < YAML < environment < `key=value`); built
+    directly (`RewardSettings()`, tests), they read the environment through the same source, below the keyword
+    arguments, so a variable means the same either way and a misspelt one is refused, naming the nearest.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, LayeredSource(settings_cls)

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 
+from shared.contracts import ServiceInfo
 from shared.keys import Keys
 from shared.queue import TRANSIENT_ERRORS, Queue, WeightRegistry, connect, with_reconnect
 from shared.settings import HEARTBEAT_TTL_S, RedisConfig
@@ -45,9 +46,17 @@ class StreamWorker:
         """The weights version this worker serves (rollout workers), None for workers without weights."""
         return None
 
+    def service_info(self) -> ServiceInfo | None:
+        """What the worker runs with, for the trainer's start-up check (shared/agreement.py); None = nothing."""
+        return None
+
     def heartbeat(self) -> None:
-        """Alive, serving `loaded_version()`, with the busy and up seconds the trainer's busy fraction needs."""
+        """Alive, serving `loaded_version()`, with the busy and up seconds the trainer's busy fraction needs and
+        the `service_info()` its start-up check reads."""
         info = {"busy_s": round(self.busy_s, 3), "up_s": round(time.monotonic() - self.started, 3)}
+        said = self.service_info()
+        if said is not None:
+            info["service"] = said.model_dump(mode="json")
         self.registry.heartbeat(self.kind, self.id, self.loaded_version(), ttl_s=self.heartbeat_ttl_s, info=info)
 
     def tick(self) -> int:

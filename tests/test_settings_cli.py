@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -108,7 +109,7 @@ def test_serve_rollout_keeps_the_token_and_hides_it(files):
 
 def test_serve_reward_environment_value_that_does_not_parse(files):
     result = gtpo("serve", "reward", "--dry-run", env={"GTPO_REWARD_WEIGHTS": "{not json"})
-    assert_config_error(result, "invalid RewardSettings", '"weights"')
+    assert_config_error(result, "GTPO_REWARD_WEIGHTS: not valid YAML")  # the variable, as for a trainer command
     assert_config_error(gtpo("serve", "reward", 'weights={"nope": 1}'), "weights: unknown reward 'nope'")
     assert_config_error(gtpo("serve", "other"), "service: unknown 'other'")
 
@@ -158,3 +159,26 @@ def test_a_real_process_prints_one_line_for_a_broken_serve_config(files):
         f"gtpo serve rollout: config {files['broken']}: not valid YAML at line 2, column 6 "
         "(expected ',' or ']', but got ':')"
     ]
+
+
+def test_dry_run_of_the_commands_without_a_config_file_prints_their_settings_and_does_nothing(files, tmp_path):
+    out = tmp_path / "nothing-here"
+    shown = yaml.safe_load(gtpo("init-model", "tiny", "--out", out, "--seed", "3", "--dry-run").stdout)
+    assert shown == {"preset": "tiny", "out": str(out), "seed": 3, "force": False} and not out.exists()
+    shown = yaml.safe_load(gtpo("merge-lora", tmp_path / "ckpt", "--out", out, "--dry-run").stdout)
+    assert shown == {"checkpoint": str(tmp_path / "ckpt"), "out": str(out), "base": None} and not out.exists()
+    # a closed port: nothing connects to it
+    shown = yaml.safe_load(gtpo("status", "--redis-url", f"redis://:{PASSWORD}@127.0.0.1:1/0", "--dry-run").stdout)
+    assert shown == {"redis_url": "redis://:***@127.0.0.1:1/0", "namespace": "gtpo", "watch": False, "interval": 1.0}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")  # only looked for: nothing is loaded
+    result = gtpo("generate", "--model", tmp_path / "m", "--prompt", "1+1", "--top-k", "5", "--dry-run")
+    shown = yaml.safe_load(result.stdout)
+    assert shown["params"]["top_k"] == 5 and shown["params"]["temperature"] == 1.0 and shown["prompt"] == ["1+1"]
+    result = gtpo("eval", files["data"], "--model", tmp_path / "absent", "--k", "2", "--out", out, "--dry-run")
+    shown = yaml.safe_load(result.stdout)
+    assert (
+        shown["k"] == 2 and shown["params"]["max_new_tokens"] == 512 and shown["answer_field"] == "ground_truth_answer"
+    )
+    assert not out.exists()
+    assert_config_error(gtpo("eval", files["data"], "--answer-extract", "last", "--dry-run"), "--answer-extract")

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.reward.deps import MetricsDep, PoolDep, SettingsDep
 from services.reward.scoring import check_weights, score_items
-from shared.contracts import ScoreRequest, ScoreResponse
+from shared.contracts import ScoreRequest, ScoreResponse, ServiceInfo
 from shared.http import metrics_response
 
 router = APIRouter()
@@ -38,6 +38,12 @@ async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metric
         results = await run_in_threadpool(score_items, body.items, weights, pool, deadline=deadline)
     metrics.observe(results)
     return ScoreResponse(results=results)
+
+
+@router.get("/info", response_model=ServiceInfo)
+async def info(settings: SettingsDep) -> ServiceInfo:
+    """What the trainer checks before its first step: namespace, codec, the reward names known, the weights."""
+    return settings.info()
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

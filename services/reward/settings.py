@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from services.reward.scoring import check_weights
-from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, default_reward_weights, default_worker_id
+from services.reward.scoring import REWARDS, check_weights
+from shared.contracts import ServiceInfo, WorkerKind
+from shared.settings import (
+    HEARTBEAT_TTL_S,
+    HeartbeatTtl,
+    RedisConfig,
+    ServiceSettings,
+    default_reward_weights,
+    default_worker_id,
+)
 
 
-class RewardSettings(BaseSettings):
+class RewardSettings(ServiceSettings):
     """What `gtpo serve reward` runs with."""
 
     model_config = SettingsConfigDict(env_prefix="GTPO_REWARD_", env_nested_delimiter="__", extra="forbid")
@@ -36,6 +44,11 @@ class RewardSettings(BaseSettings):
     batch: int = Field(32, ge=1, le=4096, description="rollouts read from the stream at once")
     heartbeat_ttl_s: HeartbeatTtl = HEARTBEAT_TTL_S
     redis: RedisConfig = Field(default_factory=RedisConfig)
+
+    def info(self) -> ServiceInfo:
+        """What `GET /info` and the worker's heartbeat say (the trainer's start-up check reads it)."""
+        return ServiceInfo(kind=WorkerKind.reward, worker_id=self.worker_id, namespace=self.redis.namespace,
+                           codec=self.redis.codec, rewards=sorted(REWARDS), weights=self.weights)  # fmt: skip
 
     @field_validator("weights")
     @classmethod

@@ -17,7 +17,7 @@ import threading
 from services.reward.scoring import item_from_rollout, score_items
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
-from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem, WorkerKind, brief_error
+from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem, ServiceInfo, WorkerKind, brief_error
 from shared.queue import Delivery
 from shared.worker import StreamWorker
 
@@ -32,6 +32,9 @@ class RewardWorker(StreamWorker):
         super().__init__(settings.redis, settings.worker_id)
         self.pool, self.settings = pool, settings
         self.heartbeat_ttl_s = settings.heartbeat_ttl_s
+
+    def service_info(self) -> ServiceInfo:
+        return self.settings.info()
 
     def tick(self) -> int:
         """Read one batch; score what can be scored, dead-letter what cannot. Returns entries completed."""

@@ -1,8 +1,8 @@
 """The rollout service's FastAPI app: `create_app(settings)` and `serve(settings)` (design.md section 4).
 
-`POST /v1/generate`, `POST /v1/weights`, `/health`, `/ready`, `/metrics`. The engine is loaded by the lifespan (so
-building the app loads nothing); in worker mode the lifespan also runs the task worker (services/rollout/worker.py)
-in a background thread, sharing the engine host with the routes.
+`POST /v1/generate`, `POST /v1/weights`, `GET /info` (what the trainer's start-up check reads), `/health`, `/ready`,
+`/metrics`. The engine is loaded by the lifespan (so building the app loads nothing); in worker mode the lifespan also
+runs the task worker (services/rollout/worker.py) in a background thread, sharing the engine host with the routes.
 """
 
 from __future__ import annotations

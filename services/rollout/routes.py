@@ -14,6 +14,7 @@ from shared.contracts import (
     GenerateRequest,
     GenerateResponse,
     GenerationRequest,
+    ServiceInfo,
     WeightsRequest,
     WeightsResponse,
     brief_error,
@@ -64,6 +65,13 @@ async def weights(body: WeightsRequest, host: HostDep, settings: SettingsDep) ->
         raise HTTPException(e.status, str(e)) from e
     previous = None if done.previous is None else done.previous.version
     return WeightsResponse(version=done.version, path=done.path, seconds=done.seconds, previous=previous)
+
+
+@router.get("/info", response_model=ServiceInfo, responses={503: {"description": "the engine is not loaded yet"}})
+async def info(host: HostDep, settings: SettingsDep) -> ServiceInfo:
+    """What the trainer checks before its first step: namespace, codec, the served model's block size and mask id."""
+    spec = host.engine.spec
+    return settings.info(spec.block_size, spec.mask_token_id)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, default_worker_id
+from shared.contracts import ServiceInfo, WorkerKind
+from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, ServiceSettings, default_worker_id
 
 
-class RolloutSettings(BaseSettings):
+class RolloutSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GTPO_ROLLOUT_", env_nested_delimiter="__", extra="forbid")
 
     model: Path = Field(description="SDAR-layout checkpoint to serve first")
@@ -38,6 +39,11 @@ class RolloutSettings(BaseSettings):
     )
     heartbeat_ttl_s: HeartbeatTtl = HEARTBEAT_TTL_S
     redis: RedisConfig = Field(default_factory=RedisConfig)
+
+    def info(self, block_size: int, mask_token_id: int) -> ServiceInfo:
+        """What `GET /info` and the worker's heartbeat say, with the served model's block size and mask id."""
+        return ServiceInfo(kind=WorkerKind.rollout, worker_id=self.worker_id, namespace=self.redis.namespace,
+                           codec=self.redis.codec, block_size=block_size, mask_token_id=mask_token_id)  # fmt: skip
 
     def root(self) -> Path:
         return (self.checkpoint_root or self.model.parent).resolve()

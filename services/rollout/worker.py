@@ -29,6 +29,7 @@ from shared.contracts import (
     Rollout,
     RolloutMessage,
     ScoreItem,
+    ServiceInfo,
     TaskMessage,
     WorkerKind,
     brief_error,
@@ -99,6 +100,12 @@ class RolloutWorker(StreamWorker):
 
     def loaded_version(self) -> int | None:
         return self.host.served_version
+
+    def service_info(self) -> ServiceInfo | None:
+        engine = getattr(self.host, "engine", None)  # a host without a model (bench/async_rl.py) has no spec to say
+        if engine is None:
+            return None
+        return self.settings.info(engine.spec.block_size, engine.spec.mask_token_id)
 
     def servable(self, tasks: list[Task]) -> list[Task]:
         """The tasks whose policy version is served, after waiting (bounded) for the trainer to publish the newest

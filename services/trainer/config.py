@@ -7,6 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
+from shared.agreement import TrainerSide
+from shared.contracts import SamplingParams
+from shared.data import ANSWER_FIELD, QUESTION_FIELD
+from shared.prompts import PROMPT_TEMPLATE
 from shared.settings import RedisConfig, default_reward_weights
 
 
@@ -191,15 +195,21 @@ class SFTConfig(TrainerConfig):
     response_field: str = Field("response", min_length=1, description="the column of the response text")
 
 
+_SAMPLING = SamplingParams.model_fields
+"""The engines' sampling defaults (shared/contracts.py), which the RL sampling starts from too."""
+
+
 class RolloutSampling(BaseModel):
     """How the rollout workers sample for RL (defaults: unbiased, T=1, no top-k / top-p)."""
 
     model_config = ConfigDict(extra="forbid")
 
     group_size: int = Field(8, ge=2, description="responses per prompt (the GRPO group)")
-    max_new_tokens: int = Field(256, ge=1)
-    strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = "low_confidence_dynamic"
-    confidence_threshold: float = Field(0.9, ge=0, le=1)
+    max_new_tokens: int = Field(_SAMPLING["max_new_tokens"].default, ge=1)
+    strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = _SAMPLING[
+        "strategy"
+    ].default.value
+    confidence_threshold: float = Field(_SAMPLING["confidence_threshold"].default, ge=0, le=1)
     threshold_spread: float = Field(
         0.0,
         ge=0,
@@ -210,9 +220,9 @@ class RolloutSampling(BaseModel):
         "is engine-wide, so there each distinct threshold rebuilds the engine: use it with the torch engine",
     )
     denoising_steps: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(_SAMPLING["temperature"].default, ge=0)
+    top_k: int = Field(_SAMPLING["top_k"].default, ge=0)
+    top_p: float = Field(_SAMPLING["top_p"].default, gt=0, le=1)
 
     @model_validator(mode="after")
     def _check_spread(self) -> RolloutSampling:
@@ -235,10 +245,7 @@ class RLConfig(TrainerConfig):
         description="questions and reference answers: JSON list / JSONL, a datasets save_to_disk folder, or "
         "hf:org/name[:config][:split] (see question_field, answer_field, answer_extract)"
     )
-    prompt_template: str = Field(
-        "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$.",
-        description="user message; {question} is replaced",
-    )
+    prompt_template: str = Field(PROMPT_TEMPLATE, description="user message; {question} is replaced")
     chat_template: bool = Field(True, description="wrap the user message in the tokenizer's chat template")
     steps: int = Field(10, ge=1, description="RL steps (each: collect, train, publish weights)")
     prompts_per_step: int = Field(8, ge=1, description="groups trained per step")
@@ -264,13 +271,24 @@ class RLConfig(TrainerConfig):
     reward_weights: dict[str, float] = Field(
         default_factory=default_reward_weights, description="`gtpo up`: the reward workers' weights"
     )
-    question_field: str = Field("question", min_length=1, description="data: the column of the question")
-    answer_field: str = Field("ground_truth_answer", min_length=1, description="data: the column of the answer")
+    question_field: str = Field(QUESTION_FIELD, min_length=1, description="data: the column of the question")
+    answer_field: str = Field(ANSWER_FIELD, min_length=1, description="data: the column of the answer")
     answer_extract: Literal["none", "boxed", "gsm8k"] = Field(
         "none",
         description="data: the answer column as it is, or a solution text's last \\boxed{} (MATH-style), or what "
         "follows its last #### (GSM8K)",
     )
+
+    def trainer_side(self, spec=None) -> TrainerSide:
+        """This run's side of the start-up agreement check (shared/agreement.py).
+
+        Args:
+            spec: the model's DiffusionSpec; None where it is not loaded (`gtpo up`, a simulated trainer).
+        """
+        return TrainerSide(namespace=self.redis.namespace, codec=self.redis.codec, reward_weights=self.reward_weights,
+                           same_weights=self.loss.reward_norm == "per_component",
+                           block_size=None if spec is None else spec.block_size,
+                           mask_token_id=None if spec is None else spec.mask_token_id)  # fmt: skip
 
     @model_validator(mode="after")
     def _check_staleness(self) -> RLConfig:

@@ -35,6 +35,8 @@ log = logging.getLogger("gtpo.trainer")
 
 PREFETCH_PERIOD_S = 0.25
 """How often scored groups are read (and dropped ones refilled) while the trainer trains, with k >= 1."""
+INFO_WAIT_S = 60.0
+"""How long the start-up check waits for each of `rollout_urls` to answer `GET /info` (it may still be loading)."""
 
 
 def load_prompts(source, **columns) -> list[Prompt]:
@@ -106,6 +108,28 @@ class Driver:
         self.lease.acquire()
         self.lease.start_renewing(on_lost=self.stop.set)
 
+    def check_agreement(self) -> None:
+        """Before the first step: the rollout services of `rollout_urls` (`GET /info`) and the workers registered in
+        Redis (their heartbeats) agree with this trainer (shared/agreement.py); one that does not answer is logged
+        and left unchecked.
+
+        Raises:
+            AgreementError: every mismatch, naming both values.
+        """
+        from shared.agreement import ServiceUnreachable, check_agreement, fetch_info, registered_infos
+
+        found = {}
+        for url in self.cfg.rollout_urls:
+            try:
+                found[url] = fetch_info(url, INFO_WAIT_S)
+            except ServiceUnreachable as e:
+                log.warning("%s", e)
+        seen = {info.worker_id for info in found.values()}
+        live = registered_infos(self.registry.live_workers())
+        found.update({wid: info for wid, info in live.items() if wid not in seen})
+        check_agreement(self.cfg.trainer_side(getattr(getattr(self.trainer, "loaded", None), "spec", None)), found)
+        log.info("start-up check: %d services agree (%s)", len(found), ", ".join(found) or "none seen yet")
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> list[dict]:
@@ -116,6 +140,7 @@ class Driver:
         state = self.trainer.state
         try:
             if self.main:
+                self.check_agreement()
                 saved = state.extra.get("collector") if state.step > 0 else None
                 with_reconnect(lambda: self.collector.start(state.step, state.data_cursor, saved),
                                what="rebuilding the buffer")  # fmt: skip

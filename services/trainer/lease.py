@@ -93,7 +93,7 @@ class RunLease:
         ttl_s: a holder that has not renewed for this long has lost the run.
     """
 
-    def __init__(self, redis, key: str, run_id: str, output_dir: Path, ttl_s: float = 30.0) -> None:
+    def __init__(self, redis, key: str, run_id: str, output_dir: Path, ttl_s: float) -> None:
         self.redis, self.key, self.ttl_ms = redis, key, max(1000, int(ttl_s * 1000))
         self.token = secrets.token_hex(16)
         self.body = {"token": self.token, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
