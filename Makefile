@@ -16,6 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	# LMDeploy's pure-Python scheduler, without CUDA, for the step-map recorder tests (the GPU extra is .[lmdeploy])
 	$(BIN)/pip install --quiet --no-deps lmdeploy==0.18.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.11
 	# DeepSpeed (ZeRO tests on CPU): an sdist whose build imports torch, so built against the torch installed above
+	$(BIN)/pip install --quiet "setuptools>=70.1"
 	$(BIN)/pip install --quiet --no-build-isolation deepspeed==0.19.8 hjson ninja py-cpuinfo einops msgpack
 	$(BIN)/pip install --quiet mmengine-lite==0.10.7 shortuuid==1.0.13 pybase64==1.5.1 pyzmq==27.3.0 pillow psutil requests
 	touch $@
