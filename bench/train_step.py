@@ -26,21 +26,27 @@ from shared.tiny import init_tiny
 B = 4
 
 
-def synthetic_rollout(prompt_len: int, response_len: int, gen: torch.Generator) -> Rollout:
-    """A rollout whose blocks each took 1-4 denoising steps (absolute block grid, prompt tail included)."""
+def synthetic_rollout(
+    prompt_len: int, response_len: int, gen: torch.Generator, block: int = B, steps_per_block: int | None = None
+) -> Rollout:
+    """A rollout whose blocks each took 1-`block` denoising steps at random, or `steps_per_block` each (capped by
+    the block's width), on the absolute block grid (prompt tail included)."""
     prompt = torch.randint(0, 250, (prompt_len,), generator=gen).tolist()
     tokens = torch.randint(0, 250, (response_len,), generator=gen).tolist()
     steps, step, pos = [], 0, prompt_len
     while len(steps) < response_len:
-        width = min(B - pos % B, response_len - len(steps))
-        n_steps = int(torch.randint(1, width + 1, (1,), generator=gen))
+        width = min(block - pos % block, response_len - len(steps))
+        if steps_per_block is None:
+            n_steps = int(torch.randint(1, width + 1, (1,), generator=gen))
+        else:
+            n_steps = min(width, steps_per_block)
         # each of the block's steps unmasks at least one token, in a random order
         assign = torch.cat([torch.arange(n_steps), torch.randint(0, n_steps, (width - n_steps,), generator=gen)])
         assign = assign[torch.randperm(width, generator=gen)]
         steps += (step + 1 + assign).tolist()
         step += n_steps
         pos += width
-    params = SamplingParams(block_size=B, max_new_tokens=response_len, stop_token_ids=[]).resolved(B, [])
+    params = SamplingParams(block_size=block, max_new_tokens=response_len, stop_token_ids=[]).resolved(block, [])
     return Rollout(prompt_ids=prompt, token_ids=tokens, step_map=steps, finish_reason="length", params=params, seed=0)
 
 

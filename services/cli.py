@@ -6,6 +6,7 @@ imported inside the commands so that `gtpo --help` is instant.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -475,6 +476,66 @@ def merge_lora_cmd(
     except (AdapterError, FileNotFoundError) as e:
         raise _fail("merge-lora", str(e)) from None
     console.print(f"merged checkpoint written to {path}")
+
+
+@app.command("plan-memory", context_settings=_EXTRA)
+def plan_memory_cmd(
+    ctx: typer.Context,
+    model: Path = typer.Argument(..., help="an SDAR / Qwen3 checkpoint folder or its config.json (only the sizes)"),
+    gpu_gib: float = typer.Option(80.0, "--gpu-gib", min=1, help="memory of one GPU, GiB: which settings fit it"),
+    show: int = typer.Option(10, "--show", min=0, help="how many fitting settings to list"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan and the fitting settings as JSON"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
+) -> None:
+    """Estimated peak memory per GPU of one GTPO step (weights, gradients, optimizer, activations) and the
+    settings that fit --gpu-gib. key=value arguments set MemorySettings, e.g. gtpo plan-memory
+    ../shared/data/sdar-8b-chat prompt_len=1024 gen_len=8192 gpus=8 zero=3 lora_r=16 checkpointing=true"""
+    from services.trainer.memory_plan import GIB, MemorySettings, ModelShape, fitting, plan
+
+    try:
+        shape = ModelShape.from_dir(model)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail("plan-memory", str(e)) from None
+    raw = json.loads((model / "config.json" if model.is_dir() else model).read_text())
+    args = list(ctx.args)
+    if "block_size" in raw and not any(a.startswith("block_size=") for a in args):
+        args.append(f"block_size={raw['block_size']}")  # the checkpoint's own block size unless told otherwise
+    s = _experiment("plan-memory", MemorySettings, None, args, dry_run=dry_run, environ={})
+    try:
+        asked = plan(shape, s)
+    except ValueError as e:
+        raise _fail("plan-memory", str(e)) from None
+    budget = int(gpu_gib * GIB)
+    fits = fitting(shape, s, budget)
+    if as_json:
+        typer.echo(json.dumps({"model": shape.model_dump(), "settings": s.model_dump(), "plan": asked.model_dump(),
+                               "gpu_gib": gpu_gib, "fits": [{"settings": c.model_dump(), "plan": p.model_dump()}
+                                                            for c, p in fits]}, indent=2))  # fmt: skip
+        return
+    lora = f"LoRA r={s.lora_r}" if s.lora_r else "full"
+    console.print(f"{model}: P={s.prompt_len} L={s.gen_len} R={s.r} c={s.c} x{s.micro_batch_size}, {s.gpus} "
+                        f"GPU(s), ZeRO {s.zero}, {lora}, checkpointing {'on' if s.checkpointing else 'off'}, "
+                        f"{s.precision}, {s.attention}")  # fmt: skip
+    table = Table()
+    table.add_column("part")
+    table.add_column("GiB per GPU", justify="right")
+    for part, gib in asked.rows():
+        table.add_row(part, f"{gib:.2f}")
+    console.print(table)
+    verdict = "fits" if asked.peak <= budget else "does NOT fit"
+    console.print(f"{asked.forward_tokens} tokens per forward, {asked.forwards_per_update} forwards per update; "
+                  f"peak {asked.peak / GIB:.1f} GiB {verdict} in {gpu_gib:g} GiB")  # fmt: skip
+    if not fits:
+        console.print(f"[red]no setting tried fits {gpu_gib:g} GiB (ZeRO 0-3, LoRA, checkpointing, c = 1..R)[/red]")
+        return
+    console.print(f"settings that fit {gpu_gib:g} GiB, least recompute first, full before LoRA ({len(fits)} of them):")
+    ft = Table()
+    for col in ("ZeRO", "LoRA", "checkpointing", "c", "forwards/update", "peak GiB"):
+        ft.add_column(col, justify="right")
+    for c, p in fits[:show]:
+        ft.add_row(str(c.zero), f"r={c.lora_r}" if c.lora_r else "full", "on" if c.checkpointing else "off",
+                   str(c.c), str(p.forwards_per_update), f"{p.peak / GIB:.1f}")  # fmt: skip
+    console.print(ft)
 
 
 def _register_launch() -> None:

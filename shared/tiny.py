@@ -94,13 +94,15 @@ def init_tiny(out: str | Path, *, seed: int = 0, block_size: int = 4, **config_o
         out: checkpoint directory (created).
         seed: torch seed for the initial weights; the same seed gives the same weights.
         block_size: the diffusion block length recorded in config.json.
-        config_overrides: passed to `tiny_config`.
+        config_overrides: passed to `tiny_config` (`vocab_size` below the tokenizer's length is raised to it).
     """
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
     eos = tokenizer.eos_token_id
     config_overrides = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, **config_overrides}
-    config = tiny_config(len(tokenizer), **config_overrides)
+    # a larger vocab_size leaves the rows past the tokenizer unused (benchmarks size the LM head like a real model's)
+    vocab = max(len(tokenizer), int(config_overrides.pop("vocab_size", 0)))
+    config = tiny_config(vocab, **config_overrides)
     config._attn_implementation = "sdpa"
     model = Qwen3ForCausalLM(config).to(torch.float32)
     spec = DiffusionSpec(block_size=block_size, mask_token_id=tokenizer.mask_token_id)
