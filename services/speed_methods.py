@@ -23,11 +23,13 @@ SPEED_METHODS: dict[str, SpeedMethod] = {
     "gated": SpeedMethod("gated speed", "speed_gated"),
     "per_component": SpeedMethod("DiRL speed, per-comp", "speed", reward_norm="per_component"),
     "gated_pc": SpeedMethod("gated speed, per-comp", "speed_gated", reward_norm="per_component"),
+    "gated_floor": SpeedMethod("gated speed + floor", "speed_gated", floor_correct=True),
 }
 """`--speed-method` choices, each trained with the threshold spread: accuracy alone (`spread`); accuracy + DiRL's
 `speed` reward, normalised as a total (`dirl`), with correct answers' advantages floored at 0 (`dirl_floor`, the
 arm of the README's block-8 result) or normalised per component (`per_component`); accuracy + `speed_gated`, as a
-total (`gated`) or per component (`gated_pc`)."""
+total (`gated`), with the floor (`gated_floor`: a slow correct answer is never pushed down) or per component
+(`gated_pc`)."""
 
 DEFAULT_SPEED_METHOD = "gated"
 """The method `--speed` runs unless told otherwise."""

@@ -50,7 +50,7 @@ def test_every_speed_method_trains_from_one_sft_checkpoint(tmp_path):
     --reuse adds no training."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     out = tmp_path / "demo"
-    methods = ["spread", "dirl", "dirl_floor", "gated", "per_component", "gated_pc"]
+    methods = ["spread", "dirl", "dirl_floor", "gated", "per_component", "gated_pc", "gated_floor"]
     args = ["--speed", "--out", str(out), "sft_steps=300", "rl_steps=10", "n_test=50", "eval_k=4"]
     res = subprocess.run([sys.executable, "-m", "services", "demo", "--speed-method", ",".join(methods), *args],
                          env=env, capture_output=True, text=True, timeout=3600)  # fmt: skip

@@ -96,10 +96,11 @@ def test_zero_stages_shard_what_they_say():
 
 def test_lora_checkpointing_and_copies_lower_the_plan():
     shape = ModelShape.from_dir(SDAR_8B)
+    dp = MemorySettings(gpus=8)
+    full, lora = plan(shape, dp), plan(shape, dp.model_copy(update={"lora_r": 16}))
+    assert (full.optimizer + full.gradients) / (lora.optimizer + lora.gradients) > 100  # 8.2 B against 43.6 M
     s = MemorySettings(gpus=8, zero=3)
     full = plan(shape, s)
-    lora = plan(shape, s.model_copy(update={"lora_r": 16}))
-    assert (full.optimizer + full.gradients) / (lora.optimizer + lora.gradients) > 100
     ckpt = plan(shape, s.model_copy(update={"checkpointing": True}))
     assert full.activations / ckpt.activations > 10
     c1 = plan(shape, s.model_copy(update={"copies_per_forward": 1}))
@@ -130,7 +131,7 @@ def test_plan_memory_command_prints_the_plan_and_what_fits():
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["zero=5"], "zero"), (["lora_r=0"], "lora_r"), (["lora_r=8", "lora_targets=[q_proj,wq]"], "lora target_modules"),
-     (["gen_len=ten"], "gen_len")],
+     (["gen_len=ten"], "gen_len"), (["lora_r=16", "zero=3"], "plain data parallel")],
 )  # fmt: skip
 def test_plan_memory_names_the_bad_field(args, message):
     res = runner.invoke(app, ["plan-memory", str(SDAR_8B), *args])

@@ -198,7 +198,7 @@ SCENARIO = (
     ((False, FAST), (False, SLOW), (False, MID), (False, SLOW)),  # all wrong, speeds differ
 )
 KEPT = {"spread": [0], "dirl": [0, 1, 2], "dirl_floor": [0, 1, 2], "gated": [0, 1], "per_component": [0, 1, 2],
-        "gated_pc": [0, 1]}  # fmt: skip
+        "gated_pc": [0, 1], "gated_floor": [0, 1]}  # fmt: skip
 """The groups each method trains: a gated reward gives an all-wrong group nothing to tell apart."""
 
 

@@ -217,6 +217,11 @@ def plan(shape: ModelShape, s: MemorySettings) -> MemoryPlan:
     the LM head's (computed first in the backward) is. ZeRO stage z shards the optimizer (z >= 1), the gradients
     (z >= 2) and the weights (z = 3) over the GPUs.
     """
+    if s.lora_r is not None and s.zero > 0:
+        raise ValueError(
+            f"zero: {s.zero} with lora_r: the trainer trains LoRA with plain data parallel only (zero=0); its "
+            "optimizer state is small"
+        )
     total = param_count(shape)
     trainable = total if s.lora_r is None else lora_param_count(shape, s.lora_r, s.lora_targets)
     g = s.gpus
@@ -238,12 +243,12 @@ def plan(shape: ModelShape, s: MemorySettings) -> MemoryPlan:
 
 
 def candidate_settings(s: MemorySettings) -> list[MemorySettings]:
-    """The settings `plan-memory` tries for "what fits": LoRA on/off, checkpointing on/off, every c from R down to
-    1, ZeRO 0 to 3 (keeping the asked-for LoRA rank, or 16 when full fine-tuning is asked)."""
+    """The settings `plan-memory` tries for "what fits": full fine-tuning under ZeRO 0 to 3 and LoRA (data parallel,
+    as the trainer runs it; the asked-for rank, or 16), each with checkpointing on/off and every c from R down to 1."""
     r = s.lora_r or 16
     out = []
     for zero in (0, 1, 2, 3):
-        for lora in (None, r):
+        for lora in (None, r) if zero == 0 else (None,):
             for ckpt in (False, True):
                 for c in range(s.r, 0, -1):
                     out.append(s.model_copy(update={"zero": zero, "lora_r": lora, "checkpointing": ckpt,
