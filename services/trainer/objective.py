@@ -442,29 +442,31 @@ def filter_groups(rewards: list[list[float]], atol: float = 1e-9) -> tuple[list[
         keep: one flag per group.
         stats: counts for logging.
     """
-    keep: list[bool] = []
-    all_same = too_small = 0
-    same_values: list[float] = []
     for g, group in enumerate(rewards):
         # A NaN reward would pass the variance test and poison the advantages of its whole group.
         if not all(math.isfinite(r) for r in group):
             raise ValueError(f"rewards[{g}] has a non-finite reward: {group}")
+    return _filter_by(rewards, lambda group: max(group) - min(group) > atol, lambda group: float(group[0]))
+
+
+def _filter_by(groups: Sequence, varies, same_value) -> tuple[list[bool], GroupFilterStats]:
+    """The loop both dynamic-sampling rules share: a group of fewer than 2 responses is dropped, and so is one whose
+    `varies(group)` is false (an all-same group, logged with `same_value(group)`)."""
+    keep: list[bool] = []
+    all_same = too_small = 0
+    same_values: list[float] = []
+    for group in groups:
         if len(group) < 2:
             too_small += 1
             keep.append(False)
-        elif max(group) - min(group) <= atol:
-            all_same += 1
-            same_values.append(float(group[0]))
-            keep.append(False)
-        else:
+        elif varies(group):
             keep.append(True)
-    stats = GroupFilterStats(
-        groups=len(rewards),
-        kept=sum(keep),
-        dropped_all_same=all_same,
-        dropped_too_small=too_small,
-        same_values=same_values,
-    )
+        else:
+            all_same += 1
+            same_values.append(same_value(group))
+            keep.append(False)
+    stats = GroupFilterStats(groups=len(groups), kept=sum(keep), dropped_all_same=all_same,
+                             dropped_too_small=too_small, same_values=same_values)  # fmt: skip
     return keep, stats
 
 
@@ -491,28 +493,20 @@ def filter_component_groups(
     >>> filter_component_groups([all_right_speeds_differ], [1.0, 0.0])[0]  # only a weight-0 component varies
     [False]
     """
-    keep: list[bool] = []
-    all_same = too_small = 0
-    same_values: list[float] = []
     for g, group in enumerate(components):
         if any(len(r) != len(weights) for r in group):
             raise ValueError(f"components[{g}]: need {len(weights)} components per response, like the weights")
         if not all(math.isfinite(v) for r in group for v in r):
             raise ValueError(f"components[{g}] has a non-finite component: {group}")
-        if len(group) < 2:
-            too_small += 1
-            keep.append(False)
-            continue
-        weighted = [c for c, w in enumerate(weights) if w != 0]
-        if any(max(r[c] for r in group) - min(r[c] for r in group) > atol for c in weighted):
-            keep.append(True)
-        else:
-            all_same += 1
-            same_values.append(math.fsum(w * v for w, v in zip(weights, group[0], strict=True)))
-            keep.append(False)
-    stats = GroupFilterStats(groups=len(components), kept=sum(keep), dropped_all_same=all_same,
-                             dropped_too_small=too_small, same_values=same_values)  # fmt: skip
-    return keep, stats
+    weighted = [c for c, w in enumerate(weights) if w != 0]
+
+    def varies(group) -> bool:
+        return any(max(r[c] for r in group) - min(r[c] for r in group) > atol for c in weighted)
+
+    def total(group) -> float:
+        return math.fsum(w * v for w, v in zip(weights, group[0], strict=True))
+
+    return _filter_by(components, varies, total)
 
 
 def component_table(
