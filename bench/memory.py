@@ -33,16 +33,33 @@ GIB = 2**30
 MIB = 2**20
 
 
+class Meter:
+    """Current and peak memory of this process: resident set on CPU (VmRSS / VmHWM), the caching allocator's
+    allocated bytes on CUDA (memory_allocated / max_memory_allocated)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else proc_bytes("VmRSS")
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else proc_bytes("VmHWM")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+
+
 def proc_bytes(field: str) -> int:
     """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
 
 
 def folder_bytes(path: Path) -> int:
@@ -81,9 +98,12 @@ def measure(job: dict) -> dict:
     from services.trainer.trainer import GTPOTrainer
 
     torch.set_num_threads(job["threads"])
+    cuda = job["device"] == "cuda"
+    meter = Meter(cuda)
     out = Path(job["tmp"]) / f"run-{os.getpid()}"
     cfg = TrainerConfig(
-        model=job["model"], output_dir=out, micro_batch_size=1, mixed_precision="no", attention="sdpa",
+        model=job["model"], output_dir=out, micro_batch_size=1, mixed_precision="bf16" if cuda else "no",
+        attention="flex" if cuda else "sdpa",
         gradient_checkpointing=job["checkpointing"], copies_per_forward=job["c"],
         lora=LoraSettings(r=16, alpha=32) if job["lora"] else None,
     )  # fmt: skip
@@ -96,16 +116,18 @@ def measure(job: dict) -> dict:
     weights = sum(p.numel() * p.element_size() for p in params)
     optim = sum(t.numel() * t.element_size() for st in trainer.optimizer.state.values() for t in st.values()
                 if torch.is_tensor(t) and t.dim() > 0)  # fmt: skip
-    kept, grads = forward_kept(trainer, group)
+    kept, grads = forward_kept(trainer, group, meter)
     times = []
     peak = 0
     for _ in range(job["repeats"]):
-        base = proc_bytes("VmRSS") - weights - optim
-        reset_peak()
+        meter.reset()
+        base = meter.current() - weights - optim
         t0 = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        peak = max(peak, proc_bytes("VmHWM") - base)
+        peak = max(peak, meter.peak() - base)
     row = {**{k: job[k] for k in ("lora", "checkpointing", "c")}, "weights": weights, "optimizer": optim,
            "gradients": grads, "kept": kept, "peak": peak, "step_s": statistics.median(times)}  # fmt: skip
     if job["save"]:
@@ -115,16 +137,16 @@ def measure(job: dict) -> dict:
     return row
 
 
-def forward_kept(trainer, group) -> tuple[int, int]:
-    """(resident bytes the largest forward keeps for its backward, gradient bytes after that backward)."""
+def forward_kept(trainer, group, meter: Meter) -> tuple[int, int]:
+    """(bytes the largest forward keeps for its backward, gradient bytes after that backward)."""
     from services.trainer.trajectory import forward_rounds, rollout_trajectory
 
     traj = rollout_trajectory(group[0])
     c = trainer.cfg.copies_per_forward
     batch, _ = trainer._forward_batch([traj], forward_rounds(len(traj.rounds), c)[0] if c else None)
-    before = proc_bytes("VmRSS")
+    before = meter.current()
     logp = trainer.policy(batch)
-    kept = proc_bytes("VmRSS") - before
+    kept = meter.current() - before
     logp.sum().backward()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainer.policy.parameters() if p.grad is not None)
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -135,17 +157,24 @@ def forward_kept(trainer, group) -> tuple[int, int]:
 
 
 def planned(a: dict, row: dict) -> dict:
-    """`gtpo plan-memory`'s estimate for a measured configuration (fp32, sdpa: what ran on this CPU)."""
+    """`gtpo plan-memory`'s estimate for a measured configuration (CPU: fp32, sdpa; CUDA: bf16, flex)."""
     from services.trainer.memory_plan import MemorySettings, ModelShape, plan
 
     shape = ModelShape(layers=a["layers"], hidden=a["hidden"], intermediate=a["intermediate"], heads=a["heads"],
                        kv_heads=a["kv_heads"], head_dim=a["hidden"] // a["heads"], vocab=a["vocab"])  # fmt: skip
     s = MemorySettings(prompt_len=a["prompt"], gen_len=a["gen"], block_size=a["block"], copies_per_forward=row["c"],
                        responses_per_update=2, lora_r=16 if row["lora"] else None,
-                       checkpointing=row["checkpointing"], precision="fp32", attention="sdpa")  # fmt: skip
+                       checkpointing=row["checkpointing"], **device_settings(a.get("device", "cpu")))  # fmt: skip
     p = plan(shape, s)
     return {"plan_peak": p.peak, "plan_kept": p.activations, "plan_optimizer": p.optimizer,
             "plan_gradients": p.gradients, "plan_weights": p.weights}  # fmt: skip
+
+
+def device_settings(device: str) -> dict:
+    """The precision and attention the trainer uses on this device (its `auto` choices)."""
+    return (
+        {"precision": "bf16", "attention": "flex"} if device == "cuda" else {"precision": "fp32", "attention": "sdpa"}
+    )
 
 
 def table(result: dict) -> str:
@@ -202,6 +231,9 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2, help="timed steps per configuration (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 + FlexAttention, allocator stats"
+    )
     ap.add_argument("--only", default=None, help="comma-separated configurations, e.g. full-off-4,lora-on-2")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (and a .md beside it)")
     ap.add_argument("--replan", type=Path, default=None, help="recompute the planner's columns of this JSON")
@@ -241,9 +273,10 @@ def run_all(a: argparse.Namespace) -> None:
                 sys.exit(f"configuration {conf} failed:\n{proc.stderr[-4000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append({**row, **planned(args, row)})
-    result = {"args": args, "torch": torch.__version__, "device": "cpu", "rows": rows}
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {a.threads} threads"
+    result = {"args": args, "torch": torch.__version__, "device": where, "rows": rows}
     print(f"{a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, P={a.prompt}, L={a.gen}, block {a.block} "
-          f"(R={a.block} copies), 2 responses per update, fp32 on CPU, {a.threads} threads")  # fmt: skip
+          f"(R={a.block} copies), 2 responses per update, {device_settings(a.device)}, {where}")  # fmt: skip
     print(table(result))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

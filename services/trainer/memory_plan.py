@@ -180,13 +180,21 @@ def layer_elements(shape: ModelShape) -> int:
     return 4 * shape.hidden + 8 * shape.q_width + 5 * shape.kv_width + 4 * shape.intermediate
 
 
-def layer_bytes(shape: ModelShape, precision: str) -> int:
+def frozen_norm_elements(shape: ModelShape) -> int:
+    """Elements per token and layer a frozen base does not keep: the four RMSNorms' normalised outputs (2 h, q and
+    kv), which only their weights' gradients need (LoRA trains none of them)."""
+    return 2 * shape.hidden + shape.q_width + shape.kv_width
+
+
+def layer_bytes(shape: ModelShape, precision: str, lora: bool = False) -> int:
     """Bytes per token one decoder layer keeps. bf16 autocast: the residual stream and norms stay fp32 (4 h), the
-    matmul inputs get a bf16 copy (2 h), q/k norms upcast to fp32 (q + kv extra), the rest is bf16."""
+    matmul inputs get a bf16 copy (2 h), q/k norms upcast to fp32 (q + kv extra), the rest is bf16. Under LoRA the
+    frozen norms keep less (`frozen_norm_elements`, at fp32)."""
+    saved = FP32 * frozen_norm_elements(shape) if lora else 0
     if precision == "fp32":
-        return FP32 * layer_elements(shape)
+        return FP32 * layer_elements(shape) - saved
     h, q, kv, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
-    return FP32 * (4 * h + q + kv) + BF16 * (2 * h + 8 * q + 5 * kv + 4 * i)
+    return FP32 * (4 * h + q + kv) + BF16 * (2 * h + 8 * q + 5 * kv + 4 * i) - saved
 
 
 def activation_bytes(shape: ModelShape, s: MemorySettings) -> tuple[int, int]:
@@ -200,7 +208,7 @@ def activation_bytes(shape: ModelShape, s: MemorySettings) -> tuple[int, int]:
     n = s.micro_batch_size
     tokens = forward_tokens(s.prompt_len, s.gen_len, s.c)
     targets = math.ceil(s.gen_len * s.c / s.r)
-    per_layer = layer_bytes(shape, s.precision) * tokens
+    per_layer = layer_bytes(shape, s.precision, lora=s.lora_r is not None) * tokens
     layers = shape.layers * (FP32 * shape.hidden * tokens if s.checkpointing else per_layer)
     mask = FP32 * tokens * tokens if s.attention == "sdpa" else 0
     head = FP32 * (2 * shape.hidden * tokens + shape.hidden * targets + shape.vocab * targets)
