@@ -147,12 +147,13 @@ def test_bench_measures_one_configuration_in_its_own_process(tmp_path):
     """The bench's counted optimizer and gradient bytes equal the planner's exactly; its resident-memory
     measurements are real (non-zero) and near the plan even at this toy size."""
     out = tmp_path / "mem.json"
-    cmd = [sys.executable, "bench/memory.py", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "2",
-           "--kv-heads", "1", "--vocab", "512", "--prompt", "16", "--gen", "64", "--repeats", "1",
-           "--only", "lora-off-2", "--out", str(out)]  # fmt: skip
+    # big enough (about 20 MiB of activations) that page-sized resident-set noise does not decide the ratio
+    cmd = [sys.executable, "bench/memory.py", "--layers", "2", "--hidden", "128", "--intermediate", "384", "--heads",
+           "4", "--kv-heads", "2", "--vocab", "1024", "--prompt", "64", "--gen", "256", "--repeats", "1", "--threads",
+           "1", "--only", "lora-off-2", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["lora"] and row["c"] == 2
     assert row["optimizer"] == row["plan_optimizer"] and row["gradients"] == row["plan_gradients"]
-    assert row["kept"] > 0 and 0.5 < row["plan_peak"] / row["peak"] < 2
+    assert row["kept"] > 10 * 2**20 and 0.7 < row["plan_peak"] / row["peak"] < 1.4
