@@ -57,11 +57,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=64,
+        help="sequences decoded together (1: a lone request's latency, where "
+        "forwards per token = 1 / tokens per step; a batch steps until its slowest sequence finishes a block)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = load_rows(args.data)[: args.limit]
     params = SamplingParams(n=args.k, max_new_tokens=args.max_new_tokens, seed=1)
-    engines = {name: TorchEngine.from_pretrained(path, max_batch_size=64, device=args.device)
+    engines = {name: TorchEngine.from_pretrained(path, max_batch_size=args.batch, device=args.device)
                for name, path in (("base", args.base), ("fast", args.fast))}  # fmt: skip
     reqs = {name: _requests(e, rows, args.template, not args.raw, params) for name, e in engines.items()}
     for name, e in engines.items():  # warm-up: allocator, kernels, caches
@@ -77,8 +84,8 @@ def main() -> None:
         stats = rs[-1][1]  # same seeds: every repeat decodes the same tokens
         table[name] = (stats.tokens / secs, stats.forwards / max(stats.tokens, 1), rs[-1][2], stats.tokens)
     b = table["base"]
-    print(f"{len(rows)} questions x {args.k} samples, {args.max_new_tokens} new tokens, device {args.device}, "
-          f"{args.threads} threads, median of {args.repeats}")  # fmt: skip
+    print(f"{len(rows)} questions x {args.k} samples, {args.max_new_tokens} new tokens, batch {args.batch}, device "
+          f"{args.device}, {args.threads} threads, median of {args.repeats}")  # fmt: skip
     print(
         f"{'model':<6}{'tokens':>9}{'tokens/s':>11}{'fwd/token':>11}{'tok/step':>10}{'x tokens/s':>12}{'x fwd/token':>13}"
     )
