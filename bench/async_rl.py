@@ -257,8 +257,9 @@ class SimTrainer:
     def resume(self) -> bool:
         return False
 
-    def rl_step(self, groups, rewards, extra=None, correct=None, *, write: bool = True, components=None,
-                reward_weights=None) -> dict:
+    def rl_step(
+        self, groups, rewards, extra=None, correct=None, *, write: bool = True, components=None, reward_weights=None
+    ) -> dict:
         start = time.monotonic()
         tokens = sum(len(r.token_ids) for g in groups for r in g)
         time.sleep(self.tm.wall(tokens * self.tm.train_s_per_token))

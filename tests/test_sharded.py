@@ -169,7 +169,9 @@ def test_fsdp2_checkpoint_reshards_onto_one_process(sft_runs):
     root, config = sft_runs
     cfg = config("resharded")
     (root / "resharded" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / "fsdp" / "checkpoints" / "step-00000003", root / "resharded" / "checkpoints" / "step-00000003")
+    shutil.copytree(
+        root / "fsdp" / "checkpoints" / "step-00000003", root / "resharded" / "checkpoints" / "step-00000003"
+    )
     out = _run(_sft(cfg, "--resume", processes=1))
     assert "resumed from" in out.stdout + out.stderr
     fsdp, resumed = _losses(root / "fsdp"), _losses(root / "resharded")
