@@ -33,5 +33,5 @@ total (`gated`), with the floor (`gated_floor`: a slow correct answer is never p
 
 DEFAULT_SPEED_METHOD = "gated_floor"
 """The method `--speed` runs unless told otherwise: over 3 seeds at 60 RL steps the fastest within 2 points on block
-size 4 (no collapse), and on block size 8 with `threshold_spread=0.1` +42-48% tokens per step within 0.5 points on
-every seed (README, "Speed methods"; docs/speed.md)."""
+size 4 (no collapse), and on block size 8 with `threshold_spread=0.1` +41-48% tokens per step, within 2 points on
+4 of 5 seeds (README, "Speed methods"; docs/speed.md)."""
