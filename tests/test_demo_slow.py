@@ -27,18 +27,23 @@ def test_demo_gtpo_gains_ten_points_over_sft(tmp_path):
     assert gtpo - sft >= 0.10, summary
 
 
-@pytest.mark.slow
-def test_speed_reward_raises_tokens_per_step_by_a_fifth_within_two_points(tmp_path):
-    """Block size 8, 2,000 SFT steps, 120 RL steps (README, "Speed reward"): seed 1, the seed where speed costs the
-    most accuracy, measured 3.09 -> 4.61 tokens per step at 93.9% -> 92.5% (about 20 minutes)."""
+def _speed_arm_against_gtpo(tmp_path, arm: str, args: list[str]) -> tuple[dict, dict, dict]:
+    """`gtpo demo --speed` on block size 8 with 2,000 SFT steps and `args`; (GTPO's, the arm's, the summary)."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    args = ["--speed", "--speed-method", "dirl_floor", "--seed", "1", "--out", str(tmp_path / "demo"), "block_size=8",
-            "sft_steps=2000", "rl_steps=120"]  # fmt: skip
+    args = ["--speed", "--out", str(tmp_path / "demo"), "block_size=8", "sft_steps=2000", *args]
     res = subprocess.run([sys.executable, "-m", "services", "demo", *args], env=env, capture_output=True, text=True,
                          timeout=2400)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    gtpo, fast = summary["gtpo"], summary["gtpo_dirl_floor"]
+    return summary["gtpo"], summary[arm], summary
+
+
+@pytest.mark.slow
+def test_speed_reward_raises_tokens_per_step_by_a_fifth_within_two_points(tmp_path):
+    """Block size 8, 2,000 SFT steps, 120 RL steps (README, "Speed reward"): seed 1, the seed where speed costs the
+    most accuracy, measured 3.09 -> 4.61 tokens per step at 93.9% -> 92.5% (about 20 minutes)."""
+    args = ["--speed-method", "dirl_floor", "--seed", "1", "rl_steps=120"]
+    gtpo, fast, summary = _speed_arm_against_gtpo(tmp_path, "gtpo_dirl_floor", args)
     assert fast["tokens_per_step"] >= 1.2 * gtpo["tokens_per_step"], summary
     assert fast["avg_at_k"] >= gtpo["avg_at_k"] - 0.02, summary
 
@@ -48,13 +53,7 @@ def test_the_default_speed_method_speeds_up_block_8_within_two_points(tmp_path):
     """`--speed` with its default method (gated_floor) on block size 8, 2,000 SFT steps and the demo's 60 RL steps,
     seed 0 (README, "Speed methods"): measured 3.21 -> 4.79 tokens per step (+49.2%) at 96.9% -> 97.5% avg@16 (about
     10 minutes)."""
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    args = ["--speed", "--seed", "0", "--out", str(tmp_path / "demo"), "block_size=8", "sft_steps=2000"]
-    res = subprocess.run([sys.executable, "-m", "services", "demo", *args], env=env, capture_output=True, text=True,
-                         timeout=2400)  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    gtpo, fast = summary["gtpo"], summary["gtpo_gated_floor"]
+    gtpo, fast, summary = _speed_arm_against_gtpo(tmp_path, "gtpo_gated_floor", ["--seed", "0"])
     assert fast["tokens_per_step"] >= 1.4 * gtpo["tokens_per_step"], summary
     assert fast["avg_at_k"] >= gtpo["avg_at_k"] - 0.02, summary
 
