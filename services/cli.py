@@ -489,14 +489,14 @@ def plan_memory_cmd(
 ) -> None:
     """Estimated peak memory per GPU of one GTPO step (weights, gradients, optimizer, activations) and the
     settings that fit --gpu-gib. key=value arguments set MemorySettings, e.g. gtpo plan-memory
-    ../shared/data/sdar-8b-chat prompt_len=1024 gen_len=8192 gpus=8 zero=3 lora_r=16 checkpointing=true"""
-    from services.trainer.memory_plan import GIB, MemorySettings, ModelShape, fitting, plan
+    docs/models/sdar-8b-chat prompt_len=1024 gen_len=8192 gpus=8 zero=3 checkpointing=true"""
+    from services.trainer.memory_plan import GIB, MemorySettings, ModelShape, fitting, plan, read_model_config
 
     try:
-        shape = ModelShape.from_dir(model)
+        raw = read_model_config(model)
+        shape = ModelShape.from_config(raw)
     except (FileNotFoundError, ValueError) as e:
         raise _fail("plan-memory", str(e)) from None
-    raw = json.loads((model / "config.json" if model.is_dir() else model).read_text())
     args = list(ctx.args)
     if "block_size" in raw and not any(a.startswith("block_size=") for a in args):
         args.append(f"block_size={raw['block_size']}")  # the checkpoint's own block size unless told otherwise

@@ -21,7 +21,9 @@ from services.trainer.memory_plan import (
 )
 from tests.conftest import REPO
 
-SDAR_8B = REPO / "docs" / "models" / "sdar-8b-chat"
+SDAR_8B_CONFIG = (
+    REPO / "docs" / "models" / "sdar-8b-chat"
+)  # its config.json only (conftest.SDAR_8B: with the tokenizer)
 SMALL = ModelShape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4, vocab=32)
 runner = CliRunner()
 
@@ -37,7 +39,7 @@ def test_param_count_matches_the_real_model(tied):
 
 
 def test_sdar_8b_has_its_published_size():
-    shape = ModelShape.from_dir(SDAR_8B)
+    shape = ModelShape.from_dir(SDAR_8B_CONFIG)
     assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim) == (36, 4096, 32, 8, 128)
     assert 8.1e9 < param_count(shape) < 8.3e9  # SDAR-8B: 8.19B parameters (untied 151,936-row embeddings)
 
@@ -95,7 +97,7 @@ def test_zero_stages_shard_what_they_say():
 
 
 def test_lora_checkpointing_and_copies_lower_the_plan():
-    shape = ModelShape.from_dir(SDAR_8B)
+    shape = ModelShape.from_dir(SDAR_8B_CONFIG)
     dp = MemorySettings(gpus=8)
     full, lora = plan(shape, dp), plan(shape, dp.model_copy(update={"lora_r": 16}))
     assert (full.optimizer + full.gradients) / (lora.optimizer + lora.gradients) > 100  # 8.2 B against 43.6 M
@@ -108,7 +110,7 @@ def test_lora_checkpointing_and_copies_lower_the_plan():
 
 
 def test_fitting_lists_only_what_fits_cheapest_first():
-    shape = ModelShape.from_dir(SDAR_8B)
+    shape = ModelShape.from_dir(SDAR_8B_CONFIG)
     s = MemorySettings(gpus=8)
     fits = fitting(shape, s, 80 * GIB)
     assert fits and all(p.peak <= 80 * GIB for _, p in fits)
@@ -118,13 +120,13 @@ def test_fitting_lists_only_what_fits_cheapest_first():
 
 
 def test_plan_memory_command_prints_the_plan_and_what_fits():
-    res = runner.invoke(app, ["plan-memory", str(SDAR_8B), "gpus=8", "zero=3", "checkpointing=true", "--json"])
+    res = runner.invoke(app, ["plan-memory", str(SDAR_8B_CONFIG), "gpus=8", "zero=3", "checkpointing=true", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    expect = plan(ModelShape.from_dir(SDAR_8B), MemorySettings(gpus=8, zero=3, checkpointing=True, block_size=4))
+    expect = plan(ModelShape.from_dir(SDAR_8B_CONFIG), MemorySettings(gpus=8, zero=3, checkpointing=True, block_size=4))
     assert out["plan"] == expect.model_dump()
     assert out["settings"]["block_size"] == 4  # the checkpoint's own block size
-    res = runner.invoke(app, ["plan-memory", str(SDAR_8B), "gpus=8", "--gpu-gib", "80"], env={"COLUMNS": "150"})
+    res = runner.invoke(app, ["plan-memory", str(SDAR_8B_CONFIG), "gpus=8", "--gpu-gib", "80"], env={"COLUMNS": "150"})
     assert res.exit_code == 0 and "settings that fit 80 GiB" in res.output and "does NOT fit" in res.output
 
 
@@ -134,7 +136,7 @@ def test_plan_memory_command_prints_the_plan_and_what_fits():
      (["gen_len=ten"], "gen_len"), (["lora_r=16", "zero=3"], "plain data parallel")],
 )  # fmt: skip
 def test_plan_memory_names_the_bad_field(args, message):
-    res = runner.invoke(app, ["plan-memory", str(SDAR_8B), *args])
+    res = runner.invoke(app, ["plan-memory", str(SDAR_8B_CONFIG), *args])
     assert res.exit_code == 2 and message in res.output
 
 

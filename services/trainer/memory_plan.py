@@ -59,11 +59,7 @@ class ModelShape(BaseModel):
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelShape:
         """From a checkpoint directory (or a config.json path)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.exists():
-            raise FileNotFoundError(f"model: no config.json at {file}")
-        return cls.from_config(json.loads(file.read_text()))
+        return cls.from_config(read_model_config(path))
 
     @property
     def q_width(self) -> int:
@@ -72,6 +68,15 @@ class ModelShape(BaseModel):
     @property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The config.json of a checkpoint directory, or that file itself (only sizes are read: no weights, no torch)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"model: no config.json at {file}")
+    return json.loads(file.read_text())
 
 
 def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
