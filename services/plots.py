@@ -52,7 +52,8 @@ TIMING_PANELS = (
     ("staleness of trained samples (versions)", (("staleness_mean", "mean", "-"), ("staleness_max", "max", "--"))),
     ("busy fraction", (("busy_rollout", "rollout workers", "-"), ("busy_reward", "reward workers", "--"))),
 )  # fmt: skip
-"""Where a run's time goes: per panel, (metric, label, line style); one colour per run."""
+"""Where a run's time goes: per panel, (metric, label, line style). One run: one colour per series, so the legend
+tells the series apart; several runs: one colour per run and the line style tells the series apart."""
 
 
 def timing_figure(runs: dict[str, list[dict]], title: str = "GTPO"):
@@ -67,10 +68,11 @@ def timing_figure(runs: dict[str, list[dict]], title: str = "GTPO"):
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (label, series) in zip(axes, TIMING_PANELS, strict=True):
         for i, (name, rows) in enumerate(runs.items()):
-            for key, what, style in series:
+            for j, (key, what, style) in enumerate(series):
                 if any(key in r for r in rows):
+                    colour = colours[(i if len(runs) > 1 else j) % len(colours)]
                     ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], style,
-                            marker="o", markersize=2, color=colours[i % len(colours)], label=f"{name}: {what}" if len(runs) > 1 else what)  # fmt: skip
+                            marker="o", markersize=2, color=colour, label=f"{name}: {what}" if len(runs) > 1 else what)  # fmt: skip
         ax.set_xlabel("RL step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
