@@ -55,10 +55,19 @@ class LossConfig(BaseModel):
         description="never give a correct response (accuracy reward 1) a negative advantage: a speed or length "
         "reward then ranks correct answers by pulling the better ones up, not by pushing a correct one down",
     )
-    norm: Literal["token", "step", "length"] = Field(
+    norm: Literal["token", "step", "dipo", "length"] = Field(
         "token",
-        description="token: mean over all target tokens; step: per-round mean summed over rounds (DiPO); "
-        "length: per-response sum / max response length (TraceRL)",
+        description="token: mean over all target tokens; step: per response, the sum over its rounds with targets "
+        "of the mean over the round's targets, then the mean over responses; dipo: DiPO exactly, step divided by "
+        "the block size B (DiPO divides every response by B whatever its rounds: the same direction as step, "
+        "1/B the size, which the gradient clip and Adam's eps see); length: per-response sum / max response "
+        "length (TraceRL)",
+    )
+    nll_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="LightningRL: weight of a token-level NLL on the target tokens of correct responses (accuracy "
+        "1), averaged over the update's correct target tokens and added to the loss; 0 = off (LightningRL: 0.1)",
     )
     beta: float = Field(0.0, ge=0.0, description="weight of the k3 KL to a frozen reference policy; 0 = off")
     objective: Literal["standard", "decoupled"] = Field(
@@ -305,4 +314,6 @@ class RLConfig(TrainerConfig):
         # Only `gtpo up` scores with these weights; the driver re-checks the scores it actually receives.
         if self.loss.floor_correct and "accuracy" not in self.reward_weights:
             raise ValueError("loss.floor_correct: needs the accuracy reward in reward_weights (it tells who is right)")
+        if self.loss.nll_coef > 0 and "accuracy" not in self.reward_weights:
+            raise ValueError("loss.nll_coef: needs the accuracy reward in reward_weights (it tells who is right)")
         return self
