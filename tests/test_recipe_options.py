@@ -3,13 +3,18 @@ by tokens per step, DiRL's zero score for a truncated response, DiPO's exact nor
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from services.reward.scoring import score_items
+from services.reward.verify import Verdict
+from services.trainer.collect import group_tokens_per_step, verdict_of
 from services.trainer.config import LossConfig, OptimConfig, RLConfig, TrainerConfig
 from services.trainer.objective import correct_nll, token_weights
 from services.trainer.trainer import GTPOTrainer
+from shared.contracts import ScoreItem
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -120,3 +125,74 @@ def test_rl_config_nll_needs_the_accuracy_reward(tmp_path):
     with pytest.raises(ValueError, match="nll_coef"):
         RLConfig(model=tmp_path, output_dir=tmp_path, data="x.jsonl", loss=LossConfig(nll_coef=0.1),
                  reward_weights={"speed_gated": 1.0})  # fmt: skip
+
+
+# --- DiRL: a length-truncated response scores 0 -----------------------------------------------------------------------
+
+
+class _Verifier:
+    def verify_many(self, pairs, deadline=None):
+        return [Verdict("ok", a == b) for a, b in pairs]
+
+
+def _items():
+    # 8 tokens in 2 steps of block 4: the speed reward's fastest (correct: 1.0)
+    common = {"response": r"\boxed{2}", "reference": "2", "token_count": 8, "steps": 2, "block_size": 4,
+              "max_new_tokens": 8}  # fmt: skip
+    return [ScoreItem(id="cut", finish_reason="length", **common), ScoreItem(id="done", finish_reason="stop", **common)]
+
+
+def test_zero_truncated_scores_every_component_of_a_truncated_response_zero():
+    weights = {"accuracy": 1.0, "speed": 0.5}
+    plain = {r.id: r for r in score_items(_items(), weights, _Verifier())}
+    # accuracy already scores a truncated answer 0; speed does not look at truncation: 0.5 * 1.0
+    assert plain["cut"].components == {"accuracy": 0.0, "speed": 1.0} and plain["cut"].total == pytest.approx(0.5)
+    zeroed = {r.id: r for r in score_items(_items(), weights, _Verifier(), zero_truncated=True)}
+    assert zeroed["cut"].components == {"accuracy": 0.0, "speed": 0.0} and zeroed["cut"].total == 0.0
+    assert zeroed["cut"].status == "ok"  # a real 0, trained on, not an error
+    assert zeroed["done"].total == pytest.approx(1.0 + 0.5 * 1.0)  # a finished response is untouched
+
+
+def test_zero_truncated_reaches_the_reward_workers_gtpo_up_starts(tmp_path):
+    from services.reward.settings import RewardSettings
+    from shared.config import load_config
+
+    cfg = RLConfig(model=tmp_path, output_dir=tmp_path, data="x.jsonl", zero_truncated=True)
+    arg = f"zero_truncated={cfg.zero_truncated}"  # what services/launcher.py passes
+    assert load_config(RewardSettings, None, [arg], environ={}).zero_truncated is True
+    assert "zero_truncated={cfg.zero_truncated}" in (REPO / "services" / "launcher.py").read_text()
+
+
+# --- LightningRL: prompt filter by tokens per step --------------------------------------------------------------------
+
+
+def _scored(tpfs, total=(1.0, 0.0)):
+    """Samples whose tokens per step are `tpfs` (8 tokens each), rewards alternating `total`."""
+    out = []
+    for i, tpf in enumerate(tpfs):
+        steps = int(8 / tpf)
+        step_map = [1 + j * steps // 8 for j in range(8)]
+        out.append(SimpleNamespace(rollout=SimpleNamespace(token_ids=[0] * 8, step_map=step_map),
+                                   score=SimpleNamespace(status="ok", total=total[i % 2])))  # fmt: skip
+    return out
+
+
+def test_group_tokens_per_step_is_the_mean_over_samples():
+    assert group_tokens_per_step(_scored([4.0, 2.0, 1.0, 1.0])) == pytest.approx(2.0)  # (4 + 2 + 1 + 1) / 4
+
+
+def test_tpf_window_drops_groups_outside_it():
+    group = _scored([4.0, 2.0, 1.0, 1.0])  # mean 2.0
+    assert verdict_of(group, True) == "kept"
+    assert verdict_of(group, True, tpf_window=(1.5, 3.0)) == "kept"
+    assert verdict_of(group, True, tpf_window=(2.5, 4.0)) == "tpf_filtered"  # too slow for the window
+    assert verdict_of(group, True, tpf_window=(1.0, 1.9)) == "tpf_filtered"  # too fast
+    assert verdict_of(group, True, tpf_window=(2.0, 2.0)) == "kept"  # the bounds are inclusive
+
+
+def test_prompt_filter_tpf_must_be_a_window(tmp_path):
+    ok = RLConfig(model=tmp_path, output_dir=tmp_path, data="x.jsonl", prompt_filter_tpf=[1.5, 3.0])
+    assert ok.prompt_filter_tpf == (1.5, 3.0)
+    for bad in ([3.0, 1.5], [0.0, 2.0]):
+        with pytest.raises(ValueError, match="prompt_filter_tpf"):
+            RLConfig(model=tmp_path, output_dir=tmp_path, data="x.jsonl", prompt_filter_tpf=bad)

@@ -280,6 +280,17 @@ class RLConfig(TrainerConfig):
     reward_weights: dict[str, float] = Field(
         default_factory=default_reward_weights, description="`gtpo up`: the reward workers' weights"
     )
+    prompt_filter_tpf: tuple[float, float] | None = Field(
+        None,
+        description="LightningRL's prompt filter by tokens per step: [low, high]; a group whose samples' mean "
+        "tokens per denoising step (the speed reward's measure, 1 to the block size) lies outside it is dropped "
+        "and refilled like a zero-variance group; None = off",
+    )
+    zero_truncated: bool = Field(
+        False,
+        description="`gtpo up`: the reward workers score a response that hit max_new_tokens 0 in every component "
+        "(DiRL: total 0, a speed reward included); accuracy alone already scores it 0",
+    )
     question_field: str = Field(QUESTION_FIELD, min_length=1, description="data: the column of the question")
     answer_field: str = Field(ANSWER_FIELD, min_length=1, description="data: the column of the answer")
     answer_extract: Literal["none", "boxed", "gsm8k"] = Field(
@@ -307,6 +318,13 @@ class RLConfig(TrainerConfig):
                 f"max_staleness: {self.max_staleness} needs loss.objective=decoupled (stale samples need the "
                 "importance weight pi_prox / pi_behav), got loss.objective=standard"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_tpf_window(self) -> RLConfig:
+        w = self.prompt_filter_tpf
+        if w is not None and not 0 < w[0] <= w[1]:
+            raise ValueError(f"prompt_filter_tpf: need 0 < low <= high, got {list(w)}")
         return self
 
     @model_validator(mode="after")

@@ -319,7 +319,8 @@ class Driver:
                                    "weigh it")
             correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
         rollouts = rollout_metrics([m for g in c.completed for m in g.samples.values()])
-        rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale")})
+        rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale",
+                                                                         "tpf_filtered")})  # fmt: skip
         rollouts.update(
             groups_enqueued=c.enqueued, groups_buffered=len(c.kept_groups()) - len(batch), samples_in_flight=c.in_flight(),
             groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
