@@ -85,7 +85,13 @@ def test_plan_memory_reads_a_recipe_and_its_accelerate_config():
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     s = json.loads(res.output)["settings"]
-    assert (s["gen_len"], s["gpus"], s["zero"], s["responses_per_update"], s["checkpointing"]) == (8192, 8, 1, 128, True)
+    assert (s["gen_len"], s["gpus"], s["zero"], s["responses_per_update"], s["checkpointing"]) == (
+        8192,
+        8,
+        1,
+        128,
+        True,
+    )
     res = runner.invoke(app, [*args[:-1], "prompt_len=512", "--json"])  # key=value after the config wins
     assert json.loads(res.output)["settings"]["prompt_len"] == 512
 

@@ -315,8 +315,9 @@ class Driver:
             components.append([m.score.components for m in ordered])
             needs = self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0
             if needs and any("accuracy" not in m.score.components for m in ordered):
-                raise RuntimeError("loss.floor_correct / nll_coef: the reward service sent no accuracy component; "
-                                   "weigh it")
+                raise RuntimeError(
+                    "loss.floor_correct / nll_coef: the reward service sent no accuracy component; weigh it"
+                )
             correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
         rollouts = rollout_metrics([m for g in c.completed for m in g.samples.values()])
         rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale",

@@ -197,8 +197,9 @@ class GTPOTrainer:
             raise ValueError("rewards: need one reward per rollout, grouped like the rollouts")
         if self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0:
             if correct is None or [len(c) for c in correct] != [len(r) for r in rewards]:
-                raise ValueError("loss.floor_correct / nll_coef: need one accuracy verdict per rollout, grouped like "
-                                 "the rewards")
+                raise ValueError(
+                    "loss.floor_correct / nll_coef: need one accuracy verdict per rollout, grouped like the rewards"
+                )
         if self.cfg.loss.objective == "decoupled":
             check_behaviour_logprobs(groups)
         lag_mean, lag_max = staleness([[r.policy_version for r in g] for g in groups], self.state.policy_version)
