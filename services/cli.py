@@ -355,6 +355,10 @@ def eval_cmd(
     ),
     k: int = typer.Option(4, "--k", min=1, help="samples per question"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(1.0, "--temperature", help="sampling temperature (0 = greedy)"),
+    top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens (0 = off)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus mass (1 = off)"),
+    threshold: float = typer.Option(0.9, "--threshold", help="low_confidence_dynamic: unmask when p >= this"),
     template: str = typer.Option(PROMPT_TEMPLATE, "--template", help="user message; {question} is replaced"),
     chat: bool = typer.Option(True, "--chat/--raw"),
     rollout_url: str | None = typer.Option(None, "--rollout-url", help="generate through a running rollout service"),
@@ -388,7 +392,8 @@ def eval_cmd(
             "eval", f"--template: not a format string with {{question}} ({type(e).__name__}: {e}); {hint}"
         ) from None
     try:
-        params = SamplingParams(max_new_tokens=max_new_tokens)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                confidence_threshold=threshold)  # fmt: skip
     except ValidationError as e:
         raise _fail("eval", describe_error(e, SamplingParams)) from None
     if answer_extract not in ("none", "boxed", "gsm8k"):
@@ -478,10 +483,33 @@ def merge_lora_cmd(
     console.print(f"merged checkpoint written to {path}")
 
 
+def _run_memory_settings(config: Path | None, accelerate_config: Path | None, settings_from_run):
+    """The planner's settings of the run `config` launches (with its accelerate config), and its model."""
+    if config is None:
+        if accelerate_config is not None:
+            raise _fail("plan-memory", "--accelerate-config: needs --config (the run it launches)")
+        return {}, None
+    from services.trainer.config import RLConfig
+    from shared.config import ConfigError, load_config, read_yaml
+
+    try:
+        run = load_config(RLConfig, config, [], environ={})
+        acc = read_yaml(accelerate_config) if accelerate_config is not None else None
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise _fail("plan-memory", str(e)) from None
+    return settings_from_run(run, acc), run.model
+
+
 @app.command("plan-memory", context_settings=_EXTRA)
 def plan_memory_cmd(
     ctx: typer.Context,
-    model: Path = typer.Argument(..., help="an SDAR / Qwen3 checkpoint folder or its config.json (only the sizes)"),
+    model: Path | None = typer.Argument(
+        None, help="an SDAR / Qwen3 checkpoint folder or its config.json (only the sizes); default: --config's model"
+    ),
+    config: Path | None = typer.Option(None, "--config", help="plan this RL run config (RLConfig YAML)"),
+    accelerate_config: Path | None = typer.Option(
+        None, "--accelerate-config", help="with --config: its accelerate config (GPUs, ZeRO stage / FSDP)"
+    ),
     gpu_gib: float = typer.Option(80.0, "--gpu-gib", min=1, help="memory of one GPU, GiB: which settings fit it"),
     show: int = typer.Option(10, "--show", min=0, help="how many fitting settings to list"),
     as_json: bool = typer.Option(False, "--json", help="print the plan and the fitting settings as JSON"),
@@ -489,15 +517,37 @@ def plan_memory_cmd(
 ) -> None:
     """Estimated peak memory per GPU of one GTPO step (weights, gradients, optimizer, activations) and the
     settings that fit --gpu-gib. key=value arguments set MemorySettings, e.g. gtpo plan-memory
-    docs/models/sdar-8b-chat prompt_len=1024 gen_len=8192 gpus=8 zero=3 checkpointing=true"""
-    from services.trainer.memory_plan import GIB, MemorySettings, ModelShape, fitting, plan, read_model_config
+    docs/models/sdar-8b-chat prompt_len=1024 gen_len=8192 gpus=8 zero=3 checkpointing=true; or plan the run a
+    config launches: gtpo plan-memory docs/models/sdar-8b-chat --config recipes/dirl-dipo/rl.yaml
+    --accelerate-config recipes/dirl-dipo/accelerate.yaml prompt_len=1024"""
+    from services.trainer.memory_plan import (
+        GIB,
+        MemorySettings,
+        ModelShape,
+        fitting,
+        plan,
+        planner_name,
+        read_model_config,
+        settings_from_run,
+    )
 
+    args = list(ctx.args)
+    for a in args:
+        key = a.split("=", 1)[0]
+        if planner_name(key):
+            raise _fail("plan-memory", f"{key}: that is the run config's name; the planner's is "
+                        f"{planner_name(key)}= (or plan the run config itself: --config run.yaml)")  # fmt: skip
+    from_run, run_model = _run_memory_settings(config, accelerate_config, settings_from_run)
+    model = model or run_model
+    if model is None:
+        raise _fail("plan-memory", "model: name a checkpoint folder (or its config.json), or a --config run")
     try:
         raw = read_model_config(model)
         shape = ModelShape.from_config(raw)
     except (FileNotFoundError, ValueError) as e:
         raise _fail("plan-memory", str(e)) from None
-    args = list(ctx.args)
+    # the run's settings first, key=value after them (last wins)
+    args = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in from_run.items() if v is not None] + args
     if "block_size" in raw and not any(a.startswith("block_size=") for a in args):
         args.append(f"block_size={raw['block_size']}")  # the checkpoint's own block size unless told otherwise
     s = _experiment("plan-memory", MemorySettings, None, args, dry_run=dry_run, environ={})

@@ -116,7 +116,8 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
     for i in range(reward_workers):
         port = free_port(ports)
         cmd = _gtpo("serve", "reward", "--worker", f"port={port}", f"worker_id=reward-{i}",
-                    f"weights={json.dumps(cfg.reward_weights)}", *common)  # fmt: skip
+                    f"weights={json.dumps(cfg.reward_weights)}", f"zero_truncated={cfg.zero_truncated}",
+                    *common)  # fmt: skip
         procs.append(Managed(f"reward-{i}", cmd, logs / f"reward-{i}.log", url=f"http://127.0.0.1:{port}"))
     trainer_cfg = cfg.model_copy(
         update={"rollout_urls": urls, "api_token": None, "redis": cfg.redis.model_copy(update={"url": None})}

@@ -35,7 +35,9 @@ async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metric
         raise HTTPException(503, "the verifier pool is not healthy")
     with metrics.latency.time():
         # the pool call blocks: keep it off the event loop so /health and /metrics stay responsive
-        results = await run_in_threadpool(score_items, body.items, weights, pool, deadline=deadline)
+        results = await run_in_threadpool(
+            score_items, body.items, weights, pool, deadline=deadline, zero_truncated=settings.zero_truncated
+        )
     metrics.observe(results)
     return ScoreResponse(results=results)
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from services.reward.rewards import NEEDS_VERDICT, REWARDS, extract_last_boxed
+from services.reward.rewards import NEEDS_VERDICT, REWARDS, extract_last_boxed, is_truncated
 from services.reward.verify import Verdict
 from shared.contracts import Rollout, ScoreItem, ScoreResult, ScoreStatus
 from shared.prompts import denoising_steps
@@ -88,19 +88,23 @@ def check_answers(items: Sequence[ScoreItem], pool: Verifier, deadline: float | 
     return verdicts
 
 
-def score_item(item: ScoreItem, verdict: Verdict | None, weights: Mapping[str, float]) -> ScoreResult:
+def score_item(
+    item: ScoreItem, verdict: Verdict | None, weights: Mapping[str, float], *, zero_truncated: bool = False
+) -> ScoreResult:
     """Every weighted component of one item, their weighted sum, and the item's status.
 
     Args:
         verdict: the item's accuracy check, or None (no reference, or no requested reward needs it).
         weights: reward name -> weight; the names are known (`check_weights`).
+        zero_truncated: DiRL's rule: a response that hit the token limit (`is_truncated`) scores 0 in every
+            component, so its total is 0 whatever the weights (a speed reward included); its status stays ok.
     """
     correct = verdict.correct if verdict is not None else None
     components: dict[str, float] = {}
     problems: list[str] = []
     for name in weights:
         try:
-            components[name] = REWARDS[name](item, correct)
+            components[name] = 0.0 if zero_truncated and is_truncated(item) else REWARDS[name](item, correct)
         except ValueError as e:  # a missing input: reported, never scored as 0
             problems.append(f"{name}: {e}")
     if verdict is not None and verdict.status != ScoreStatus.ok:
@@ -114,7 +118,12 @@ def score_item(item: ScoreItem, verdict: Verdict | None, weights: Mapping[str, f
 
 
 def score_items(
-    items: Sequence[ScoreItem], weights: Mapping[str, float], pool: Verifier, *, deadline: float | None = None
+    items: Sequence[ScoreItem],
+    weights: Mapping[str, float],
+    pool: Verifier,
+    *,
+    deadline: float | None = None,
+    zero_truncated: bool = False,
 ) -> list[ScoreResult]:
     """Score a batch (the body of `POST /v1/score`).
 
@@ -123,6 +132,7 @@ def score_items(
         weights: reward name -> weight.
         pool: answer checker; only called when a weighted reward needs the accuracy verdict.
         deadline: a `time.monotonic()` instant: an accuracy check not done by then makes its item `timeout`.
+        zero_truncated: as `score_item`.
 
     Raises:
         ValueError: an unknown reward name or an unusable weight (the HTTP layer answers 422).
@@ -130,4 +140,5 @@ def score_items(
     check_weights(weights)
     needs_verdict = not NEEDS_VERDICT.isdisjoint(weights)
     verdicts = check_answers(items, pool, deadline) if needs_verdict else [None] * len(items)
-    return [score_item(item, verdict, weights) for item, verdict in zip(items, verdicts, strict=True)]
+    return [score_item(item, verdict, weights, zero_truncated=zero_truncated)
+            for item, verdict in zip(items, verdicts, strict=True)]  # fmt: skip

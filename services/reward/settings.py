@@ -25,6 +25,11 @@ class RewardSettings(ServiceSettings):
     weights: dict[str, float] = Field(
         default_factory=default_reward_weights, description="reward name -> weight, when a request names none"
     )
+    zero_truncated: bool = Field(
+        False,
+        description="DiRL: a response that hit the token limit scores 0 in every component (total 0), whatever "
+        "the weights; the trainer's RLConfig.zero_truncated sets it for the workers `gtpo up` starts",
+    )
     workers: int = Field(2, ge=1, le=256, description="math-verify worker processes")
     timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="hard wall-clock limit per answer check")
     deadline_s: float = Field(

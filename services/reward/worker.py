@@ -49,7 +49,12 @@ class RewardWorker(StreamWorker):
             except Exception as e:  # built from this entry alone: whatever fails is the entry's fault
                 self.queue.reject(d, self.keys.reward_group, f"cannot be scored: {brief_error(e)}")
         with self.busy():
-            results = score_items([item for _, item in batch], self.settings.weights, self.pool)
+            results = score_items(
+                [item for _, item in batch],
+                self.settings.weights,
+                self.pool,
+                zero_truncated=self.settings.zero_truncated,
+            )
         for (d, _), res in zip(batch, results, strict=True):
             msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res)
             self.queue.hand_off(self.keys.rollouts, self.keys.reward_group, d.entry_id, self.keys.scored, msg,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from services.trainer.config import RLConfig
 from services.trainer.objective import filter_component_groups, filter_groups
 from shared.contracts import SamplingParams, ScoredMessage, TaskMessage
-from shared.prompts import encode_prompt
+from shared.prompts import encode_prompt, tokens_per_step
 
 log = logging.getLogger("gtpo.trainer")
 
@@ -128,16 +128,32 @@ class Group:
         return cls(int(d["tag"]), int(d["prompt_index"]), int(d["cursor"]), int(d["version"]))
 
 
+def group_tokens_per_step(samples: list[ScoredMessage]) -> float:
+    """The group's mean over its samples of tokens per denoising step (the speed reward's measure).
+
+    >>> from types import SimpleNamespace as S
+    >>> group_tokens_per_step([S(rollout=S(token_ids=[0] * 8, step_map=[1, 1, 1, 1, 2, 2, 2, 2])),
+    ...                        S(rollout=S(token_ids=[0] * 4, step_map=[1, 2, 3, 4]))])  # (4 + 1) / 2
+    2.5
+    """
+    return sum(tokens_per_step(len(m.rollout.token_ids), m.rollout.step_map) for m in samples) / len(samples)
+
+
 def verdict_of(samples: list[ScoredMessage], dynamic_sampling: bool,
-               component_weights: Mapping[str, float] | None = None) -> str:  # fmt: skip
+               component_weights: Mapping[str, float] | None = None,
+               tpf_window: tuple[float, float] | None = None) -> str:  # fmt: skip
     """What a complete group is worth: "kept", or why it is dropped (the one place that drops groups).
 
     An unverifiable reward is not a zero (do not train on it); a group whose rewards all agree has no signal.
     With `component_weights` (`loss.reward_norm: per_component`), "agree" means every weighted component agrees:
     the group is dropped exactly when its advantages would all be 0 (`filter_component_groups`).
+    With `tpf_window` (`prompt_filter_tpf`, LightningRL), a group whose mean tokens per step lies outside
+    [low, high] is dropped as "tpf_filtered" (and refilled like any dropped group).
     """
     if any(m.score.status != "ok" for m in samples):
         return "reward_error"
+    if tpf_window is not None and not tpf_window[0] <= group_tokens_per_step(samples) <= tpf_window[1]:
+        return "tpf_filtered"
     if dynamic_sampling and component_weights is None:
         if not filter_groups([[m.score.total for m in samples]])[0][0]:
             return "zero_variance"
@@ -375,7 +391,8 @@ class Collector:
     def _close(self, g: Group) -> None:
         ordered = [g.samples[i] for i in range(self.cfg.rollout.group_size)]
         per_component = self.cfg.loss.reward_norm == "per_component"
-        g.verdict = verdict_of(ordered, self.cfg.dynamic_sampling, self.cfg.reward_weights if per_component else None)
+        g.verdict = verdict_of(ordered, self.cfg.dynamic_sampling, self.cfg.reward_weights if per_component else None,
+                               self.cfg.prompt_filter_tpf)  # fmt: skip
         g.done = self.seq
         self.seq += 1
         self.completed.append(g)

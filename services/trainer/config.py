@@ -55,10 +55,19 @@ class LossConfig(BaseModel):
         description="never give a correct response (accuracy reward 1) a negative advantage: a speed or length "
         "reward then ranks correct answers by pulling the better ones up, not by pushing a correct one down",
     )
-    norm: Literal["token", "step", "length"] = Field(
+    norm: Literal["token", "step", "dipo", "length"] = Field(
         "token",
-        description="token: mean over all target tokens; step: per-round mean summed over rounds (DiPO); "
-        "length: per-response sum / max response length (TraceRL)",
+        description="token: mean over all target tokens; step: per response, the sum over its rounds with targets "
+        "of the mean over the round's targets, then the mean over responses; dipo: DiPO exactly, step divided by "
+        "the block size B (DiPO divides every response by B whatever its rounds: the same direction as step, "
+        "1/B the size, which the gradient clip and Adam's eps see); length: per-response sum / max response "
+        "length (TraceRL)",
+    )
+    nll_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="LightningRL: weight of a token-level NLL on the target tokens of correct responses (accuracy "
+        "1), averaged over the update's correct target tokens and added to the loss; 0 = off (LightningRL: 0.1)",
     )
     beta: float = Field(0.0, ge=0.0, description="weight of the k3 KL to a frozen reference policy; 0 = off")
     objective: Literal["standard", "decoupled"] = Field(
@@ -271,6 +280,17 @@ class RLConfig(TrainerConfig):
     reward_weights: dict[str, float] = Field(
         default_factory=default_reward_weights, description="`gtpo up`: the reward workers' weights"
     )
+    prompt_filter_tpf: tuple[float, float] | None = Field(
+        None,
+        description="LightningRL's prompt filter by tokens per step: [low, high]; a group whose samples' mean "
+        "tokens per denoising step (the speed reward's measure, 1 to the block size) lies outside it is dropped "
+        "and refilled like a zero-variance group; None = off",
+    )
+    zero_truncated: bool = Field(
+        False,
+        description="`gtpo up`: the reward workers score a response that hit max_new_tokens 0 in every component "
+        "(DiRL: total 0, a speed reward included); accuracy alone already scores it 0",
+    )
     question_field: str = Field(QUESTION_FIELD, min_length=1, description="data: the column of the question")
     answer_field: str = Field(ANSWER_FIELD, min_length=1, description="data: the column of the answer")
     answer_extract: Literal["none", "boxed", "gsm8k"] = Field(
@@ -301,8 +321,17 @@ class RLConfig(TrainerConfig):
         return self
 
     @model_validator(mode="after")
+    def _check_tpf_window(self) -> RLConfig:
+        w = self.prompt_filter_tpf
+        if w is not None and not 0 < w[0] <= w[1]:
+            raise ValueError(f"prompt_filter_tpf: need 0 < low <= high, got {list(w)}")
+        return self
+
+    @model_validator(mode="after")
     def _check_floor_correct(self) -> RLConfig:
         # Only `gtpo up` scores with these weights; the driver re-checks the scores it actually receives.
         if self.loss.floor_correct and "accuracy" not in self.reward_weights:
             raise ValueError("loss.floor_correct: needs the accuracy reward in reward_weights (it tells who is right)")
+        if self.loss.nll_coef > 0 and "accuracy" not in self.reward_weights:
+            raise ValueError("loss.nll_coef: needs the accuracy reward in reward_weights (it tells who is right)")
         return self

@@ -313,11 +313,15 @@ class Driver:
             groups.append([m.rollout.model_dump(mode="json") for m in ordered])
             rewards.append([m.score.total for m in ordered])
             components.append([m.score.components for m in ordered])
-            if self.cfg.loss.floor_correct and any("accuracy" not in m.score.components for m in ordered):
-                raise RuntimeError("loss.floor_correct: the reward service sent no accuracy component; weigh it")
+            needs = self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0
+            if needs and any("accuracy" not in m.score.components for m in ordered):
+                raise RuntimeError(
+                    "loss.floor_correct / nll_coef: the reward service sent no accuracy component; weigh it"
+                )
             correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
         rollouts = rollout_metrics([m for g in c.completed for m in g.samples.values()])
-        rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale")})
+        rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale",
+                                                                         "tpf_filtered")})  # fmt: skip
         rollouts.update(
             groups_enqueued=c.enqueued, groups_buffered=len(c.kept_groups()) - len(batch), samples_in_flight=c.in_flight(),
             groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],

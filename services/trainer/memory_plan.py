@@ -275,3 +275,68 @@ def fitting(shape: ModelShape, s: MemorySettings, budget_bytes: int) -> list[tup
     found = [(c, plan(shape, c)) for c in candidate_settings(s)]
     ok = [(c, p) for c, p in found if p.peak <= budget_bytes]
     return sorted(ok, key=lambda cp: (cp[0].checkpointing, -cp[0].c, cp[0].lora_r is not None, cp[0].zero))
+
+
+RUN_CONFIG_NAMES = {
+    "max_new_tokens": "gen_len",
+    "rollout.max_new_tokens": "gen_len",
+    "denoising_steps": "rounds",
+    "rollout.denoising_steps": "rounds",
+    "gradient_checkpointing": "checkpointing",
+    "mixed_precision": "precision",
+    "lora.r": "lora_r",
+    "lora.target_modules": "lora_targets",
+    "num_processes": "gpus",
+    "zero_stage": "zero",
+    "prompts_per_step": "responses_per_update",
+    "group_size": "responses_per_update",
+}
+"""The run config's (and accelerate's) names that the planner spells otherwise: named in the error of a wrong key."""
+
+
+def planner_name(key: str) -> str | None:
+    """The planner's name for a run-config key (`max_new_tokens` -> `gen_len`), or None.
+
+    >>> planner_name("rollout.max_new_tokens"), planner_name("gen_len")
+    ('gen_len', None)
+    """
+    return RUN_CONFIG_NAMES.get(key)
+
+
+def accelerate_layout(cfg: dict) -> dict:
+    """`gpus` and `zero` of an accelerate config file's dict: processes over all machines; the DeepSpeed ZeRO stage,
+    3 for FSDP (full sharding), 0 for plain data parallel.
+
+    >>> accelerate_layout({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 3}})
+    {'gpus': 8, 'zero': 3}
+    """
+    kind = str(cfg.get("distributed_type", "NO")).upper()
+    zero = int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0)) if kind == "DEEPSPEED" else 0
+    if kind == "FSDP":
+        zero = 3
+    return {"gpus": int(cfg.get("num_processes", 1)), "zero": zero}
+
+
+def settings_from_run(run, accelerate: dict | None = None) -> dict:
+    """MemorySettings fields of the run an RL config (`RLConfig`) launches, with its accelerate config's layout.
+
+    One optimizer update trains prompts_per_step x group_size / updates_per_step responses; the planner plans the
+    GPU precision (mixed_precision auto -> bf16, attention auto -> flex). The prompt length is not in the run config
+    (it is the data's): the planner's default unless given as prompt_len=.
+    """
+    r = run.rollout
+    out = {
+        "gen_len": r.max_new_tokens,
+        "rounds": r.denoising_steps,
+        "copies_per_forward": run.copies_per_forward,
+        "micro_batch_size": run.micro_batch_size,
+        "responses_per_update": math.ceil(run.prompts_per_step * r.group_size / run.updates_per_step),
+        "checkpointing": run.gradient_checkpointing,
+        "precision": "fp32" if run.mixed_precision == "no" else "bf16",
+        "attention": "sdpa" if run.attention == "sdpa" else "flex",
+        "reference": run.loss.beta > 0 and run.lora is None,
+        "lora_r": run.lora.r if run.lora is not None else None,
+    }
+    if run.lora is not None:
+        out["lora_targets"] = list(run.lora.target_modules)
+    return out | (accelerate_layout(accelerate) if accelerate else {})

@@ -189,6 +189,7 @@ def token_weights(
     n_responses: int,
     n_tokens: int,
     max_len: int,
+    block_size: int | None = None,
 ) -> Tensor:
     """Normalisation of the loss as per-token weights, so that loss = sum_t w_t * l_t.
 
@@ -197,8 +198,12 @@ def token_weights(
     parts equals the unsplit loss, whatever the split; local means averaged over ranks would not.
 
     * token:  w = 1 / n_tokens (mean over all target tokens; the default).
-    * step:   w = 1 / (targets of the token's (response, round) * n_responses) (DiPO as coded: per
-      response, the sum over rounds of the mean over that round's targets, then the mean over responses).
+    * step:   w = 1 / (targets of the token's (response, round) * n_responses): per response, the SUM over its
+      rounds that have targets of the mean over that round's targets, then the mean over responses. A response
+      decoded in more rounds weighs more; a round with no target (tail tokens only) adds nothing.
+    * dipo:   ``step`` / block_size, DiPO exactly: DiPO divides every response's sum of round means by the block
+      size B whatever its number of rounds. The two differ by the constant 1 / B, which an optimizer mostly
+      absorbs, but not the gradient clip (``max_grad_norm``), Adam's eps, nor a term outside this weight (NLL).
     * length: w = 1 / (n_responses * max_len) (TraceRL: per-response sum / max response length, then mean).
 
     Args:
@@ -208,9 +213,16 @@ def token_weights(
         n_responses: responses in the optimizer batch.
         n_tokens: target tokens in the optimizer batch.
         max_len: the longest response of the optimizer batch, in tokens.
+        block_size: B, required by ``dipo``.
 
     Returns:
         (T,) float32 weights on the device of response_index.
+
+    >>> resp, rnd = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 0])  # rounds of 2, 1 and 1 targets
+    >>> token_weights(resp, rnd, "step", n_responses=2, n_tokens=4, max_len=3).tolist()
+    [0.25, 0.25, 0.5, 0.5]
+    >>> token_weights(resp, rnd, "dipo", n_responses=2, n_tokens=4, max_len=3, block_size=4).tolist()
+    [0.0625, 0.0625, 0.125, 0.125]
     """
     for name, value in (("n_responses", n_responses), ("n_tokens", n_tokens), ("max_len", max_len)):
         if value < 1:
@@ -228,13 +240,40 @@ def token_weights(
         return torch.full((t,), 1.0 / n_tokens, device=device)
     if mode == "length":
         return torch.full((t,), 1.0 / (n_responses * max_len), device=device)
-    if mode == "step":
+    if mode in ("step", "dipo"):
+        if mode == "dipo" and (block_size is None or block_size < 1):
+            raise ValueError(f"norm dipo divides by the block size: need block_size >= 1, got {block_size}")
         if t == 0:
             return torch.zeros(0, device=device)
         pairs = torch.stack([response_index, round_index], dim=1)
         _, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
-        return 1.0 / (counts[inverse].float() * n_responses)
-    raise ValueError(f"mode must be 'token', 'step' or 'length', got {mode!r}")
+        per_response = n_responses * (block_size if mode == "dipo" else 1)
+        return 1.0 / (counts[inverse].float() * per_response)
+    raise ValueError(f"mode must be 'token', 'step', 'dipo' or 'length', got {mode!r}")
+
+
+def correct_nll(logp: Tensor, correct: Tensor, n_correct_tokens: int) -> Tensor:
+    """LightningRL's token-level NLL on correct samples: -sum of the target log-probs of correct responses over
+    the update's correct target tokens (a global count, like ``token_weights``', so the ranks' parts add up).
+
+    Args:
+        logp: (T,) log-probs under pi_theta (carries the gradient).
+        correct: (T,) bool, the token's response is correct.
+        n_correct_tokens: correct target tokens in the whole optimizer update (0: the term is 0).
+
+    Returns:
+        scalar tensor (the caller multiplies it by ``LossConfig.nll_coef``).
+
+    >>> correct_nll(torch.tensor([-1.0, -2.0, -4.0]), torch.tensor([True, False, True]), 4).item()  # (1 + 4) / 4
+    1.25
+    """
+    if correct.shape != logp.shape:
+        raise ValueError(f"correct must have the shape of logp {tuple(logp.shape)}, got {tuple(correct.shape)}")
+    if n_correct_tokens < 0 or int(correct.sum()) > n_correct_tokens:
+        raise ValueError(f"n_correct_tokens ({n_correct_tokens}) is the global count, below this shard's")
+    if n_correct_tokens == 0:
+        return logp.sum() * 0.0  # keeps the graph (every rank's backward touches the same parameters)
+    return -(torch.where(correct, logp, torch.zeros_like(logp))).sum() / n_correct_tokens
 
 
 def gtpo_loss(

@@ -45,6 +45,7 @@ from services.trainer.objective import (
     behaviour_sums,
     component_advantages,
     component_table,
+    correct_nll,
     filter_component_groups,
     filter_groups,
     floor_correct,
@@ -70,6 +71,7 @@ class WorkItem:
     advantage: float = 0.0
     engine_logprobs: list[float] | None = None
     token_scale: float = 1.0  # SFT: 1/t of the response's mask rate
+    correct: bool = False  # RL: the accuracy verdict (loss.nll_coef trains the correct ones' tokens)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -193,9 +195,11 @@ class GTPOTrainer:
         """
         if len(groups) != len(rewards) or any(len(g) != len(r) for g, r in zip(groups, rewards, strict=True)):
             raise ValueError("rewards: need one reward per rollout, grouped like the rollouts")
-        if self.cfg.loss.floor_correct:
+        if self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0:
             if correct is None or [len(c) for c in correct] != [len(r) for r in rewards]:
-                raise ValueError("loss.floor_correct: need one accuracy verdict per rollout, grouped like the rewards")
+                raise ValueError(
+                    "loss.floor_correct / nll_coef: need one accuracy verdict per rollout, grouped like the rewards"
+                )
         if self.cfg.loss.objective == "decoupled":
             check_behaviour_logprobs(groups)
         lag_mean, lag_max = staleness([[r.policy_version for r in g] for g in groups], self.state.policy_version)
@@ -224,8 +228,9 @@ class GTPOTrainer:
             if self.cfg.loss.floor_correct:
                 adv = floor_correct(adv, torch.tensor([list(correct[i])], dtype=torch.bool))
             adv = adv[0]
-            for rollout, a in zip(group, adv.tolist(), strict=True):
-                items.append(WorkItem(rollout_trajectory(rollout, self.cfg.shrink), a, rollout.logprobs))
+            right = list(correct[i]) if correct is not None else [False] * len(group)
+            for rollout, a, ok in zip(group, adv.tolist(), right, strict=True):
+                items.append(WorkItem(rollout_trajectory(rollout, self.cfg.shrink), a, rollout.logprobs, correct=ok))
         # pi_prox is the weights at the start of the step: with one update, that is the weights being trained, so a
         # stale sample needs no extra forward (pi_prox = pi_theta.detach() to the bit); several updates recompute it
         metrics = self._train_items(items, rl=True)
@@ -302,7 +307,8 @@ class GTPOTrainer:
         # RL normalises by target tokens; SFT by response tokens (SDAR), masked or not
         n_tokens = sum(it.trajectory.target_count if rl else it.trajectory.response_len for it in chunk)
         max_len = max(it.trajectory.response_len for it in chunk)
-        sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
+        n_correct = sum(it.trajectory.target_count for it in chunk if it.correct) if rl else 0
+        sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0, "nll": 0.0}
         b_sums = torch.zeros(len(BEHAVIOUR_SUMS), dtype=torch.float64)
         b_max = torch.zeros(len(BEHAVIOUR_MAXES), dtype=torch.float64)
         # each micro-batch makes one forward + backward per group of copies_per_forward rounds
@@ -313,10 +319,11 @@ class GTPOTrainer:
             # sync flag for DeepSpeed, whose engine would otherwise step the optimizer on every backward
             self.accelerator.gradient_state._set_sync_gradients(last)
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy):
-                counts = (len(chunk), n_tokens, max_len)
+                counts = (len(chunk), n_tokens, max_len, n_correct)
                 loss, m, b = self._micro_loss(chunk, idx, prox, rl, counts, diagnose, rounds)
                 self.accelerator.backward(loss * self.world)
             sums["loss"] += m["loss"]
+            sums["nll"] += m.get("nll", 0.0)
             sums["tokens"] += m["tokens"]
             for k in ("clip_frac", "kl"):
                 sums[k] += m.get(k, 0.0) * m["tokens"]
@@ -330,6 +337,8 @@ class GTPOTrainer:
         tok = max(s["tokens"], 1.0)
         metrics = {"loss": s["loss"], "clip_frac": s["clip_frac"] / tok, "kl": s["kl"] / tok, "tokens": s["tokens"],
                    "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
+        if rl and self.cfg.loss.nll_coef > 0:
+            metrics["nll"] = s["nll"]  # the correct responses' mean target NLL (before nll_coef)
         if not diagnose:
             return metrics, None
         maxes = self.accelerator.gather(b_max.to(dev)).view(-1, len(BEHAVIOUR_MAXES)).max(0).values.cpu()
@@ -366,10 +375,10 @@ class GTPOTrainer:
         dummy = not idx or stand_in
         logp = self.policy(batch)
         resp = batch.response_index
-        n_resp, n_tokens, max_len = counts
+        n_resp, n_tokens, max_len, n_correct = counts
         w = token_weights(
             resp, batch.round_index, self.cfg.loss.norm if rl else "token",
-            n_responses=n_resp, n_tokens=n_tokens, max_len=max_len,
+            n_responses=n_resp, n_tokens=n_tokens, max_len=max_len, block_size=self.loaded.spec.block_size,
         ).to(logp.device)  # fmt: skip
         if dummy:
             w = torch.zeros_like(w)
@@ -386,6 +395,11 @@ class GTPOTrainer:
         behav = self._at_targets([it.engine_logprobs for it in chunk], sel, batch) if decoupled or diagnose else None
         loss, m = gtpo_loss(logp, prox_lp, adv, w, self.cfg.loss, ref_logp=ref, behav_logp=behav if decoupled else None)
         m["tokens"] = 0.0 if dummy else m["tokens"]
+        if self.cfg.loss.nll_coef > 0:
+            right = torch.tensor([chunk[i].correct and not dummy for i in sel], device=logp.device)[resp]
+            nll = correct_nll(logp, right, n_correct)
+            loss = loss + self.cfg.loss.nll_coef * nll
+            m["nll"] = float(nll.detach())
         stats = behaviour_sums(prox_lp, behav, self.cfg.loss.tis_cap) if diagnose and not dummy else None
         return loss, m, stats
 
