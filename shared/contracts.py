@@ -15,6 +15,9 @@ MAX_ID = 2**31 - 1
 MAX_SEED = 2**62
 """Seeds and versions fit a signed 64-bit integer with room to spare (msgpack, torch generators, Redis scores)."""
 
+RUN_MAX = 128
+"""A run identity (`WeightsVersion.run`) has at most this many characters."""
+
 TokenId = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
@@ -109,6 +112,9 @@ class Rollout(BaseModel):
     text: str = ""
     finish_reason: Literal["stop", "length"]
     policy_version: int = Field(0, ge=0, le=MAX_SEED)
+    policy_run: str | None = Field(
+        None, max_length=RUN_MAX, description="the run whose weights generated it (WeightsVersion.run); None = unknown"
+    )
     params: SamplingParams
     seed: int = Field(ge=0, le=MAX_SEED, description="the seed of this sample's generator (reproduces it)")
     logprobs: list[float] | None = None
@@ -277,6 +283,9 @@ class TaskMessage(BaseModel):
         ge=0, le=MAX_SEED, description="the trainer's version when enqueued; generate with >= this"
     )
     attempt: int = Field(0, ge=0, le=MAX_ID, description="re-enqueued after a stale or dead-lettered sample")
+    policy_run: str | None = Field(
+        None, max_length=RUN_MAX, description="generate with weights of this run only (WeightsVersion.run)"
+    )
 
 
 class RolloutMessage(BaseModel):
@@ -311,6 +320,11 @@ class WeightsVersion(BaseModel):
         description="an SDAR-layout checkpoint directory under the shared checkpoint root",
     )
     step: int = Field(0, ge=0, le=MAX_SEED)
+    run: str | None = Field(
+        None,
+        max_length=RUN_MAX,
+        description="the identity of the run that published it: a version number names weights within one run only",
+    )
 
 
 # --------------------------------------------------------------------------- rollout service (HTTP)
@@ -354,6 +368,7 @@ class WeightsRequest(BaseModel):
     version: int = Field(ge=0, le=MAX_SEED)
     path: str = Field(min_length=1, max_length=4096, description="a checkpoint folder, absolute or under the root")
     rollback: bool = Field(False, description="allow an older version, or the served version from another path")
+    run: str | None = Field(None, max_length=RUN_MAX, description="the run that published it (WeightsVersion.run)")
 
     @field_validator("path")
     @classmethod
