@@ -299,13 +299,27 @@ class RolloutMessage(BaseModel):
 
 
 class ScoredMessage(BaseModel):
-    """scored stream: a rollout with its reward."""
+    """scored stream: a rollout with its reward, and the reward weights it was scored with."""
 
     model_config = ConfigDict(extra="forbid")
 
     task: TaskMessage
     rollout: Rollout
     score: ScoreResult
+    reward_weights: dict[str, FiniteFloat] | None = Field(
+        None, description="the reward worker's weights (what `score.total` sums); None = unknown (never trained)"
+    )
+
+
+def same_rewards(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
+    """Whether two reward weightings score alike: the same weight for every reward, a zero weight = absent.
+
+    >>> same_rewards({"accuracy": 1, "format": 0.0}, {"accuracy": 1.0}), same_rewards({"accuracy": 1.0}, None)
+    (True, False)
+    """
+    if a is None or b is None:
+        return False
+    return {k: v for k, v in a.items() if v != 0} == {k: v for k, v in b.items() if v != 0}
 
 
 class WeightsVersion(BaseModel):

@@ -11,6 +11,7 @@ from services.trainer.collect import MAX_ATTEMPTS, Collector, Prompt, parse_task
 from services.trainer.config import RLConfig
 from shared.contracts import Rollout, ScoredMessage, ScoreResult, TaskMessage
 from shared.queue import Queue
+from shared.settings import default_reward_weights
 
 pytestmark = pytest.mark.redis
 
@@ -55,7 +56,8 @@ def _score(queue: Queue, task: TaskMessage, reward: float, version: int, token_i
     )  # fmt: skip
     score = ScoreResult(id=task.task_id, total=reward, components={"accuracy": reward}, status="ok")
     msg_id = task.task_id + (":again" if again else "")  # a second hand-off needs another idempotency id
-    queue.publish(queue.keys.scored, ScoredMessage(task=task, rollout=rollout, score=score), msg_id)
+    msg = ScoredMessage(task=task, rollout=rollout, score=score, reward_weights=default_reward_weights())
+    queue.publish(queue.keys.scored, msg, msg_id)
 
 
 def _answer(c: Collector, version: int, rewards=lambda t: float(t.sample_index)) -> list[TaskMessage]:

@@ -51,7 +51,8 @@ class RewardWorker(StreamWorker):
         with self.busy():
             results = score_items([item for _, item in batch], self.settings.weights, self.pool)
         for (d, _), res in zip(batch, results, strict=True):
-            msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res)
+            msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res,
+                                reward_weights=self.settings.weights)  # fmt: skip
             self.queue.hand_off(self.keys.rollouts, self.keys.reward_group, d.entry_id, self.keys.scored, msg,
                                 d.message.task.task_id)  # fmt: skip
         return len(deliveries)

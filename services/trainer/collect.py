@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from services.trainer.config import RLConfig
 from services.trainer.objective import filter_component_groups, filter_groups
-from shared.contracts import SamplingParams, ScoredMessage, TaskMessage
+from shared.contracts import SamplingParams, ScoredMessage, TaskMessage, same_rewards
 from shared.prompts import encode_prompt
 
 log = logging.getLogger("gtpo.trainer")
@@ -378,6 +378,12 @@ class Collector:
             self.counts["foreign"] += 1
             log.warning("sample %s is foreign, dead-lettered: %s", t.task_id, reason)
             self.queue.reject(d, self.group_name, reason)
+            return
+        if not same_rewards(msg.reward_weights, self.cfg.reward_weights):  # a reward worker configured otherwise
+            self.counts["reward_mismatch"] += 1
+            reason = f"scored with reward weights {msg.reward_weights}, not the trainer's {self.cfg.reward_weights}"
+            log.error("sample %s dead-lettered, never trained: %s", t.task_id, reason)
+            self.queue.reject(d, self.group_name, reason)  # the dead-letter watch samples it again
             return
         reason = check_scored(msg, self.vocab_size, self.cfg.rollout.max_new_tokens, version)
         if reason is not None:
