@@ -373,8 +373,8 @@ class GenerateResponse(BaseModel):
 class WeightsRequest(BaseModel):
     """`POST /v1/weights`: load version `version` from `path` (under the service's checkpoint root).
 
-    Versions only move forward: an older version than the one served, or the served version from another path,
-    is refused (409) unless `rollback` is set.
+    Versions only move forward within a run: an older version than the one served, or the served version from
+    another path, is refused (409) unless `rollback` is set; a version of another `run` replaces any (a new run).
     """
 
     model_config = ConfigDict(extra="forbid")
