@@ -148,3 +148,24 @@ def test_a_reward_worker_with_other_weights_is_refused_sample_by_sample(tmp_path
             check_agreement(cfg.trainer_side(None), infos)
     finally:
         scorer.stop(5)
+
+
+def test_the_registry_moves_forward_within_a_run_and_another_run_takes_over(redis_client, redis_ns):
+    reg = WeightRegistry(redis_client, redis_ns)
+    reg.publish(WeightsVersion(version=4, path="a/v4", run="a.1"))
+    with pytest.raises(ValueError, match="not newer"):
+        reg.publish(WeightsVersion(version=3, path="a/v3", run="a.1"))
+    new = WeightsVersion(version=0, path="b/v0", run="b.2")
+    reg.publish(new)  # a new run: its numbers start again, the old run's versions are forgotten
+    assert reg.current() == new and reg.versions() == [new]
+
+
+def test_the_served_weights_move_to_another_runs_lower_version():
+    from pathlib import Path
+
+    from services.rollout.weights import Served, WeightsError, check_move
+
+    served = Served(4, "/c/old-v4", "a.1")
+    assert check_move(served, 0, Path("/c/start"), rollback=False, run="b.2")
+    with pytest.raises(WeightsError, match="older than the served 4"):
+        check_move(served, 0, Path("/c/start"), rollback=False, run="a.1")
