@@ -200,6 +200,7 @@ class SimHost:
     def __init__(self, prompts: dict[tuple[int, ...], Prompt], tm: TimeModel, stop: threading.Event) -> None:
         self.prompts, self.tm, self.stop = prompts, tm, stop
         self.version: int | None = None
+        self.served_run: str | None = None
         self.spans: list[tuple[float, float]] = []
         """(start, end) of each `generate`, monotonic: the worker's busy time."""
 
@@ -207,8 +208,9 @@ class SimHost:
     def served_version(self) -> int | None:
         return self.version
 
-    def load(self, path, root: Path, version: int, source: str, rollback: bool = False) -> Loaded:
-        before, self.version = self.version, version  # a real engine takes seconds here: not what is measured
+    def load(self, path, root: Path, version: int, source: str, rollback: bool = False, run=None) -> Loaded:
+        # a real engine takes seconds here: not what is measured
+        before, self.version, self.served_run = self.version, version, run
         return Loaded(version, str(path), 0.0, None if before is None else Served(before, str(path)))
 
     def generate(self, requests: list[GenerationRequest], source: str, cancel=None) -> list[list[Rollout]]:
@@ -216,6 +218,7 @@ class SimHost:
         out = []
         for req in requests:
             rollout = sim_rollout(req, self.prompts[tuple(req.prompt_ids)], self.version or 0, self.tm.lengths)
+            rollout.policy_run = self.served_run
             self.stop.wait(self.tm.wall(len(rollout.token_ids) * self.tm.rollout_s_per_token))
             out.append([rollout])
         self.spans.append((start, time.monotonic()))

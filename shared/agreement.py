@@ -1,6 +1,7 @@
 """The start-up agreement check: before the first step, the trainer's settings and each service's `ServiceInfo`
-(`GET /info`, or a worker's heartbeat) must agree on the Redis namespace and codec, the reward names (and, for
-per-component reward normalisation, the weights), and the model's block size and mask token id.
+(`GET /info`, or a worker's heartbeat) must agree on the Redis namespace and codec, the reward names and weights
+(the scored totals it trains on are summed with the reward worker's), and the model's block size and mask token id.
+The trainer checks each scored sample's weights again (`ScoredMessage.reward_weights`): a worker may join later.
 
 `disagreements` is the pure check; `fetch_info` and `registered_infos` gather what the services say.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from shared.contracts import ServiceInfo, WorkerKind
+from shared.contracts import ServiceInfo, WorkerKind, same_rewards
 
 
 class AgreementError(ValueError):
@@ -30,16 +31,13 @@ class TrainerSide:
 
     Args:
         namespace, codec: its `redis.namespace` and `redis.codec`.
-        reward_weights: the reward names every reward service must know.
-        same_weights: the reward services must score with exactly `reward_weights` (per-component normalisation
-            recombines the components with them).
+        reward_weights: what every reward service must score with (`same_rewards`).
         block_size, mask_token_id: its model's; None = not checked here (`gtpo up` has not loaded the model).
     """
 
     namespace: str
     codec: str
     reward_weights: Mapping[str, float] = field(default_factory=dict)
-    same_weights: bool = False
     block_size: int | None = None
     mask_token_id: int | None = None
 
@@ -71,9 +69,9 @@ def disagreements(trainer: TrainerSide, where: str, info: ServiceInfo) -> list[s
         if unknown:
             out.append(f"reward_weights: trainer names {', '.join(unknown)}, unknown to {kind} {where} "
                        f"(it knows {', '.join(info.rewards) or 'none'})")  # fmt: skip
-        elif trainer.same_weights and dict(trainer.reward_weights) != info.weights:
+        elif not same_rewards(dict(trainer.reward_weights), info.weights):
             out.append(f"reward_weights: trainer {dict(trainer.reward_weights)}, {kind} {where}: {info.weights} "
-                       "(loss.reward_norm=per_component recombines the components with the trainer's)")  # fmt: skip
+                       "(the trainer would train on totals weighed otherwise)")  # fmt: skip
     return out
 
 

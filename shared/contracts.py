@@ -15,6 +15,9 @@ MAX_ID = 2**31 - 1
 MAX_SEED = 2**62
 """Seeds and versions fit a signed 64-bit integer with room to spare (msgpack, torch generators, Redis scores)."""
 
+RUN_MAX = 128
+"""A run identity (`WeightsVersion.run`) has at most this many characters."""
+
 TokenId = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
@@ -109,6 +112,9 @@ class Rollout(BaseModel):
     text: str = ""
     finish_reason: Literal["stop", "length"]
     policy_version: int = Field(0, ge=0, le=MAX_SEED)
+    policy_run: str | None = Field(
+        None, max_length=RUN_MAX, description="the run whose weights generated it (WeightsVersion.run); None = unknown"
+    )
     params: SamplingParams
     seed: int = Field(ge=0, le=MAX_SEED, description="the seed of this sample's generator (reproduces it)")
     logprobs: list[float] | None = None
@@ -277,6 +283,9 @@ class TaskMessage(BaseModel):
         ge=0, le=MAX_SEED, description="the trainer's version when enqueued; generate with >= this"
     )
     attempt: int = Field(0, ge=0, le=MAX_ID, description="re-enqueued after a stale or dead-lettered sample")
+    policy_run: str | None = Field(
+        None, max_length=RUN_MAX, description="generate with weights of this run only (WeightsVersion.run)"
+    )
 
 
 class RolloutMessage(BaseModel):
@@ -290,13 +299,27 @@ class RolloutMessage(BaseModel):
 
 
 class ScoredMessage(BaseModel):
-    """scored stream: a rollout with its reward."""
+    """scored stream: a rollout with its reward, and the reward weights it was scored with."""
 
     model_config = ConfigDict(extra="forbid")
 
     task: TaskMessage
     rollout: Rollout
     score: ScoreResult
+    reward_weights: dict[str, FiniteFloat] | None = Field(
+        None, description="the reward worker's weights (what `score.total` sums); None = unknown (never trained)"
+    )
+
+
+def same_rewards(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
+    """Whether two reward weightings score alike: the same weight for every reward, a zero weight = absent.
+
+    >>> same_rewards({"accuracy": 1, "format": 0.0}, {"accuracy": 1.0}), same_rewards({"accuracy": 1.0}, None)
+    (True, False)
+    """
+    if a is None or b is None:
+        return False
+    return {k: v for k, v in a.items() if v != 0} == {k: v for k, v in b.items() if v != 0}
 
 
 class WeightsVersion(BaseModel):
@@ -311,6 +334,11 @@ class WeightsVersion(BaseModel):
         description="an SDAR-layout checkpoint directory under the shared checkpoint root",
     )
     step: int = Field(0, ge=0, le=MAX_SEED)
+    run: str | None = Field(
+        None,
+        max_length=RUN_MAX,
+        description="the identity of the run that published it: a version number names weights within one run only",
+    )
 
 
 # --------------------------------------------------------------------------- rollout service (HTTP)
@@ -345,8 +373,8 @@ class GenerateResponse(BaseModel):
 class WeightsRequest(BaseModel):
     """`POST /v1/weights`: load version `version` from `path` (under the service's checkpoint root).
 
-    Versions only move forward: an older version than the one served, or the served version from another path,
-    is refused (409) unless `rollback` is set.
+    Versions only move forward within a run: an older version than the one served, or the served version from
+    another path, is refused (409) unless `rollback` is set; a version of another `run` replaces any (a new run).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -354,6 +382,7 @@ class WeightsRequest(BaseModel):
     version: int = Field(ge=0, le=MAX_SEED)
     path: str = Field(min_length=1, max_length=4096, description="a checkpoint folder, absolute or under the root")
     rollback: bool = Field(False, description="allow an older version, or the served version from another path")
+    run: str | None = Field(None, max_length=RUN_MAX, description="the run that published it (WeightsVersion.run)")
 
     @field_validator("path")
     @classmethod

@@ -156,11 +156,17 @@ return 1
 # trainer that crashed after publishing can publish again.
 _WEIGHTS_PUBLISH_LUA = """
 -- KEYS[1] current, KEYS[2] versions zset, KEYS[3] meta hash; ARGV[1] version, ARGV[2] JSON
+-- versions only move forward within a run; another run takes over (its numbers start again, the old run's go)
+local function run_of(t) if t['run'] == cjson.null then return nil end return t['run'] end
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local v = tonumber(cjson.decode(cur)['version'])
+  local c = cjson.decode(cur)
   local new = tonumber(ARGV[1])
-  if new < v or (new == v and cur ~= ARGV[2]) then return {0, cur} end
+  if run_of(c) ~= run_of(cjson.decode(ARGV[2])) then
+    redis.call('DEL', KEYS[2], KEYS[3])
+  elseif new < tonumber(c['version']) or (new == tonumber(c['version']) and cur ~= ARGV[2]) then
+    return {0, cur}
+  end
 end
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
@@ -633,10 +639,11 @@ class WeightRegistry:
         """Record `version` and make it current.
 
         Args:
-            version: must be newer than the current one (the same one again is accepted if identical).
+            version: must be newer than the current one (the same one again is accepted if identical), unless it
+                is another run's (`WeightsVersion.run`): that run takes over, the old run's versions are forgotten.
 
         Raises:
-            ValueError: an older version, or the current version with another path or step.
+            ValueError: an older version of the same run, or the current version with another path or step.
         """
         keys = [self.keys.weights_current, self.keys.weights_versions, self.keys.weights_meta]
         ok, current = self._publish(keys=keys, args=[version.version, version.model_dump_json()])

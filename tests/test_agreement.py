@@ -61,7 +61,7 @@ def _found(s) -> dict[str, ServiceInfo]:
 
 
 def _side(s, **changes) -> TrainerSide:
-    agreeing = {"namespace": "run-a", "codec": "msgpack", "reward_weights": {"accuracy": 1.0},
+    agreeing = {"namespace": "run-a", "codec": "msgpack", "reward_weights": {"accuracy": 1.0, "format": 0.5},
                 "block_size": s.spec.block_size, "mask_token_id": s.spec.mask_token_id}  # fmt: skip
     return TrainerSide(**{**agreeing, **changes})
 
@@ -106,12 +106,12 @@ def test_each_kind_of_mismatch_names_both_values(services):
     unknown = _mismatches(_side(services, codec="json", reward_weights={"accuracy": 1, "nope": 1}), {w: found[w]})
     assert len(unknown) == 1 and unknown[0].startswith(f"reward_weights: trainer names nope, unknown to reward {w} ")
     assert "(it knows " in unknown[0] and "accuracy" in unknown[0]
-    # per-component normalisation recombines the components with the trainer's weights: they must be the same
-    side = _side(services, codec="json", reward_weights={"accuracy": 1.0}, same_weights=True)
+    # the trainer trains on totals the reward worker summed: its weights must be the trainer's, whatever the norm
+    side = _side(services, codec="json", reward_weights={"accuracy": 1.0})
     assert _mismatches(side, {w: found[w]})[0].startswith(
         f"reward_weights: trainer {{'accuracy': 1.0}}, reward {w}: {{'accuracy': 1.0, 'format': 0.5}}"
     )
-    check_agreement(TrainerSide("run-a", "json", {"accuracy": 1.0, "format": 0.5}, same_weights=True), {w: found[w]})
+    check_agreement(TrainerSide("run-a", "json", {"accuracy": 1.0, "format": 0.5, "speed": 0}), {w: found[w]})
 
 
 def test_gtpo_up_checks_every_service_it_started(services, tmp_path):

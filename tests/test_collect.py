@@ -11,10 +11,12 @@ from services.trainer.collect import MAX_ATTEMPTS, Collector, Prompt, parse_task
 from services.trainer.config import RLConfig
 from shared.contracts import Rollout, ScoredMessage, ScoreResult, TaskMessage
 from shared.queue import Queue
+from shared.settings import default_reward_weights
 
 pytestmark = pytest.mark.redis
 
 VOCAB = 512
+IDENTITY = "run.0123456789ab"
 
 
 class Tok:
@@ -32,7 +34,7 @@ def _collector(redis_client, keys, tmp_path, k=0, **over) -> Collector:
         "rollout": {"group_size": 2, "max_new_tokens": 8}, "redis": {"namespace": keys.namespace}, **over,
     })  # fmt: skip
     prompts = [Prompt(f"q{i}", str(i)) for i in range(50)]
-    return Collector(cfg, Queue(redis_client, keys, codec="json"), prompts, Tok(), VOCAB)
+    return Collector(cfg, Queue(redis_client, keys, codec="json"), prompts, Tok(), VOCAB, identity=IDENTITY)
 
 
 def _tasks(queue: Queue) -> list[TaskMessage]:
@@ -48,12 +50,14 @@ def _score(queue: Queue, task: TaskMessage, reward: float, version: int, token_i
     """A scored message for `task`, as the reward worker hands it on."""
     rollout = Rollout(
         prompt_ids=task.prompt_ids, token_ids=list(token_ids), step_map=list(range(1, len(token_ids) + 1)),
-        finish_reason="length", policy_version=version, params=task.params.model_copy(update={"block_size": 4}),
+        finish_reason="length", policy_version=version, policy_run=task.policy_run,
+        params=task.params.model_copy(update={"block_size": 4}),
         seed=task.params.seed or 0, logprobs=[-0.5] * len(token_ids),
     )  # fmt: skip
     score = ScoreResult(id=task.task_id, total=reward, components={"accuracy": reward}, status="ok")
     msg_id = task.task_id + (":again" if again else "")  # a second hand-off needs another idempotency id
-    queue.publish(queue.keys.scored, ScoredMessage(task=task, rollout=rollout, score=score), msg_id)
+    msg = ScoredMessage(task=task, rollout=rollout, score=score, reward_weights=default_reward_weights())
+    queue.publish(queue.keys.scored, msg, msg_id)
 
 
 def _answer(c: Collector, version: int, rewards=lambda t: float(t.sample_index)) -> list[TaskMessage]:

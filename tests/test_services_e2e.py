@@ -189,7 +189,8 @@ def test_a_group_decodes_at_spread_thresholds(tmp_path, tiny_dir, tiny, redis_cl
 
     def collector(**over) -> Collector:
         cfg = _config(tmp_path, tiny_dir, redis_ns.namespace, **over)
-        return Collector(cfg, Queue(redis_client, redis_ns), load_prompts(cfg.data), tiny.tokenizer, 512)
+        return Collector(cfg, Queue(redis_client, redis_ns), load_prompts(cfg.data), tiny.tokenizer, 512,
+                         identity="run.test")  # fmt: skip
 
     spread = collector(rollout={"threshold_spread": 0.3})
     got = [spread.task(0, 0, j, 0, 0).params.confidence_threshold for j in range(4)]

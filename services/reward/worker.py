@@ -56,7 +56,8 @@ class RewardWorker(StreamWorker):
                 zero_truncated=self.settings.zero_truncated,
             )
         for (d, _), res in zip(batch, results, strict=True):
-            msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res)
+            msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res,
+                                reward_weights=self.settings.weights)  # fmt: skip
             self.queue.hand_off(self.keys.rollouts, self.keys.reward_group, d.entry_id, self.keys.scored, msg,
                                 d.message.task.task_id)  # fmt: skip
         return len(deliveries)

@@ -113,6 +113,11 @@ class EngineHost:
         """The published version served; None while the start model is."""
         return None if self.served is None else self.served.version
 
+    @property
+    def served_run(self) -> str | None:
+        """The run that published the served version; None while the start model (or unnamed weights) is."""
+        return None if self.served is None else self.served.run
+
     @contextmanager
     def _engine(self, cancel: threading.Event | None) -> Iterator[Engine]:
         """Hold the engine; a request whose client left while it waited gives up without decoding."""
@@ -137,6 +142,10 @@ class EngineHost:
         try:
             with self._engine(cancel) as engine:
                 out = engine.generate(requests, cancel=cancel)
+                run = self.served_run  # read under the lock: the run of the weights that generated them
+            for group in out:
+                for r in group:
+                    r.policy_run = run
         except GenerationCancelled:
             self.metrics.cancelled.labels(source).inc()
             raise
@@ -145,8 +154,10 @@ class EngineHost:
         self.metrics.tokens.inc(sum(len(r.token_ids) for group in out for r in group))
         return out
 
-    def load(self, path: str | Path, root: Path, version: int, source: str, rollback: bool = False) -> Loaded:
-        """Serve `version` from the checkpoint folder `path`, checked first (`weights.checkpoint_folder`).
+    def load(
+        self, path: str | Path, root: Path, version: int, source: str, rollback: bool = False, run: str | None = None
+    ) -> Loaded:
+        """Serve `version` of `run` from the checkpoint folder `path`, checked first (`weights.checkpoint_folder`).
 
         Raises:
             WeightsError: 403 a file outside `root`; 409 the version would move backwards without `rollback`;
@@ -158,7 +169,9 @@ class EngineHost:
             folder = ckpt.folder
             with self._engine(None) as engine:
                 before = self.served
-                if not check_move(before, version, folder, rollback):
+                if not check_move(before, version, folder, rollback, run):
+                    if run is not None:  # the same files, now known as `run`'s (two runs' v0: the start model)
+                        self.served = Served(version, str(folder), run)
                     return Loaded(version, str(folder), 0.0, before)  # pushed over HTTP and announced in Redis
                 bad = ckpt.mismatches(self.shapes)
                 if bad:
@@ -167,7 +180,7 @@ class EngineHost:
                     engine.load_weights(folder, version)
                 except Exception as e:  # whatever a loader raises on a bad folder; the engine keeps its weights
                     raise WeightsError(422, f"weights: cannot load {path}: {type(e).__name__}: {str(e)[:500]}") from e
-                self.served = Served(version, str(folder))
+                self.served = Served(version, str(folder), run)
                 if not ckpt.adapter:  # an adapter leaves the base, whose shapes the next version must fit
                     self.shapes = ckpt.shapes
         except WeightsError:

@@ -60,7 +60,8 @@ async def generate(body: GenerateRequest, request: Request, host: HostDep, setti
 async def weights(body: WeightsRequest, host: HostDep, settings: SettingsDep) -> WeightsResponse:
     """Load weights version `version` from a checkpoint folder under the checkpoint root."""
     try:
-        done = await run_in_threadpool(host.load, body.path, settings.root(), body.version, "http", body.rollback)
+        done = await run_in_threadpool(host.load, body.path, settings.root(), body.version, "http", body.rollback,
+                                       body.run)  # fmt: skip
     except WeightsError as e:
         raise HTTPException(e.status, str(e)) from e
     previous = None if done.previous is None else done.previous.version

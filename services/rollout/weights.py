@@ -41,24 +41,27 @@ class WeightsError(Exception):
 
 @dataclass(frozen=True)
 class Served:
-    """A version and the resolved folder it was loaded from."""
+    """A version, the resolved folder it was loaded from, and the run that published it (None = unknown)."""
 
     version: int
     path: str
+    run: str | None = None
 
 
-def check_move(served: Served | None, version: int, path: Path, rollback: bool) -> bool:
+def check_move(served: Served | None, version: int, path: Path, rollback: bool, run: str | None = None) -> bool:
     """Whether loading (`version`, `path`) is needed; raises `WeightsError(409)` when it would move backwards.
 
-    Versions only move forward: an older version, or the served version from another folder, is refused unless
-    `rollback`. The start model is no published version (None): any version may follow it.
+    Versions only move forward within a run: an older version, or the served version from another folder, is
+    refused unless `rollback`. The start model is no published version (None): any version may follow it, and so
+    may any version of another run (`run` given and not the served one's: a new run took the namespace over, its
+    numbers start again).
 
     Returns:
         False when exactly that version from that folder is already served (nothing to do).
     """
     if served is not None and (served.version, served.path) == (version, str(path)):
         return False
-    if served is None or version > served.version or rollback:
+    if served is None or version > served.version or rollback or (run is not None and run != served.run):
         return True
     if version == served.version:
         raise WeightsError(

@@ -75,8 +75,8 @@ class RolloutWorker(StreamWorker):
         self.host, self.settings = host, settings
         self.heartbeat_ttl_s = settings.heartbeat_ttl_s
         self.stop = threading.Event()
-        self.handled: tuple[int, str] | None = None
-        """The registry's last (version, path) loaded, found served, or refused: not looked at again."""
+        self.handled: tuple[int, str, str | None] | None = None
+        """The registry's last (version, path, run) loaded, found served, or refused: not looked at again."""
 
     def run(self, stop: threading.Event) -> None:
         self.stop = stop  # also the engine's cancel event: on shutdown a batch ends at its next block boundary
@@ -108,21 +108,24 @@ class RolloutWorker(StreamWorker):
         return self.settings.info(engine.spec.block_size, engine.spec.mask_token_id)
 
     def servable(self, tasks: list[Task]) -> list[Task]:
-        """The tasks whose policy version is served, after waiting (bounded) for the trainer to publish the newest
-        one needed; the others stay pending, to be redelivered."""
+        """The tasks the served weights may generate (their run's, at their version or newer), after waiting
+        (bounded) for the trainer to publish what they need; the others stay pending, to be redelivered."""
         if not tasks:
             return []
-        needed = max(d.message.policy_version for d in tasks)
         deadline = time.monotonic() + self.settings.weights_wait_s
-        while not _serves(self.host.served_version, needed) and time.monotonic() < deadline and not self.stop.is_set():
+        while (
+            not all(_serves(self.host, d.message) for d in tasks)
+            and time.monotonic() < deadline
+            and not self.stop.is_set()
+        ):
             time.sleep(0.2)
             self.refresh_weights()
             self.heartbeat()
-        served = self.host.served_version
-        ready = [d for d in tasks if _serves(served, d.message.policy_version)]
+        ready = [d for d in tasks if _serves(self.host, d.message)]
         if len(ready) < len(tasks):
-            log.warning("%s: %d tasks need weights newer than v%s, never published within %.0f s; left pending",
-                        self.id, len(tasks) - len(ready), served, self.settings.weights_wait_s)  # fmt: skip
+            log.warning("%s: %d tasks need weights other than v%s of run %s, never published within %.0f s; left "
+                        "pending", self.id, len(tasks) - len(ready), self.host.served_version,
+                        self.host.served_run, self.settings.weights_wait_s)  # fmt: skip
         return ready
 
     def generate(self, tasks: Sequence[Task]) -> int:
@@ -166,31 +169,38 @@ class RolloutWorker(StreamWorker):
                             d.message.task_id)  # fmt: skip
 
     def refresh_weights(self) -> None:
-        """Load the registry's current weights if they are newer than what this process serves.
+        """Load the registry's current weights if they are newer than what this process serves, or another run's.
 
-        The same rule as `/v1/weights` without rollback: never an older version, nor the served version from
-        another folder. A version that fails to load is logged once and the old weights stay served.
+        The same rule as `/v1/weights` without rollback within one run: never an older version, nor the served
+        version from another folder. When the registry names another run (a new run took the namespace over, its
+        versions start again), its weights replace the served ones whatever their numbers: a version number means
+        nothing across runs. A version that fails to load is logged once and the old weights stay served.
         """
         cur = self.registry.current()
-        if cur is None or (cur.version, cur.path) == self.handled:
+        if cur is None or (cur.version, cur.path, cur.run) == self.handled:
             return
-        served = self.host.served_version
-        if served is not None and cur.version < served:
+        served, same_run = self.host.served_version, self.host.served_run == cur.run
+        if served is not None and same_run and cur.version < served:
             return  # pushed over HTTP ahead of the registry
-        self.handled = (cur.version, cur.path)
+        self.handled = (cur.version, cur.path, cur.run)
         try:
-            done = self.host.load(cur.path, self.settings.root(), cur.version, "registry")
+            done = self.host.load(cur.path, self.settings.root(), cur.version, "registry", rollback=not same_run,
+                                  run=cur.run)  # fmt: skip
         except WeightsError as e:
             log.error("%s: cannot serve v%d from %s, still serving v%s: %s", self.id, cur.version, cur.path, served, e)
             return
         self.heartbeat()
         how = f"in {done.seconds:.1f}s" if done.seconds else "(already served: pushed over HTTP first)"
-        log.info("rollout worker %s loaded v%d from %s %s", self.id, cur.version, done.path, how)
+        log.info("rollout worker %s loaded v%d of run %s from %s %s", self.id, cur.version, cur.run, done.path, how)
 
 
-def _serves(served: int | None, needed: int) -> bool:
-    """Whether weights `served` may generate a task enqueued at version `needed` (the start model may not)."""
-    return served is not None and served >= needed
+def _serves(host, task: TaskMessage) -> bool:
+    """Whether the weights `host` serves may generate `task`: a published version (the start model is none), at
+    least the task's, of the task's run when it names one."""
+    served = host.served_version
+    if served is None or served < task.policy_version:
+        return False
+    return task.policy_run is None or task.policy_run == host.served_run
 
 
 def _request(d: Task) -> GenerationRequest:

@@ -77,7 +77,8 @@ class TrainerState:
         data_cursor: position in the dataset / prompt stream.
         extra: what else a resumed step needs, JSON-encodable (tuples and int keys survive). The RL driver keeps
             ``collector`` (its collector's state, to rebuild the buffer) and ``metrics`` (the step's metrics row,
-            written again when the trainer died between the checkpoint and the row); SFT leaves it empty.
+            written again when the trainer died between the checkpoint and the row) and ``run`` (the run's identity,
+            `Driver.identity`); SFT leaves it empty.
     """
 
     step: int = 0

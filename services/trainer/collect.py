@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from services.trainer.config import RLConfig
 from services.trainer.objective import filter_component_groups, filter_groups
-from shared.contracts import SamplingParams, ScoredMessage, TaskMessage
+from shared.contracts import SamplingParams, ScoredMessage, TaskMessage, same_rewards
 from shared.prompts import encode_prompt, tokens_per_step
 
 log = logging.getLogger("gtpo.trainer")
@@ -165,6 +165,18 @@ def verdict_of(samples: list[ScoredMessage], dynamic_sampling: bool,
     return "kept"
 
 
+def foreign_weights(msg: ScoredMessage, identity: str, version: int) -> str | None:
+    """Why the weights that generated `msg` are none this run published (None when they are one of its versions
+    0 .. `version`): a number alone names the weights of any run that used the namespace, and another run's v4 is
+    not this run's v4."""
+    r = msg.rollout
+    if r.policy_run != identity:
+        return f"generated with weights v{r.policy_version} of run {r.policy_run}, not of this run ({identity})"
+    if r.policy_version > version:
+        return f"generated with weights v{r.policy_version}, newer than the trainer's v{version}"
+    return None
+
+
 def check_scored(msg: ScoredMessage, vocab_size: int, max_new_tokens: int, version: int) -> str | None:
     """Why a scored message cannot be trained on by a trainer at `version` (None when it can): the trainer's
     per-message validation, so that one bad entry is dead-lettered alone instead of failing its step on every
@@ -196,10 +208,14 @@ class Collector:
         prompts: the dataset.
         tokenizer: encodes prompts.
         vocab_size: token ids at or above this are poison.
+        identity: the run's identity (`Driver.identity`): the `run` of every weights version it publishes, and
+            what each sample's `rollout.policy_run` must be.
     """
 
-    def __init__(self, cfg: RLConfig, queue, prompts: list[Prompt], tokenizer, vocab_size: int) -> None:
+    def __init__(self, cfg: RLConfig, queue, prompts: list[Prompt], tokenizer, vocab_size: int, *,
+                 identity: str) -> None:  # fmt: skip
         self.cfg, self.queue, self.keys = cfg, queue, queue.keys
+        self.identity = identity
         self.redis = queue.redis
         self.prompts, self.tokenizer, self.vocab_size = prompts, tokenizer, vocab_size
         self.k = cfg.max_staleness
@@ -325,7 +341,7 @@ class Collector:
             task_id=task_id(cfg.run_id, tag, prompt_index, sample, attempt), run_id=cfg.run_id, step=tag,
             prompt_index=prompt_index, sample_index=sample, group_size=r.group_size,
             prompt_ids=self.prompt_ids(prompt_index), prompt_text=cfg.prompt_template.format(question=p.question),
-            reference=p.answer, params=params, policy_version=version, attempt=attempt,
+            reference=p.answer, params=params, policy_version=version, attempt=attempt, policy_run=self.identity,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ collecting
@@ -372,6 +388,18 @@ class Collector:
         if t.run_id != self.cfg.run_id or g is None or g.verdict is not None or t.sample_index in g.samples:
             self.counts["late" if t.run_id == self.cfg.run_id else "other_run"] += 1
             self.queue.ack(self.keys.scored, self.group_name, d.entry_id)  # nobody will train it
+            return
+        reason = foreign_weights(msg, self.identity, version)
+        if reason is not None:  # never trained: dead-lettered, and the dead-letter watch samples it again
+            self.counts["foreign"] += 1
+            log.warning("sample %s is foreign, dead-lettered: %s", t.task_id, reason)
+            self.queue.reject(d, self.group_name, reason)
+            return
+        if not same_rewards(msg.reward_weights, self.cfg.reward_weights):  # a reward worker configured otherwise
+            self.counts["reward_mismatch"] += 1
+            reason = f"scored with reward weights {msg.reward_weights}, not the trainer's {self.cfg.reward_weights}"
+            log.error("sample %s dead-lettered, never trained: %s", t.task_id, reason)
+            self.queue.reject(d, self.group_name, reason)  # the dead-letter watch samples it again
             return
         reason = check_scored(msg, self.vocab_size, self.cfg.rollout.max_new_tokens, version)
         if reason is not None:

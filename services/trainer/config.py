@@ -306,7 +306,6 @@ class RLConfig(TrainerConfig):
             spec: the model's DiffusionSpec; None where it is not loaded (`gtpo up`, a simulated trainer).
         """
         return TrainerSide(namespace=self.redis.namespace, codec=self.redis.codec, reward_weights=self.reward_weights,
-                           same_weights=self.loss.reward_norm == "per_component",
                            block_size=None if spec is None else spec.block_size,
                            mask_token_id=None if spec is None else spec.mask_token_id)  # fmt: skip
 

@@ -73,7 +73,12 @@ class Driver:
 
             trainer = GTPOTrainer(cfg)
         self.trainer = trainer
-        if resume and self.trainer.resume() and self.main:
+        resumed = resume and self.trainer.resume()
+        # what names this run's weight versions, kept by every checkpoint: a version number alone names weights
+        # of any run that ever used the namespace
+        self.identity: str = self.trainer.state.extra.get("run") or new_identity(cfg.run_id)
+        self.trainer.state.extra["run"] = self.identity
+        if resumed and self.main:
             done = self.trainer.state.step
             # rows of a step that never reached its checkpoint are not durable: that step runs again
             keep_rows(cfg.output_dir / "trained_groups.jsonl", lambda row: row["step"] < done)
@@ -84,7 +89,7 @@ class Driver:
         if self.main:
             tok = self.trainer.loaded.tokenizer
             vocab = int(self.trainer.loaded.model.config.vocab_size)
-            self.collector = Collector(cfg, self.queue, self.prompts, tok, vocab)
+            self.collector = Collector(cfg, self.queue, self.prompts, tok, vocab, identity=self.identity)
             from services.trainer.status import TrainerMetrics
 
             self.metrics = TrainerMetrics(self.status)
@@ -266,9 +271,8 @@ class Driver:
 
         state = self.trainer.state
         # absolute: a worker resolves a relative path against its own checkpoint root, not the trainer's folder
-        version = WeightsVersion(
-            version=state.policy_version, path=str(self.trainer.weights_path(path).resolve()), step=state.step
-        )
+        version = WeightsVersion(version=state.policy_version, path=str(self.trainer.weights_path(path).resolve()),
+                                 step=state.step, run=self.identity)  # fmt: skip
         with_reconnect(lambda: self._publish(version), what="publishing weights")
         with_reconnect(lambda: self.collector.finish_step(batch, state.step), what="acknowledging the step")
         keep = set(list_checkpoints(self.trainer.checkpoint_root)[-self.cfg.keep_last :])
@@ -326,6 +330,7 @@ class Driver:
             groups_enqueued=c.enqueued, groups_buffered=len(c.kept_groups()) - len(batch), samples_in_flight=c.in_flight(),
             groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
             samples_resampled_dead=c.counts["resampled_dead"], groups_dead_lettered=c.counts["dead_lettered"],
+            samples_foreign=c.counts["foreign"], samples_reward_mismatch=c.counts["reward_mismatch"],
             **self._worker_busy(),
         )  # fmt: skip
         return json.dumps({
@@ -355,7 +360,7 @@ class Driver:
         ckpt = latest_checkpoint(self.trainer.checkpoint_root)
         path = self.trainer.weights_path(ckpt) if ckpt is not None else self.cfg.model
         version = WeightsVersion(version=self.trainer.state.policy_version, path=str(Path(path).resolve()),
-                                 step=self.trainer.state.step)  # fmt: skip
+                                 step=self.trainer.state.step, run=self.identity)  # fmt: skip
         cur = self.registry.current()
         if cur is not None and cur.version > version.version:
             # workers would keep serving those newer weights and every sample would come from a policy this trainer
@@ -364,7 +369,7 @@ class Driver:
                 f"redis.namespace: {self.cfg.redis.namespace!r} already serves weights v{cur.version} ({cur.path}), "
                 f"newer than this trainer's v{version.version}: continue that run with --resume, or use a new namespace"
             )
-        if cur is None or cur.version < version.version:
+        if cur is None or cur.version < version.version or cur.run != version.run:
             self._publish(version)
 
     def _publish(self, version: WeightsVersion) -> None:
@@ -394,6 +399,7 @@ class Driver:
         c = self.collector
         return {
             "run_id": self.cfg.run_id,
+            "run": self.identity,
             "step": self.trainer.state.step,
             "policy_version": self.trainer.state.policy_version,
             "max_staleness": self.cfg.max_staleness,
@@ -406,6 +412,13 @@ class Driver:
 
     def ready(self) -> str | None:
         return "starting" if self.waiting == "starting" else None
+
+
+def new_identity(run_id: str) -> str:
+    """A fresh run's identity: its name and 12 random hex digits (two runs of one name never share it)."""
+    import secrets
+
+    return f"{run_id}.{secrets.token_hex(6)}"
 
 
 def broadcast_text(accelerator, text: str | None) -> str:

@@ -17,9 +17,10 @@ log = logging.getLogger("gtpo.trainer")
 
 
 def publish(registry, version: WeightsVersion, rollout_urls: list[str], token) -> None:
-    """Make `version` current (unless the registry already has it or a newer one) and push it to `rollout_urls`."""
+    """Make `version` current (unless the registry already has it or a newer one of the same run) and push it to
+    `rollout_urls`."""
     cur = registry.current()
-    if cur is None or cur.version < version.version:
+    if cur is None or cur.version < version.version or cur.run != version.run:
         registry.publish(version)
     for url in rollout_urls:
         push_weights(url, version, token)
@@ -34,7 +35,7 @@ def push_weights(url: str, version: WeightsVersion, token, attempts: int = 3) ->
     import httpx
 
     headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
-    body = WeightsRequest(version=version.version, path=version.path).model_dump(mode="json")
+    body = WeightsRequest(version=version.version, path=version.path, run=version.run).model_dump(mode="json")
     for attempt in range(1, attempts + 1):
         try:
             r = httpx.post(
