@@ -16,8 +16,8 @@ from rich.table import Table
 from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
 from services.status_view import TIMEOUT_S
 from shared.contracts import SamplingParams
-from shared.data import ANSWER_FIELD, QUESTION_FIELD
-from shared.prompts import PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
+from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
+from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
 
 app = typer.Typer(
     name="gtpo",
@@ -375,6 +375,12 @@ def eval_cmd(
     answer_extract: str = typer.Option(
         "none", "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
     ),
+    max_row_bytes: int = typer.Option(
+        MAX_ROW_BYTES, "--max-row-bytes", min=1, help="refuse a longer row (a JSONL line, a column's text)"
+    ),
+    max_prompt_tokens: int = typer.Option(
+        MAX_PROMPT_TOKENS, "--max-prompt-tokens", min=1, help="refuse a longer prompt (template included)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Evaluate a checkpoint: avg@k, pass@k, boxed rate, length, tokens per step, truncation rate.
@@ -406,12 +412,13 @@ def eval_cmd(
         raise _dry_run({"dataset": dataset, "model": model, "k": k, "params": params, "template": template,
                         "chat": chat, "rollout_url": rollout_url, "limit": limit, "out": out, "seed": seed,
                         "question_field": question_field, "answer_field": answer_field,
-                        "answer_extract": answer_extract})  # fmt: skip
+                        "answer_extract": answer_extract, "max_row_bytes": max_row_bytes,
+                        "max_prompt_tokens": max_prompt_tokens})  # fmt: skip
     try:
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
-                         answer_extract=answer_extract)[:limit]  # fmt: skip
+                         answer_extract=answer_extract, max_row_bytes=max_row_bytes)[:limit]  # fmt: skip
         res = evaluate(model, rows, k=k, params=params, template=template, chat=chat, rollout_url=rollout_url,
-                       seed=seed)  # fmt: skip
+                       seed=seed, max_prompt_tokens=max_prompt_tokens, question_field=question_field)  # fmt: skip
     except (OSError, ValueError) as e:
         raise _fail("eval", str(e)) from None
     table = Table(title=f"gtpo eval {dataset} (k={k})")

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.contracts import ServiceInfo, WorkerKind
+from shared.prompts import MAX_PROMPT_TOKENS
 from shared.settings import (
     HEARTBEAT_TTL_S,
     BearerToken,
@@ -32,7 +33,9 @@ class RolloutSettings(ServiceSettings):
     max_batch_size: int = Field(32, ge=1, description="rows decoded together")
     max_prompts: int = Field(256, ge=1, description="prompts x n per HTTP request, at most")
     max_prompt_tokens: int = Field(
-        8192, ge=1, description="a prompt longer than this is refused: 422 over HTTP, dead-lettered from the stream"
+        MAX_PROMPT_TOKENS,
+        ge=1,
+        description="a prompt longer than this is refused: 422 over HTTP, dead-lettered from the stream",
     )
     max_new_tokens: int = Field(
         16384, ge=1, description="a request asking for more is refused: 422 over HTTP, dead-lettered from the stream"

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from shared.agreement import TrainerSide
 from shared.contracts import SamplingParams
-from shared.data import ANSWER_FIELD, QUESTION_FIELD
+from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE
 from shared.settings import BearerToken, RedisConfig, default_reward_weights
 
@@ -166,6 +166,9 @@ class TrainerConfig(BaseModel):
     )
     tracker_project: str = Field("gtpo", min_length=1, description="the trackers' project (W&B, trackio) or experiment")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight; None = full")
+    max_row_bytes: int = Field(
+        MAX_ROW_BYTES, ge=1, description="data: a longer row (a JSONL line, a column's text) is refused, naming it"
+    )
 
     @model_validator(mode="after")
     def _check_lora_reference(self) -> TrainerConfig:
