@@ -19,6 +19,7 @@ naming the source, the row and the column.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +53,7 @@ def read_jsonl(path: str | Path, *, max_row_bytes: int = MAX_ROW_BYTES) -> list[
         for n, line in enumerate(iter(lambda: f.readline(max_row_bytes + 2), b""), start=1):
             body = line.rstrip(b"\r\n")
             if len(body) > max_row_bytes:
-                raise DataError(f"{path}:{n}: the row is over max_row_bytes={max_row_bytes} bytes")
+                raise DataError(f"{path}:{n}: the row is over max_row_bytes={max_row_bytes} bytes{_column_at(body)}")
             if not body.strip():
                 continue
             row = _parse(body, f"{path}:{n}")
@@ -63,6 +64,20 @@ def read_jsonl(path: str | Path, *, max_row_bytes: int = MAX_ROW_BYTES) -> list[
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+_KEY = re.compile(rb'"([^"\\]{1,200})"\s*:')
+
+
+def _column_at(prefix: bytes) -> str:
+    """Which column the cut of an over-long JSONL line falls in: the last key before it (a key's quotes are
+    never escaped; quotes inside a value are).
+
+    >>> _column_at(b'{"answer": "4", "question": "xxxxxxxx')
+    " (in column 'question')"
+    """
+    keys = _KEY.findall(prefix)
+    return f" (in column {keys[-1].decode('utf-8', 'backslashreplace')!r})" if keys else ""
 
 
 def _parse(text: str | bytes, where: str) -> Any:
