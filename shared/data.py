@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,9 @@ MAX_ROW_BYTES = 4 * 1024 * 1024
 exhaust memory long before it reported anything. A trace-SFT row of 100k tokens takes about 1.5 MB."""
 
 HUB_PREFIX = "hf:"
+HUB_PROBE_S = 5.0
+"""How long the hub may take to answer at all before an `hf:` source is read from the local cache alone: an
+unreachable hub then fails at once, in one line, not after the hub client's half a minute of logged retries."""
 AnswerExtract = Literal["none", "boxed", "gsm8k"]
 
 
@@ -169,6 +173,51 @@ def _pick_split(loaded, source: str, split: str | None, default_split: str):
     return loaded[want]
 
 
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` gives no HTTP answer within `HUB_PROBE_S` (one try, the environment's proxy), or None when
+    it answers anything at all."""
+    import httpx
+
+    try:
+        httpx.head(endpoint, timeout=HUB_PROBE_S)
+    except httpx.HTTPError as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+@contextmanager
+def _offline(ds):
+    """The hub client and `datasets` in offline mode (the local cache only) for the duration."""
+    from huggingface_hub import constants as hub
+
+    saved = hub.HF_HUB_OFFLINE, ds.config.HF_HUB_OFFLINE, ds.config.HF_DATASETS_OFFLINE
+    hub.HF_HUB_OFFLINE = ds.config.HF_HUB_OFFLINE = ds.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, ds.config.HF_HUB_OFFLINE, ds.config.HF_DATASETS_OFFLINE = saved
+
+
+def _read_hub(source: str, default_split: str) -> list[dict[str, Any]]:
+    """The rows of `hf:org/name[:config][:split]`; from the local cache alone when offline mode is on or the hub
+    does not answer, so that either fails at once with one line naming the dataset."""
+    from huggingface_hub import constants as hub
+
+    name, config, split = parse_hub(source)
+    ds = _datasets()
+    offline = "HF_HUB_OFFLINE is set" if ds.config.HF_HUB_OFFLINE else None
+    if offline is None and (why := _hub_unreachable(hub.ENDPOINT)) is not None:
+        offline = f"the hub {hub.ENDPOINT} is unreachable ({why})"
+    try:
+        with _offline(ds) if offline else nullcontext():
+            loaded = ds.load_dataset(name, config, split=split or default_split)
+    except Exception as e:  # the hub, the network, a missing config: all surface as the source's error
+        if offline:
+            raise DataError(f"data: {source}: {offline}, and the local cache cannot serve {name} ({e})") from None
+        raise DataError(f"data: {source}: {type(e).__name__}: {e}") from None
+    return [dict(r) for r in loaded]
+
+
 def _on_disk(path: Path) -> bool:
     return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
@@ -180,13 +229,7 @@ def read_rows(
     `max_row_bytes` is an error naming it (and its column where the source has columns)."""
     text = str(source)
     if text.startswith(HUB_PREFIX):
-        name, config, split = parse_hub(text)
-        ds = _datasets()
-        try:
-            loaded = ds.load_dataset(name, config, split=split or default_split)
-        except Exception as e:  # the hub, the network, a missing config: all surface as the source's error
-            raise DataError(f"data: {text}: {type(e).__name__}: {e}") from None
-        return _checked([dict(r) for r in loaded], text, max_row_bytes)
+        return _checked(_read_hub(text, default_split), text, max_row_bytes)
     path, split = Path(text), None
     if not path.exists() and ":" in path.name:  # `folder:split`
         head, _, split = text.rpartition(":")
