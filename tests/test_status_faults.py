@@ -109,3 +109,34 @@ def test_a_workers_index_of_the_wrong_type_is_invalid_not_fatal(redis_url, redis
                              env={"COLUMNS": "300"})  # fmt: skip
     assert res.exit_code == 0, res.output
     assert f"invalid ({redis_ns.workers})" in res.output and f"invalid ({redis_ns.trainer_status})" in res.output
+
+
+def test_watch_says_when_redis_goes_away_and_recovers_when_it_is_back(embedded_redis):
+    """A Redis restart under `--watch`: the view says it cannot reach it and keeps trying, no traceback."""
+    buf = io.StringIO()
+    console = Console(file=buf, width=300, force_terminal=True)
+    errors = []
+
+    def watch():
+        try:
+            show(embedded_redis.url, "gtpo-watch-test", console, watch=True, interval_s=0.05, iterations=1200)
+        except Exception as e:  # what the old view did: the first failed read ended it
+            errors.append(e)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "queues (gtpo-watch-test)" not in buf.getvalue():
+        assert time.monotonic() < deadline and thread.is_alive(), errors
+        time.sleep(0.05)
+    embedded_redis.stop()
+    while "retrying every 0.05 s" not in buf.getvalue():
+        assert time.monotonic() < deadline and thread.is_alive(), errors
+        time.sleep(0.05)
+    assert f"redis {embedded_redis.url}: ConnectionError" in buf.getvalue()
+    embedded_redis.start()
+    deadline = time.monotonic() + 30
+    while "queues (gtpo-watch-test)" not in buf.getvalue().rpartition("retrying every")[2]:  # drawn again
+        assert time.monotonic() < deadline and thread.is_alive(), errors
+        time.sleep(0.05)
+    assert not errors  # the thread ends by itself after its iterations
