@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
+from services.status_view import TIMEOUT_S
 from shared.contracts import SamplingParams
-from shared.data import ANSWER_FIELD, QUESTION_FIELD
-from shared.prompts import PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
+from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
+from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
 
 app = typer.Typer(
     name="gtpo",
@@ -329,6 +330,9 @@ def status_cmd(
     namespace: str | None = typer.Option(None, "--namespace", help="the run's redis.namespace (default: gtpo)"),
     watch: bool = typer.Option(False, "--watch", "-w", help="keep the view live, redrawn every --interval seconds"),
     interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between redraws with --watch"),
+    timeout: float = typer.Option(
+        TIMEOUT_S, "--timeout", min=0.1, help="seconds to wait for Redis to connect or reply (then exit 1)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Queue depths, each live worker (kind, busy / idle, weights version, last heartbeat), the trainer's step,
@@ -339,10 +343,15 @@ def status_cmd(
         raise _fail("status", "--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
     if dry_run:
         raise _dry_run({"redis_url": redact_url(redis_url), "namespace": namespace or RedisConfig().namespace,
-                        "watch": watch, "interval": interval})  # fmt: skip
-    from services.status_view import show
+                        "watch": watch, "interval": interval, "timeout": timeout})  # fmt: skip
+    from services.status_view import StatusError, show
 
-    show(redis_url, namespace or RedisConfig().namespace, console, watch=watch, interval_s=interval)
+    try:
+        show(redis_url, namespace or RedisConfig().namespace, console, watch=watch, interval_s=interval,
+             timeout_s=timeout)  # fmt: skip
+    except StatusError as e:  # Redis down or not Redis: not a config error (exit 1, not 2)
+        typer.echo(f"gtpo status: {e}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 @app.command("eval")
@@ -369,6 +378,12 @@ def eval_cmd(
     answer_field: str = typer.Option(ANSWER_FIELD, "--answer-field", help="the column of the answer"),
     answer_extract: str = typer.Option(
         "none", "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
+    ),
+    max_row_bytes: int = typer.Option(
+        MAX_ROW_BYTES, "--max-row-bytes", min=1, help="refuse a longer row (a JSONL line, a column's text)"
+    ),
+    max_prompt_tokens: int = typer.Option(
+        MAX_PROMPT_TOKENS, "--max-prompt-tokens", min=1, help="refuse a longer prompt (template included)"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
@@ -402,12 +417,13 @@ def eval_cmd(
         raise _dry_run({"dataset": dataset, "model": model, "k": k, "params": params, "template": template,
                         "chat": chat, "rollout_url": rollout_url, "limit": limit, "out": out, "seed": seed,
                         "question_field": question_field, "answer_field": answer_field,
-                        "answer_extract": answer_extract})  # fmt: skip
+                        "answer_extract": answer_extract, "max_row_bytes": max_row_bytes,
+                        "max_prompt_tokens": max_prompt_tokens})  # fmt: skip
     try:
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
-                         answer_extract=answer_extract)[:limit]  # fmt: skip
+                         answer_extract=answer_extract, max_row_bytes=max_row_bytes)[:limit]  # fmt: skip
         res = evaluate(model, rows, k=k, params=params, template=template, chat=chat, rollout_url=rollout_url,
-                       seed=seed)  # fmt: skip
+                       seed=seed, max_prompt_tokens=max_prompt_tokens, question_field=question_field)  # fmt: skip
     except (OSError, ValueError) as e:
         raise _fail("eval", str(e)) from None
     table = Table(title=f"gtpo eval {dataset} (k={k})")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.contracts import GenerationRequest, Rollout, SamplingParams, ScoreStatus
-from shared.prompts import PROMPT_TEMPLATE, encode_prompt, tokens_per_step
+from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, encode_prompt, tokens_per_step
 
 # Named benchmarks: hub datasets in the RL datasets' format ({question, ground_truth_answer}), as the GTPO and DiRL
 # repositories publish them. Loading them needs network access and the `datasets` package.
@@ -61,6 +61,23 @@ def load_rows(dataset: str, **columns) -> list[dict]:
             f"dataset: {dataset} is neither a file nor a preset ({', '.join(PRESETS)}), a datasets folder or hf:org/name"
         )
     return load_qa(source, default_split="test", **columns)
+
+
+def check_prompts(prompts: list[list[int]], max_prompt_tokens: int, field: str = "question") -> None:
+    """Refuse a prompt over `max_prompt_tokens` (it would exhaust memory in the engine), naming its row (1-based)
+    and the column it came from.
+
+    >>> check_prompts([[1, 2], [1, 2, 3]], 2, "problem")
+    Traceback (most recent call last):
+    ...
+    ValueError: dataset row 2: column 'problem' makes a prompt of 3 tokens, over max_prompt_tokens=2
+    """
+    for i, p in enumerate(prompts, start=1):
+        if len(p) > max_prompt_tokens:
+            raise ValueError(
+                f"dataset row {i}: column {field!r} makes a prompt of {len(p)} tokens, over max_prompt_tokens="
+                f"{max_prompt_tokens}"
+            )
 
 
 def generate_local(engine, prompts: list[list[int]], params: SamplingParams) -> list[list[Rollout]]:
@@ -124,8 +141,11 @@ def evaluate(
     rollout_url: str | None = None,
     seed: int = 0,
     pool=None,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    question_field: str = "question",
 ) -> EvalResult:
-    """Generate k samples per question (in-process unless `rollout_url`) and score them."""
+    """Generate k samples per question (in-process unless `rollout_url`) and score them; a prompt over
+    `max_prompt_tokens` is refused first, naming its row and `question_field`."""
     from services.reward.verify import VerifierPool
     from shared.model import load_tokenizer
 
@@ -138,12 +158,14 @@ def evaluate(
         if tok is None:
             raise ValueError("model: remote eval still needs the checkpoint directory for its tokenizer")
         prompts = [encode_prompt(tok, template.format(question=r["question"]), chat=chat) for r in rows]
+        check_prompts(prompts, max_prompt_tokens, question_field)
         groups = generate_remote(rollout_url, prompts, params)
     else:
         from services.rollout.engines.torch_engine import TorchEngine
 
         engine = TorchEngine.from_pretrained(model, max_batch_size=64)
         prompts = [encode_prompt(engine.tokenizer, template.format(question=r["question"]), chat=chat) for r in rows]
+        check_prompts(prompts, max_prompt_tokens, question_field)
         groups = generate_local(engine, prompts, params)
     own_pool = pool is None
     pool = pool or VerifierPool(workers=2, timeout_s=5.0)

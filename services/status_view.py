@@ -9,41 +9,129 @@ trainer's part comes from the status it writes after every step (`Driver._write_
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 STREAM_OF = {"rollout": "tasks", "reward": "rollouts"}
 """The stream each worker kind consumes (its pending entries there are the work it holds)."""
+TIMEOUT_S = 3.0
+"""Seconds `gtpo status` waits for a connection or a reply: a Redis answers in milliseconds, and a port that is
+not Redis (an HTTP server waits for the rest of a request that never comes) must fail fast, not hang."""
+
+
+class StatusError(Exception):
+    """The view cannot be read at all (Redis down, not Redis, refused): one line naming the URL."""
+
+
+class TrainerStatus(BaseModel):
+    """What the view needs of the trainer's status (`Driver.status`); the rest is shown as it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str | None = None
+    step: int | None = None
+    policy_version: int | None = None
+    waiting: str | None = None
+    groups_buffered: int | None = None
+    groups_open: int | None = None
+    samples_in_flight: int | None = None
+    last: dict[str, Any] | None = None
+    ts: float | None = None
+
+
+class Heartbeat(BaseModel):
+    """One worker's heartbeat as `WeightRegistry.heartbeat` writes it."""
+
+    kind: str
+    id: str
+    version: int | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+    ts: float
 
 
 @dataclass
 class Snapshot:
-    """What `gtpo status` shows, read at `at` (unix seconds)."""
+    """What `gtpo status` shows, read at `at` (unix seconds).
+
+    A key holding something its writer never wrote (garbage, the wrong Redis type) is listed in `invalid` and
+    its part of the view says so; a stream's depth is then None.
+    """
 
     namespace: str
     at: float
-    depths: dict[str, dict[str, Any]]
+    depths: dict[str, dict[str, Any] | None]
     workers: dict[str, dict[str, Any]]
     trainer: dict[str, Any] | None
     current_version: int | None
     versions: list[int] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)
+
+
+_GARBAGE = (ValueError, TypeError, RecursionError)
+"""What parsing a malformed value raises (pydantic's ValidationError, JSON and UTF-8 errors are ValueErrors)."""
 
 
 def read_snapshot(redis, namespace: str) -> Snapshot:
-    """Everything the view shows, from one Redis (the workers' heartbeats, the streams, the trainer's status)."""
-    from shared.keys import Keys
-    from shared.queue import Queue, WeightRegistry
+    """Everything the view shows, from one Redis (the workers' heartbeats, the streams, the trainer's status).
 
-    keys = Keys(namespace)
-    reg = WeightRegistry(redis, keys)
-    raw = redis.get(keys.trainer_status)
-    current = reg.current()
-    return Snapshot(namespace=namespace, at=time.time(), depths=Queue(redis, keys).depths(),
-                    workers=reg.live_workers(), trainer=json.loads(raw) if raw else None,
-                    current_version=current.version if current else None,
-                    versions=[v.version for v in reg.versions()])  # fmt: skip
+    Read only: nothing is written or pruned. A malformed key is reported (`Snapshot.invalid`), never raised;
+    a Redis that cannot be reached raises its connection error.
+    """
+    import redis as redis_lib
+
+    from shared.contracts import WeightsVersion
+    from shared.keys import Keys
+    from shared.queue import Queue
+
+    keys, queue, invalid = Keys(namespace), Queue(redis, Keys(namespace)), []
+
+    def guarded(key: str, read, default=None):
+        try:
+            return read()
+        except (redis_lib.ResponseError, *_GARBAGE):  # ResponseError: WRONGTYPE, a key of another Redis type
+            invalid.append(key)
+            return default
+
+    def trainer() -> dict[str, Any] | None:
+        raw = redis.get(keys.trainer_status)
+        return TrainerStatus.model_validate_json(raw).model_dump() if raw else None
+
+    def current() -> int | None:
+        raw = redis.get(keys.weights_current)
+        return WeightsVersion.model_validate_json(raw).version if raw else None
+
+    versions = []
+    for field_name, raw in guarded(keys.weights_meta, lambda: redis.hgetall(keys.weights_meta), {}).items():
+        v = guarded(
+            f"{keys.weights_meta}[{_text(field_name)}]", lambda raw=raw: WeightsVersion.model_validate_json(raw)
+        )
+        if v is not None:
+            versions.append(v.version)
+    return Snapshot(
+        namespace=namespace, at=time.time(),
+        depths={s: guarded(s, lambda s=s: queue.depth(s)) for s in (*keys.streams, keys.dead)},
+        workers=_workers(redis, keys, guarded), trainer=guarded(keys.trainer_status, trainer),
+        current_version=guarded(keys.weights_current, current), versions=sorted(versions), invalid=invalid,
+    )  # fmt: skip
+
+
+def _workers(redis, keys, guarded) -> dict[str, dict[str, Any]]:
+    """Worker id -> `{kind, version, info, ts}` of each live heartbeat; a malformed one is reported by `guarded`."""
+    members = sorted(_text(m) for m in guarded(keys.workers, lambda: redis.smembers(keys.workers), set()))
+    names = [f"{keys.prefix}worker:{m}" for m in members]
+    out = {}
+    for name, raw in zip(names, redis.mget(names) if names else [], strict=True):
+        beat = guarded(name, lambda raw=raw: Heartbeat.model_validate_json(raw)) if raw is not None else None
+        if beat is not None:
+            out[beat.id] = {"kind": beat.kind, "version": beat.version, "info": beat.info, "ts": beat.ts}
+    return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def held_entries(snap: Snapshot, worker_id: str, kind: str) -> int:
@@ -51,7 +139,7 @@ def held_entries(snap: Snapshot, worker_id: str, kind: str) -> int:
     from shared.keys import Keys
 
     stream = getattr(Keys(snap.namespace), STREAM_OF.get(kind, ""), None)
-    groups = snap.depths.get(stream, {}).get("groups", {}) if stream else {}
+    groups = (snap.depths.get(stream) or {}).get("groups", {}) if stream else {}
     return sum(g["consumers"].get(worker_id, 0) for g in groups.values())
 
 
@@ -60,8 +148,8 @@ def worker_rows(snap: Snapshot) -> list[list[str]]:
     rows = []
     for wid, w in sorted(snap.workers.items(), key=lambda kv: (kv[1]["kind"], kv[0])):
         held = held_entries(snap, wid, w["kind"])
-        info = w.get("info") or {}
-        share = info["busy_s"] / info["up_s"] if info.get("up_s") else None
+        busy, up = (w.get("info") or {}).get("busy_s"), (w.get("info") or {}).get("up_s")
+        share = busy / up if _number(busy) and _number(up) and up > 0 else None
         rows.append([
             wid, w["kind"], "busy" if held else "idle", str(held),
             "-" if w.get("version") is None else f"v{w['version']}",
@@ -70,28 +158,46 @@ def worker_rows(snap: Snapshot) -> list[list[str]]:
     return rows
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _seconds(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.2f}"
+    return f"{float(value):.2f}" if _number(value) else "-"
+
+
+def _invalid(key: str) -> str:
+    return f"invalid ({key})"
 
 
 def render(snap: Snapshot):
-    """The snapshot as rich renderables: queues, workers, trainer and weights."""
+    """The snapshot as rich renderables: queues, workers, trainer and weights; a malformed key shows as
+    `invalid (<key>)` where its part of the view would be."""
     from rich.console import Group
     from rich.table import Table
 
+    from shared.keys import Keys
+
+    keys = Keys(snap.namespace)
     queues = Table(title=f"queues ({snap.namespace})")
     for col in ("stream", "length", "pending", "lag"):
         queues.add_column(col, justify="left" if col == "stream" else "right")
     for stream, d in snap.depths.items():
-        queues.add_row(stream.rpartition(":")[2], str(d.get("length")), str(d.get("pending")), str(d.get("lag")))
+        cells = [_invalid(stream), "", ""] if d is None else [str(d.get(k)) for k in ("length", "pending", "lag")]
+        queues.add_row(stream.rpartition(":")[2], *cells)
     workers = Table(title=f"live workers ({len(snap.workers)})")
     for col in ("worker", "kind", "state", "held", "weights", "last heartbeat", "busy since start"):
         workers.add_column(col)
     for row in worker_rows(snap):
         workers.add_row(*row)
+    for key in snap.invalid:
+        if key == keys.workers or key.startswith(f"{keys.prefix}worker:"):
+            workers.add_row(_invalid(key))
     trainer = Table(title="trainer", show_header=False)
     t = snap.trainer
-    if t is None:
+    if keys.trainer_status in snap.invalid:
+        trainer.add_row("status", _invalid(keys.trainer_status))
+    elif t is None:
         trainer.add_row("status", "no trainer status in the last minute")
     else:
         last = t.get("last") or {}
@@ -105,28 +211,56 @@ def render(snap: Snapshot):
             "last step (wait / train / checkpoint s)",
             " / ".join(_seconds(last.get(k)) for k in ("time_wait_s", "time_train_s", "time_checkpoint_s")),
         )
-        trainer.add_row("status written", f"{max(0.0, snap.at - t.get('ts', snap.at)):.1f} s ago")
-    weights = f"weights: current v{snap.current_version}, published {snap.versions}"
+        written = t.get("ts")
+        trainer.add_row("status written", f"{max(0.0, snap.at - written):.1f} s ago" if _number(written) else "-")
+    current = _invalid(keys.weights_current) if keys.weights_current in snap.invalid else f"v{snap.current_version}"
+    bad_meta = [k for k in snap.invalid if k.startswith(keys.weights_meta)]
+    weights = f"weights: current {current}, published {snap.versions}" + "".join(f", {_invalid(k)}" for k in bad_meta)
     return Group(queues, workers, trainer, weights)
 
 
+def read(redis, redis_url: str, namespace: str, timeout_s: float = TIMEOUT_S) -> Snapshot:
+    """`read_snapshot`, with whatever stops Redis from answering as one `StatusError` naming the URL."""
+    import redis as redis_lib
+
+    from shared.settings import redact_url
+
+    try:
+        return read_snapshot(redis, namespace)
+    except redis_lib.TimeoutError:
+        why = f"no reply within {timeout_s:g} s (is this the port of a Redis server?)"
+    except redis_lib.RedisError as e:  # refused, closed, not Redis's protocol, authentication...
+        why = f"{type(e).__name__}: {e}"
+    raise StatusError(f"redis {redact_url(redis_url)}: {why}")
+
+
 def show(redis_url: str, namespace: str, console, *, watch: bool = False, interval_s: float = 1.0,
-         iterations: int | None = None) -> None:  # fmt: skip
-    """Print the view once, or (`watch`) keep it live, redrawn every `interval_s` until Ctrl-C (or `iterations`)."""
+         iterations: int | None = None, timeout_s: float = TIMEOUT_S) -> None:  # fmt: skip
+    """Print the view once, or (`watch`) keep it live, redrawn every `interval_s` until Ctrl-C (or `iterations`).
+
+    Raises:
+        StatusError: Redis could not be read (the first time, with `watch`: later failures show in the view,
+            and the next redraw tries again).
+    """
     from shared.queue import connect
 
-    redis = connect(redis_url)
+    redis = connect(redis_url, socket_timeout=timeout_s, retries=0)
+    view = render(read(redis, redis_url, namespace, timeout_s))
     if not watch:
-        console.print(render(read_snapshot(redis, namespace)))
+        console.print(view)
         return
     from rich.live import Live
+    from rich.text import Text
 
     done = 0
-    with Live(render(read_snapshot(redis, namespace)), console=console, refresh_per_second=4) as live:
+    with Live(view, console=console, refresh_per_second=4) as live:
         try:
             while iterations is None or done < iterations:
                 time.sleep(interval_s)
-                live.update(render(read_snapshot(redis, namespace)))
+                try:
+                    live.update(render(read(redis, redis_url, namespace, timeout_s)))
+                except StatusError as e:  # Redis restarting: say so, keep watching
+                    live.update(Text(f"{e} (retrying every {interval_s:g} s)", style="red"))
                 done += 1
         except KeyboardInterrupt:
             pass

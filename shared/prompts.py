@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within $\\boxed{{}}$."
 """The user message of the RL recipe (DiRL / TraceRL); ``{question}`` is replaced."""
+MAX_PROMPT_TOKENS = 8192
+"""The longest prompt (template and chat markup included) the rollout service and `gtpo eval` take by default."""
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[dict[str, str]], *, chat: bool) -> list[int]:

@@ -532,9 +532,10 @@ class Queue:
         """Per stream (work streams and dead letters): ``length``, ``pending`` and ``lag`` summed over its groups,
         and ``groups``: per group ``pending``, ``consumers`` (name -> pending), ``lag`` (entries not yet delivered;
         None before Redis 7), ``last_delivered``, ``oldest_pending``."""
-        return {stream: self._depth(stream) for stream in (*self.keys.streams, self.keys.dead)}
+        return {stream: self.depth(stream) for stream in (*self.keys.streams, self.keys.dead)}
 
-    def _depth(self, stream: str) -> dict[str, Any]:
+    def depth(self, stream: str) -> dict[str, Any]:
+        """One stream's entry of `depths`."""
         if not self.redis.exists(stream):
             return {"length": 0, "pending": 0, "lag": None, "groups": {}}
         groups = {}
@@ -747,7 +748,7 @@ def connect(url: str | None = None, *, socket_timeout: float = 10.0, retries: in
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
-        socket_connect_timeout=5,
+        socket_connect_timeout=min(5, socket_timeout),
         socket_keepalive=True,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=2, base=0.05), retries=retries),

@@ -169,7 +169,8 @@ def test_dry_run_of_the_commands_without_a_config_file_prints_their_settings_and
     assert shown == {"checkpoint": str(tmp_path / "ckpt"), "out": str(out), "base": None} and not out.exists()
     # a closed port: nothing connects to it
     shown = yaml.safe_load(gtpo("status", "--redis-url", f"redis://:{PASSWORD}@127.0.0.1:1/0", "--dry-run").stdout)
-    assert shown == {"redis_url": "redis://:***@127.0.0.1:1/0", "namespace": "gtpo", "watch": False, "interval": 1.0}
+    assert shown == {"redis_url": "redis://:***@127.0.0.1:1/0", "namespace": "gtpo", "watch": False,
+                     "interval": 1.0, "timeout": 3.0}  # fmt: skip
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")  # only looked for: nothing is loaded
     result = gtpo("generate", "--model", tmp_path / "m", "--prompt", "1+1", "--top-k", "5", "--dry-run")

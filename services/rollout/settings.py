@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.contracts import ServiceInfo, WorkerKind
-from shared.settings import HEARTBEAT_TTL_S, HeartbeatTtl, RedisConfig, ServiceSettings, default_worker_id
+from shared.prompts import MAX_PROMPT_TOKENS
+from shared.settings import (
+    HEARTBEAT_TTL_S,
+    BearerToken,
+    HeartbeatTtl,
+    RedisConfig,
+    ServiceSettings,
+    default_worker_id,
+)
 
 
 class RolloutSettings(ServiceSettings):
@@ -19,13 +27,15 @@ class RolloutSettings(ServiceSettings):
     engine: Literal["torch", "lmdeploy"] = Field("torch", description="decoding engine")
     device: str = Field("auto", description="torch engine: auto | cpu | cuda[:N]")
     checkpoint_root: Path | None = Field(None, description="weights may load only from here; None = model's parent")
-    api_token: SecretStr | None = Field(None, description="bearer token for /v1/weights; unset = endpoint disabled")
+    api_token: BearerToken | None = Field(None, description="bearer token for /v1/weights; unset = endpoint disabled")
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=0, le=65535)
     max_batch_size: int = Field(32, ge=1, description="rows decoded together")
     max_prompts: int = Field(256, ge=1, description="prompts x n per HTTP request, at most")
     max_prompt_tokens: int = Field(
-        8192, ge=1, description="a prompt longer than this is refused: 422 over HTTP, dead-lettered from the stream"
+        MAX_PROMPT_TOKENS,
+        ge=1,
+        description="a prompt longer than this is refused: 422 over HTTP, dead-lettered from the stream",
     )
     max_new_tokens: int = Field(
         16384, ge=1, description="a request asking for more is refused: 422 over HTTP, dead-lettered from the stream"

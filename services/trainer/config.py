@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path, PurePath
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.agreement import TrainerSide
 from shared.contracts import SamplingParams
-from shared.data import ANSWER_FIELD, QUESTION_FIELD
+from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE
-from shared.settings import RedisConfig, default_reward_weights
+from shared.settings import BearerToken, RedisConfig, default_reward_weights
 
 
 def _tracker_list(value):
@@ -175,6 +175,9 @@ class TrainerConfig(BaseModel):
     )
     tracker_project: str = Field("gtpo", min_length=1, description="the trackers' project (W&B, trackio) or experiment")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight; None = full")
+    max_row_bytes: int = Field(
+        MAX_ROW_BYTES, ge=1, description="data: a longer row (a JSONL line, a column's text) is refused, naming it"
+    )
 
     @model_validator(mode="after")
     def _check_lora_reference(self) -> TrainerConfig:
@@ -275,7 +278,7 @@ class RLConfig(TrainerConfig):
     step_timeout_s: float = Field(1800.0, gt=0, description="then train on the groups that are complete and say so")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     rollout_urls: list[str] = Field(default_factory=list, description="also push new weights to these over HTTP")
-    api_token: SecretStr | None = Field(None, description="bearer token for the rollout services' /v1/weights")
+    api_token: BearerToken | None = Field(None, description="bearer token for the rollout services' /v1/weights")
     health_port: int | None = Field(None, ge=0, le=65535, description="/health /status /metrics; None = off")
     reward_weights: dict[str, float] = Field(
         default_factory=default_reward_weights, description="`gtpo up`: the reward workers' weights"

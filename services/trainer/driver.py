@@ -40,7 +40,8 @@ INFO_WAIT_S = 60.0
 
 
 def load_prompts(source, **columns) -> list[Prompt]:
-    """The RL prompts of a data source (shared/data.py); `columns`: question_field, answer_field, answer_extract."""
+    """The RL prompts of a data source (shared/data.py); `columns`: question_field, answer_field, answer_extract,
+    max_row_bytes."""
     from shared.data import load_qa
 
     return [Prompt(r["question"], r["ground_truth_answer"]) for r in load_qa(source, **columns)]
@@ -85,7 +86,7 @@ class Driver:
             keep_rows(cfg.output_dir / "metrics.jsonl", lambda row: row["step"] <= done)
             restore_metrics_row(cfg.output_dir / "metrics.jsonl", self.trainer.state.extra.get("metrics"), done)
         self.prompts = load_prompts(cfg.data, question_field=cfg.question_field, answer_field=cfg.answer_field,
-                                    answer_extract=cfg.answer_extract)  # fmt: skip
+                                    answer_extract=cfg.answer_extract, max_row_bytes=cfg.max_row_bytes)  # fmt: skip
         if self.main:
             tok = self.trainer.loaded.tokenizer
             vocab = int(self.trainer.loaded.model.config.vocab_size)

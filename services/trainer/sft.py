@@ -109,7 +109,7 @@ def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> list[in
 
 def prepare_rows(cfg, tokenizer, block_size: int) -> list[tuple[list[int], list[int]] | dict[str, Any]]:
     """Tokenise every row once: (prompt ids, block-padded response ids), or the raw row for trace rows."""
-    rows = read_rows(cfg.data)
+    rows = read_rows(cfg.data, max_row_bytes=cfg.max_row_bytes)
     end = tokenizer.eos_token_id
     out: list[tuple[list[int], list[int]] | dict[str, Any]] = []
     dropped = 0

@@ -42,16 +42,23 @@ def push_weights(url: str, version: WeightsVersion, token, attempts: int = 3) ->
                 f"{url.rstrip('/')}/v1/weights", json=body, headers=headers, timeout=httpx.Timeout(300, connect=5)
             )
         except httpx.TransportError as e:
-            log.warning("rollout %s unreachable for weights v%d (%s), attempt %d/%d", url, version.version, e,
-                        attempt, attempts)  # fmt: skip
+            log.warning("rollout %s unreachable for weights v%d (%s), attempt %d/%d", url, version.version,
+                        _hide(str(e), token), attempt, attempts)  # fmt: skip
         else:
             if r.status_code < 400:
                 return True
-            log.error("rollout %s answered %d to weights v%d: %s", url, r.status_code, version.version, r.text[:500])
+            log.error("rollout %s answered %d to weights v%d: %s", url, r.status_code, version.version,
+                      _hide(r.text[:500], token))  # fmt: skip
             if r.status_code < 500:
                 return False
         time.sleep(1.0 * attempt)
     return False
+
+
+def _hide(text: str, token) -> str:
+    """`text` without the token: an HTTP library's error can quote the header that carried it."""
+    secret = token.get_secret_value() if token is not None else ""
+    return text.replace(secret.strip(), "***") if secret.strip() else text
 
 
 def prune(registry, checkpoint_root: Path, keep: set[Path]) -> list[int]:
