@@ -515,7 +515,9 @@ def verify_checkpoint(path: str | Path) -> None:
     path = Path(path)
     if problems := checkpoint_problems(path):
         missing = all(p.endswith("missing") or "incomplete" in p for p in problems)
-        raise (CheckpointMissing if missing else CheckpointError)(f"checkpoint {path} cannot be resumed: " + "; ".join(problems))
+        raise (CheckpointMissing if missing else CheckpointError)(
+            f"checkpoint {path} cannot be resumed: " + "; ".join(problems)
+        )
 
 
 # --------------------------------------------------------------------------- finding
