@@ -505,7 +505,7 @@ class GTPOTrainer:
             CheckpointError: no whole checkpoint to continue from although an earlier run wrote here (what is
                 missing or corrupt named), or its layout cannot be resumed by this run (both sides named).
         """
-        verdict = ""
+        verdict, error = "", None
         if self.accelerator.is_main_process:
             try:
                 path = resume_checkpoint(self.checkpoint_root)
@@ -517,10 +517,10 @@ class GTPOTrainer:
                         "at step 0 (its files are moved aside), or use another output_dir"
                     )
             except CheckpointError as e:
-                verdict = f"error:{e}"
+                verdict, error = f"error:{e}", e
         verdict = _broadcast(self.accelerator, verdict)
         if verdict.startswith("error:"):
-            raise CheckpointError(verdict.removeprefix("error:"))
+            raise error or CheckpointError(verdict.removeprefix("error:"))
         if verdict == "none":
             self.accelerator.print(f"--resume: nothing to resume in {self.cfg.output_dir} yet; starting at step 0")
             return False
