@@ -339,6 +339,7 @@ class Driver:
             groups_enqueued=c.enqueued, groups_buffered=len(c.kept_groups()) - len(batch), samples_in_flight=c.in_flight(),
             groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
             samples_resampled_dead=c.counts["resampled_dead"], groups_dead_lettered=c.counts["dead_lettered"],
+            groups_redispatched=c.counts["redispatched"],
             **self._worker_busy(),
         )  # fmt: skip
         return json.dumps({
