@@ -203,6 +203,9 @@ def sft(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, "--config", help="YAML experiment file (SFTConfig)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in output_dir"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="start again at step 0 where a run wrote before (its files are moved aside)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ) -> None:
     """Supervised fine-tuning: SDAR random masking ({prompt, response} / {messages} rows) or trace-SFT (rollouts).
@@ -214,11 +217,14 @@ def sft(
     from services.trainer.config import RLConfig, SFTConfig
 
     cfg = _experiment("sft", SFTConfig, config, list(ctx.args), dry_run, siblings=(RLConfig,))
+    from services.trainer.checkpoint import CheckpointError
     from services.trainer.sft import DataError, run_sft
 
+    if resume and fresh:
+        raise _fail("sft", "--resume and --fresh: choose one (continue the run, or start it again at step 0)")
     try:
-        history = run_sft(cfg, resume=resume)
-    except DataError as e:
+        history = run_sft(cfg, resume=resume, fresh=fresh)
+    except (DataError, CheckpointError) as e:  # a missing or corrupt checkpoint is named, not a traceback
         raise _fail("sft", str(e)) from None
     if history:
         console.print(
@@ -271,6 +277,9 @@ def train_cmd(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, "--config", help="YAML experiment file (RLConfig)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in output_dir"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="start again at step 0 where a run wrote before (its files are moved aside)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ) -> None:
     """GTPO RL rounds through the rollout and reward services over Redis. Extra arguments: key=value overrides.
@@ -288,7 +297,7 @@ def train_cmd(
     from services.trainer.lease import LeaseHeld, LeaseLost
 
     try:
-        history = run_rl(cfg, resume=resume)
+        history = run_rl(cfg, resume=resume, fresh=fresh)
     except (ValueError, LeaseHeld) as e:
         raise _fail("train", str(e)) from None
     except LeaseLost as e:  # replaced by another trainer: not a config error, and nothing was written
@@ -304,6 +313,9 @@ def up_cmd(
     rollout_workers: int = typer.Option(1, "--rollout-workers", min=1),
     reward_workers: int = typer.Option(1, "--reward-workers", min=1),
     resume: bool = typer.Option(False, "--resume"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="start again at step 0 where a run wrote before (its files are moved aside)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ) -> None:
     """All in one machine: embedded Redis (unless REDIS_URL is set), rollout and reward workers, the trainer, each
@@ -317,8 +329,11 @@ def up_cmd(
     from services.launcher import run_stack
     from shared.agreement import AgreementError
 
+    if resume and fresh:
+        raise _fail("up", "--resume and --fresh: choose one (continue the run, or start it again at step 0)")
     try:
-        code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume)
+        code = run_stack(cfg, rollout_workers=rollout_workers, reward_workers=reward_workers, resume=resume,
+                         fresh=fresh)  # fmt: skip
     except AgreementError as e:  # every process is stopped by then
         raise _fail("up", str(e)) from None
     raise typer.Exit(code)

@@ -97,7 +97,7 @@ def redis_arguments(cfg: RLConfig) -> list[str]:
     return [f"redis.{k}={v}" for k, v in cfg.redis.model_dump(mode="json", exclude={"url"}).items()]
 
 
-def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int, resume: bool):
+def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int, resume: bool, fresh: bool = False):
     """The processes of a stack (not started) and the trainer config they share.
 
     Secrets stay out of the commands and of the trainer's config file: the Redis URL and the API token reach
@@ -123,8 +123,8 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
         update={"rollout_urls": urls, "api_token": None, "redis": cfg.redis.model_copy(update={"url": None})}
     )
     cfg_path = run_dir / "run.yaml"
-    trainer = Managed("trainer", _gtpo("train", "--config", str(cfg_path), *(["--resume"] if resume else [])),
-                      logs / "trainer.log")  # fmt: skip
+    flags = ["--resume"] * resume + ["--fresh"] * fresh
+    trainer = Managed("trainer", _gtpo("train", "--config", str(cfg_path), *flags), logs / "trainer.log")
     return procs, trainer, trainer_cfg, cfg_path
 
 
@@ -134,6 +134,7 @@ def run_stack(
     rollout_workers: int = 1,
     reward_workers: int = 1,
     resume: bool = False,
+    fresh: bool = False,
     threads: int | None = None,
 ) -> int:
     """Run the whole job locally; returns the trainer's exit code.
@@ -150,6 +151,13 @@ def run_stack(
     run_dir.mkdir(parents=True, exist_ok=True)
     embedded = None
     url = cfg.redis.resolved_url()
+    if resume and fresh:
+        raise ValueError("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
+    if fresh and not url:  # the embedded server's data is the earlier run's queues and weight registry
+        from services.trainer.checkpoint import move_aside
+
+        if (dest := move_aside(run_dir, also=("redis",))) is not None:
+            console.print(f"--fresh: moved the earlier run's files to {dest}; starting at step 0")
     if not url:
         embedded = EmbeddedRedis(data_dir=run_dir / "redis")
         embedded.start()
@@ -158,7 +166,7 @@ def run_stack(
     env = {**os.environ, "REDIS_URL": url, "GTPO_API_TOKEN": token, "GTPO_ROLLOUT_API_TOKEN": token}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume)
+    workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume, fresh)
     cfg_path.write_text(dump_config(trainer_cfg))
     source = "embedded" if embedded else "redis.url" if cfg.redis.url else "REDIS_URL"
     console.print(f"redis {redact_url(url)} ({source}), logs in {run_dir / 'logs'}")

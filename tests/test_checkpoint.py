@@ -247,7 +247,7 @@ def test_saved_model_dir_loads_as_sdar(init_dir, tmp_path):
     names = {p.name for p in path.iterdir()}
     assert names == {
         "model", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json",
-        "trainer_state.json",
+        "trainer_state.json", "manifest.json",
     }  # fmt: skip
     assert json.loads((path / "model" / "config.json").read_text())["model_type"] == "sdar"
 

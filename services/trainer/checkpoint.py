@@ -9,10 +9,17 @@ A checkpoint is one directory `<root>/step-XXXXXXXX/`:
     rng.safetensors         torch CPU and CUDA generator states
     rng.json                python `random` and numpy global states
     trainer_state.json      step, policy version, data cursor, extra (the RL driver's collector state, metrics row)
+    manifest.json           sha256 and size of every other file, written last
 
 `<root>/latest` names the newest directory. Nothing here pickles or unpickles: tensors go to safetensors,
 everything else to JSON through a small tagged codec that keeps tuples, non-string dict keys and tensor
 positions exact, so `--resume` restores the same objects that were saved and continues bit-for-bit.
+
+Integrity: `load_checkpoint` checks every file against the manifest first (`verify_checkpoint`), so a file that is
+missing, truncated or has flipped bytes (headers intact) is an error naming it, not weights silently off. There is
+no fallback to an older checkpoint: the run's Redis state (acknowledged groups, the published weight version) has
+already moved past it, so the operator decides (move the bad folder aside, or start again with `--fresh`).
+`resume_checkpoint` picks the newest `step-*` folder and refuses, naming what is missing, rather than starting over.
 
 Distributed use: only the main process calls `save_checkpoint`, with the unwrapped model
 (`accelerator.unwrap_model(model)`); it records that process's RNG states only. Every process calls
@@ -22,6 +29,7 @@ process into the shared `staging_dir` before the main process completes it (`ser
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +60,7 @@ SCHEDULER_FILE = "scheduler.json"
 RNG_TENSORS = "rng.safetensors"
 RNG_META = "rng.json"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
@@ -65,6 +74,10 @@ _TAGS = (_TUPLE, _DICT, _TENSOR)
 
 class CheckpointError(ValueError):
     """A checkpoint file is corrupt or does not match what it is loaded into."""
+
+
+class CheckpointMissing(CheckpointError, FileNotFoundError):
+    """A file a checkpoint needs is not there (named)."""
 
 
 @dataclass
@@ -265,7 +278,7 @@ def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
 def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
     """`reader(path)`, with a missing or unreadable file reported by name."""
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file missing: {path}")
+        raise CheckpointMissing(f"checkpoint file missing: {path}")
     try:
         return reader(path)
     except (OSError, ValueError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
@@ -434,12 +447,78 @@ def save_checkpoint(
             staging, model=model, tokenizer=tokenizer, spec=spec, optimizer=optimizer, scheduler=scheduler, state=state,
             merged=merged, model_state=model_state,
         )  # fmt: skip
+        write_manifest(staging)
         _move_into_place(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _write_latest(root, final.name)
     _prune(root, final, keep_last)
     return final
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """`folder/manifest.json`: the sha256 and size of every file under `folder`, written last and atomically (temp
+    file + os.replace), so a manifest is only ever there complete."""
+    files = {
+        p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why the checkpoint folder `path` cannot be resumed: each missing file and each file whose size or sha256
+    differs from the manifest, by path; [] when it is whole.
+
+    A checkpoint written before manifests existed is checked for its state file only (and a warning logged).
+    """
+    if not (path / STATE_FILE).is_file():
+        return [f"{path / STATE_FILE} is missing (the checkpoint is incomplete)"]
+    if not (path / MANIFEST_FILE).is_file():
+        logger.warning("%s has no %s (written before checksums): its files are not verified", path, MANIFEST_FILE)
+        return []
+    try:
+        files = read_json(path / MANIFEST_FILE)["files"]
+        entries = [(str(rel), int(want["size"]), str(want["sha256"])) for rel, want in files.items()]
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        return [f"{path / MANIFEST_FILE} is corrupt: {exc}"]
+    problems = []
+    for rel, size, sha in entries:
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{file} has {file.stat().st_size} bytes, the manifest says {size}")
+        elif file_sha256(file) != sha:
+            problems.append(f"{file} is corrupt: its sha256 differs from the manifest's")
+    return problems
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise unless every file of checkpoint `path` is there and matches the manifest.
+
+    Raises:
+        CheckpointMissing: files are missing (every problem named).
+        CheckpointError: a file's bytes differ from the manifest (every problem named).
+    """
+    path = Path(path)
+    if problems := checkpoint_problems(path):
+        missing = all(p.endswith("missing") or "incomplete" in p for p in problems)
+        raise (CheckpointMissing if missing else CheckpointError)(
+            f"checkpoint {path} cannot be resumed: " + "; ".join(problems)
+        )
 
 
 # --------------------------------------------------------------------------- finding
@@ -477,6 +556,59 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `--resume` continues from: the newest `step-*` folder under `root`, verified; None when
+    `root` holds no `step-*` folder at all.
+
+    The newest folder is taken even when it is incomplete, so a damaged checkpoint is reported rather than
+    silently replaced by an older one (whose steps the run's Redis state has already moved past).
+
+    Raises:
+        CheckpointMissing / CheckpointError: the newest checkpoint is not whole (every problem named).
+    """
+    root = Path(root)
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None] if root.is_dir() else []
+    found.sort(key=lambda p: _step_of(p) or 0)
+    if not found:
+        return None
+    verify_checkpoint(found[-1])
+    return found[-1]
+
+
+RUN_FILES = ("metrics.jsonl", "trained_groups.jsonl")
+"""What a run appends to in its output folder (besides `checkpoints/`): a fresh run must not append to them."""
+
+
+def earlier_run(output_dir: Path) -> list[Path]:
+    """What an earlier run left in `output_dir` that a new run would append to or mix with: its row files and a
+    non-empty checkpoints folder; [] for a folder no run has written yet."""
+    ckpts = output_dir / "checkpoints"
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        found.append(ckpts)
+    return found
+
+
+def move_aside(output_dir: Path, also: tuple[str, ...] = ()) -> Path | None:
+    """Move what `earlier_run` finds (and the entries `also` names) into `output_dir/previous-<UTC time>/`
+    (`--fresh`); returns that folder, or None when there was nothing to move. Nothing is deleted."""
+    import time
+
+    found = earlier_run(output_dir) + [output_dir / name for name in also if (output_dir / name).exists()]
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = output_dir / f"previous-{stamp}"
+    n = 0
+    while dest.exists():  # two fresh starts within a second
+        n += 1
+        dest = output_dir / f"previous-{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for path in found:
+        os.replace(path, dest / path.name)
+    return dest
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -484,7 +616,7 @@ def _model_tensors(model_dir: Path) -> dict[str, Tensor]:
     """Every tensor of the (possibly sharded) safetensors weights in `model_dir`."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+        raise CheckpointMissing(f"checkpoint file missing: no safetensors weights in {model_dir}")
     weights: dict[str, Tensor] = {}
     for file in files:
         weights.update(_read_tensors(file))
@@ -531,6 +663,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     restore_rng: bool = True,
+    verify: bool = True,
 ) -> TrainerState:
     """Restore a checkpoint written by `save_checkpoint` into the given objects, in place.
 
@@ -543,15 +676,19 @@ def load_checkpoint(
         optimizer: receives the optimizer state (moved to its parameters' devices by `load_state_dict`).
         scheduler: receives the scheduler state.
         restore_rng: restore torch (CPU, CUDA), python and numpy global RNG states.
+        verify: check every file against the manifest first (`verify_checkpoint`); off where another process
+            has just verified the same folder.
 
     Returns:
         The saved `TrainerState`.
 
     Raises:
-        FileNotFoundError: a needed file is missing (named).
-        CheckpointError: a file is corrupt (named) or the weights do not match the model.
+        CheckpointMissing: a needed file is missing (named); a FileNotFoundError too.
+        CheckpointError: a file is corrupt (named, or its checksum differs) or the weights do not match the model.
     """
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     state = _load_state(path)
     if model is not None:
         from services.trainer import lora

@@ -12,7 +12,9 @@ Durability: a group is written to a Redis ledger (`Keys.run_groups`) before its 
 entries stay pending until the checkpoint of the step that trained (or dropped) it is written, then they are acked
 and the group leaves the ledger in one transaction. A trainer killed at any point rebuilds the same buffer from the
 ledger and its pending entries, and trains every group once. The last step's trained groups are also recorded in
-the checkpoint, for a crash between the checkpoint and the ack.
+the checkpoint, for a crash between the checkpoint and the ack, and so are the groups dispatched but not yet
+trained: the data cursor already counts them, so when the ledger is gone too (Redis restarted without persistence)
+a resumed run dispatches them again (`groups_redispatched`) instead of skipping their prompts.
 
 A sample whose task was dead-lettered anywhere on the way (poison input, too many deliveries) is re-sampled under a
 new attempt id, up to `MAX_ATTEMPTS`; then its group is dropped and refilled.
@@ -259,6 +261,15 @@ class Collector:
             self.cursor = max(self.cursor, g.cursor + 1)
         if stale_keys:
             self.redis.hdel(self.keys.run_groups(self.cfg.run_id), *stale_keys)
+        lost = self._lost_groups(saved, step, trained)
+        if lost:
+            log.warning("the Redis ledger lost %d groups the checkpoint counts as dispatched (Redis restarted without "
+                        "persistence?): dispatching them again", len(lost))  # fmt: skip
+            for g in lost:
+                self.groups[g.key] = g
+                self.cursor = max(self.cursor, g.cursor + 1)
+            self._record(*lost)  # in the ledger before their tasks are published again, below
+        self.counts["redispatched"] = len(lost)
         if saved is None:
             last = self.redis.xrevrange(self.keys.dead, count=1)
             self.dead_cursor = last[0][0].decode() if last else "0-0"
@@ -274,9 +285,22 @@ class Collector:
         for d in pending:
             self._route(d, step, step)
 
+    def _lost_groups(self, saved: dict | None, step: int, trained: set[str]) -> list[Group]:
+        """The groups the checkpoint records as dispatched and not yet trained that are in neither the ledger nor
+        the buffer (the ledger was lost), still within their deadline at `step`."""
+        lost = []
+        for raw in (saved or {}).get("pending", []):
+            g = Group.from_record(raw)
+            if g.key not in trained and g.key not in self.groups and g.tag >= step:
+                lost.append(g)
+        return sorted(lost, key=lambda g: g.cursor)
+
     def resume_record(self, trained: list[Group]) -> dict:
-        """What the checkpoint of a step keeps of the collector (see `start`)."""
-        return {"trained": [g.key for g in trained], "dead_cursor": self.dead_cursor}
+        """What the checkpoint of a step keeps of the collector (see `start`): the groups it trained, and those
+        dispatched but not trained, which the data cursor has already passed."""
+        done = {g.key for g in trained}
+        pending = [g.record() for g in sorted(self.groups.values(), key=lambda g: g.cursor) if g.key not in done]
+        return {"trained": [g.key for g in trained], "pending": pending, "dead_cursor": self.dead_cursor}
 
     # ------------------------------------------------------------------ admission
 

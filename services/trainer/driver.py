@@ -53,11 +53,12 @@ class Driver:
     Args:
         cfg: the run.
         resume: continue from the latest checkpoint under `cfg.output_dir`.
+        fresh: start at step 0 even where an earlier run wrote to `cfg.output_dir` (its files are moved aside).
         trainer: the trainer to drive (default: a `GTPOTrainer` of `cfg`; the async benchmark passes a simulated
             one).
     """
 
-    def __init__(self, cfg: RLConfig, *, resume: bool = False, trainer=None) -> None:
+    def __init__(self, cfg: RLConfig, *, resume: bool = False, fresh: bool = False, trainer=None) -> None:
         from accelerate import PartialState
 
         self.cfg = cfg
@@ -67,13 +68,19 @@ class Driver:
         self.history: list[dict] = []
         self._busy_prev: dict[str, tuple[float, float]] = {}  # worker -> (busy_s, up_s) at the last step
         self.lease = None
+        if resume and fresh:
+            raise ValueError("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
         if self.main:  # one consumer per trainer, however many processes train
             self._connect()  # the lease first: nothing in the output folder is touched while another trainer runs
+            if fresh:
+                self._check_fresh_namespace()
         if trainer is None:
             from services.trainer.trainer import GTPOTrainer
 
             trainer = GTPOTrainer(cfg)
         self.trainer = trainer
+        if fresh:
+            self.trainer.start_fresh()
         resumed = resume and self.trainer.resume()
         # what names this run's weight versions, kept by every checkpoint: a version number alone names weights
         # of any run that ever used the namespace
@@ -113,6 +120,16 @@ class Driver:
                               ttl_s=self.cfg.lease_ttl_s)  # fmt: skip
         self.lease.acquire()
         self.lease.start_renewing(on_lost=self.stop.set)
+
+    def _check_fresh_namespace(self) -> None:
+        """`--fresh` needs a namespace no earlier run trained in: its workers would keep serving that run's newer
+        weights (checked before anything is moved aside)."""
+        cur = self.registry.current()
+        if cur is not None and cur.version > 0:
+            raise ValueError(
+                f"--fresh: redis.namespace {self.cfg.redis.namespace!r} already serves weights v{cur.version} of an "
+                "earlier run: use a new namespace (or delete that one's keys) for a fresh run"
+            )
 
     def check_agreement(self) -> None:
         """Before the first step: the rollout services of `rollout_urls` (`GET /info`) and the workers registered in
@@ -332,6 +349,7 @@ class Driver:
             groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
             samples_resampled_dead=c.counts["resampled_dead"], groups_dead_lettered=c.counts["dead_lettered"],
             samples_foreign=c.counts["foreign"], samples_reward_mismatch=c.counts["reward_mismatch"],
+            groups_redispatched=c.counts["redispatched"],
             **self._worker_busy(),
         )  # fmt: skip
         return json.dumps({
@@ -356,10 +374,11 @@ class Driver:
 
     def _publish_current(self) -> None:
         """Make the trainer's weights the ones rollout workers serve (on start and on resume)."""
-        from services.trainer.checkpoint import latest_checkpoint
+        from services.trainer.checkpoint import checkpoint_dir
 
-        ckpt = latest_checkpoint(self.trainer.checkpoint_root)
-        path = self.trainer.weights_path(ckpt) if ckpt is not None else self.cfg.model
+        # the checkpoint the trainer resumed from (not `latest`, which may lag behind it after a crash)
+        ckpt = checkpoint_dir(self.trainer.checkpoint_root, self.trainer.state.step)
+        path = self.trainer.weights_path(ckpt) if self.trainer.state.step > 0 and ckpt.is_dir() else self.cfg.model
         version = WeightsVersion(version=self.trainer.state.policy_version, path=str(Path(path).resolve()),
                                  step=self.trainer.state.step, run=self.identity)  # fmt: skip
         cur = self.registry.current()
@@ -489,11 +508,11 @@ def install_signals(driver: Driver) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def run_rl(cfg: RLConfig, *, resume: bool = False) -> list[dict]:
+def run_rl(cfg: RLConfig, *, resume: bool = False, fresh: bool = False) -> list[dict]:
     """`gtpo train`: build the driver, serve its status, run until `cfg.steps` (or SIGTERM / SIGINT)."""
     from services.trainer.status import create_app, start_server
 
-    driver = Driver(cfg, resume=resume)
+    driver = Driver(cfg, resume=resume, fresh=fresh)
     install_signals(driver)
     if cfg.health_port is not None and driver.main:
         start_server(create_app(driver.status, driver.ready, driver.metrics), cfg.health_port)

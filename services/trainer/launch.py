@@ -189,6 +189,7 @@ def build_accelerate_argv(
     accelerate_config: Path,
     train_config: Path,
     resume: bool = False,
+    fresh: bool = False,
     overrides: Sequence[str] = (),
     cpu: bool = False,
     deepspeed: bool = False,
@@ -209,8 +210,7 @@ def build_accelerate_argv(
     if deepspeed and spec.nnodes > 1:
         argv += ["--deepspeed_multinode_launcher", "standard"]
     argv += ["-m", "services", "train", "--config", str(train_config)]
-    if resume:
-        argv.append("--resume")
+    argv += ["--resume"] * resume + ["--fresh"] * fresh
     return argv + list(overrides)
 
 
@@ -327,6 +327,9 @@ def launch_command(
         DEFAULT_ACCELERATE_CONFIG, "--accelerate-config", help="accelerate config (deploy/accelerate/*.yaml)"
     ),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in output_dir"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="start again at step 0 where a run wrote before (its files are moved aside)"
+    ),
     nproc_per_node: int | None = typer.Option(
         None,
         "--nproc-per-node",
@@ -364,7 +367,9 @@ def launch_command(
         raise _fail(f"{spec.nnodes * nproc} processes requested but this node has no GPU; on CPU run one process")
     if gpus and nproc > gpus:
         raise _fail(f"{nproc} processes per node requested but this node has {gpus} GPU(s)")
-    argv = build_accelerate_argv(spec, accelerate_config=acc, train_config=config, resume=resume,
+    if resume and fresh:
+        raise _fail("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
+    argv = build_accelerate_argv(spec, accelerate_config=acc, train_config=config, resume=resume, fresh=fresh,
                                  overrides=overrides or [], cpu=cpu, deepspeed=is_deepspeed(acc))  # fmt: skip
     typer.echo(f"gtpo launch: {spec.describe()}", err=True)
     if dry_run:

@@ -146,14 +146,19 @@ def build_items(rows, indices: list[int], cfg, block_size: int, gen: torch.Gener
     return items
 
 
-def run_sft(cfg, *, resume: bool = False, progress: bool = True) -> list[dict[str, float]]:
-    """Train `cfg.steps` SFT steps (continuing from the latest checkpoint with `resume`); returns the metrics."""
+def run_sft(cfg, *, resume: bool = False, fresh: bool = False, progress: bool = True) -> list[dict[str, float]]:
+    """Train `cfg.steps` SFT steps (continuing from the latest checkpoint with `resume`; with `fresh`, from step 0
+    with an earlier run's files moved aside); returns the metrics."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from services.trainer.tracking import Trackers
     from services.trainer.trainer import GTPOTrainer, step_generator
 
+    if resume and fresh:
+        raise ValueError("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
     trainer = GTPOTrainer(cfg)
+    if fresh:
+        trainer.start_fresh()
     if resume:
         trainer.resume()
     trackers = Trackers(cfg)

@@ -29,11 +29,14 @@ from torch import Tensor
 from services.trainer import sharding
 from services.trainer.checkpoint import (
     CheckpointError,
+    CheckpointMissing,
     TrainerState,
     checkpoint_name,
+    earlier_run,
     fresh_dir,
-    latest_checkpoint,
     load_checkpoint,
+    move_aside,
+    resume_checkpoint,
     save_checkpoint,
     staging_dir,
 )
@@ -506,31 +509,64 @@ class GTPOTrainer:
         return path
 
     def resume(self) -> bool:
-        """Continue from the latest checkpoint under output_dir, if any. Returns whether one was found.
+        """Continue from the newest checkpoint under output_dir. Returns whether one was found: False only for an
+        output folder no run has written to yet (a first start under an always-`--resume` deployment).
+
+        The main process verifies the checkpoint's files against their checksums; every process gets its verdict,
+        so all of them stop together on a bad checkpoint.
 
         Raises:
-            CheckpointError: the checkpoint's layout cannot be resumed by this run (named, with both sides).
+            CheckpointError: no whole checkpoint to continue from although an earlier run wrote here (what is
+                missing or corrupt named), or its layout cannot be resumed by this run (both sides named).
         """
-        path = latest_checkpoint(self.checkpoint_root)
-        if path is None:
+        verdict, error = "", None
+        if self.accelerator.is_main_process:
+            try:
+                path = resume_checkpoint(self.checkpoint_root)
+                verdict = "none" if path is None else str(path)
+                if path is None and (earlier := earlier_run(self.cfg.output_dir)):
+                    raise CheckpointMissing(
+                        f"--resume: no checkpoint under {self.checkpoint_root}, but an earlier run wrote "
+                        f"{', '.join(p.name for p in earlier)} in {self.cfg.output_dir}: pass --fresh to start again "
+                        "at step 0 (its files are moved aside), or use another output_dir"
+                    )
+            except CheckpointError as e:
+                verdict, error = f"error:{e}", e
+        verdict = _broadcast(self.accelerator, verdict)
+        if verdict.startswith("error:"):
+            raise error or CheckpointError(verdict.removeprefix("error:"))
+        if verdict == "none":
+            self.accelerator.print(f"--resume: nothing to resume in {self.cfg.output_dir} yet; starting at step 0")
             return False
+        path = Path(verdict)
         kind = sharding.checkpoint_kind(path)
         if problem := sharding.resume_problem(kind, self.sharding, self.world):
             raise CheckpointError(f"{path}: {problem}")
         lm = self.peft or self.unwrapped.lm
-        if kind is None:
-            self.state = load_checkpoint(
-                path, model=lm, optimizer=self.optimizer.optimizer, scheduler=self.scheduler.scheduler,
-            )  # fmt: skip
-        else:  # the counters and the scheduler from the main files, the rest from the shards
-            self.state = load_checkpoint(path, scheduler=self.scheduler.scheduler, restore_rng=False)
-            if kind == sharding.FSDP2:
-                sharding.load_shards(path / sharding.SHARDS_DIR, lm, self.optimizer.optimizer, rank=self.rank,
-                                     world=self.world)  # fmt: skip
-            else:
-                sharding.load_deepspeed(path / sharding.DEEPSPEED_DIR, self.policy, world=self.world)
+        try:
+            if kind is None:
+                self.state = load_checkpoint(
+                    path, model=lm, optimizer=self.optimizer.optimizer, scheduler=self.scheduler.scheduler,
+                    verify=False,
+                )  # fmt: skip
+            else:  # the counters and the scheduler from the main files, the rest from the shards
+                self.state = load_checkpoint(path, scheduler=self.scheduler.scheduler, restore_rng=False, verify=False)
+                if kind == sharding.FSDP2:
+                    sharding.load_shards(path / sharding.SHARDS_DIR, lm, self.optimizer.optimizer, rank=self.rank,
+                                         world=self.world)  # fmt: skip
+                else:
+                    sharding.load_deepspeed(path / sharding.DEEPSPEED_DIR, self.policy, world=self.world)
+        except FileNotFoundError as e:  # a file the manifest does not cover (an old checkpoint): named, no traceback
+            raise CheckpointMissing(str(e)) from e
         self.accelerator.print(f"resumed from {path} (step {self.state.step}, policy v{self.state.policy_version})")
         return True
+
+    def start_fresh(self) -> None:
+        """`--fresh`: start at step 0 in an output folder an earlier run used, its metrics, audit rows and
+        checkpoints moved aside first (never appended to, never deleted)."""
+        if self.accelerator.is_main_process and (dest := move_aside(self.cfg.output_dir)) is not None:
+            self.accelerator.print(f"--fresh: moved the earlier run's files to {dest}; starting at step 0")
+        self.accelerator.wait_for_everyone()
 
     def weights_path(self, checkpoint: Path) -> Path:
         """The folder of `checkpoint` a rollout engine loads as this weight version: the SDAR model, or with LoRA
@@ -542,3 +578,14 @@ class GTPOTrainer:
     def generator(self) -> torch.Generator:
         """The random stream of the coming step on this rank."""
         return step_generator(self.cfg.seed, self.state.step, self.rank)
+
+
+def _broadcast(accelerator, text: str) -> str:
+    """The main process's `text` on every process (a no-op with one process)."""
+    if accelerator.num_processes == 1:
+        return text
+    from accelerate.utils import broadcast_object_list
+
+    box = [text]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
