@@ -26,11 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeWorkers(threading.Thread):
-    """Scores every task as soon as it is published: a 4-token rollout at the task's version, reward 0 or 1."""
+    """Scores every task as soon as it is published: a 4-token rollout at the task's version, reward 0 or 1.
 
-    def __init__(self, url: str, keys: Keys) -> None:
+    `tag_seen` is set at the first task tagged `watch_tag`: with k >= 1 the trainer enqueues the tasks of tag s + k
+    when it starts collecting step s, just before it trains."""
+
+    def __init__(self, url: str, keys: Keys, watch_tag: int = -1) -> None:
         super().__init__(daemon=True)
         self.url, self.keys, self.done = url, keys, threading.Event()
+        self.watch_tag, self.tag_seen = watch_tag, threading.Event()
 
     def run(self) -> None:
         client = connect(self.url, retries=0)
@@ -38,7 +42,9 @@ class FakeWorkers(threading.Thread):
         while not self.done.is_set():
             try:
                 q.ensure_groups()
-                for d in q.consume(k.tasks, k.rollout_group, "fake", TaskMessage, count=64, block_ms=100):
+                for d in q.consume(k.tasks, k.rollout_group, "fake", TaskMessage, count=64, block_ms=20):
+                    if d.message.step == self.watch_tag:
+                        self.tag_seen.set()
                     q.hand_off(k.tasks, k.rollout_group, d.entry_id, k.scored, _scored(d.message), d.message.task_id)
             except TRANSIENT_ERRORS:  # Redis restarting: the test's outage, not the fake's business
                 time.sleep(0.1)
@@ -86,17 +92,23 @@ def _finish(proc: subprocess.Popen, log: Path, timeout_s: float) -> int:
 
 
 def test_async_trainer_survives_a_4s_redis_outage(tmp_path, tiny_dir, embedded_redis):
-    """Redis stopped for 4 s while a k = 2 run trains: the trainer waits for it and finishes every step (it used to
-    die at the first lease check after training)."""
-    steps, ns = 4, "loops-outage"
-    cfg = _config(tmp_path, tiny_dir, ns, steps=steps, max_staleness=2, reward_weights={"accuracy": 1.0},
-                  loss={"objective": "decoupled", "tis_cap": 2.0})
-    fake = FakeWorkers(embedded_redis.url, Keys(ns))
+    """Redis stopped for 4 s as a k = 2 run starts step 1 (it collects, then trains): the trainer waits for it and
+    finishes every step (it used to die at its first Redis call after training, the lease check)."""
+    steps, ns, k = 4, "loops-outage", 2
+    cfg = _config(
+        tmp_path,
+        tiny_dir,
+        ns,
+        steps=steps,
+        max_staleness=k,
+        reward_weights={"accuracy": 1.0},
+        loss={"objective": "decoupled", "tis_cap": 2.0},
+    )
+    fake = FakeWorkers(embedded_redis.url, Keys(ns), watch_tag=1 + k)
     fake.start()
     proc, log = _start_trainer(cfg, embedded_redis.url)
     try:
-        marker = cfg.output_dir / "checkpoints" / "step-00000001"
-        _wait(marker.exists, proc, log, 120, "step 1")
+        _wait(fake.tag_seen.is_set, proc, log, 120, "step 1")
         embedded_redis.stop()
         time.sleep(4)
         embedded_redis.start()
