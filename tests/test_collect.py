@@ -193,7 +193,9 @@ def test_task_ids_parse_back():
     assert parse_task_id("a:1:2:3:b4") is None and parse_task_id("a:1:x:3") is None
 
 
-def test_a_redis_error_while_routing_leaves_the_rest_for_the_retried_poll(redis_client, redis_ns, tmp_path, monkeypatch):
+def test_a_redis_error_while_routing_leaves_the_rest_for_the_retried_poll(
+    redis_client, redis_ns, tmp_path, monkeypatch
+):
     """Redis goes away between reading a batch and acknowledging its stale samples: the retried poll routes the rest
     (the trainer never reclaims its own pending entries, so a dropped batch would wait for a restart)."""
     import redis

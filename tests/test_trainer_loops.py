@@ -167,3 +167,59 @@ def test_sigterm_while_waiting_for_groups_exits_at_once(tmp_path, tiny_dir, redi
     assert code == 0, log.read_text()[-3000:]
     assert "stopped while waiting for" in log.read_text()
     assert not (cfg.output_dir / "checkpoints" / "step-00000001").exists() and _trained(cfg.output_dir) == []
+
+
+def test_live_workers_skips_every_kind_of_bad_heartbeat(redis_client, redis_ns, caplog):
+    """Non-JSON, JSON of the wrong shape, a negative version, a hash at the key: each skipped, counted and named
+    once in the log; the good heartbeat still reads."""
+    from shared.queue import WeightRegistry
+
+    reg = WeightRegistry(redis_client, redis_ns)
+    reg.heartbeat("rollout", "good", 3, info={"busy_s": 1.0, "up_s": 2.0, "host": "h"})
+    bad = {"nonjson": b"\xff{", "shape": b"[1, 2]", "version": json.dumps({"kind": "rollout", "id": "v", "version": -1,
+           "ts": 1.0}).encode(), "busy": json.dumps({"kind": "rollout", "id": "b", "ts": 1.0,
+           "info": {"busy_s": "lots"}}).encode()}  # fmt: skip
+    for name, value in bad.items():
+        redis_client.set(redis_ns.worker("rollout", name), value)
+    redis_client.hset(redis_ns.worker("rollout", "hash"), "a", "b")
+    redis_client.sadd(redis_ns.workers, *[f"rollout:{n}" for n in [*bad, "hash"]])
+    for _ in range(2):
+        assert reg.live_workers() == {
+            "good": {"kind": "rollout", "version": 3, "info": {"busy_s": 1.0, "up_s": 2.0, "host": "h"},
+                     "ts": pytest.approx(time.time(), abs=60)},
+        }  # fmt: skip
+    assert reg.deletable_versions() == []  # its readers go through the same check
+    keys = {redis_ns.worker("rollout", n) for n in [*bad, "hash"]}
+    assert set(reg.skipped) == keys and min(reg.skipped.values()) >= 2
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert all(sum(w.startswith(f"skipping {k}: ") for w in warned) == 1 for k in keys)  # once, not at every read
+    assert len(warned) == len(keys)
+
+
+def test_lease_with_garbage_at_its_key_is_taken_not_fatal(redis_client, redis_ns, tmp_path):
+    from services.trainer.lease import RunLease
+
+    redis_client.set(redis_ns.trainer_lease, b"garbage")
+    lease = RunLease(redis_client, redis_ns.trainer_lease, "run", tmp_path, ttl_s=5)
+    lease.acquire()  # no trainer holds it: garbage is not a holder
+    redis_client.set(redis_ns.trainer_lease, b'{"no": "token"}')
+    assert lease.renew() and not lease.lost.is_set()  # re-taken
+    assert json.loads(redis_client.get(redis_ns.trainer_lease))["token"] == lease.token
+    lease.release()
+    assert redis_client.get(redis_ns.trainer_lease) is None
+
+
+def test_with_reconnect_stops_on_request_and_names_what_after_its_deadline():
+    import redis
+
+    from shared.queue import RedisUnavailable, StopRequested, with_reconnect
+
+    def down() -> int:
+        raise redis.ConnectionError("refused")
+
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    with pytest.raises(StopRequested, match="while reading"):
+        with_reconnect(down, what="reading", deadline_s=3600, log=lambda s: None, stop=stop)
+    with pytest.raises(RedisUnavailable, match=r"for 0 s while renewing the trainer lease .*redis.reconnect_s"):
+        with_reconnect(down, what="renewing the trainer lease", deadline_s=0.1, log=lambda s: None)
