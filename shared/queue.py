@@ -158,9 +158,10 @@ return 1
 # trainer that crashed after publishing can publish again.
 _WEIGHTS_PUBLISH_LUA = """
 -- KEYS[1] current, KEYS[2] versions zset, KEYS[3] meta hash; ARGV[1] version, ARGV[2] JSON
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local v = tonumber(cjson.decode(cur)['version'])
+local cur = redis.pcall('GET', KEYS[1])
+local ok, body = pcall(cjson.decode, type(cur) == 'string' and cur or '')
+local v = ok and type(body) == 'table' and tonumber(body['version'])
+if v then  -- a current value that is not a version (garbage) is replaced, never compared
   local new = tonumber(ARGV[1])
   if new < v or (new == v and cur ~= ARGV[2]) then return {0, cur} end
 end
@@ -659,14 +660,30 @@ class WeightRegistry:
             raise ValueError(f"weights version {version.version} is not newer than the current {_s(current)}")
 
     def current(self) -> WeightsVersion | None:
-        """The newest published version, or None before the first."""
-        raw = self.redis.get(self.keys.weights_current)
-        return WeightsVersion.model_validate_json(raw) if raw else None
+        """The newest published version, or None before the first (or when the key holds garbage: skipped, counted
+        and logged; the next `publish` replaces it)."""
+        try:
+            raw = self.redis.get(self.keys.weights_current)
+        except redis.ResponseError as e:  # another type at the key
+            self._skip(self.keys.weights_current, b"", e)
+            return None
+        if not raw:
+            return None
+        try:
+            return WeightsVersion.model_validate_json(raw)
+        except ValueError as e:  # garbage: as if nothing were published (the next publish replaces it)
+            self._skip(self.keys.weights_current, raw, e)
+            return None
 
     def versions(self) -> list[WeightsVersion]:
-        """Every version not yet forgotten, oldest first."""
-        raw = self.redis.hvals(self.keys.weights_meta)
-        return sorted((WeightsVersion.model_validate_json(r) for r in raw), key=lambda v: v.version)
+        """Every version not yet forgotten, oldest first (an entry that is not a `WeightsVersion` is skipped)."""
+        out = []
+        for field, raw in self.redis.hgetall(self.keys.weights_meta).items():
+            try:
+                out.append(WeightsVersion.model_validate_json(raw))
+            except ValueError as e:
+                self._skip(f"{self.keys.weights_meta}[{_s(field)}]", raw, e)
+        return sorted(out, key=lambda v: v.version)
 
     def forget(self, version: int) -> None:
         """Drop `version` from the registry (after its files were deleted).

@@ -223,3 +223,19 @@ def test_with_reconnect_stops_on_request_and_names_what_after_its_deadline():
         with_reconnect(down, what="reading", deadline_s=3600, log=lambda s: None, stop=stop)
     with pytest.raises(RedisUnavailable, match=r"for 0 s while renewing the trainer lease .*redis.reconnect_s"):
         with_reconnect(down, what="renewing the trainer lease", deadline_s=0.1, log=lambda s: None)
+
+
+def test_garbage_in_the_weights_registry_is_skipped_and_replaced(redis_client, redis_ns):
+    """What the trainer reads of the registry at start-up and after every checkpoint: garbage at the current key and
+    in the version table is skipped and counted; the trainer's next publish replaces it."""
+    from shared.contracts import WeightsVersion
+    from shared.queue import WeightRegistry
+
+    reg = WeightRegistry(redis_client, redis_ns)
+    redis_client.set(redis_ns.weights_current, b"\x00garbage")
+    redis_client.hset(redis_ns.weights_meta, mapping={"7": b"{", "8": b'{"version": -1, "path": "x"}'})
+    assert reg.current() is None and reg.versions() == []
+    reg.publish(WeightsVersion(version=1, path="/ckpt/1"))
+    assert reg.current() == WeightsVersion(version=1, path="/ckpt/1")
+    assert [v.version for v in reg.versions()] == [1]
+    assert reg.skipped[redis_ns.weights_current] == 1 and reg.skipped[f"{redis_ns.weights_meta}[7]"] >= 1
