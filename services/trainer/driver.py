@@ -105,7 +105,7 @@ class Driver:
         self.registry = WeightRegistry(self.redis, self.keys)
         self.lease = RunLease(self.redis, self.keys.trainer_lease, self.cfg.run_id, self.cfg.output_dir,
                               ttl_s=self.cfg.lease_ttl_s)  # fmt: skip
-        self.lease.acquire()
+        self._redis(self.lease.acquire, "taking the trainer lease")
         self.lease.start_renewing(on_lost=self.stop.set)
 
     def check_agreement(self) -> None:

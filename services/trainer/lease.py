@@ -132,13 +132,21 @@ class RunLease:
             f.seek(0)
             try:
                 holder = json.loads(f.read() or "{}")
-            except json.JSONDecodeError:
+            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
                 holder = {}
             f.close()
+            holder = holder if isinstance(holder, dict) else {}
             raise LeaseHeld(f"another trainer holds {self.lock_path}: {describe(holder)}") from None
-        if not self.redis.set(self.key, json.dumps(self.body), nx=True, px=self.ttl_ms) and not self._dead_holder():
-            raw = self.redis.get(self.key)
-            left = self.redis.pttl(self.key)
+        try:
+            taken = (
+                bool(self.redis.set(self.key, json.dumps(self.body), nx=True, px=self.ttl_ms)) or self._dead_holder()
+            )
+            if not taken:
+                raw, left = self.redis.get(self.key), self.redis.pttl(self.key)
+        except BaseException:  # Redis away: unlock, so that a retry (`with_reconnect`) can lock again
+            f.close()
+            raise
+        if not taken:
             f.close()
             holder = parse_holder(raw) or {}
             raise LeaseHeld(
