@@ -133,16 +133,24 @@ class Driver:
 
     # ------------------------------------------------------------------ the loop
 
-    def _redis(self, fn, what: str):
+    def _redis(self, fn, what: str, *, in_step: bool = False):
         """`fn()` (Redis work, safe to repeat) through a Redis restart: retried with backoff for `redis.reconnect_s`,
-        then `RedisUnavailable`; `StopRequested` at once when a stop comes meanwhile."""
+        then `RedisUnavailable`; `StopRequested` at once when a stop comes meanwhile.
+
+        Args:
+            in_step: called after the step's batch went to every rank: with several processes a stop does not cut
+                the wait short there (the other ranks are in the step's collectives and would hang).
+        """
         from shared.queue import with_reconnect
 
-        return with_reconnect(fn, what=what, deadline_s=self.cfg.redis.reconnect_s, stop=self.stop)
+        solo = getattr(getattr(getattr(self, "trainer", None), "accelerator", None), "num_processes", 1) == 1
+        stop = self.stop if solo or not in_step else None
+        return with_reconnect(fn, what=what, deadline_s=self.cfg.redis.reconnect_s, stop=stop)
 
     def _check_lease(self) -> None:
-        """`lease.check()` through a Redis restart (renewing is idempotent; `LeaseLost` is not retried)."""
-        self._redis(self.lease.check, "renewing the trainer lease")
+        """`lease.check()` (after the batch went out) through a Redis restart (renewing is idempotent; `LeaseLost`
+        is not retried)."""
+        self._redis(self.lease.check, "renewing the trainer lease", in_step=True)
 
     def run(self) -> list[dict]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -289,10 +297,10 @@ class Driver:
         version = WeightsVersion(
             version=state.policy_version, path=str(self.trainer.weights_path(path).resolve()), step=state.step
         )
-        self._redis(lambda: self._publish(version), "publishing weights")
-        self._redis(lambda: self.collector.finish_step(batch, state.step), "acknowledging the step")
+        self._redis(lambda: self._publish(version), "publishing weights", in_step=True)
+        self._redis(lambda: self.collector.finish_step(batch, state.step), "acknowledging the step", in_step=True)
         keep = set(list_checkpoints(self.trainer.checkpoint_root)[-self.cfg.keep_last :])
-        self._redis(lambda: prune(self.registry, self.trainer.checkpoint_root, keep), "pruning weights")
+        self._redis(lambda: prune(self.registry, self.trainer.checkpoint_root, keep), "pruning weights", in_step=True)
         self._write_status()
 
     def _collect_step(self) -> list[Group] | None:
@@ -308,7 +316,7 @@ class Driver:
                 log.info("step %d: stopped while %s; the last checkpoint stands", step, self.waiting or "collecting")
                 return None
             # a trainer replaced while it stalled must not read (and so hide) entries meant for its successor
-            self._check_lease()
+            self._redis(self.lease.check, "renewing the trainer lease")
             self._redis(lambda: c.poll(step, version), "collecting scored rollouts")
             self._redis(lambda: c.admit(step, version), "enqueueing refills")
             missing = self.cfg.prompts_per_step - len(c.kept_groups())
