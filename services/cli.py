@@ -295,6 +295,7 @@ def train_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from services.trainer.lease import LeaseHeld, LeaseLost
+    from shared.queue import RedisUnavailable
 
     try:
         history = run_rl(cfg, resume=resume, fresh=fresh)
@@ -303,6 +304,9 @@ def train_cmd(
     except LeaseLost as e:  # replaced by another trainer: not a config error, and nothing was written
         typer.echo(f"gtpo train: {e}", err=True)
         raise typer.Exit(code=3) from None
+    except RedisUnavailable as e:  # past redis.reconnect_s: the last checkpoint stands, --resume continues
+        typer.echo(f"gtpo train: {e}", err=True)
+        raise typer.Exit(code=1) from None
     console.print(f"train done: {len(history)} steps this run; checkpoints in {cfg.output_dir / 'checkpoints'}")
 
 

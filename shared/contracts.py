@@ -264,6 +264,28 @@ class WorkerKind(str, Enum):
         return self.value
 
 
+class HeartbeatInfo(BaseModel):
+    """What a worker says about itself in its heartbeat: the two counters the trainer computes busy fractions from;
+    any other key (host, engine, its `ServiceInfo` as ``service``) is kept for status pages."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    busy_s: float | None = Field(None, ge=0, description="seconds spent working since it started")
+    up_s: float | None = Field(None, ge=0, description="seconds since it started")
+
+
+class WorkerHeartbeat(BaseModel):
+    """The value at `Keys.worker(kind, id)` (`WeightRegistry.heartbeat`): alive, serving weights `version`."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    kind: str = Field(min_length=1, max_length=64, pattern=r"^[^:]+$")
+    id: str = Field(min_length=1, max_length=512)
+    version: int | None = Field(None, ge=0, le=MAX_SEED, description="the weights it serves; None = none yet")
+    info: HeartbeatInfo = Field(default_factory=HeartbeatInfo)
+    ts: float = Field(ge=0, description="when it was written (Unix seconds)")
+
+
 class TaskMessage(BaseModel):
     """tasks stream: one sample to generate. `task_id` = `run:step:prompt:sample` is the idempotency key."""
 

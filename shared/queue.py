@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import random
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
@@ -30,7 +32,7 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.contracts import WeightsVersion, WorkerKind
+from shared.contracts import WeightsVersion, WorkerHeartbeat, WorkerKind, brief_error
 from shared.keys import Keys
 from shared.settings import CLAIM_IDLE_MS, DEFAULT_CODEC, HEARTBEAT_TTL_S, MAX_DELIVERIES
 
@@ -157,14 +159,15 @@ return 1
 _WEIGHTS_PUBLISH_LUA = """
 -- KEYS[1] current, KEYS[2] versions zset, KEYS[3] meta hash; ARGV[1] version, ARGV[2] JSON
 -- versions only move forward within a run; another run takes over (its numbers start again, the old run's go)
-local function run_of(t) if t['run'] == cjson.null then return nil end return t['run'] end
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local c = cjson.decode(cur)
+local function run_of(t) if t['run'] == nil or t['run'] == cjson.null then return nil end return t['run'] end
+local cur = redis.pcall('GET', KEYS[1])
+local ok, c = pcall(cjson.decode, type(cur) == 'string' and cur or '')
+local v = ok and type(c) == 'table' and tonumber(c['version'])
+if v then  -- a current value that is not a version (garbage) is replaced, never compared
   local new = tonumber(ARGV[1])
   if run_of(c) ~= run_of(cjson.decode(ARGV[2])) then
     redis.call('DEL', KEYS[2], KEYS[3])
-  elseif new < tonumber(c['version']) or (new == tonumber(c['version']) and cur ~= ARGV[2]) then
+  elseif new < v or (new == v and cur ~= ARGV[2]) then
     return {0, cur}
   end
 end
@@ -174,13 +177,23 @@ redis.call('SET', KEYS[1], ARGV[2])
 return {1, ARGV[2]}
 """
 
-# Atomic with `heartbeat`'s MULTI (SET + SADD): a worker that heartbeats is never pruned by mistake.
+# Atomic with `heartbeat`'s MULTI (SET + SADD): a worker that heartbeats is never pruned by mistake. pcall: a key
+# of another type (garbage in the namespace) is reported as an empty value, never an error that fails the caller.
 _LIVE_WORKERS_LUA = """
--- KEYS[1] workers set; ARGV[1] worker key prefix. Returns the JSON of each live worker; prunes dead members.
+-- KEYS[1] workers set; ARGV[1] worker key prefix. Returns member, value pairs of the live workers ('' = not a
+-- string); prunes dead members.
+local members = redis.pcall('SMEMBERS', KEYS[1])
+if type(members) == 'table' and members.err then return {} end
 local out = {}
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local v = redis.call('GET', ARGV[1] .. member)
-  if v then table.insert(out, v) else redis.call('SREM', KEYS[1], member) end
+for _, member in ipairs(members) do
+  local v = redis.pcall('GET', ARGV[1] .. member)
+  if type(v) == 'table' and v.err then v = '' end
+  if v then
+    table.insert(out, member)
+    table.insert(out, v)
+  else
+    redis.call('SREM', KEYS[1], member)
+  end
 end
 return out
 """
@@ -635,6 +648,9 @@ class WeightRegistry:
         self.keys = keys
         self._publish = redis.register_script(_WEIGHTS_PUBLISH_LUA)
         self._live = redis.register_script(_LIVE_WORKERS_LUA)
+        self.skipped: Counter[str] = Counter()
+        """Key -> reads skipped because its value broke its contract."""
+        self._warned: set[tuple[str, int]] = set()
 
     def publish(self, version: WeightsVersion) -> None:
         """Record `version` and make it current.
@@ -652,14 +668,30 @@ class WeightRegistry:
             raise ValueError(f"weights version {version.version} is not newer than the current {_s(current)}")
 
     def current(self) -> WeightsVersion | None:
-        """The newest published version, or None before the first."""
-        raw = self.redis.get(self.keys.weights_current)
-        return WeightsVersion.model_validate_json(raw) if raw else None
+        """The newest published version, or None before the first (or when the key holds garbage: skipped, counted
+        and logged; the next `publish` replaces it)."""
+        try:
+            raw = self.redis.get(self.keys.weights_current)
+        except redis.ResponseError as e:  # another type at the key
+            self._skip(self.keys.weights_current, b"", e)
+            return None
+        if not raw:
+            return None
+        try:
+            return WeightsVersion.model_validate_json(raw)
+        except ValueError as e:  # garbage: as if nothing were published (the next publish replaces it)
+            self._skip(self.keys.weights_current, raw, e)
+            return None
 
     def versions(self) -> list[WeightsVersion]:
-        """Every version not yet forgotten, oldest first."""
-        raw = self.redis.hvals(self.keys.weights_meta)
-        return sorted((WeightsVersion.model_validate_json(r) for r in raw), key=lambda v: v.version)
+        """Every version not yet forgotten, oldest first (an entry that is not a `WeightsVersion` is skipped)."""
+        out = []
+        for field, raw in self.redis.hgetall(self.keys.weights_meta).items():
+            try:
+                out.append(WeightsVersion.model_validate_json(raw))
+            except ValueError as e:
+                self._skip(f"{self.keys.weights_meta}[{_s(field)}]", raw, e)
+        return sorted(out, key=lambda v: v.version)
 
     def forget(self, version: int) -> None:
         """Drop `version` from the registry (after its files were deleted).
@@ -703,15 +735,31 @@ class WeightRegistry:
     def live_workers(self, kind: str | None = None) -> dict[str, dict[str, Any]]:
         """Worker id -> ``{kind, version, info, ts}`` of the workers whose heartbeat has not expired.
 
+        A heartbeat that is not a `WorkerHeartbeat` (garbage, another program's key) is skipped, counted in
+        `skipped` and logged once per key and value: one bad key never stops whoever reads the registry.
+
         Args:
             kind: only this kind; None = all (worker ids must then be unique across kinds).
         """
         raw = self._live(keys=[self.keys.workers], args=[self.keys.prefix + "worker:"])
         out = {}
-        for body in map(json.loads, raw):
-            if kind is None or body["kind"] == kind:
-                out[body["id"]] = {k: body[k] for k in ("kind", "version", "info", "ts")}
+        for member, value in zip(raw[::2], raw[1::2], strict=True):
+            try:
+                body = WorkerHeartbeat.model_validate_json(value)
+            except ValueError as e:  # pydantic's ValidationError is a ValueError
+                self._skip(self.keys.prefix + "worker:" + _s(member), value, e)
+                continue
+            if kind is None or body.kind == kind:
+                out[body.id] = {"kind": body.kind, "version": body.version,
+                                "info": body.info.model_dump(exclude_unset=True), "ts": body.ts}  # fmt: skip
         return out
+
+    def _skip(self, key: str, value: bytes, err: Exception) -> None:
+        self.skipped[key] += 1
+        seen = (key, hash(value))
+        if seen not in self._warned:
+            self._warned.add(seen)
+            logger.warning("skipping %s: not a valid value (%s)", key, brief_error(err))
 
     def deletable_versions(self, kind: str = WorkerKind.rollout) -> list[WeightsVersion]:
         """Versions older than both the current one and every live `kind` worker's loaded version.
@@ -757,6 +805,15 @@ def connect(url: str | None = None, *, socket_timeout: float = 10.0, retries: in
     )
 
 
+class RedisUnavailable(redis.ConnectionError):
+    """Redis stayed unreachable past a loop's reconnect deadline (`redis.reconnect_s`); the message says while
+    doing what and for how long."""
+
+
+class StopRequested(Exception):
+    """A stop (SIGTERM) came while a call waited for Redis to come back: the caller stops instead of waiting."""
+
+
 def with_reconnect(
     fn: Callable[[], T],
     *,
@@ -764,15 +821,22 @@ def with_reconnect(
     deadline_s: float = 120.0,
     log: Callable[[str], None] | None = None,
     errors: Iterable[type[Exception]] = TRANSIENT_ERRORS,
+    stop: threading.Event | None = None,
 ) -> T:
     """Call `fn` until it stops failing with a transient Redis error, for up to `deadline_s`.
 
     Args:
         fn: the Redis work (it must be safe to repeat).
         what: for the log line, e.g. "reading tasks".
-        deadline_s: give up (re-raise) after this many seconds.
+        deadline_s: give up after this many seconds: `RedisUnavailable` for a transient Redis error (any other
+            retried error is re-raised as is).
         log: receives each "redis unreachable while <what>, retrying" line; default: this module's warning.
         errors: which exceptions to retry.
+        stop: set (SIGTERM) while waiting: raise `StopRequested` at once instead of waiting on.
+
+    Raises:
+        RedisUnavailable: still unreachable after `deadline_s`.
+        StopRequested: `stop` was set while Redis was unreachable.
     """
     emit = log or logger.warning
     errors = tuple(errors)
@@ -781,11 +845,21 @@ def with_reconnect(
         try:
             return fn()
         except errors as e:
+            if stop is not None and stop.is_set():
+                raise StopRequested(f"stopped while {what} (redis unreachable: {e})") from e
             left = deadline_s - (time.monotonic() - start)
             if left <= 0:
+                if isinstance(e, TRANSIENT_ERRORS):
+                    raise RedisUnavailable(
+                        f"redis unreachable for {deadline_s:.0f} s while {what} ({type(e).__name__}: {e}); "
+                        "raise redis.reconnect_s to wait longer"
+                    ) from e
                 raise
             # jittered so that many workers do not reconnect in lockstep after a restart
             delay = min(2.0, 0.05 * 2**attempt, left) * random.uniform(0.5, 1.0)
             emit(f"redis unreachable while {what}, retrying in {delay:.2f} s ({type(e).__name__}: {e})")
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
             attempt += 1

@@ -23,6 +23,8 @@ CLAIM_IDLE_MS = 60_000
 """A message a consumer has held this long is reclaimed (the consumer died)."""
 MAX_DELIVERIES = 5
 """After this many deliveries a message goes to the dead stream."""
+RECONNECT_S = 120.0
+"""How long the trainer's loops retry an unreachable Redis (restart, failover) before stopping with an error."""
 _SECRET_QUERY_KEYS = ("pass", "token", "secret", "auth")
 
 
@@ -94,6 +96,9 @@ class RedisConfig(BaseModel):
     )
     max_deliveries: int = Field(
         MAX_DELIVERIES, ge=1, description="after this many deliveries a message goes to the dead stream"
+    )
+    reconnect_s: float = Field(
+        RECONNECT_S, gt=0, description="the trainer retries an unreachable Redis this long, then stops with an error"
     )
 
     @field_serializer("url", when_used="json")

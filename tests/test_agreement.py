@@ -137,7 +137,11 @@ def test_the_trainer_checks_its_rollout_urls_and_the_workers_registered_in_redis
     cfg = RLConfig(model="m", output_dir="o", data="d.json", rollout_urls=[services.rollout],
                    redis={"namespace": redis_ns.namespace, "codec": "json"}, reward_weights={"speed": 1.0, "nope": 1})  # fmt: skip
     trainer = SimpleNamespace(
-        cfg=cfg, registry=registry, trainer=SimpleNamespace(loaded=SimpleNamespace(spec=services.spec))
+        cfg=cfg,
+        registry=registry,
+        trainer=SimpleNamespace(loaded=SimpleNamespace(spec=services.spec)),
+        stop=threading.Event(),
+        _redis=lambda fn, what: fn(),
     )
     with pytest.raises(AgreementError) as err:
         Driver.check_agreement(trainer)

@@ -195,3 +195,30 @@ def test_a_sample_dead_lettered_upstream_every_time_drops_its_group(redis_client
 def test_task_ids_parse_back():
     assert parse_task_id("run.x-1:12:7:3") == ("run.x-1", 12, 7, 3, 0)
     assert parse_task_id("a:1:2:3:b4") is None and parse_task_id("a:1:x:3") is None
+
+
+def test_a_redis_error_while_routing_leaves_the_rest_for_the_retried_poll(
+    redis_client, redis_ns, tmp_path, monkeypatch
+):
+    """Redis goes away between reading a batch and acknowledging its stale samples: the retried poll routes the rest
+    (the trainer never reclaims its own pending entries, so a dropped batch would wait for a restart)."""
+    import redis
+
+    c = _collector(redis_client, redis_ns, tmp_path)
+    c.start(0, 0, None)
+    c.admit(0, 0)
+    _answer(c, version=0)  # the trainer is at version 1 with k = 0: every sample is stale, re-sampled and acked
+    real_ack, calls = c.queue.ack, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise redis.ConnectionError("restarting")
+        return real_ack(*args)
+
+    monkeypatch.setattr(c.queue, "ack", flaky)
+    with pytest.raises(redis.ConnectionError):
+        c.poll(0, 1, block_ms=0)
+    c.poll(0, 1, block_ms=0)
+    assert _pending(c) == 0
+    assert all(g.attempts == {0: 1, 1: 1} for g in c.open_groups())

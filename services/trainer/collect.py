@@ -234,6 +234,9 @@ class Collector:
         self.dead_cursor = "0-0"
         self.last_arrival = time.monotonic()
         self._prompt_ids: dict[int, list[int]] = {}
+        self._unrouted: list = []
+        """Deliveries read but not yet routed when Redis went away: the trainer never claims its own pending entries
+        back, so a retried `poll` routes these first instead of losing them until a restart."""
 
     # ------------------------------------------------------------------ start and resume
 
@@ -372,10 +375,13 @@ class Collector:
 
     def poll(self, step: int, version: int, block_ms: int = 500) -> int:
         """Read the scored stream once (and the dead letters), route what arrived; returns entries read."""
-        deliveries = self.queue.consume(self.keys.scored, self.group_name, self.consumer, ScoredMessage,
-                                        count=256, block_ms=block_ms, claim=False)  # fmt: skip
-        for d in deliveries:
-            self._route(d, step, version)
+        if not self._unrouted:
+            self._unrouted = self.queue.consume(self.keys.scored, self.group_name, self.consumer, ScoredMessage,
+                                                count=256, block_ms=block_ms, claim=False)  # fmt: skip
+        deliveries = list(self._unrouted)
+        while self._unrouted:  # routing acks or rejects: a Redis error leaves the rest for the retry
+            self._route(self._unrouted[0], step, version)
+            self._unrouted.pop(0)
         self._watch_dead_letters(version)
         if deliveries:
             self.last_arrival = time.monotonic()
@@ -464,24 +470,30 @@ class Collector:
             log.warning("group %s: sample %d failed %d times; dropping the group", g.key, sample, attempt)
             self._drop(g, "dead_lettered")
             return
+        before = g.attempts.get(sample, 0)
         g.attempts[sample] = attempt
-        self._publish_tasks(g, [sample])
+        try:
+            self._publish_tasks(g, [sample])
+        except Exception:
+            g.attempts[sample] = before  # not published: a retry re-samples it again
+            raise
 
     def _watch_dead_letters(self, version: int) -> None:
         """Re-sample every sample of this run that any stage dead-lettered (its group would never complete)."""
         entries = self.redis.xrange(self.keys.dead, min="(" + self.dead_cursor, max="+", count=1000)
         for dead_id, fields in entries:
-            self.dead_cursor = dead_id.decode()
             raw = fields.get(b"id")
             parsed = parse_task_id(raw.decode("utf-8", errors="replace")) if raw else None
-            if parsed is None or parsed[0] != self.cfg.run_id:
-                continue
-            _, tag, prompt_index, sample, attempt = parsed
-            g = self.groups.get(f"{tag}:{prompt_index}")
-            if g is None or g.verdict is not None or sample in g.samples or attempt < g.attempts.get(sample, 0):
-                continue
-            self.counts["resampled_dead"] += 1
-            self._resample(g, sample, attempt + 1)
+            if parsed is not None and parsed[0] == self.cfg.run_id:
+                self._resample_dead(*parsed[1:])
+            self.dead_cursor = dead_id.decode()  # after the re-sample: a Redis error on it leaves it for the retry
+
+    def _resample_dead(self, tag: int, prompt_index: int, sample: int, attempt: int) -> None:
+        g = self.groups.get(f"{tag}:{prompt_index}")
+        if g is None or g.verdict is not None or sample in g.samples or attempt < g.attempts.get(sample, 0):
+            return
+        self._resample(g, sample, attempt + 1)
+        self.counts["resampled_dead"] += 1
 
     # ------------------------------------------------------------------ a step's batch
 

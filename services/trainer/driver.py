@@ -118,7 +118,7 @@ class Driver:
         self.registry = WeightRegistry(self.redis, self.keys)
         self.lease = RunLease(self.redis, self.keys.trainer_lease, self.cfg.run_id, self.cfg.output_dir,
                               ttl_s=self.cfg.lease_ttl_s)  # fmt: skip
-        self.lease.acquire()
+        self._redis(self.lease.acquire, "taking the trainer lease")
         self.lease.start_renewing(on_lost=self.stop.set)
 
     def _check_fresh_namespace(self) -> None:
@@ -144,30 +144,49 @@ class Driver:
         found = {}
         for url in self.cfg.rollout_urls:
             try:
-                found[url] = fetch_info(url, INFO_WAIT_S)
+                # a SIGTERM ends the wait for a service still loading
+                found[url] = fetch_info(url, INFO_WAIT_S, alive=lambda: not self.stop.is_set())
             except ServiceUnreachable as e:
                 log.warning("%s", e)
         seen = {info.worker_id for info in found.values()}
-        live = registered_infos(self.registry.live_workers())
+        live = registered_infos(self._redis(self.registry.live_workers, "reading worker heartbeats"))
         found.update({wid: info for wid, info in live.items() if wid not in seen})
         check_agreement(self.cfg.trainer_side(getattr(getattr(self.trainer, "loaded", None), "spec", None)), found)
         log.info("start-up check: %d services agree (%s)", len(found), ", ".join(found) or "none seen yet")
 
     # ------------------------------------------------------------------ the loop
 
+    def _redis(self, fn, what: str, *, in_step: bool = False):
+        """`fn()` (Redis work, safe to repeat) through a Redis restart: retried with backoff for `redis.reconnect_s`,
+        then `RedisUnavailable`; `StopRequested` at once when a stop comes meanwhile.
+
+        Args:
+            in_step: called after the step's batch went to every rank: with several processes a stop does not cut
+                the wait short there (the other ranks are in the step's collectives and would hang).
+        """
+        from shared.queue import with_reconnect
+
+        solo = getattr(getattr(getattr(self, "trainer", None), "accelerator", None), "num_processes", 1) == 1
+        stop = self.stop if solo or not in_step else None
+        return with_reconnect(fn, what=what, deadline_s=self.cfg.redis.reconnect_s, stop=stop)
+
+    def _check_lease(self) -> None:
+        """`lease.check()` (after the batch went out) through a Redis restart (renewing is idempotent; `LeaseLost`
+        is not retried)."""
+        self._redis(self.lease.check, "renewing the trainer lease", in_step=True)
+
     def run(self) -> list[dict]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from shared.queue import with_reconnect
+        from shared.queue import StopRequested
 
         state = self.trainer.state
         try:
             if self.main:
                 self.check_agreement()
                 saved = state.extra.get("collector") if state.step > 0 else None
-                with_reconnect(lambda: self.collector.start(state.step, state.data_cursor, saved),
-                               what="rebuilding the buffer")  # fmt: skip
-                with_reconnect(self._publish_current, what="publishing weights")
+                self._redis(lambda: self.collector.start(state.step, state.data_cursor, saved), "rebuilding the buffer")
+                self._redis(self._publish_current, "publishing weights")
             cols = (
                 TextColumn("gtpo"),
                 BarColumn(),
@@ -181,7 +200,11 @@ class Driver:
                     and broadcast_text(self.trainer.accelerator, str(self.stop.is_set())) == "False"
                 ):
                     metrics = self.one_step()
+                    if metrics is None:  # stopped while waiting for groups: nothing of the step was trained
+                        break
                     bar.update(task, completed=state.step, info=f"reward {metrics.get('reward_mean', 0):.3f}")
+        except StopRequested as e:  # stopped while Redis was away: the last checkpoint stands, as after a crash
+            log.info("%s", e)
         finally:
             self.trackers.close()
             if self.lease is not None and not self.lease.lost.is_set():
@@ -191,11 +214,12 @@ class Driver:
 
             raise LeaseLost("the trainer lease was taken over by another trainer; stopped without writing")
         if self.stop.is_set():
-            log.info("stopped by signal after step %d (checkpointed)", state.step)
+            log.info("stopped by signal after step %d (its checkpoint is the last one)", state.step)
         return self.history
 
-    def one_step(self) -> dict:
-        """Collect (main process), train (every process), checkpoint, publish, acknowledge: one RL step.
+    def one_step(self) -> dict | None:
+        """Collect (main process), train (every process), checkpoint, publish, acknowledge: one RL step; None when a
+        stop came while it waited for groups (nothing trained, nothing acknowledged: a resume collects them again).
 
         Only the main process talks to Redis; the others get the step's batch by broadcast, so a multi-GPU or
         multi-node trainer is one consumer, not one per rank.
@@ -205,9 +229,14 @@ class Driver:
         batch: list[Group] = []
         payload = None
         if self.main:
-            batch = self._collect_step()
-            payload = self._payload(batch)
-        groups, rewards, correct, extra, components = decode_batch(broadcast_text(self.trainer.accelerator, payload))
+            collected = self._collect_step()
+            payload = "" if collected is None else self._payload(collected)
+            batch = collected or []
+        text = broadcast_text(self.trainer.accelerator, payload)
+        if not text:  # every rank stops together
+            self.waiting = "stopped"
+            return None
+        groups, rewards, correct, extra, components = decode_batch(text)
         t1 = time.monotonic()
         self.waiting = "training"
         with self._collecting_meanwhile():
@@ -221,17 +250,17 @@ class Driver:
         metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1)
         state.extra["metrics"] = metrics  # a crash between the checkpoint and the metrics row loses no row
         if self.main:
-            self.lease.check()
+            self._check_lease()
             self._record_trained(step, version, batch)
         self.waiting = "checkpointing"
         path = self.trainer.save()
         if self.main:
-            self.lease.check()  # a trainer replaced while it saved must not publish its version over the new one's
+            self._check_lease()  # a trainer replaced while it saved must not publish its version over the new one's
             self._after_checkpoint(path, batch)
         self.trainer.accelerator.wait_for_everyone()
         metrics["time_checkpoint_s"] = time.monotonic() - t2
         if self.main:
-            self.lease.check()
+            self._check_lease()
             with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             self.trackers.log(metrics)
@@ -285,32 +314,33 @@ class Driver:
     def _after_checkpoint(self, path: Path, batch: list[Group]) -> None:
         from services.trainer.checkpoint import list_checkpoints
         from services.trainer.weights import prune
-        from shared.queue import with_reconnect
 
         state = self.trainer.state
         # absolute: a worker resolves a relative path against its own checkpoint root, not the trainer's folder
         version = WeightsVersion(version=state.policy_version, path=str(self.trainer.weights_path(path).resolve()),
                                  step=state.step, run=self.identity)  # fmt: skip
-        with_reconnect(lambda: self._publish(version), what="publishing weights")
-        with_reconnect(lambda: self.collector.finish_step(batch, state.step), what="acknowledging the step")
+        self._redis(lambda: self._publish(version), "publishing weights", in_step=True)
+        self._redis(lambda: self.collector.finish_step(batch, state.step), "acknowledging the step", in_step=True)
         keep = set(list_checkpoints(self.trainer.checkpoint_root)[-self.cfg.keep_last :])
-        with_reconnect(lambda: prune(self.registry, self.trainer.checkpoint_root, keep), what="pruning weights")
+        self._redis(lambda: prune(self.registry, self.trainer.checkpoint_root, keep), "pruning weights", in_step=True)
         self._write_status()
 
-    def _collect_step(self) -> list[Group]:
-        """Admit and collect until `prompts_per_step` groups are complete and kept (or the budget / time runs out)."""
-        from shared.queue import with_reconnect
-
+    def _collect_step(self) -> list[Group] | None:
+        """Admit and collect until `prompts_per_step` groups are complete and kept (or the budget / time runs out);
+        None when a stop (SIGTERM) comes first: it is honoured within one poll, not after `step_timeout_s`."""
         c, state = self.collector, self.trainer.state
         step, version = state.step, state.policy_version
         deadline = time.monotonic() + self.cfg.step_timeout_s
         last_log = 0.0
-        with_reconnect(lambda: c.admit(step, version), what="enqueueing tasks")
+        self._redis(lambda: c.admit(step, version), "enqueueing tasks")
         while len(c.kept_groups()) < self.cfg.prompts_per_step and time.monotonic() < deadline and not c.exhausted():
+            if self.stop.is_set():
+                log.info("step %d: stopped while %s; the last checkpoint stands", step, self.waiting or "collecting")
+                return None
             # a trainer replaced while it stalled must not read (and so hide) entries meant for its successor
-            with_reconnect(self.lease.check, what="renewing the trainer lease")
-            with_reconnect(lambda: c.poll(step, version), what="collecting scored rollouts")
-            with_reconnect(lambda: c.admit(step, version), what="enqueueing refills")
+            self._redis(self.lease.check, "renewing the trainer lease")
+            self._redis(lambda: c.poll(step, version), "collecting scored rollouts")
+            self._redis(lambda: c.admit(step, version), "enqueueing refills")
             missing = self.cfg.prompts_per_step - len(c.kept_groups())
             self.waiting = f"waiting for {max(0, missing)} groups, {c.in_flight()} samples in flight"
             if time.monotonic() - last_log > 10:
@@ -349,8 +379,8 @@ class Driver:
             groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
             samples_resampled_dead=c.counts["resampled_dead"], groups_dead_lettered=c.counts["dead_lettered"],
             samples_foreign=c.counts["foreign"], samples_reward_mismatch=c.counts["reward_mismatch"],
-            groups_redispatched=c.counts["redispatched"],
-            **self._worker_busy(),
+            groups_redispatched=c.counts["redispatched"], redis_values_skipped=sum(self.registry.skipped.values()),
+            **self._redis(self._worker_busy, "reading worker heartbeats"),
         )  # fmt: skip
         return json.dumps({
             "groups": groups, "rewards": rewards, "correct": correct, "components": components,
@@ -498,10 +528,13 @@ def rollout_metrics(msgs: list[ScoredMessage]) -> dict[str, float]:
 
 
 def install_signals(driver: Driver) -> None:
-    """SIGTERM and SIGINT (Ctrl-C): finish the current step, checkpoint, exit."""
+    """SIGTERM and SIGINT (Ctrl-C): a step that is training finishes and is checkpointed; a wait (for groups, for
+    Redis, for a service's /info) ends within a poll; then the trainer exits 0."""
 
     def handler(signum, frame):
-        log.info("signal %d: finishing step %d, then checkpointing", signum, driver.trainer.state.step)
+        log.info(
+            "signal %d: stopping (step %d: %s)", signum, driver.trainer.state.step, driver.waiting or "between steps"
+        )
         driver.stop.set()
 
     signal.signal(signal.SIGTERM, handler)

@@ -24,13 +24,15 @@ from pathlib import Path
 log = logging.getLogger("gtpo.trainer")
 
 _RENEW_LUA = """
--- KEYS[1] lease; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] body. 1 = renewed, 2 = re-taken (it had vanished), 0 = lost
-local cur = redis.call('GET', KEYS[1])
-if not cur then
+-- KEYS[1] lease; ARGV[1] token, ARGV[2] ttl ms, ARGV[3] body. 1 = renewed, 2 = re-taken (it had vanished, or held
+-- garbage no trainer writes), 0 = lost
+local cur = redis.pcall('GET', KEYS[1])
+local ok, holder = pcall(cjson.decode, type(cur) == 'string' and cur or '')
+if not cur or not ok or type(holder) ~= 'table' or type(holder['token']) ~= 'string' then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
   return 2
 end
-if cjson.decode(cur)['token'] ~= ARGV[1] then return 0 end
+if holder['token'] ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -45,8 +47,9 @@ return 0
 """
 
 _RELEASE_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur and cjson.decode(cur)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local cur = redis.pcall('GET', KEYS[1])
+local ok, holder = pcall(cjson.decode, type(cur) == 'string' and cur or '')
+if ok and type(holder) == 'table' and holder['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -57,6 +60,15 @@ class LeaseHeld(RuntimeError):
 
 class LeaseLost(RuntimeError):
     """This trainer's lease was taken over: it must stop without writing anything."""
+
+
+def parse_holder(raw: bytes | str | None) -> dict | None:
+    """The holder recorded at the lease key, or None when the value is not one (garbage no trainer writes)."""
+    try:
+        holder = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("token"), str) else None
 
 
 def describe(holder: dict) -> str:
@@ -120,15 +132,23 @@ class RunLease:
             f.seek(0)
             try:
                 holder = json.loads(f.read() or "{}")
-            except json.JSONDecodeError:
+            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
                 holder = {}
             f.close()
+            holder = holder if isinstance(holder, dict) else {}
             raise LeaseHeld(f"another trainer holds {self.lock_path}: {describe(holder)}") from None
-        if not self.redis.set(self.key, json.dumps(self.body), nx=True, px=self.ttl_ms) and not self._dead_holder():
-            raw = self.redis.get(self.key)
-            left = self.redis.pttl(self.key)
+        try:
+            taken = (
+                bool(self.redis.set(self.key, json.dumps(self.body), nx=True, px=self.ttl_ms)) or self._dead_holder()
+            )
+            if not taken:
+                raw, left = self.redis.get(self.key), self.redis.pttl(self.key)
+        except BaseException:  # Redis away: unlock, so that a retry (`with_reconnect`) can lock again
             f.close()
-            holder = json.loads(raw) if raw else {}
+            raise
+        if not taken:
+            f.close()
+            holder = parse_holder(raw) or {}
             raise LeaseHeld(
                 f"another trainer drives this namespace: {describe(holder)}; its lease expires in "
                 f"{max(0, left) / 1000:.1f} s unless it renews it (stop it, or wait for it to die)"
@@ -146,11 +166,18 @@ class RunLease:
         raw = self.redis.get(self.key)
         if raw is None:
             return bool(self.redis.set(self.key, json.dumps(self.body), nx=True, px=self.ttl_ms))
-        holder = json.loads(raw)
-        pid = int(holder.get("pid", 0))
-        # our own pid: a previous incarnation in a restarted container (pid 1 again), not a live holder
-        if holder.get("host") != self.body["host"] or (pid != os.getpid() and pid_alive(pid)):
-            return False
+        holder = parse_holder(raw)
+        if holder is None:
+            log.warning("the trainer lease key %s holds no trainer's record (%r); taking it", self.key, raw[:100])
+            holder = {}
+        else:
+            try:
+                pid = int(holder.get("pid", 0))
+            except (TypeError, ValueError):
+                pid = 0
+            # our own pid: a previous incarnation in a restarted container (pid 1 again), not a live holder
+            if holder.get("host") != self.body["host"] or (pid != os.getpid() and pid_alive(pid)):
+                return False
         taken = int(self._take_over(keys=[self.key], args=[raw, json.dumps(self.body), self.ttl_ms]))
         if taken:
             log.warning("took the trainer lease over from %s, whose process is gone", describe(holder))
@@ -183,6 +210,8 @@ class RunLease:
                         return
                 except TRANSIENT_ERRORS as e:  # Redis down: keep trying; the lease may expire meanwhile
                     log.warning("could not renew the trainer lease: %s", e)
+                except Exception as e:  # never let the renewing thread die: the step loop's check would still pass
+                    log.exception("renewing the trainer lease failed: %s", e)
 
         self._thread = threading.Thread(target=loop, name="trainer-lease", daemon=True)
         self._thread.start()
