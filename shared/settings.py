@@ -95,6 +95,11 @@ class RedisConfig(BaseModel):
     max_deliveries: int = Field(
         MAX_DELIVERIES, ge=1, description="after this many deliveries a message goes to the dead stream"
     )
+    outage_s: float = Field(
+        120.0,
+        gt=0,
+        description="a worker that cannot reach Redis this long reports it (/ready 503) and keeps retrying",
+    )
 
     @field_serializer("url", when_used="json")
     def _show_url(self, url: RedisUrl | None) -> str | None:
