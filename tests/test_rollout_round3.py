@@ -77,9 +77,12 @@ def test_a_garbage_current_weights_value_is_skipped_and_the_worker_keeps_consumi
     with worker_app(root, tiny, redis_url, redis_ns.namespace) as c:
         until(lambda: c.get("/ready").json().get("policy_version") == 0)
         redis_client.set(redis_ns.weights_current, b"\xff not json {")
-        for i in range(2):
+        # a read already under way may take the first task; every later read sees the garbage first
+        queue.publish(redis_ns.tasks, task(0), task(0).task_id)
+        until(lambda: len(handed_off(redis_client, redis_ns)) == 1)
+        for i in (1, 2):
             queue.publish(redis_ns.tasks, task(i), task(i).task_id)
-        until(lambda: len(handed_off(redis_client, redis_ns)) == 2)
+        until(lambda: len(handed_off(redis_client, redis_ns)) == 3)
         ready = c.get("/ready")
         assert ready.status_code == 200 and "current-weights record" in ready.json()["weights_problem"]
         # counted once per bad value, not once per read
@@ -218,3 +221,59 @@ def test_a_path_too_long_for_the_file_system_is_4xx(client, root):
         r = push(client, path, 1)
         assert 400 <= r.status_code < 500 and "too long" in r.text, (path[:50], r.text)
     assert sample(client) == before
+
+
+# --------------------------------------------------------------------------- item 9: started while Redis is down
+
+
+def test_a_worker_started_while_redis_is_down_reports_it_and_becomes_ready_once_redis_is_up(root, tmp_path):
+    """A real `gtpo serve rollout --worker` process started with no Redis: past `redis.outage_s` its /ready says
+    Redis is unreachable (the process neither looks healthy nor gives up), and once a server comes up on that port
+    it creates its groups, serves v0 and is ready."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from shared.keys import Keys
+    from shared.process import free_port
+    from shared.queue import connect
+    from shared.redis_server import EmbeddedRedis
+
+    ports: set[int] = set()
+    redis_port, http_port = free_port(ports), free_port(ports)
+    server = EmbeddedRedis(tmp_path / "redis", port=redis_port, start=False)
+    keys = Keys("round3-outage")
+    env = {**os.environ, "REDIS_URL": server.url, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "services", "serve", "rollout", "--worker", f"model={root / 'v0'}",
+           f"checkpoint_root={root}", f"port={http_port}", "worker_id=rollout-outage", "weights_wait_s=0.5",
+           f"redis.namespace={keys.namespace}", "redis.outage_s=0.5"]  # fmt: skip
+    log = (tmp_path / "rollout.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    url = f"http://127.0.0.1:{http_port}/ready"
+
+    def ready() -> httpx.Response | None:
+        assert proc.poll() is None, (tmp_path / "rollout.log").read_text()[-3000:]
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.TransportError:
+            return None
+
+    try:
+        until(lambda: (r := ready()) is not None and "redis unreachable" in r.text, timeout_s=120)
+        assert ready().status_code == 503
+        server.start()
+        client = connect(server.url)
+        WeightRegistry(client, keys).publish(WeightsVersion(version=0, path=str(root / "v0")))
+        until(lambda: (r := ready()) is not None and r.status_code == 200 and r.json()["policy_version"] == 0, 60)
+        Queue(client, keys).publish(keys.tasks, task(0), task(0).task_id)
+        until(lambda: handed_off(client, keys) == [task(0).task_id], 60)
+        client.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        server.stop()
