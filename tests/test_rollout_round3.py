@@ -50,8 +50,9 @@ def until(done, timeout_s: float = 20.0) -> None:
 
 def worker_app(root: Path, tiny, redis_url: str, namespace: str, **kw) -> TestClient:
     settings = RolloutSettings(model=root / "v0", checkpoint_root=root, worker=True, weights_wait_s=0.5,
-                               worker_id="rollout-r3", redis=RedisConfig(url=redis_url, namespace=namespace), **kw)
-    return TestClient(create_app(settings, engine=TorchEngine(tiny)))  # fmt: skip
+                               worker_id="rollout-r3", redis=RedisConfig(url=redis_url, namespace=namespace),
+                               **kw)  # fmt: skip
+    return TestClient(create_app(settings, engine=TorchEngine(tiny)))
 
 
 def task(i: int, version: int = 0) -> TaskMessage:
