@@ -354,3 +354,15 @@ def nonfinite_tensor(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
+
+
+def nonfinite_in_files(files: Iterable[Path]) -> str | None:
+    """`nonfinite_tensor` over the tensors of safetensors files, read one at a time: ``file: tensor`` or None."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            bad = nonfinite_tensor((name, f.get_tensor(name)) for name in f.keys())
+        if bad is not None:
+            return f"{file.name}: {bad}"
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -105,7 +106,7 @@ def test_a_worker_that_can_load_no_version_is_not_ready_naming_the_cause(root, t
 
 
 def test_a_version_outside_the_root_is_refused_and_reported(root, tiny, tiny_dir, tmp_path, redis_url, redis_client,
-                                                            redis_ns):  # fmt: skip
+                                                            redis_ns, caplog):  # fmt: skip
     elsewhere = tmp_path / "run" / "checkpoints" / "step-1"
     shutil.copytree(tiny_dir, elsewhere)
     registry = WeightRegistry(redis_client, redis_ns)
@@ -123,6 +124,16 @@ def test_a_version_outside_the_root_is_refused_and_reported(root, tiny, tiny_dir
         (line,) = refusals(registry.live_workers(), 1)
         assert str(elsewhere) in line and str(root.resolve()) in line and "outside the checkpoint root" in line
         assert refusals(registry.live_workers(), 2) == []
+        # the trainer, waiting for rollouts of v1, says it loudly (and in its status line)
+        from types import SimpleNamespace
+
+        from services.trainer.driver import Driver
+
+        driver = SimpleNamespace(registry=registry, waiting="waiting for 4 groups")
+        with caplog.at_level(logging.ERROR, logger="gtpo"):
+            Driver._warn_refusals(driver, 3, 1)
+        assert any(str(elsewhere) in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+        assert "1 rollout workers refused weights v1" in driver.waiting
         ready = c.get("/ready")  # it serves no published version, so it can serve no task
         assert ready.status_code == 503 and str(elsewhere) in ready.json()["reason"]
 
@@ -183,6 +194,13 @@ def test_non_finite_full_weights_are_refused_naming_the_tensor(client, root, val
     r = push(client, bad, 1)
     assert r.status_code == 422 and Q_PROJ in r.json()["detail"] and "NaN or inf" in r.json()["detail"], r.text
     assert sample(client) == before
+    # the LMDeploy engine reads the files before it reloads (refused before any engine is touched)
+    from services.rollout.engines.lmdeploy_engine import LMDeployEngine
+
+    engine = LMDeployEngine.__new__(LMDeployEngine)
+    engine._spec = load_model(root / "v0").spec
+    with pytest.raises(ValueError, match=f"model.safetensors: {Q_PROJ} holds NaN or inf"):
+        engine.load_weights(bad, 1)
 
 
 def test_non_finite_adapter_weights_are_refused_naming_the_tensor(client, root, tiny_dir):
