@@ -1,7 +1,9 @@
 """The start-up agreement check: before the first step, the trainer's settings and each service's `ServiceInfo`
 (`GET /info`, or a worker's heartbeat) must agree on the Redis namespace and codec, the reward names and weights
-(the scored totals it trains on are summed with the reward worker's), and the model's block size and mask token id.
-The trainer checks each scored sample's weights again (`ScoredMessage.reward_weights`): a worker may join later.
+(the scored totals it trains on are summed with the reward worker's), the model's block size and mask token id, and
+that the trainer's weights folder lies under each rollout worker's checkpoint root. The trainer checks each scored
+sample's weights again (`ScoredMessage.reward_weights`): a worker may join later. `refusals` reads, while the
+trainer runs, which workers refused the version it published.
 
 `disagreements` is the pure check; `fetch_info` and `registered_infos` gather what the services say.
 """
@@ -11,10 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from shared.contracts import ServiceInfo, WorkerKind, same_rewards
+from shared.contracts import ServiceInfo, WeightsRefusal, WorkerKind, same_rewards
 
 
 class AgreementError(ValueError):
@@ -40,6 +43,8 @@ class TrainerSide:
     reward_weights: Mapping[str, float] = field(default_factory=dict)
     block_size: int | None = None
     mask_token_id: int | None = None
+    weights_dir: str | None = None
+    """Where the trainer writes the weight versions it publishes: inside every rollout worker's checkpoint root."""
 
 
 def disagreements(trainer: TrainerSide, where: str, info: ServiceInfo) -> list[str]:
@@ -64,6 +69,10 @@ def disagreements(trainer: TrainerSide, where: str, info: ServiceInfo) -> list[s
                                    ("mask_token_id", trainer.mask_token_id, info.mask_token_id)):  # fmt: skip
             if mine is not None and mine != theirs:
                 out.append(f"{name}: trainer {mine}, {kind} {where}: {theirs}")
+        if trainer.weights_dir is not None and info.checkpoint_root is not None:
+            if not Path(trainer.weights_dir).is_relative_to(info.checkpoint_root):
+                out.append(f"checkpoint_root: trainer writes weights to {trainer.weights_dir}, outside {kind} {where}'s "
+                           f"checkpoint root {info.checkpoint_root}: it would refuse every version")  # fmt: skip
     elif info.kind == WorkerKind.reward:
         unknown = sorted(set(trainer.reward_weights) - set(info.rewards))
         if unknown:
@@ -113,6 +122,25 @@ def fetch_info(url: str, deadline_s: float = 60.0, alive=lambda: True) -> Servic
         time.sleep(0.2)
     state = "" if alive() else "; the process exited"
     raise ServiceUnreachable(f"{url}/info: cannot check that the service agrees ({last}{state})")
+
+
+def refusals(live_workers: Mapping[str, Mapping], version: int) -> list[str]:
+    """One line per live rollout worker that refused weights `version` (the `weights_refused` entry of its
+    heartbeat), naming the path, the worker's checkpoint root and the reason: what the trainer says while it waits
+    for rollouts that worker will never make."""
+    out = []
+    for worker_id, body in live_workers.items():
+        said = (body.get("info") or {}).get("weights_refused")
+        if said is None:
+            continue
+        try:
+            r = WeightsRefusal.model_validate(said)
+        except ValidationError:
+            continue
+        if r.version == version:
+            out.append(f"rollout {worker_id} refused weights v{r.version} from {r.path} (its checkpoint root is "
+                       f"{r.root}): {r.reason}")  # fmt: skip
+    return out
 
 
 def registered_infos(live_workers: Mapping[str, Mapping]) -> dict[str, ServiceInfo]:

@@ -441,3 +441,18 @@ class ServiceInfo(BaseModel):
     weights: dict[str, float] = Field(
         default_factory=dict, description="reward: the weights it scores the stream with (a request may name others)"
     )
+    checkpoint_root: str | None = Field(
+        None, description="rollout: the folder it loads weight versions from (the trainer's must lie inside it)"
+    )
+
+
+class WeightsRefusal(BaseModel):
+    """A weights version a rollout worker refused to load (the `weights_refused` entry of its heartbeat): the
+    trainer says it, naming the path and the worker's root, instead of waiting for rollouts that never come."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = Field(description="the refused version")
+    path: str = Field(description="its folder, as the registry names it")
+    root: str = Field(description="the worker's checkpoint root")
+    reason: str = Field(description="why it was refused")

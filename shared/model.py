@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -344,3 +345,24 @@ def save_model(
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def nonfinite_tensor(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or +-inf, else None: weights that would make every
+    generation fail must be refused before they replace the served ones."""
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def nonfinite_in_files(files: Iterable[Path]) -> str | None:
+    """`nonfinite_tensor` over the tensors of safetensors files, read one at a time: ``file: tensor`` or None."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            bad = nonfinite_tensor((name, f.get_tensor(name)) for name in f.keys())
+        if bad is not None:
+            return f"{file.name}: {bad}"
+    return None

@@ -100,6 +100,11 @@ class RedisConfig(BaseModel):
     reconnect_s: float = Field(
         RECONNECT_S, gt=0, description="the trainer retries an unreachable Redis this long, then stops with an error"
     )
+    outage_s: float = Field(
+        120.0,
+        gt=0,
+        description="a worker that cannot reach Redis this long reports it (/ready 503) and keeps retrying",
+    )
 
     @field_serializer("url", when_used="json")
     def _show_url(self, url: RedisUrl | None) -> str | None:

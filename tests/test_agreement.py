@@ -126,7 +126,8 @@ def test_gtpo_up_checks_every_service_it_started(services, tmp_path):
     assert list(check_services(cfg, started[:1], wait_s=5)) == [services.rollout]
 
 
-def test_the_trainer_checks_its_rollout_urls_and_the_workers_registered_in_redis(services, redis_url, redis_ns):
+def test_the_trainer_checks_its_rollout_urls_and_the_workers_registered_in_redis(services, tiny_dir, redis_url,
+                                                                                   redis_ns):  # fmt: skip
     from services.reward.worker import RewardWorker
 
     rc = RedisConfig(url=redis_url, namespace=redis_ns.namespace, codec="json")
@@ -134,7 +135,7 @@ def test_the_trainer_checks_its_rollout_urls_and_the_workers_registered_in_redis
     registry = WeightRegistry(RewardWorker(None, RewardSettings(redis=rc)).redis, redis_ns)
     live = registered_infos(registry.live_workers())
     assert list(live) == ["reward-7"] and live["reward-7"].weights == {"speed": 1.0}
-    cfg = RLConfig(model="m", output_dir="o", data="d.json", rollout_urls=[services.rollout],
+    cfg = RLConfig(model="m", output_dir=tiny_dir.parent / "run", data="d.json", rollout_urls=[services.rollout],
                    redis={"namespace": redis_ns.namespace, "codec": "json"}, reward_weights={"speed": 1.0, "nope": 1})  # fmt: skip
     trainer = SimpleNamespace(
         cfg=cfg,

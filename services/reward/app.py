@@ -43,13 +43,14 @@ def create_app(settings: RewardSettings | None = None, *, check: CheckFn = check
             if settings.worker:
                 from services.reward.worker import start_worker
 
-                thread = start_worker(pool, settings, stop)
+                app.state.worker = start_worker(pool, settings, stop)
+                thread = app.state.worker.thread
             yield
         finally:
             stop.set()
             if thread is not None:
                 await run_in_threadpool(thread.join, 30)
-            app.state.pool = None
+            app.state.pool, app.state.worker = None, None
             await run_in_threadpool(pool.close)
 
     app = FastAPI(
@@ -60,7 +61,7 @@ def create_app(settings: RewardSettings | None = None, *, check: CheckFn = check
         max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
-    app.state.pool = None
+    app.state.pool, app.state.worker = None, None
     app.state.metrics = RewardMetrics(lambda: app.state.pool)
     install_error_handlers(app)
     app.include_router(health_router(lambda: _pool_problem(app), lambda: app.state.pool.stats()))
@@ -69,11 +70,12 @@ def create_app(settings: RewardSettings | None = None, *, check: CheckFn = check
 
 
 def _pool_problem(app: FastAPI) -> str | None:
-    """Why the service cannot score now (None when it can): readiness is the verifier pool's health."""
+    """Why the service cannot score now (None when it can): the verifier pool's health, and in worker mode the
+    stream worker's (its thread alive, Redis reachable)."""
     pool = app.state.pool
     if pool is None or not pool.healthy():
         return "the verifier pool is not healthy"
-    return None
+    return None if app.state.worker is None else app.state.worker.problem()
 
 
 def serve(settings: RewardSettings | None = None) -> None:

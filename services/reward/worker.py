@@ -63,6 +63,8 @@ class RewardWorker(StreamWorker):
         return len(deliveries)
 
 
-def start_worker(pool: VerifierPool, settings: RewardSettings, stop: threading.Event) -> threading.Thread:
-    """Run a RewardWorker in a daemon thread until `stop` is set."""
-    return RewardWorker(pool, settings).start(stop)
+def start_worker(pool: VerifierPool, settings: RewardSettings, stop: threading.Event) -> RewardWorker:
+    """Run a RewardWorker in a daemon thread until `stop` is set; its `thread` is the thread."""
+    worker = RewardWorker(pool, settings)
+    worker.start(stop)
+    return worker

@@ -23,17 +23,21 @@ from shared.http import health_router, install_error_handlers
 
 
 def not_ready(state: State) -> str | None:
-    """Why the service cannot generate now, or None."""
+    """Why the service cannot do its work now, or None: no engine, or (worker mode) a task worker that cannot
+    consume (its thread died, Redis down past `redis.outage_s`, no published weights version it can load)."""
     if state.host is None:
         return "the engine is not loaded yet"
-    if state.worker_thread is not None and not state.worker_thread.is_alive():
-        return "the task worker thread died"
-    return None
+    return None if state.worker is None else state.worker.problem()
 
 
 def ready_info(state: State) -> dict[str, object]:
-    """What a ready service says of itself: its engine and the version it serves."""
-    return {"engine": state.host.engine.name, "policy_version": state.host.engine.policy_version}
+    """What a ready service says of itself: its engine, the version it serves, and a weights problem it serves
+    through (a refused or unreadable newer version)."""
+    out: dict[str, object] = {"engine": state.host.engine.name, "policy_version": state.host.engine.policy_version}
+    problem = None if state.worker is None else state.worker.weights_problem()
+    if problem is not None:
+        out["weights_problem"] = problem
+    return out
 
 
 def create_app(settings: RolloutSettings, engine: Engine | None = None) -> FastAPI:
@@ -51,13 +55,13 @@ def create_app(settings: RolloutSettings, engine: Engine | None = None) -> FastA
             if settings.worker:
                 from services.rollout.worker import start_worker
 
-                app.state.worker_thread = start_worker(app.state.host, settings, stop)
+                app.state.worker = start_worker(app.state.host, settings, stop)
             yield
         finally:
             stop.set()  # the worker abandons its batch at the next block boundary; its tasks stay pending
-            if app.state.worker_thread is not None:
-                await run_in_threadpool(app.state.worker_thread.join, 30)
-            app.state.host, app.state.worker_thread = None, None
+            if app.state.worker is not None:
+                await run_in_threadpool(app.state.worker.thread.join, 30)
+            app.state.host, app.state.worker = None, None
             if engine is None:
                 await run_in_threadpool(eng.close)
 
@@ -70,7 +74,7 @@ def create_app(settings: RolloutSettings, engine: Engine | None = None) -> FastA
     )
     app.state.settings = settings
     app.state.metrics = RolloutMetrics()
-    app.state.host, app.state.worker_thread = None, None
+    app.state.host, app.state.worker = None, None
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(health_router(lambda: not_ready(app.state), lambda: ready_info(app.state)))

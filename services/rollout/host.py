@@ -45,6 +45,10 @@ class RolloutMetrics:
         self.weight_failures = Counter(
             "gtpo_rollout_weight_load_failures", "weight loads refused or failed", ["source"], registry=self.registry
         )
+        self.bad_records = Counter(
+            "gtpo_rollout_bad_records", "values read from Redis that break their contract (skipped)", ["key"],
+            registry=self.registry,
+        )  # fmt: skip
 
 
 def request_error(

@@ -53,7 +53,8 @@ class RolloutSettings(ServiceSettings):
     def info(self, block_size: int, mask_token_id: int) -> ServiceInfo:
         """What `GET /info` and the worker's heartbeat say, with the served model's block size and mask id."""
         return ServiceInfo(kind=WorkerKind.rollout, worker_id=self.worker_id, namespace=self.redis.namespace,
-                           codec=self.redis.codec, block_size=block_size, mask_token_id=mask_token_id)  # fmt: skip
+                           codec=self.redis.codec, block_size=block_size, mask_token_id=mask_token_id,
+                           checkpoint_root=str(self.root()))  # fmt: skip
 
     def root(self) -> Path:
         return (self.checkpoint_root or self.model.parent).resolve()

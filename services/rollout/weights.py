@@ -111,9 +111,13 @@ def checkpoint_folder(path: str | Path, root: Path) -> Checkpoint:
         WeightsError: 403 when something resolves outside `root`, 422 when the folder cannot be loaded.
     """
     folder = _resolve(path, root, what=f"path: {path}")
-    if not folder.exists():
-        raise WeightsError(422, f"path: {path} does not exist under the checkpoint root")
-    if not folder.is_dir():
+    try:
+        mode = folder.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise WeightsError(422, f"path: {path} does not exist under the checkpoint root") from None
+    except OSError as e:  # a name over 255 bytes or a path over 4 KB (ENAMETOOLONG), no permission...
+        raise WeightsError(422, f"path: {_short(path)} cannot be opened: {e.strerror}") from None
+    if not stat.S_ISDIR(mode):
         raise WeightsError(422, f"path: {path} is not a folder (a checkpoint is a folder with config.json)")
     names = _entries(folder, root, path)
     if "config.json" not in names and ADAPTER_CONFIG in names:
@@ -148,6 +152,12 @@ def served_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         return checkpoint_folder(folder, folder).shapes
     except WeightsError:
         return {}
+
+
+def _short(path: str | Path, keep: int = 200) -> str:
+    """`path` for a message: a 4 KB name is cut to its first and last characters."""
+    text = str(path)
+    return text if len(text) <= 2 * keep else f"{text[:keep]}...{text[-keep:]} ({len(text)} characters)"
 
 
 def _resolve(path: str | Path, root: Path, what: str) -> Path:

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -31,6 +32,7 @@ from shared.contracts import (
     ScoreItem,
     ServiceInfo,
     TaskMessage,
+    WeightsRefusal,
     WorkerKind,
     brief_error,
 )
@@ -77,6 +79,10 @@ class RolloutWorker(StreamWorker):
         self.stop = threading.Event()
         self.handled: tuple[int, str, str | None] | None = None
         """The registry's last (version, path, run) loaded, found served, or refused: not looked at again."""
+        self.refused: WeightsRefusal | None = None
+        """The registry's current version when this worker refused it (its heartbeat tells the trainer)."""
+        self.bad_current: str | None = None
+        """Why the registry's current-weights value breaks its contract, while it does (skipped, counted once)."""
 
     def run(self, stop: threading.Event) -> None:
         self.stop = stop  # also the engine's cancel event: on shutdown a batch ends at its next block boundary
@@ -100,6 +106,35 @@ class RolloutWorker(StreamWorker):
 
     def loaded_version(self) -> int | None:
         return self.host.served_version
+
+    def heartbeat_info(self) -> dict[str, Any]:
+        info = super().heartbeat_info()
+        refused = self.refusal()
+        if refused is not None:
+            info["weights_refused"] = refused.model_dump(mode="json")
+        return info
+
+    def refusal(self) -> WeightsRefusal | None:
+        """The refused version, unless a newer (or the same) one is served since (pushed over HTTP)."""
+        served, r = self.host.served_version, self.refused
+        return r if r is not None and (served is None or r.version > served) else None
+
+    def weights_problem(self) -> str | None:
+        """Why the registry's current version is not served (a refused load, a value that is no version), or None."""
+        if self.bad_current is not None:
+            return f"the current-weights record in Redis is no weights version ({self.bad_current})"
+        r = self.refusal()
+        if r is not None:
+            return f"weights v{r.version} from {r.path} refused (checkpoint root {r.root}): {r.reason}"
+        return None
+
+    def problem(self) -> str | None:
+        """`StreamWorker.problem`, and a weights problem while no published version could be loaded: then no task
+        can ever be served. With a version loaded, the worker keeps serving it (`/ready` shows the problem)."""
+        found = super().problem()
+        if found is None and self.host.served_version is None:
+            found = self.weights_problem()
+        return found
 
     def service_info(self) -> ServiceInfo | None:
         engine = getattr(self.host, "engine", None)  # a host without a model (bench/async_rl.py) has no spec to say
@@ -174,24 +209,42 @@ class RolloutWorker(StreamWorker):
         The same rule as `/v1/weights` without rollback within one run: never an older version, nor the served
         version from another folder. When the registry names another run (a new run took the namespace over, its
         versions start again), its weights replace the served ones whatever their numbers: a version number means
-        nothing across runs. A version that fails to load is logged once and the old weights stay served.
+        nothing across runs. A version that fails to load is logged once, the old weights stay served, and the
+        heartbeat says it was refused. A current-weights value that is no `WeightsVersion` is skipped the same way
+        (counted once per value), so the worker keeps consuming with what it serves.
         """
-        cur = self.registry.current()
+        try:
+            cur = self.registry.current()
+        except ValueError as e:  # pydantic's ValidationError: garbage at the key, written by anything but the trainer
+            self._skip_bad_current(brief_error(e))
+            return
+        self.bad_current = None
         if cur is None or (cur.version, cur.path, cur.run) == self.handled:
             return
         served, same_run = self.host.served_version, self.host.served_run == cur.run
         if served is not None and same_run and cur.version < served:
             return  # pushed over HTTP ahead of the registry
         self.handled = (cur.version, cur.path, cur.run)
+        root = self.settings.root()
         try:
-            done = self.host.load(cur.path, self.settings.root(), cur.version, "registry", rollback=not same_run,
-                                  run=cur.run)  # fmt: skip
+            done = self.host.load(cur.path, root, cur.version, "registry", rollback=not same_run, run=cur.run)
         except WeightsError as e:
-            log.error("%s: cannot serve v%d from %s, still serving v%s: %s", self.id, cur.version, cur.path, served, e)
+            log.error("%s: cannot serve v%d from %s (checkpoint root %s), still serving v%s: %s",
+                      self.id, cur.version, cur.path, root, served, e)  # fmt: skip
+            self.refused = WeightsRefusal(version=cur.version, path=cur.path, root=str(root), reason=str(e)[:1000])
+            self.heartbeat()
             return
+        self.refused = None
         self.heartbeat()
         how = f"in {done.seconds:.1f}s" if done.seconds else "(already served: pushed over HTTP first)"
         log.info("rollout worker %s loaded v%d of run %s from %s %s", self.id, cur.version, cur.run, done.path, how)
+
+    def _skip_bad_current(self, reason: str) -> None:
+        if reason != self.bad_current:
+            self.host.metrics.bad_records.labels("weights_current").inc()
+            log.warning("%s: the current-weights record %s is no weights version (%s); skipped, still serving v%s",
+                        self.id, self.keys.weights_current, reason, self.host.served_version)  # fmt: skip
+        self.bad_current = reason
 
 
 def _serves(host, task: TaskMessage) -> bool:
@@ -207,6 +260,8 @@ def _request(d: Task) -> GenerationRequest:
     return GenerationRequest(prompt_ids=d.message.prompt_ids, params=d.message.params)
 
 
-def start_worker(host: EngineHost, settings: RolloutSettings, stop: threading.Event) -> threading.Thread:
-    """Run a RolloutWorker in a daemon thread until `stop` is set."""
-    return RolloutWorker(host, settings).start(stop)
+def start_worker(host: EngineHost, settings: RolloutSettings, stop: threading.Event) -> RolloutWorker:
+    """Run a RolloutWorker in a daemon thread until `stop` is set; its `thread` is the thread."""
+    worker = RolloutWorker(host, settings)
+    worker.start(stop)
+    return worker

@@ -310,7 +310,8 @@ class RLConfig(TrainerConfig):
         """
         return TrainerSide(namespace=self.redis.namespace, codec=self.redis.codec, reward_weights=self.reward_weights,
                            block_size=None if spec is None else spec.block_size,
-                           mask_token_id=None if spec is None else spec.mask_token_id)  # fmt: skip
+                           mask_token_id=None if spec is None else spec.mask_token_id,
+                           weights_dir=str((self.output_dir / "checkpoints").resolve()))  # fmt: skip
 
     @model_validator(mode="after")
     def _check_staleness(self) -> RLConfig:

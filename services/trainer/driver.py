@@ -345,6 +345,7 @@ class Driver:
             self.waiting = f"waiting for {max(0, missing)} groups, {c.in_flight()} samples in flight"
             if time.monotonic() - last_log > 10:
                 log.info("step %d: %s", step, self.waiting)
+                self._warn_refusals(step, version)
                 self._write_status()
                 last_log = time.monotonic()
         batch = c.batch()
@@ -352,6 +353,21 @@ class Driver:
             log.warning("step %d: training on %d of %d groups (%s)", step, len(batch), self.cfg.prompts_per_step,
                         "budget spent" if c.exhausted() else "timeout")  # fmt: skip
         return batch
+
+    def _warn_refusals(self, step: int, version: int) -> None:
+        """Say loudly which rollout workers refused the published version: they will never make its rollouts."""
+        from shared.agreement import refusals
+        from shared.queue import with_reconnect
+
+        try:
+            lines = refusals(with_reconnect(self.registry.live_workers, what="reading heartbeats"), version)
+        except ValueError as e:  # a heartbeat that is no JSON: the check is skipped, the step goes on
+            log.warning("step %d: cannot read the workers' heartbeats (%s)", step, e)
+            return
+        for line in lines:
+            log.error("step %d: %s; it makes no rollouts of this version", step, line)
+        if lines:
+            self.waiting += f"; {len(lines)} rollout workers refused weights v{version} (see the log)"
 
     # ------------------------------------------------------------------ the step's batch
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from shared.model import DiffusionSpec
+from shared.model import DiffusionSpec, nonfinite_tensor
 
 if TYPE_CHECKING:
     from services.trainer.config import LoraSettings
@@ -334,19 +334,39 @@ class AdapterSlot:
                                "(fingerprints differ)")  # fmt: skip
         config = LoraConfig.from_pretrained(str(folder))
         tensors = read_adapter_tensors(folder)
+        if (bad := nonfinite_tensor(tensors.items())) is not None:
+            raise AdapterError(f"{folder}: tensor {bad} holds NaN or inf values")
         if self.config is None:
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             if bad := adapter_fits({k: tuple(t.shape) for k, t in tensors.items()}, shapes):
                 raise AdapterError(f"{folder}: {'; '.join(bad[:3])}")
             config.inference_mode = True
-            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+            try:  # the config's layers must take these tensors, else the model goes back to the bare base
+                inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+                self.bytes_loaded = copy_adapter(model, tensors, str(folder))
+            except BaseException:
+                remove_lora(model)
+                raise
             self.config = config
-        elif not _same_lora(config, self.config):
+            return
+        if not _same_lora(config, self.config):
             raise AdapterError(f"{folder}: LoRA r={config.r}, alpha={config.lora_alpha}, targets "
                                f"{sorted(config.target_modules)} differ from the served adapter's r={self.config.r}, "
                                f"alpha={self.config.lora_alpha}, {sorted(self.config.target_modules)}; restart the "
                                "rollout service to change them")  # fmt: skip
         self.bytes_loaded = copy_adapter(model, tensors, str(folder))
+
+
+def remove_lora(model: torch.nn.Module) -> None:
+    """Undo `inject_adapter_in_model`: every LoRA layer is replaced by the base layer it wraps (same tensors)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 # --------------------------------------------------------------------------- `gtpo merge-lora`

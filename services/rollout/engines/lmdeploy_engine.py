@@ -51,7 +51,7 @@ from services.rollout.engines.rows import (
 )
 from services.trainer.lora import is_adapter_dir
 from shared.contracts import GenerationRequest, Rollout, SamplingParams, Strategy
-from shared.model import DiffusionSpec, load_tokenizer, read_config, translate_config
+from shared.model import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +320,10 @@ class LMDeployEngine(Engine):
         check_spec(path, spec, self._spec)
         if not any(path.glob("*.safetensors")):
             raise FileNotFoundError(f"no safetensors weights in {path}")
+        # one read of the files (the trainer just wrote them: page cache) against an engine that would answer
+        # every generate with an error until the next version
+        if (bad := nonfinite_in_files(sorted(path.glob("*.safetensors")))) is not None:
+            raise ValueError(f"{path}: tensor {bad} holds NaN or inf values")
         same_arch = all(raw.get(k) == self._raw.get(k) for k in ARCH_KEYS)
         if same_arch and self._reload_in_place(path):
             log.info("lmdeploy: loaded v%d from %s in place", version, path)

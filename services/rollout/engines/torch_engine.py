@@ -36,7 +36,7 @@ from services.rollout.engines.rows import (
 from services.rollout.engines.sampling import block_uniforms, cut_response, sample_block, select_unmask, strategy_codes
 from shared.contracts import GenerationRequest, Rollout
 from shared.masks import attention_mask, square_mask, to_additive
-from shared.model import DiffusionSpec, LoadedModel, load_model
+from shared.model import DiffusionSpec, LoadedModel, load_model, nonfinite_tensor
 
 
 @dataclass
@@ -155,6 +155,9 @@ class TorchEngine(Engine):
         p = next(self.model.parameters())
         loaded = load_model(path, dtype=p.dtype, device=p.device)
         check_spec(path, loaded.spec, self.spec)
+        bad = nonfinite_tensor(loaded.model.state_dict().items())
+        if bad is not None:
+            raise ValueError(f"{path}: tensor {bad} holds NaN or inf values")
         self._loaded, self._version, self._adapter = loaded, version, None
 
     @property
