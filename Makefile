@@ -5,6 +5,8 @@ TORCH_VERSION ?= 2.13.0
 # extra pip arguments for torch, e.g. a CPU wheel index where the default index would bring a CUDA build
 TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
+# test processes (pytest-xdist): most tests wait on real processes, Redis and HTTP, so two share two cores well
+TEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo
 
 .PHONY: install test lint demo bench clean
@@ -27,7 +29,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 demo: install
 	$(BIN)/gtpo demo --out $(DEMO_DIR)
