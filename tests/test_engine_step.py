@@ -22,6 +22,15 @@ SETTINGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: a second intra-op thread only spins on a shared machine (10x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _requests(
     seed: int, lengths: list[int], n: int, stops: list[int], max_new: int, **params
 ) -> list[GenerationRequest]:
