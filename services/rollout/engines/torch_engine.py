@@ -35,7 +35,7 @@ from services.rollout.engines.rows import (
 )
 from services.rollout.engines.sampling import block_uniforms, cut_response, sample_block, select_unmask, strategy_codes
 from shared.contracts import GenerationRequest, Rollout
-from shared.masks import attention_mask, square_mask, to_additive
+from shared.masks import square_mask, to_additive
 from shared.model import DiffusionSpec, LoadedModel, load_model, nonfinite_tensor
 
 
@@ -64,6 +64,17 @@ class _RowParams:
         for name in ("temperature", "top_k", "top_p", "threshold", "per_step", "strategy"):
             setattr(out, name, getattr(self, name)[idx])
         return out
+
+
+@dataclass
+class _Queries:
+    """The queries of a run of forwards: positions (N, Q) and bool mask (N, Q, K), with the rope and additive mask
+    the first forward computes from them for the later ones."""
+
+    pos: Tensor
+    mask: Tensor
+    rope: tuple[Tensor, Tensor] | None = None
+    additive: Tensor | None = None
 
 
 @functools.cache
@@ -182,22 +193,29 @@ class TorchEngine(Engine):
 
         return decode_grouped(requests, rows, lambda r: r.params.block_size, decode)
 
-    def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache) -> Tensor:
-        """Run the decoder layers. ids, pos: (N, Q); mask: (N, Q, K) bool. Returns hidden states (N, Q, H).
+    def _forward(self, ids: Tensor, queries: _Queries, cache) -> Tensor:
+        """Run the decoder layers on ids (N, Q) at ``queries``. Returns hidden states (N, Q, H).
 
         Calls the layers directly: Qwen3Model.forward would only pass our 4-D mask through unchanged, and its
-        wrappers cost a tenth of a tiny model's decoding step.
+        wrappers cost a tenth of a tiny model's decoding step. The rope and the additive mask are computed by the
+        first forward over ``queries`` and reused by the later ones (the same call on the same input: the same
+        bits), so a block's denoising steps after the first run the layers and little else.
         """
         self.stats.forwards += 1
         body = self.model.model
         hidden = body.embed_tokens(ids)
-        rope = body.rotary_emb(hidden, pos)
-        additive = to_additive(mask, hidden.dtype)
-        cache_arg = {cache_kwarg(type(body.layers[0])): cache}
+        if queries.rope is None:
+            queries.rope = body.rotary_emb(hidden, queries.pos)
+            queries.additive = to_additive(queries.mask, hidden.dtype)
+        kwargs = {
+            "attention_mask": queries.additive,
+            "position_embeddings": queries.rope,
+            "position_ids": queries.pos,
+            "use_cache": True,
+            cache_kwarg(type(body.layers[0])): cache,
+        }
         for layer in body.layers:
-            hidden = layer(
-                hidden, attention_mask=additive, position_embeddings=rope, position_ids=pos, use_cache=True, **cache_arg
-            )
+            hidden = layer(hidden, **kwargs)
         return body.norm(hidden)
 
     @torch.inference_mode()
@@ -214,22 +232,26 @@ class TorchEngine(Engine):
         counter = torch.zeros(len(rows), device=dev, dtype=torch.long)  # denoising steps so far, per row
         pending: tuple[Tensor, Tensor] | None = None  # the last clean block, committed by the next forward
         results: dict[int, Rollout] = {}
+        offsets = torch.arange(b, device=dev)
         t = 0
         while order:
-            raise_if_cancelled(cancel)
-            block_pos = (full_blocks + t)[:, None] * b + torch.arange(b, device=dev)  # (n, B) absolute positions
-            cur, given, steps, logps = self._denoise_block(
-                [rows[i] for i in order], t, block_pos, params, counter, cache, k_pos, k_valid, pending
+            raise_if_cancelled(cancel)  # a block boundary: every row's tokens so far are whole blocks
+            block_pos = (full_blocks + t)[:, None] * b + offsets  # (n, B) absolute positions
+            block_rows = [rows[i] for i in order]
+            cur, steps, logps = self._denoise_block(
+                block_rows, t, block_pos, params, counter, cache, k_pos, k_valid, pending
             )
             if pending is not None:
                 k_pos = torch.cat([k_pos, pending[1]], 1)
                 k_valid = torch.cat([k_valid, torch.ones_like(pending[1], dtype=torch.bool)], 1)
+            # one host copy per block for the whole batch, not one per row and field
+            cur_l, steps_l, logps_l = cur.tolist(), steps.tolist(), logps.tolist()
             keep = []
-            for i, ri in enumerate(order):
-                row, n_given = rows[ri], int(given[i].sum())
-                row.tokens += cur[i, n_given:].tolist()
-                row.steps += steps[i, n_given:].tolist()
-                row.logprobs += logps[i, n_given:].tolist()
+            for i, (ri, row) in enumerate(zip(order, block_rows, strict=True)):
+                n_given = len(row.prompt) % b if t == 0 else 0  # the prompt tail opens the first block
+                row.tokens += cur_l[i][n_given:]
+                row.steps += steps_l[i][n_given:]
+                row.logprobs += logps_l[i][n_given:]
                 length, reason = cut_response(row.tokens, row.params.max_new_tokens, row.params.stop_token_ids)
                 if reason:
                     results[ri] = build_rollout(row, length, reason, self.tokenizer, self._version)
@@ -249,49 +271,68 @@ class TorchEngine(Engine):
     def _denoise_block(self, rows, t, block_pos, params, counter, cache, k_pos, k_valid, pending):
         """Denoise one block of every row until it is clean; commits ``pending`` with the first forward.
 
-        Returns the clean block (n, B), which positions were given (prompt tail) (n, B) bool, the step of each
-        position (n, B) and its log-prob at unmask time (n, B). ``counter`` (n,) is advanced in place.
+        Returns the clean block (n, B), the step of each position (n, B) and its log-prob at unmask time (n, B);
+        the first block starts with the prompt tail given. ``counter`` (n,) is advanced in place.
+
+        While every row still has a masked position (always at batch 1) the step skips the row gathers: each row
+        has then taken every step of the block, so its uniforms are row ``s`` of the block's.
         """
-        dev, b, n = self.device, block_pos.shape[1], len(rows)
+        dev, b, n = block_pos.device, block_pos.shape[1], len(rows)
         cur = torch.full((n, b), self.spec.mask_token_id, device=dev, dtype=torch.long)
         masked = torch.ones((n, b), device=dev, dtype=torch.bool)
         if t == 0:
             for i, row in enumerate(rows):
                 tail = row.prompt[len(row.prompt) // b * b :]
-                cur[i, : len(tail)] = torch.tensor(tail, device=dev, dtype=torch.long)
-                masked[i, : len(tail)] = False
-        given = ~masked
+                if tail:
+                    cur[i, : len(tail)] = torch.tensor(tail, device=dev, dtype=torch.long)
+                    masked[i, : len(tail)] = False
         uniforms = torch.stack([block_uniforms(r.generator, b) for r in rows]).to(dev)  # (n, B steps, B)
         steps = torch.zeros((n, b), device=dev, dtype=torch.long)
         logps = torch.zeros((n, b), device=dev, dtype=torch.float32)
-        used = torch.zeros(n, device=dev, dtype=torch.long)  # uniforms rows consumed in this block
         q_pos = block_pos if pending is None else torch.cat([pending[1], block_pos], 1)
+        # inference mask (all copies 0): a key is visible when valid and in the query's block or an earlier one
         keys = torch.cat([k_pos, q_pos], 1)
         valid = torch.cat([k_valid, torch.ones_like(q_pos, dtype=torch.bool)], 1)
-        mask = attention_mask(q_pos, torch.zeros_like(q_pos), keys, torch.zeros_like(keys), b, valid)
-        while bool(masked.any()):
+        mask = ((keys // b)[:, None, :] <= (q_pos // b)[:, :, None]) & valid[:, None, :]
+        queries = _Queries(q_pos, mask)
+        used: Tensor | None = None  # uniforms rows consumed per row, once rows differ
+        lm_head, s = self.model.lm_head, 0
+        need = masked.any(1)
+        n_need = int(need.sum())
+        while n_need:
             q_ids = cur if pending is None else torch.cat([pending[0], cur], 1)
-            hidden = self._forward(q_ids, q_pos, mask, cache)
+            hidden = self._forward(q_ids, queries, cache)
             cache.crop(-b)  # the current block's KV changes at the next step; earlier blocks stay
             if pending is not None:  # committed: later forwards query the current block alone
-                pending, q_pos, mask = None, block_pos, mask[:, b:]
-            need = masked.any(1)
-            if bool(need.all()):  # the common case: skip the row gathers
-                rows_idx, p, hid = slice(None), params, hidden[:, -b:]
+                pending, queries = None, _Queries(block_pos, mask[:, b:])
+            if n_need == n:  # every row takes this step: no gathers, no scatters
+                tok, conf, lp = sample_block(
+                    lm_head(hidden[:, -b:]), uniforms[:, s], params.temperature, params.top_k, params.top_p
+                )
+                sel = select_unmask(conf, masked, params.strategy, params.threshold, params.per_step)
+                counter += 1
+                steps = torch.where(sel, counter[:, None], steps)
+                cur = torch.where(sel, tok, cur)
+                logps = torch.where(sel, lp, logps)
             else:
+                if used is None:
+                    used = torch.full((n,), s, device=dev, dtype=torch.long)
                 rows_idx = need.nonzero().squeeze(1)
                 p, hid = params.select(rows_idx), hidden[rows_idx, -b:]
-            u = uniforms[torch.arange(n, device=dev)[rows_idx], used[rows_idx]]
-            tok, conf, lp = sample_block(self.model.lm_head(hid), u, p.temperature, p.top_k, p.top_p)
-            sel = torch.zeros_like(masked)
-            sel[rows_idx] = select_unmask(conf, masked[rows_idx], p.strategy, p.threshold, p.per_step)
-            counter += need
-            used += need
-            steps = torch.where(sel, counter[:, None], steps)
-            cur[rows_idx] = torch.where(sel[rows_idx], tok, cur[rows_idx])
-            logps[rows_idx] = torch.where(sel[rows_idx], lp, logps[rows_idx])
+                u = uniforms[rows_idx, used[rows_idx]]
+                tok, conf, lp = sample_block(lm_head(hid), u, p.temperature, p.top_k, p.top_p)
+                sel = torch.zeros_like(masked)
+                sel[rows_idx] = select_unmask(conf, masked[rows_idx], p.strategy, p.threshold, p.per_step)
+                counter += need
+                used += need
+                steps = torch.where(sel, counter[:, None], steps)
+                cur[rows_idx] = torch.where(sel[rows_idx], tok, cur[rows_idx])
+                logps[rows_idx] = torch.where(sel[rows_idx], lp, logps[rows_idx])
             masked &= ~sel
-        return cur, given, steps, logps
+            need = masked.any(1)
+            n_need = int(need.sum())  # the step's one host sync
+            s += 1
+        return cur, steps, logps
 
     def _prefill(self, rows: list[Row], full_blocks: Tensor, b: int, cache) -> tuple[Tensor, Tensor]:
         """Cache the prompts' whole blocks, left-padded by whole blocks. Returns key positions and validity (N, L)."""
@@ -307,5 +348,5 @@ class TorchEngine(Engine):
             ids[i, length - m :] = torch.tensor(r.prompt[:m], device=dev, dtype=torch.long)
             pos[i, length - m :] = torch.arange(m, device=dev)
             valid[i, length - m :] = True
-        self._forward(ids, pos, square_mask(pos, torch.zeros_like(pos), b, valid), cache)
+        self._forward(ids, _Queries(pos, square_mask(pos, torch.zeros_like(pos), b, valid)), cache)
         return pos, valid
