@@ -403,7 +403,7 @@ def test_gpu_check_script_dry_run_with_the_torch_engine(tmp_path):
 @needs_lmdeploy
 def test_logprobs_are_the_behaviour_log_probs_of_the_reference(engine):
     """At T = 1, top-k 0, top-p 1 the recorder's log-prob is log softmax(logits)[token] of the forward that unmasked
-    the token: the reference decoder's value under the torch engine's maths (`filtered_log_probs`)."""
+    the token: the reference decoder's value under the torch engine's maths (`sampling_log_probs`)."""
     reqs = [
         GenerationRequest(
             prompt_ids=[1, 2, 3, 4, 5], params=SamplingParams(n=2, seed=4, max_new_tokens=9, logprobs=True)
