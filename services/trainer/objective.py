@@ -325,7 +325,9 @@ def gtpo_loss(
                 "iw_mean": iw.mean() if iw is not None else loss.new_ones(()),
                 "adv_mean": adv.mean(),
                 "outside_kept_tokens": outside.sum().to(dtype),
-                "ref_outside_kept_tokens": ref_outside.sum().to(dtype) if ref_outside is not None else loss.new_zeros(()),
+                "ref_outside_kept_tokens": (ref_outside if ref_outside is not None else outside & False)
+                .sum()
+                .to(dtype),
             }
             values = torch.stack(list(named.values())).tolist()  # one device sync for all metrics
             metrics = dict(zip(named, values, strict=True))

@@ -122,7 +122,9 @@ def rollout_trajectory(rollout: Rollout, shrink: int = 1) -> Trajectory:
     steps = rollout.step_map + rollout.tail_steps
     rounds = trajectory_rounds(len(rollout.prompt_ids), steps, len(rollout.token_ids), b, shrink)
     p = rollout.params
-    return Trajectory(clean, len(rollout.prompt_ids), len(rollout.token_ids), b, rounds, p.temperature, p.top_k, p.top_p)
+    return Trajectory(
+        clean, len(rollout.prompt_ids), len(rollout.token_ids), b, rounds, p.temperature, p.top_k, p.top_p
+    )
 
 
 @dataclass
