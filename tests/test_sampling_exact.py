@@ -209,3 +209,17 @@ def test_greedy_is_refused_for_rl(tiny_dir, tmp_path, sharp):
     trainer = GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path))
     with pytest.raises(ValueError, match=r"Rollout.params.temperature: group 0 sample 0 was decoded greedily"):
         trainer.rl_step([group], [[0.0, 1.0]])
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def test_sampling_gap_bench_table(tiny, capsys):
+    from bench.sampling_gap import DIRL, gaps, summary, table
+
+    g = gaps(tiny, prompts=2, n=2, max_new_tokens=8, settings=DIRL)
+    old, new = summary(g["old"]), summary(g["new"])
+    assert old["tokens"] == new["tokens"] == 32
+    assert new["gap_max"] < 1e-5 and old["gap_mean"] > 0.5 and old["w_out_clip"] == 1.0
+    text = table([("tiny x1", "old", old), ("tiny x1", "new", new)])
+    assert "mean|gap|" in text and len(text.splitlines()) == 4
