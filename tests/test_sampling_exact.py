@@ -211,6 +211,20 @@ def test_greedy_is_refused_for_rl(tiny_dir, tmp_path, sharp):
         trainer.rl_step([group], [[0.0, 1.0]])
 
 
+# --------------------------------------------------------------------------- LMDeploy: exact settings only
+
+
+def test_lmdeploy_logprobs_lifted_for_temperature_refused_naming_top_k_and_top_p():
+    from services.rollout.engines.lmdeploy_engine import check_logprob_settings
+
+    for t in (0.6, 0.7, 1.0, 2.0):  # its processors divide by T before the recorder sees the logits: exact
+        check_logprob_settings(SamplingParams(temperature=t, logprobs=True))
+    for kw, name in (({"top_k": 50}, "top_k"), ({"temperature": 0.7, "top_p": 0.95}, "top_p"),
+                     ({"temperature": 0.0}, "temperature")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            check_logprob_settings(SamplingParams(logprobs=True, **kw))
+
+
 # --------------------------------------------------------------------------- the bench
 
 
