@@ -299,7 +299,7 @@ def gtpo_loss(
         iw = importance_weights(prox_logp, behav_logp.to(dtype), cfg.tis_cap)  # exactly 0 where pi_prox drops it
         per_token = per_token * iw
     kl = None
-    ref_outside = None
+    ref_outside = torch.zeros_like(outside)
     if cfg.beta > 0:
         ref_logp = ref_logp.to(dtype)
         # a token the reference's kept set drops has an infinite KL term: dropped rather than an infinite loss
@@ -325,9 +325,7 @@ def gtpo_loss(
                 "iw_mean": iw.mean() if iw is not None else loss.new_ones(()),
                 "adv_mean": adv.mean(),
                 "outside_kept_tokens": outside.sum().to(dtype),
-                "ref_outside_kept_tokens": (ref_outside if ref_outside is not None else outside & False)
-                .sum()
-                .to(dtype),
+                "ref_outside_kept_tokens": ref_outside.sum().to(dtype),
             }
             values = torch.stack(list(named.values())).tolist()  # one device sync for all metrics
             metrics = dict(zip(named, values, strict=True))
