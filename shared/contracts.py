@@ -20,6 +20,13 @@ RUN_MAX = 128
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_ID)]
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily, as T = 0 (vLLM's rule too). logits / T leaves float32 long before T
+reaches 0 (1e-45 is still a float32 and overflows every logit above 5e-7; 1e-300 rounds to 0), and the limit
+T -> 0+ is the argmax anyway. At or above it, |logits| < 3e33 keeps logits / T finite. Greedy decoding has no
+distribution to train, so RL refuses it (``RolloutSampling.temperature``); the transform is
+``shared.sampling.sampling_log_probs``."""
+
 
 class Strategy(str, Enum):
     """Which masked positions a denoising forward unmasks."""

@@ -234,6 +234,8 @@ def test_gtpo_loss_each_normalisation(norm, expected):
             "iw_mean": 1.0,
             "adv_mean": 0.25,  # (1 + 1 - .5 - .5) / 4
             "tokens": 4.0,
+            "outside_kept_tokens": 0.0,
+            "ref_outside_kept_tokens": 0.0,
         }
     )
 

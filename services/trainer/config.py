@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.agreement import TrainerSide
-from shared.contracts import SamplingParams
+from shared.contracts import MIN_TEMPERATURE, SamplingParams
 from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE
 from shared.settings import BearerToken, RedisConfig, default_reward_weights
@@ -235,6 +235,16 @@ class RolloutSampling(BaseModel):
     temperature: float = Field(_SAMPLING["temperature"].default, ge=0)
     top_k: int = Field(_SAMPLING["top_k"].default, ge=0)
     top_p: float = Field(_SAMPLING["top_p"].default, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_sampled(self) -> RolloutSampling:
+        # greedy decoding is a point mass: no distribution for the ratio, the importance weight or the KL
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"rollout.temperature: RL needs sampled rollouts, temperature >= {MIN_TEMPERATURE}; got "
+                f"{self.temperature} (greedy decoding has no distribution to train; use it for evaluation)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_spread(self) -> RolloutSampling:

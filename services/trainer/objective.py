@@ -305,7 +305,9 @@ def gtpo_loss(
     Returns:
         loss: scalar tensor.
         metrics: python floats over this shard's tokens (plain means, not weighted): loss, clip_frac,
-        ratio_mean, kl (0 when off), iw_mean (1 when standard), adv_mean, tokens.
+        ratio_mean, kl (0 when off), iw_mean (1 when standard), adv_mean, tokens; and counts:
+        outside_kept_tokens (-inf under pi_theta or pi_prox: dropped from the loss, ratio 1 and not clipped in the
+        means) and ref_outside_kept_tokens (-inf under the reference only: its KL term dropped).
     """
     shape = logp.shape
     named_inputs = (("prox_logp", prox_logp), ("adv", adv), ("weights", weights), ("ref_logp", ref_logp),
@@ -323,31 +325,46 @@ def gtpo_loss(
     # At least fp32: the ratio of two bf16 log-probs is too coarse for a clip range of 0.2.
     dtype = torch.promote_types(logp.dtype, torch.float32)
     logp, prox_logp, adv, weights = (x.to(dtype) for x in (logp, prox_logp, adv, weights))
-    obj, clipped = clipped_surrogate(logp, prox_logp, adv, cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp)
+    # Outside the kept set (docs/sampling.md): a token that top-k / top-p under pi_theta or pi_prox drops has
+    # log-prob -inf there. Its exact contribution to the gradient is 0 (pi_prox / pi_behav = 0, or ratio 0 with
+    # either branch of the clip flat), so it is dropped from the loss; its log-probs are swapped for 0 first, so
+    # no inf or NaN reaches the graph. It still counts in the normalisation (the weights were fixed before).
+    outside = ~(torch.isfinite(logp) & torch.isfinite(prox_logp))
+    safe_logp, safe_prox = (torch.where(outside, torch.zeros_like(x), x) for x in (logp, prox_logp))
+    obj, clipped = clipped_surrogate(safe_logp, safe_prox, adv, cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp)
     per_token = -obj
     iw = None
     if behav_logp is not None:
-        iw = importance_weights(prox_logp, behav_logp.to(dtype), cfg.tis_cap)
+        iw = importance_weights(prox_logp, behav_logp.to(dtype), cfg.tis_cap)  # exactly 0 where pi_prox drops it
         per_token = per_token * iw
     kl = None
+    ref_outside = torch.zeros_like(outside)
     if cfg.beta > 0:
-        kl = k3_kl(logp, ref_logp.to(dtype))
+        ref_logp = ref_logp.to(dtype)
+        # a token the reference's kept set drops has an infinite KL term: dropped rather than an infinite loss
+        ref_outside = ~torch.isfinite(ref_logp) & ~outside
+        kl = k3_kl(safe_logp, torch.where(outside | ref_outside, safe_logp.detach(), ref_logp))
         per_token = per_token + cfg.beta * kl
+    per_token = torch.where(outside, torch.zeros_like(per_token), per_token)
+    clipped = clipped & ~outside
     loss = (weights * per_token).sum()
 
     with torch.no_grad():
         n = logp.shape[0]
         if n == 0:
             # A rank may get a shard with no targets; its metrics must still be finite.
-            metrics = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "kl": 0.0, "iw_mean": 1.0, "adv_mean": 0.0}
+            metrics = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "kl": 0.0, "iw_mean": 1.0, "adv_mean": 0.0,
+                       "outside_kept_tokens": 0.0, "ref_outside_kept_tokens": 0.0}  # fmt: skip
         else:
             named = {
                 "loss": loss.detach(),
                 "clip_frac": clipped.float().mean(),
-                "ratio_mean": _ratio(logp, prox_logp, cfg.log_ratio_clamp).mean(),
+                "ratio_mean": _ratio(safe_logp, safe_prox, cfg.log_ratio_clamp).mean(),
                 "kl": kl.mean() if kl is not None else loss.new_zeros(()),
                 "iw_mean": iw.mean() if iw is not None else loss.new_ones(()),
                 "adv_mean": adv.mean(),
+                "outside_kept_tokens": outside.sum().to(dtype),
+                "ref_outside_kept_tokens": ref_outside.sum().to(dtype),
             }
             values = torch.stack(list(named.values())).tolist()  # one device sync for all metrics
             metrics = dict(zip(named, values, strict=True))

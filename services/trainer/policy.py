@@ -6,17 +6,21 @@ sync hooks run through ``forward``) and keeps the LM head to the target position
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from services.trainer.trajectory import TrainBatch
 from shared.masks import flex_block_mask, square_mask, to_additive
+from shared.sampling import sampling_log_probs
 
 FLEX_BLOCK = 128  # FlexAttention's default mask block size
 
 
 class TokenLogProbs(nn.Module):
-    """``forward(batch) -> (T,)`` log-probs of the labels at the batch's target positions (un-shifted logits)."""
+    """``forward(batch) -> (T,)`` log-probs of the labels at the batch's target positions (un-shifted logits),
+    under each target's sampling settings (``shared.sampling.sampling_log_probs``, the engines' transform).
+
+    A label outside the kept set of its settings (top-k / top-p under these weights) gets -inf; the loss drops
+    such tokens explicitly (``objective.gtpo_loss``, docs/sampling.md)."""
 
     def __init__(self, lm: nn.Module, attention: str = "sdpa", checkpointing: bool = False):
         super().__init__()
@@ -52,4 +56,5 @@ class TokenLogProbs(nn.Module):
         ).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # (T, H): the LM head only where trained
         logits = self.lm.lm_head(h).float()
-        return torch.log_softmax(logits, -1).gather(-1, batch.labels[:, None]).squeeze(-1)
+        logp = sampling_log_probs(logits, batch.temperature, batch.top_k, batch.top_p)
+        return logp.gather(-1, batch.labels[:, None]).squeeze(-1)

@@ -62,6 +62,7 @@ from services.trainer.policy import TokenLogProbs
 from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, forward_rounds, rollout_trajectory
 from shared.contracts import Rollout
 from shared.model import LoadedModel, load_model
+from shared.sampling import MIN_TEMPERATURE
 
 log = logging.getLogger("gtpo.trainer")
 
@@ -80,6 +81,22 @@ class WorkItem:
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The generator of one (step, rank): resume-safe randomness."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+OUTSIDE_KEPT = ("outside_kept_tokens", "ref_outside_kept_tokens")
+"""Per-update counts of target tokens outside the kept set (top-k / top-p) of pi_theta or pi_prox (dropped from the
+loss) and of the reference only (KL term dropped); see docs/sampling.md."""
+
+
+def check_sampled(groups: Sequence[Sequence[Rollout]]) -> None:
+    """Raise ValueError naming the first greedy rollout: argmax decoding has no distribution to train."""
+    for g, group in enumerate(groups):
+        for i, r in enumerate(group):
+            if r.params.temperature < MIN_TEMPERATURE:
+                raise ValueError(
+                    f"Rollout.params.temperature: group {g} sample {i} was decoded greedily (temperature "
+                    f"{r.params.temperature}); RL needs sampled rollouts (rollout.temperature >= {MIN_TEMPERATURE})"
+                )
 
 
 def check_behaviour_logprobs(groups: Sequence[Sequence[Rollout]]) -> None:
@@ -203,6 +220,7 @@ class GTPOTrainer:
                 raise ValueError(
                     "loss.floor_correct / nll_coef: need one accuracy verdict per rollout, grouped like the rewards"
                 )
+        check_sampled(groups)
         if self.cfg.loss.objective == "decoupled":
             check_behaviour_logprobs(groups)
         lag_mean, lag_max = staleness([[r.policy_version for r in g] for g in groups], self.state.policy_version)
@@ -311,7 +329,7 @@ class GTPOTrainer:
         n_tokens = sum(it.trajectory.target_count if rl else it.trajectory.response_len for it in chunk)
         max_len = max(it.trajectory.response_len for it in chunk)
         n_correct = sum(it.trajectory.target_count for it in chunk if it.correct) if rl else 0
-        sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0, "nll": 0.0}
+        sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0, "nll": 0.0, **dict.fromkeys(OUTSIDE_KEPT, 0.0)}
         b_sums = torch.zeros(len(BEHAVIOUR_SUMS), dtype=torch.float64)
         b_max = torch.zeros(len(BEHAVIOUR_MAXES), dtype=torch.float64)
         # each micro-batch makes one forward + backward per group of copies_per_forward rounds
@@ -325,9 +343,8 @@ class GTPOTrainer:
                 counts = (len(chunk), n_tokens, max_len, n_correct)
                 loss, m, b = self._micro_loss(chunk, idx, prox, rl, counts, diagnose, rounds)
                 self.accelerator.backward(loss * self.world)
-            sums["loss"] += m["loss"]
-            sums["nll"] += m.get("nll", 0.0)
-            sums["tokens"] += m["tokens"]
+            for k in ("loss", "tokens", "nll", *OUTSIDE_KEPT):
+                sums[k] += m.get(k, 0.0)
             for k in ("clip_frac", "kl"):
                 sums[k] += m.get(k, 0.0) * m["tokens"]
             if b is not None:
@@ -340,6 +357,8 @@ class GTPOTrainer:
         tok = max(s["tokens"], 1.0)
         metrics = {"loss": s["loss"], "clip_frac": s["clip_frac"] / tok, "kl": s["kl"] / tok, "tokens": s["tokens"],
                    "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
+        if rl:
+            metrics.update({k: s[k] for k in OUTSIDE_KEPT})
         if rl and self.cfg.loss.nll_coef > 0:
             metrics["nll"] = s["nll"]  # the correct responses' mean target NLL (before nll_coef)
         if not diagnose:
@@ -397,13 +416,20 @@ class GTPOTrainer:
         decoupled = self.cfg.loss.objective == "decoupled"
         behav = self._at_targets([it.engine_logprobs for it in chunk], sel, batch) if decoupled or diagnose else None
         loss, m = gtpo_loss(logp, prox_lp, adv, w, self.cfg.loss, ref_logp=ref, behav_logp=behav if decoupled else None)
-        m["tokens"] = 0.0 if dummy else m["tokens"]
+        if dummy:
+            m.update(dict.fromkeys(("tokens", *OUTSIDE_KEPT), 0.0))
         if self.cfg.loss.nll_coef > 0:
-            right = torch.tensor([chunk[i].correct and not dummy for i in sel], device=logp.device)[resp]
-            nll = correct_nll(logp, right, n_correct)
+            # a token outside the kept set (-inf) has no NLL to learn from: left out, as in the surrogate
+            kept_lp = torch.isfinite(logp)
+            right = torch.tensor([chunk[i].correct and not dummy for i in sel], device=logp.device)[resp] & kept_lp
+            nll = correct_nll(torch.where(kept_lp, logp, torch.zeros_like(logp)), right, n_correct)
             loss = loss + self.cfg.loss.nll_coef * nll
             m["nll"] = float(nll.detach())
-        stats = behaviour_sums(prox_lp, behav, self.cfg.loss.tis_cap) if diagnose and not dummy else None
+        stats = None
+        if diagnose and not dummy:
+            # a token outside pi_prox's kept set has no finite gap to pi_behav: counted in outside_kept_tokens
+            kept = torch.isfinite(prox_lp)
+            stats = behaviour_sums(prox_lp[kept], behav[kept], self.cfg.loss.tis_cap)
         return loss, m, stats
 
     def _at_targets(self, per_response: list, sel: list[int], batch) -> Tensor:

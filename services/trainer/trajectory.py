@@ -23,6 +23,7 @@ from torch import Tensor
 
 from shared.contracts import Rollout
 from shared.masks import generation_start, packed_layout, per_round_layout
+from shared.sampling import settings_tensors
 
 
 @dataclass
@@ -43,6 +44,11 @@ class Trajectory:
     response_len: int
     block_size: int
     rounds: list[Round]
+    # the sampling settings the response was drawn with: the trainer's log-probs use the same transform
+    # (shared.sampling); SFT keeps the defaults, plain log_softmax
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
     @property
     def target_count(self) -> int:
@@ -115,7 +121,10 @@ def rollout_trajectory(rollout: Rollout, shrink: int = 1) -> Trajectory:
     clean = torch.tensor(rollout.prompt_ids + rollout.token_ids + rollout.tail_ids, dtype=torch.long)
     steps = rollout.step_map + rollout.tail_steps
     rounds = trajectory_rounds(len(rollout.prompt_ids), steps, len(rollout.token_ids), b, shrink)
-    return Trajectory(clean, len(rollout.prompt_ids), len(rollout.token_ids), b, rounds)
+    p = rollout.params
+    return Trajectory(
+        clean, len(rollout.prompt_ids), len(rollout.token_ids), b, rounds, p.temperature, p.top_k, p.top_p
+    )
 
 
 @dataclass
@@ -124,7 +133,8 @@ class TrainBatch:
 
     Rows are (N, L); targets are gathered from the flattened (N * L) hidden states at ``target_index``.
     ``response_index`` / ``round_index`` / ``token_index`` say which response, round and response position
-    each target is, so results can be compared across layouts.
+    each target is, so results can be compared across layouts. ``temperature`` / ``top_k`` / ``top_p`` are each
+    target's response's sampling settings (``shared.sampling.sampling_log_probs`` takes them per row).
     """
 
     input_ids: Tensor  # (N, L) long
@@ -137,6 +147,9 @@ class TrainBatch:
     round_index: Tensor  # (T,) long
     token_index: Tensor  # (T,) long: position within the response
     block_size: int
+    temperature: Tensor  # (T,) float32
+    top_k: Tensor  # (T,) long
+    top_p: Tensor  # (T,) float32
 
     def to(self, device: torch.device | str) -> TrainBatch:
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()}
@@ -233,4 +246,7 @@ def build_batch(
     cols = list(zip(*flat, strict=True)) if flat else [[]] * 5
     t = [torch.tensor(c, dtype=torch.long) for c in cols]
     block = trajectories[0].block_size if trajectories else 1
-    return TrainBatch(ids, pos, copies, valid, t[0], t[1], t[2], t[3], t[4], block)
+    settings = settings_tensors([tr.temperature for tr in trajectories], [tr.top_k for tr in trajectories],
+                                [tr.top_p for tr in trajectories])  # fmt: skip
+    per_target = [x[t[2]] for x in settings]
+    return TrainBatch(ids, pos, copies, valid, t[0], t[1], t[2], t[3], t[4], block, *per_target)

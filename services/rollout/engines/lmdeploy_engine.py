@@ -19,9 +19,10 @@ How LMDeploy is driven:
 * Weights: `load_weights` loads version N from a checkpoint directory in place (LMDeploy's own weight loader
   into the running model, same node, no serialisation) when the architecture is unchanged and the model
   runs in this process; otherwise it rebuilds the engine.
-* Behaviour log-probs (``logprobs=True``) are offered at temperature 1, top-k 0 and top-p 1 only: there the
-  recorder's value is log p(token) under the policy that sampled it (see `lmdeploy_patch`); LMDeploy's own dLLM
-  log-probs are not used (they are known to be wrong).
+* Behaviour log-probs (``logprobs=True``) are offered at any temperature with top-k 0 and top-p 1: there the
+  recorder's value is log p(token) under the policy that sampled it, the shared transform's
+  (``shared.sampling``, see `lmdeploy_patch` and `check_logprob_settings`); a top-k or top-p is refused, naming it.
+  LMDeploy's own dLLM log-probs are not used (they are known to be wrong).
 * Cancellation: the ``cancel`` event is polled every ``CANCEL_POLL_S`` while LMDeploy decodes; when set, the
   request tasks are cancelled (LMDeploy ends their sessions) and ``GenerationCancelled`` is raised.
 """
@@ -50,7 +51,7 @@ from services.rollout.engines.rows import (
     raise_if_cancelled,
 )
 from services.trainer.lora import is_adapter_dir
-from shared.contracts import GenerationRequest, Rollout, SamplingParams, Strategy
+from shared.contracts import MIN_TEMPERATURE, GenerationRequest, Rollout, SamplingParams, Strategy
 from shared.model import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,30 @@ ARCH_KEYS = (
     "model_type",
 )
 """config.json keys that must not change for an in-place weight load."""
+
+
+def check_logprob_settings(p: SamplingParams) -> None:
+    """Refuse, naming the setting, a request whose recorded log-probs would not be exact under the shared transform.
+
+    The recorder takes log softmax(logits)[token] of the logits LMDeploy hands ``post_sampling``: its logits
+    processors have divided them by the temperature (the unmasking confidence is p under softmax(logits / T), as in
+    the torch engine), but top-k and top-p are applied later, inside its sampler. So any temperature is exact
+    (``shared.sampling.sampling_log_probs`` at (T, 0, 1)); a top-k or top-p would be recorded as if unfiltered, and
+    LMDeploy's own filters differ from the shared transform at the boundary anyway (top-k keeps exactly k by rank,
+    top-p drops where the mass before exceeds p, strictly).
+    """
+    off = {"top_k": 0, "top_p": 1.0}
+    for name, value in (("top_k", p.top_k), ("top_p", p.top_p)):
+        if value != off[name]:
+            raise ValueError(
+                f"{name}: the 'lmdeploy' engine records behaviour log-probs before its {name} filter, so they are "
+                f"exact only at {name}={off[name]} (any temperature is fine), got {name}={value}; use engine "
+                f"'torch' for log-probs under {name} (logprobs=True)"
+            )
+    if p.temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature: greedy decoding (temperature={p.temperature}) has no behaviour log-probs (logprobs=True)"
+        )
 
 
 @dataclass(frozen=True)
@@ -357,13 +382,8 @@ class LMDeployEngine(Engine):
 
     def _check_row(self, row: Row) -> None:
         p = row.params
-        if p.logprobs and (p.temperature, p.top_k, p.top_p) != (1.0, 0, 1.0):
-            raise ValueError(
-                "logprobs: the 'lmdeploy' engine returns behaviour log-probs only at temperature=1, top_k=0, "
-                f"top_p=1 (where the unmasking confidence is the sampling probability), got temperature="
-                f"{p.temperature}, top_k={p.top_k}, top_p={p.top_p}; use engine 'torch' for log-probs under other "
-                "settings"
-            )
+        if p.logprobs:
+            check_logprob_settings(p)
         if p.logprobs and self._opts.tp != 1:
             raise ValueError(
                 f"logprobs: the 'lmdeploy' engine records log-probs in its model agent, which runs in this process "

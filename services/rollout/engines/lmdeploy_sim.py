@@ -118,7 +118,7 @@ def fake_model(cfg: SimConfig) -> SimModel:
 
 def reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig, model: SimModel | None = None) -> Trajectory:
     """Independent reference: decode one sequence block by block with our own unmasking rules (sampling.py); the
-    log-prob of a token is the torch engine's at temperature 1 (``filtered_log_probs``)."""
+    log-prob of a token is the torch engine's at temperature 1 (``shared.sampling.sampling_log_probs``)."""
     with _one_thread():
         return _reference_decode(prompt, seed, cfg, model or fake_model(cfg))
 
@@ -126,8 +126,9 @@ def reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig, model: Si
 def _reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig, model: SimModel) -> Trajectory:
     import torch
 
-    from services.rollout.engines.sampling import filtered_log_probs, select_unmask, strategy_codes
+    from services.rollout.engines.sampling import select_unmask, strategy_codes
     from shared.contracts import Strategy
+    from shared.sampling import sampling_log_probs
 
     no_filter = (torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1))  # T = 1, top-k 0, top-p 1
 
@@ -151,7 +152,7 @@ def _reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig, model: S
             logits, sampled = model(seed, ids, masked[0].numpy(), start, len(prompt))
             tok = torch.as_tensor(sampled)[:, None]
             conf = logits.softmax(-1).gather(-1, tok).squeeze(-1)
-            lp = filtered_log_probs(logits[None], *no_filter)[0].gather(-1, tok).squeeze(-1)
+            lp = sampling_log_probs(logits[None], *no_filter)[0].gather(-1, tok).squeeze(-1)
             sel = select_unmask(conf[None], masked, code, threshold, per_step)[0]
             counter += 1
             for i in sel.nonzero().squeeze(1).tolist():

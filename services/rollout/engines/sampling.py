@@ -1,5 +1,7 @@
 """Pure per-step decoding maths shared by every torch decoding path: sampling, confidence, unmask selection.
 
+The sampling distribution itself is :func:`shared.sampling.sampling_log_probs`, the trainer's too.
+
 Shapes: R rows (sequences being decoded), B positions in the current block, V vocabulary.
 """
 
@@ -9,13 +11,11 @@ import torch
 from torch import Tensor
 
 from shared.contracts import Strategy
+from shared.sampling import MIN_TEMPERATURE, sampling_log_probs
+
+__all__ = ["MIN_TEMPERATURE"]  # re-exported: the engines' greedy rule is the shared one
 
 _MASK64 = (1 << 64) - 1
-
-MIN_TEMPERATURE = 1e-5
-"""Temperatures below this decode greedily, as T = 0 (vLLM's rule too). logits / T leaves float32 long before T
-reaches 0 (1e-45 is still a float32 and overflows every logit above 5e-7; 1e-300 rounds to 0), and the limit
-T -> 0+ is the argmax anyway. At or above it, |logits| < 3e33 keeps logits / T finite."""
 
 
 def derive_seed(seed: int, sample_index: int) -> int:
@@ -39,35 +39,6 @@ def block_uniforms(generator: torch.Generator, block_size: int) -> Tensor:
     return torch.rand((block_size, block_size), generator=generator)
 
 
-def filtered_log_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Log-probs of the sampling distribution: logits / T, then top-k, then top-p, renormalised.
-
-    Args:
-        logits: (R, B, V) float.
-        temperature: (R,) >= MIN_TEMPERATURE.  top_k: (R,) int, 0 = off.  top_p: (R,) in [0, 1], 1 = off; 0 (a
-            positive top-p that rounds to 0 in float32) keeps the most likely token alone.
-
-    Returns:
-        (R, B, V) log-probs; filtered-out tokens are -inf.
-    """
-    scaled = logits.float() / temperature[:, None, None]
-    if bool((top_k == 0).all()) and bool((top_p >= 1).all()):
-        return scaled.log_softmax(-1)
-    vocab = scaled.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)
-    drop = rank[None, None, :] >= k[:, None, None]
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does
-    before = probs.cumsum(-1) - probs
-    drop = drop | ((before >= top_p[:, None, None]) & (top_p[:, None, None] < 1))
-    drop[..., 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    filtered = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
-    return filtered.log_softmax(-1)
-
-
 def sample_block(
     logits: Tensor, uniforms: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -85,7 +56,7 @@ def sample_block(
     """
     greedy = temperature < MIN_TEMPERATURE
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    logp = filtered_log_probs(logits, safe_t, top_k, top_p)
+    logp = sampling_log_probs(logits, safe_t, top_k, top_p)
     cdf = logp.exp().cumsum(-1)
     u = (uniforms * cdf[..., -1]).unsqueeze(-1)
     sampled = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
