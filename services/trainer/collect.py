@@ -22,9 +22,11 @@ new attempt id, up to `MAX_ATTEMPTS`; then its group is dropped and refilled.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -201,8 +203,24 @@ def check_scored(msg: ScoredMessage, vocab_size: int, max_new_tokens: int, versi
     return None
 
 
+def _guarded(method):
+    """Run `method` holding the collector's lock (see `Collector`'s threading contract)."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
 class Collector:
     """The main process's side of the queues for one run: what is enqueued, what is buffered, what a step trains.
+
+    Threading contract: the driver mutates the collector from one thread at a time (the step loop, or the
+    collect-while-training thread while the step loop trains), but the status server reads it from its own threads
+    at any moment. Every method that reads or changes `groups` holds `lock` (re-entrant), so a reader sees the state
+    between two routed deliveries, never a dict changing size under it; `counts_now` is what a status page reads.
 
     Args:
         cfg: the run's config (k, prompts per step, oversampling, sampling settings).
@@ -224,6 +242,7 @@ class Collector:
         self.consumer = f"trainer-{cfg.run_id}"  # stable: a restarted trainer reads its own pending entries first
         self.group_name = self.keys.trainer_group
         self.groups: dict[str, Group] = {}
+        self.lock = threading.RLock()
         self.cursor = 0
         self.seq = 0
         self.enqueued = 0  # groups enqueued while collecting the current step
@@ -240,6 +259,7 @@ class Collector:
 
     # ------------------------------------------------------------------ start and resume
 
+    @_guarded
     def start(self, step: int, state_cursor: int, saved: dict | None) -> None:
         """Create the consumer group and rebuild the buffer: the ledger's groups, then this consumer's pending
         entries (a previous incarnation's), routed as if they had just arrived.
@@ -314,14 +334,17 @@ class Collector:
             budget += self.k * self.cfg.prompts_per_step
         return budget - self.enqueued
 
+    @_guarded
     def open_groups(self) -> list[Group]:
         return [g for g in self.groups.values() if g.verdict is None]
 
+    @_guarded
     def kept_groups(self) -> list[Group]:
         """Complete kept groups in the order a step takes them: earliest deadline first, then completion."""
         kept = [g for g in self.groups.values() if g.verdict == "kept"]
         return sorted(kept, key=lambda g: (g.tag, g.done))
 
+    @_guarded
     def admit(self, step: int, version: int) -> int:
         """Enqueue groups while fewer than (k + 1) x prompts_per_step are enqueued or buffered; returns how many."""
         want = (self.k + 1) * self.cfg.prompts_per_step
@@ -393,6 +416,7 @@ class Collector:
     def _republish_after_s(self) -> float:
         return max(30.0, 2 * self.cfg.redis.claim_idle_ms / 1000)
 
+    @_guarded
     def republish(self) -> None:
         """Publish the missing samples' tasks again: a no-op while Redis still has them (idempotent ids), the
         recovery when Redis restarted without persistence and lost them."""
@@ -409,6 +433,7 @@ class Collector:
         pipe.set(self.keys.run_cursor(self.cfg.run_id), self.cursor)
         pipe.execute()
 
+    @_guarded
     def _route(self, d, step: int, version: int) -> None:
         msg: ScoredMessage = d.message
         t = msg.task
@@ -478,6 +503,7 @@ class Collector:
             g.attempts[sample] = before  # not published: a retry re-samples it again
             raise
 
+    @_guarded
     def _watch_dead_letters(self, version: int) -> None:
         """Re-sample every sample of this run that any stage dead-lettered (its group would never complete)."""
         entries = self.redis.xrange(self.keys.dead, min="(" + self.dead_cursor, max="+", count=1000)
@@ -497,14 +523,17 @@ class Collector:
 
     # ------------------------------------------------------------------ a step's batch
 
+    @_guarded
     def batch(self) -> list[Group]:
         """The groups the coming step trains: the first `prompts_per_step` kept ones in deadline order."""
         return self.kept_groups()[: self.cfg.prompts_per_step]
 
+    @_guarded
     def exhausted(self) -> bool:
         """No group is still collecting and the step may enqueue no more: train on what there is."""
         return not self.open_groups() and self.allowance() <= 0
 
+    @_guarded
     def finish_step(self, trained: list[Group], next_step: int) -> None:
         """After the checkpoint of the step that trained `trained`: give up the groups past their deadline at
         `next_step`, acknowledge the entries of the trained and dropped groups and remove them from the ledger, in
@@ -524,11 +553,19 @@ class Collector:
         pipe.execute()
         self.finished = []
 
+    @_guarded
     def in_flight(self) -> int:
         """Samples enqueued and not yet scored."""
         size = self.cfg.rollout.group_size
         return sum(size - len(g.samples) for g in self.open_groups())
 
+    @_guarded
     def buffered(self) -> int:
         """Complete kept groups waiting for a step."""
         return len(self.kept_groups())
+
+    @_guarded
+    def counts_now(self) -> dict[str, int]:
+        """What a status page shows, read at one moment (from any thread)."""
+        return {"groups_buffered": self.buffered(), "groups_open": len(self.open_groups()),
+                "samples_in_flight": self.in_flight()}  # fmt: skip

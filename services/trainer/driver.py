@@ -470,9 +470,7 @@ class Driver:
             "policy_version": self.trainer.state.policy_version,
             "max_staleness": self.cfg.max_staleness,
             "waiting": self.waiting,
-            "groups_buffered": c.buffered(),
-            "groups_open": len(c.open_groups()),
-            "samples_in_flight": c.in_flight(),
+            **c.counts_now(),
             "last": self.history[-1] if self.history else None,
         }
 
