@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench compose-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install lint
 
 demo: install
 	$(BIN)/gtpo demo --out $(DEMO_DIR)
+
+# `docker compose up` for real (root; installs Docker and Compose v2 where missing; see docs/deploy.md)
+compose-check: install
+	bash scripts/compose_check.sh
 
 bench: install
 	$(BIN)/python bench/decode.py

