@@ -44,8 +44,16 @@ PROTOCOLS: dict[str, Protocol] = {
         name="dirl",
         k=16,
         decodings=(
-            Decoding("dynamic", _p(temperature=1.0, top_k=50, max_new_tokens=8192,
-                                   strategy=Strategy.low_confidence_dynamic, confidence_threshold=0.9)),
+            Decoding(
+                "dynamic",
+                _p(
+                    temperature=1.0,
+                    top_k=50,
+                    max_new_tokens=8192,
+                    strategy=Strategy.low_confidence_dynamic,
+                    confidence_threshold=0.9,
+                ),
+            ),
         ),  # fmt: skip
         metrics=("avg_at_k", "tokens_per_step", "mean_length", "truncation_rate"),
         source="DiRL README (16 samples per task, T=1.0, 8,192 tokens) and GTPO-Trainer configs/rl.yaml `evaluation`"
@@ -56,8 +64,9 @@ PROTOCOLS: dict[str, Protocol] = {
         name="sdar-greedy",
         k=1,
         decodings=(
-            Decoding("static", _p(temperature=1.0, top_k=1, max_new_tokens=4096,
-                                  strategy=Strategy.low_confidence_static)),
+            Decoding(
+                "static", _p(temperature=1.0, top_k=1, max_new_tokens=4096, strategy=Strategy.low_confidence_static)
+            ),
         ),  # fmt: skip
         metrics=("avg_at_k", "tokens_per_step"),
         source="SDAR issue 1 ('greedy' = top-k 1 with temperature > 0); SDAR issues 10/12 (4,096 generation tokens"
@@ -68,10 +77,19 @@ PROTOCOLS: dict[str, Protocol] = {
         name="trado",
         k=3,
         decodings=(
-            Decoding("static", _p(temperature=1.0, top_k=1, max_new_tokens=2000,
-                                  strategy=Strategy.low_confidence_static)),
-            Decoding("dynamic", _p(temperature=1.0, top_k=0, max_new_tokens=2000,
-                                   strategy=Strategy.low_confidence_dynamic, confidence_threshold=0.9)),
+            Decoding(
+                "static", _p(temperature=1.0, top_k=1, max_new_tokens=2000, strategy=Strategy.low_confidence_static)
+            ),
+            Decoding(
+                "dynamic",
+                _p(
+                    temperature=1.0,
+                    top_k=0,
+                    max_new_tokens=2000,
+                    strategy=Strategy.low_confidence_dynamic,
+                    confidence_threshold=0.9,
+                ),
+            ),
         ),  # fmt: skip
         metrics=("avg_at_k", "tokens_per_step"),
         source="dLLM-RL eval.py and configs/rl_trado.yaml `evaluation` (3 samples per question, 2,000 tokens,"
@@ -81,9 +99,19 @@ PROTOCOLS: dict[str, Protocol] = {
         name="lightningrl",
         k=1,
         decodings=(
-            Decoding("greedy", SamplingParams(block_size=32, denoising_steps=32, temperature=0.0, top_k=0, top_p=1.0,
-                                              max_new_tokens=8192, strategy=Strategy.low_confidence_dynamic,
-                                              confidence_threshold=0.9)),
+            Decoding(
+                "greedy",
+                SamplingParams(
+                    block_size=32,
+                    denoising_steps=32,
+                    temperature=0.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=8192,
+                    strategy=Strategy.low_confidence_dynamic,
+                    confidence_threshold=0.9,
+                ),
+            ),
         ),  # fmt: skip
         metrics=("avg_at_k", "tokens_per_forward", "aup", "tokens_per_second"),
         source="LightningRL README and configs/lightningrl.yaml (greedy evaluation; SDAR-8B block 32, 32 steps per"
