@@ -187,3 +187,29 @@ def compare_cards(a: EvalCard, b: EvalCard) -> list[Comparison]:
         x, y = a.metrics.get(m), b.metrics.get(m)
         rows.append(Comparison(metric=m, a=x, b=y, difference=None if x is None or y is None else y - x))
     return rows
+
+
+class Parity(BaseModel):
+    """Two engines on the same questions and seeds: which samples came out token for token the same."""
+
+    samples: int
+    identical_samples: int
+    questions: int
+    identical_questions: int = Field(description="questions whose every sample is identical")
+    correctness_agrees: int = Field(description="questions with the same number of correct samples")
+    per_question: list[float] = Field(description="per question, the fraction of its samples that are identical")
+
+
+def parity(a: EvalCard, b: EvalCard) -> Parity:
+    """Per-question agreement of two cards of the same questions (raises ValueError otherwise)."""
+    if [q.question_sha256 for q in a.questions] != [q.question_sha256 for q in b.questions]:
+        raise ValueError("parity: the cards do not hold the same questions in the same order")
+    per_q, same, total, agree = [], 0, 0, 0
+    for qa, qb in zip(a.questions, b.questions, strict=True):
+        eq = [x.tokens_sha256 == y.tokens_sha256 for x, y in zip(qa.samples, qb.samples, strict=True)]
+        per_q.append(mean([float(e) for e in eq]))
+        same, total = same + sum(eq), total + len(eq)
+        agree += sum(x.correct for x in qa.samples) == sum(y.correct for y in qb.samples)
+    return Parity(samples=total, identical_samples=same, questions=len(per_q),
+                  identical_questions=sum(v == 1.0 for v in per_q), correctness_agrees=agree,
+                  per_question=per_q)  # fmt: skip

@@ -148,3 +148,20 @@ def apply_overrides(protocol: Protocol, k: int | None, overrides: dict[str, obje
 def custom(k: int, params: SamplingParams) -> Protocol:
     """No named protocol: the settings given on the command line (or their defaults)."""
     return Protocol("custom", k, (Decoding("custom", params),), ("avg_at_k", "pass_at_k"), "command-line settings")
+
+
+def protocol_table() -> str:
+    """The protocols as a markdown table (docs/evaluation.md and the README hold this text; a test keeps them so)."""
+    lines = [
+        "| protocol | k | decoding | T | top-k | top-p | max tokens | block / steps | strategy (threshold) | reports |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in PROTOCOLS.values():
+        for d in p.decodings:
+            s = d.params
+            strat = s.strategy.value + (f" ({s.confidence_threshold})" if s.strategy.value.endswith("dynamic") else "")
+            lines.append(
+                f"| {p.name} | {p.k} | {d.name} | {s.temperature} | {s.top_k} | {s.top_p} | {s.max_new_tokens} "
+                f"| {s.block_size} / {s.denoising_steps} | {strat} | {', '.join(p.metrics)} |"
+            )
+    return "\n".join(lines)
