@@ -436,7 +436,7 @@ def eval_cmd(
     if dry_run:
         raise _dry_run({"dataset": dataset, "model": model, "protocol": proto.name, "k": proto.k,
                         "params": proto.decodings[0].params,
-                        "decodings": {d.name: d.params for d in proto.decodings}, "template": template,
+                        "decodings": {d.name: d.params.model_dump(mode="json") for d in proto.decodings}, "template": template,
                         "chat": chat, "rollout_url": rollout_url, "engines": list(engine_list), "limit": limit,
                         "out": out, "seed": seed, "question_field": question_field, "answer_field": answer_field,
                         "answer_extract": answer_extract})  # fmt: skip
