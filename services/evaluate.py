@@ -10,7 +10,7 @@ and math-verify pool as the reward service, so eval and reward never disagree.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.contracts import GenerationRequest, Rollout, SamplingParams, ScoreStatus
@@ -38,9 +38,9 @@ class EvalResult:
     tokens_per_step: float
     truncation_rate: float
     reward_errors: int
-    avg_at_k_ci: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    """95% bootstrap interval over questions."""
-    pass_at_k_ci: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    avg_at_k_ci: list[float] | None = None
+    """95% bootstrap interval over questions (None in records written before intervals existed)."""
+    pass_at_k_ci: list[float] | None = None
 
     def row(self) -> dict[str, float]:
         return asdict(self)
@@ -204,12 +204,16 @@ def evaluate(
     rollout_url: str | None = None,
     seed: int = 0,
     pool=None,
+    card_path: Path | None = None,
 ) -> EvalResult:
-    """Generate k samples per question (in-process unless `rollout_url`) and score them."""
+    """Generate k samples per question (in-process unless `rollout_url`) and score them; with `card_path`, also
+    write the eval card there."""
     from services.eval_protocols import custom
 
     cards = evaluate_cards(model, rows, custom(k, params or SamplingParams(max_new_tokens=512)), template=template,
                            chat=chat, rollout_url=rollout_url, seed=seed, pool=pool)  # fmt: skip
+    if card_path is not None:
+        cards[0].card.write(card_path)
     return cards[0].result
 
 

@@ -104,3 +104,23 @@ def test_eval_without_a_dataset_or_with_a_bad_protocol_names_the_field(tmp_path)
     assert res.exit_code == 2 and "--protocol: one of dirl" in res.output
     res = gtpo("eval", tmp_path / "d.json", "--protocol", "trado", "--k", "5", "--dry-run")
     assert res.exit_code == 0 and "k: 5" in res.output and "static:" in res.output and "dynamic:" in res.output
+
+
+def test_the_demo_tables_read_intervals_from_the_cards(cards, tmp_path):
+    from rich.console import Console
+
+    from services.demo import _table
+    from services.evaluate import result_of
+
+    base = EvalCard.read(cards["torch"])
+    after = with_results(base, [[True, True], [False, False], [True, True]])
+    base.write(tmp_path / "sft.json")
+    after.write(tmp_path / "rl.json")
+    results = {"sft": result_of(base.questions, 0), "gtpo": result_of(after.questions, 0)}
+    table = _table("t", results, "sft", [("SFT", "sft"), ("GTPO", "gtpo")],
+                   {"sft": tmp_path / "sft.json", "gtpo": tmp_path / "rl.json"})  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(table)
+    text = console.export_text()
+    # avg@k 2/3 with its own interval, and the change +0.667 with its paired interval: per question (1, 0, 1)
+    assert "66.7% [0.0%, 100.0%]" in text and "+0.667 [+0.000, +1.000]" in text, text
