@@ -373,7 +373,7 @@ def eval_cmd(
     chat: bool = typer.Option(True, "--chat/--raw"),
     rollout_url: str | None = typer.Option(None, "--rollout-url", help="generate through a running rollout service"),
     engines: str = typer.Option(
-        "torch", "--engines", help="in-process engines, comma-separated: torch, reference (the naive decoder)"
+        "torch", "--engines", help="in-process engines, comma-separated: torch, reference (the naive decoder), lmdeploy"
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
     out: Path | None = typer.Option(
@@ -447,12 +447,17 @@ def eval_cmd(
                          answer_extract=answer_extract)[:limit]  # fmt: skip
         runs = evaluate_cards(model, rows, proto, template=template, chat=chat, rollout_url=rollout_url, seed=seed,
                               engines=engine_list, dataset=dataset, extra_settings=extra)  # fmt: skip
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: --engines lmdeploy without the extra
         raise _fail("eval", str(e)) from None
-    _print_eval(dataset, proto, runs)
-    for path, run in zip(_card_paths(out, proto.name, runs), runs, strict=True):
+    parities = _print_eval(dataset, proto, runs)
+    paths = _card_paths(out, proto.name, runs)
+    for path, run in zip(paths, runs, strict=True):
         run.card.write(path)
         console.print(f"eval card: {path}")
+    if parities:
+        path = paths[0].with_name(f"{(out or paths[0]).stem}.parity.json")
+        path.write_text(json.dumps(parities, indent=1))
+        console.print(f"engine parity: {path}")
 
 
 def _card_paths(out: Path | None, protocol: str, runs: list) -> list[Path]:
@@ -470,8 +475,9 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _print_eval(dataset: str, proto, runs: list) -> None:
-    """One column per (engine, decoding); accuracies with their 95% interval; engine parity when two engines ran."""
+def _print_eval(dataset: str, proto, runs: list) -> dict:
+    """One column per (engine, decoding); accuracies with their 95% interval; engine parity when two engines ran
+    (returned per decoding)."""
     from services.eval_card import ACCURACIES, parity
 
     table = Table(title=f"gtpo eval {dataset} (protocol {proto.name}, k={proto.k})")
@@ -488,15 +494,18 @@ def _print_eval(dataset: str, proto, runs: list) -> None:
     table.add_row("reward_errors", *[str(r.result.reward_errors) for r in runs])
     console.print(table)
     engines = list(dict.fromkeys(r.engine for r in runs))
+    parities: dict = {}
     if len(engines) == 2:
         for dec in dict.fromkeys(r.card.decoding for r in runs):
             a, b = (next(r.card for r in runs if r.engine == e and r.card.decoding == dec) for e in engines)
             p = parity(a, b)
+            parities[dec] = {"engines": engines, **p.model_dump()}
             console.print(
                 f"parity {engines[0]} vs {engines[1]} ({dec}): {p.identical_samples}/{p.samples} samples identical, "
                 f"{p.identical_questions}/{p.questions} questions identical, correctness agrees on "
                 f"{p.correctness_agrees}/{p.questions}; per question: {', '.join(f'{v:.2f}' for v in p.per_question)}"
             )
+    return parities
 
 
 def _compare_cards(a_path: Path, b_path: Path, force: bool) -> None:

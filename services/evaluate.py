@@ -226,8 +226,9 @@ class CardRun:
     result: EvalResult
 
 
-ENGINE_NAMES = ("torch", "reference")
-"""In-process engines `--engines` accepts: the KV-cached torch engine and the naive recompute decoder."""
+ENGINE_NAMES = ("torch", "reference", "lmdeploy")
+"""In-process engines `--engines` accepts: the KV-cached torch engine, the naive recompute decoder and (GPU, the
+`lmdeploy` extra) LMDeploy."""
 
 
 def evaluate_cards(
@@ -271,7 +272,12 @@ def evaluate_cards(
 
         torch_engine = TorchEngine.from_pretrained(model, max_batch_size=64)
         for name in engines:
-            built[name] = torch_engine if name == "torch" else ReferenceEngine(torch_engine._loaded)
+            if name == "lmdeploy":
+                from services.rollout.engines import create_engine
+
+                built[name] = create_engine("lmdeploy", model)
+            else:
+                built[name] = torch_engine if name == "torch" else ReferenceEngine(torch_engine._loaded)
         tok = torch_engine.tokenizer
     prompts = [encode_prompt(tok, template.format(question=r["question"]), chat=chat) for r in rows]
     own_pool = pool is None

@@ -28,7 +28,8 @@ def cards(tiny_dir, tmp_path_factory):
     res = gtpo("eval", data, "--model", tiny_dir, "--raw", "--template", "{question}", "--engines", "torch,reference",
                "--temperature", "0", "--max-new-tokens", "8", "--k", "2", "--seed", "7", "--out", tmp / "g.json")  # fmt: skip
     assert res.exit_code == 0, res.output
-    return {"torch": tmp / "g.torch.custom.json", "reference": tmp / "g.reference.custom.json", "out": res.output}
+    return {"torch": tmp / "g.torch.custom.json", "reference": tmp / "g.reference.custom.json", "out": res.output,
+            "parity": tmp / "g.parity.json"}  # fmt: skip
 
 
 def test_engines_agree_token_for_token_under_greedy(cards):
@@ -36,6 +37,8 @@ def test_engines_agree_token_for_token_under_greedy(cards):
     p = parity(a, b)
     assert (p.samples, p.identical_samples, p.identical_questions, p.correctness_agrees) == (6, 6, 3, 3)
     assert "parity torch vs reference (custom): 6/6 samples identical" in cards["out"].replace("\n", " ")
+    written = json.loads(cards["parity"].read_text())["custom"]
+    assert written["engines"] == ["torch", "reference"] and written["per_question"] == [1.0, 1.0, 1.0]
     assert [s.seed for q in a.questions for s in q.samples] == [s.seed for q in b.questions for s in q.samples]
     # the naive decoder pays one forward per step per row; the cached engine batches rows into one forward
     assert b.metrics["engine_forwards_per_token"] >= a.metrics["engine_forwards_per_token"]
