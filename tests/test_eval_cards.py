@@ -1,5 +1,5 @@
-"""Eval cards on the tiny model: `gtpo eval --engines torch,reference` writes one card per engine, the engines agree
-token for token under greedy decoding, a card survives a round trip, and `--compare` pairs two cards or refuses
+"""Eval cards on the tiny model: `gtpo eval --engines torch,reference` writes one card per engine and decoding, the
+engines agree token for token (greedy and sampled, same seeds), a card survives a round trip, and `--compare` pairs two cards or refuses
 (exit 2, naming the settings) when they differ in more than the model."""
 
 import json
@@ -21,24 +21,33 @@ def gtpo(*args):
 
 @pytest.fixture(scope="module")
 def cards(tiny_dir, tmp_path_factory):
-    """Greedy cards of the torch and the reference engine on the same three questions and seed."""
+    """Cards of the torch and the reference engine on the same three questions and seed, under the TraDo protocol's
+    two decodings: static with top-k 1 (greedy) and dynamic at T=1 (sampled)."""
     tmp = tmp_path_factory.mktemp("cards")
     data = tmp / "d.jsonl"
     data.write_text("".join(json.dumps({"question": q, "ground_truth_answer": a}) + "\n" for q, a in QUESTIONS))
     res = gtpo("eval", data, "--model", tiny_dir, "--raw", "--template", "{question}", "--engines", "torch,reference",
-               "--temperature", "0", "--max-new-tokens", "8", "--k", "2", "--seed", "7", "--out", tmp / "g.json")  # fmt: skip
+               "--protocol", "trado", "--max-new-tokens", "8", "--k", "2", "--seed", "7", "--out", tmp / "g.json")  # fmt: skip
     assert res.exit_code == 0, res.output
-    return {"torch": tmp / "g.torch.custom.json", "reference": tmp / "g.reference.custom.json", "out": res.output,
+    return {"torch": tmp / "g.torch.static.json", "reference": tmp / "g.reference.static.json", "out": res.output,
+            "torch_sampled": tmp / "g.torch.dynamic.json", "reference_sampled": tmp / "g.reference.dynamic.json",
             "parity": tmp / "g.parity.json"}  # fmt: skip
 
 
-def test_engines_agree_token_for_token_under_greedy(cards):
-    a, b = EvalCard.read(cards["torch"]), EvalCard.read(cards["reference"])
+@pytest.mark.parametrize("decoding", ["static", "dynamic"])
+def test_engines_agree_token_for_token_greedy_and_sampled(cards, decoding):
+    suffix = "" if decoding == "static" else "_sampled"
+    a, b = EvalCard.read(cards[f"torch{suffix}"]), EvalCard.read(cards[f"reference{suffix}"])
+    assert a.settings["params"]["top_k"] == (1 if decoding == "static" else 0) and a.decoding == decoding
     p = parity(a, b)
     assert (p.samples, p.identical_samples, p.identical_questions, p.correctness_agrees) == (6, 6, 3, 3)
-    assert "parity torch vs reference (custom): 6/6 samples identical" in cards["out"].replace("\n", " ")
-    written = json.loads(cards["parity"].read_text())["custom"]
+    assert f"parity torch vs reference ({decoding}): 6/6 samples identical" in cards["out"].replace("\n", " ")
+    written = json.loads(cards["parity"].read_text())[decoding]
     assert written["engines"] == ["torch", "reference"] and written["per_question"] == [1.0, 1.0, 1.0]
+    assert a.metrics["mean_length"] == b.metrics["mean_length"]
+    assert [s.seed for q in a.questions for s in q.samples] == [s.seed for q in b.questions for s in q.samples]
+    # the naive decoder pays one forward per step per row; the cached engine batches rows into one forward
+    assert b.metrics["engine_forwards_per_token"] > a.metrics["engine_forwards_per_token"]
     assert [s.seed for q in a.questions for s in q.samples] == [s.seed for q in b.questions for s in q.samples]
     # the naive decoder pays one forward per step per row; the cached engine batches rows into one forward
     assert b.metrics["engine_forwards_per_token"] >= a.metrics["engine_forwards_per_token"]
@@ -46,7 +55,8 @@ def test_engines_agree_token_for_token_under_greedy(cards):
 
 def test_a_card_records_every_setting_and_reads_back_the_same(cards, tiny_dir):
     card = EvalCard.read(cards["torch"])
-    assert card.settings["k"] == 2 and card.settings["seed"] == 7 and card.settings["params"]["temperature"] == 0.0
+    assert card.protocol == "trado" and card.settings["k"] == 2 and card.settings["seed"] == 7
+    assert card.settings["params"]["top_k"] == 1 and card.settings["params"]["strategy"] == "low_confidence_static"
     assert card.settings["params"]["max_new_tokens"] == 8 and card.settings["template"] == "{question}"
     assert card.engine["name"] == "torch" and card.engine["torch"] and card.engine["device"] == "cpu"
     assert len(card.model["weight_sha256"]) == 64 and len(card.data["file_sha256"]) == 64
@@ -85,7 +95,7 @@ def test_compare_pairs_questions_of_two_models(cards, tmp_path):
 def test_compare_refuses_cards_with_other_settings_unless_forced(cards, tmp_path):
     a = EvalCard.read(cards["torch"])
     b = a.model_copy(update={"settings": {**a.settings, "k": 16, "params": {**a.settings["params"], "top_k": 50}}})
-    assert setting_differences(a, b) == ["settings.k (2 vs 16)", "settings.params.top_k (0 vs 50)"]
+    assert setting_differences(a, b) == ["settings.k (2 vs 16)", "settings.params.top_k (1 vs 50)"]
     a.write(tmp_path / "a.json")
     b.write(tmp_path / "b.json")
     res = gtpo("eval", "--compare", tmp_path / "a.json", tmp_path / "b.json")
