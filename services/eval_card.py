@@ -143,6 +143,8 @@ def rows_sha256(rows: list[dict]) -> str:
 
 COMPARED = ("card_version", "protocol", "decoding", "settings", "engine", "data")
 """Everything that must match for a difference to be the model's: all but `model` (and the results)."""
+NOT_COMPARED = ("data.source", "engine.url")
+"""Where the same data or service was reached from: the hashes and the engine's versions say what it was."""
 
 
 def setting_differences(a: EvalCard, b: EvalCard) -> list[str]:
@@ -157,7 +159,7 @@ def _diff(x: Any, y: Any, name: str, out: list[str]) -> None:
     if isinstance(x, dict) and isinstance(y, dict):
         for k in sorted(set(x) | set(y)):
             _diff(x.get(k), y.get(k), f"{name}.{k}", out)
-    elif x != y:
+    elif x != y and name not in NOT_COMPARED:
         out.append(f"{name} ({x!r} vs {y!r})"[:300])
 
 

@@ -80,6 +80,7 @@ def test_compare_pairs_questions_of_two_models(cards, tmp_path):
     base = EvalCard.read(cards["torch"])
     a = with_results(base, [[False, False], [False, False], [True, False]])
     b = with_results(base, [[True, True], [False, False], [True, True]], model={"path": "after", "weight_sha256": "x"})
+    b = b.model_copy(update={"data": {**b.data, "source": "elsewhere/d.jsonl"}})  # the same file, reached elsewhere
     assert setting_differences(a, b) == []  # only the model differs
     rows = {r.metric: r for r in compare_cards(a, b)}
     # per question avg@k: a = (0, 0, 0.5), b = (1, 0, 1): differences (1, 0, 0.5), mean 0.5
