@@ -389,6 +389,9 @@ def eval_cmd(
         None, "--compare", help="two eval cards A B: B - A per metric with its paired 95% interval"
     ),
     force: bool = typer.Option(False, "--force", help="--compare cards whose settings differ (loudly warned)"),
+    aup_thresholds: str | None = typer.Option(
+        None, "--aup-thresholds", help="e.g. 0.9,0.7,0.5: decode once per dynamic threshold and report AUP over them"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Evaluate a checkpoint: avg@k and pass@k with 95% bootstrap intervals, boxed rate, length, tokens per step and
@@ -406,7 +409,6 @@ def eval_cmd(
         raise _fail("eval", "DATASET: missing (or give --compare A.json B.json)")
     from pydantic import ValidationError
 
-    from services.eval_protocols import apply_overrides, custom, get_protocol
     from services.evaluate import evaluate_cards, load_rows
     from shared.config import describe_error
 
@@ -421,11 +423,7 @@ def eval_cmd(
              "confidence_threshold": threshold, "block_size": block_size, "denoising_steps": denoising_steps,
              "strategy": strategy}  # fmt: skip
     try:
-        if protocol is None:
-            defaults = {"max_new_tokens": 512, **{key: v for key, v in given.items() if v is not None}}
-            proto = custom(k or 4, SamplingParams(**defaults))
-        else:
-            proto = apply_overrides(get_protocol(protocol), k, given)
+        proto = _resolve_protocol(protocol, k, given, aup_thresholds)
     except ValidationError as e:
         raise _fail("eval", describe_error(e, SamplingParams)) from None
     except ValueError as e:
@@ -450,6 +448,8 @@ def eval_cmd(
     except (OSError, ValueError, ImportError) as e:  # ImportError: --engines lmdeploy without the extra
         raise _fail("eval", str(e)) from None
     parities = _print_eval(dataset, proto, runs)
+    if aup_thresholds is not None:
+        _print_aup(runs)
     paths = _card_paths(out, proto.name, runs)
     for path, run in zip(paths, runs, strict=True):
         run.card.write(path)
@@ -458,6 +458,27 @@ def eval_cmd(
         path = paths[0].with_name(f"{(out or paths[0]).stem}.parity.json")
         path.write_text(json.dumps(parities, indent=1))
         console.print(f"engine parity: {path}")
+
+
+def _resolve_protocol(protocol: str | None, k: int | None, given: dict, aup_thresholds: str | None):
+    """The named protocol with the explicit flags over it (or the flags alone), swept over --aup-thresholds.
+
+    Raises:
+        ValueError, pydantic.ValidationError: naming the flag or setting.
+    """
+    from services.eval_protocols import apply_overrides, custom, get_protocol, sweep
+
+    if protocol is None:
+        proto = custom(k or 4, SamplingParams(**{"max_new_tokens": 512, **{a: v for a, v in given.items() if v is not None}}))
+    else:
+        proto = apply_overrides(get_protocol(protocol), k, given)
+    if aup_thresholds is None:
+        return proto
+    try:
+        points = [float(t) for t in aup_thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--aup-thresholds: comma-separated numbers, got {aup_thresholds!r}") from None
+    return sweep(proto, points)
 
 
 def _card_paths(out: Path | None, protocol: str, runs: list) -> list[Path]:
@@ -506,6 +527,17 @@ def _print_eval(dataset: str, proto, runs: list) -> dict:
                 f"{p.correctness_agrees}/{p.questions}; per question: {', '.join(f'{v:.2f}' for v in p.per_question)}"
             )
     return parities
+
+
+def _print_aup(runs: list) -> None:
+    """AUP over the threshold sweep, per engine: the (tokens per forward, avg@k %) point of each decoding."""
+    from services.eval_metrics import aup
+
+    for engine in dict.fromkeys(r.engine for r in runs):
+        points = [(r.card.metrics["tokens_per_forward"], 100 * r.card.metrics["avg_at_k"]) for r in runs
+                  if r.engine == engine and r.card.metrics["tokens_per_forward"]]  # fmt: skip
+        shown = ", ".join(f"({tpf:.2f}, {acc:.1f})" for tpf, acc in sorted(points))
+        console.print(f"AUP over the sweep ({engine}): {aup(points):.1f}  points (TPF, accuracy %): {shown}")
 
 
 def _compare_cards(a_path: Path, b_path: Path, force: bool) -> None:

@@ -165,3 +165,19 @@ def protocol_table() -> str:
                 f"| {s.block_size} / {s.denoising_steps} | {strat} | {', '.join(p.metrics)} |"
             )
     return "\n".join(lines)
+
+
+def sweep(protocol: Protocol, thresholds: list[float]) -> Protocol:
+    """Each decoding once per dynamic threshold (named `DECODING@T`): the accuracy-parallelism points AUP integrates.
+
+    Raises:
+        ValueError: no thresholds, or one outside [0, 1].
+    """
+    if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"--aup-thresholds: comma-separated numbers in [0, 1], got {thresholds}")
+    decodings = tuple(
+        Decoding(f"{d.name}@{t:g}", d.params.model_copy(update={"confidence_threshold": t,
+                                                               "strategy": Strategy.low_confidence_dynamic}))
+        for d in protocol.decodings for t in thresholds
+    )  # fmt: skip
+    return Protocol(protocol.name, protocol.k, decodings, protocol.metrics, protocol.source, protocol.notes)

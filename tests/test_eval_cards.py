@@ -138,3 +138,10 @@ def test_the_demo_tables_read_intervals_from_the_cards(cards, tmp_path):
     text = console.export_text()
     # avg@k 2/3 with its own interval, and the change +0.667 with its paired interval: per question (1, 0, 1)
     assert "66.7% [0.0%, 100.0%]" in text and "+0.667 [+0.000, +1.000]" in text, text
+
+
+def test_aup_thresholds_sweep_the_dynamic_threshold(tmp_path):
+    res = gtpo("eval", tmp_path / "d.json", "--protocol", "lightningrl", "--aup-thresholds", "0.9,0.5", "--dry-run")
+    assert res.exit_code == 0 and "greedy@0.9:" in res.output and "greedy@0.5:" in res.output
+    res = gtpo("eval", tmp_path / "d.json", "--aup-thresholds", "0.9,x", "--dry-run")
+    assert res.exit_code == 2 and "--aup-thresholds: comma-separated numbers" in res.output

@@ -123,3 +123,14 @@ def test_aup_on_hand_derived_curves():
     assert aup([(1.0, 90.0), (8.0, 60.0)]) == pytest.approx(90.0)
     with pytest.raises(ValueError, match="tokens per forward"):
         aup([(0.0, 50.0)])
+
+
+def test_an_aup_sweep_decodes_once_per_threshold():
+    from services.eval_protocols import sweep
+
+    p = sweep(get_protocol("lightningrl"), [0.9, 0.5])
+    assert [d.name for d in p.decodings] == ["greedy@0.9", "greedy@0.5"]
+    assert [d.params.confidence_threshold for d in p.decodings] == [0.9, 0.5]
+    assert all(d.params.temperature == 0.0 and d.params.block_size == 32 for d in p.decodings)
+    with pytest.raises(ValueError, match="--aup-thresholds"):
+        sweep(get_protocol("dirl"), [1.5])
