@@ -375,23 +375,38 @@ def status_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    dataset: str = typer.Argument(
-        ..., help="a JSON/JSONL file, a datasets save_to_disk folder, hf:org/name[:config][:split], or a preset"
+    dataset: str | None = typer.Argument(
+        None, help="a JSON/JSONL file, a datasets save_to_disk folder, hf:org/name[:config][:split], or a preset"
     ),
     model: Path | None = typer.Option(
         None, "--model", help="checkpoint directory (also the tokenizer for --rollout-url)"
     ),
-    k: int = typer.Option(4, "--k", min=1, help="samples per question"),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(1.0, "--temperature", help="sampling temperature (0 = greedy)"),
-    top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens (0 = off)"),
-    top_p: float = typer.Option(1.0, "--top-p", help="nucleus mass (1 = off)"),
-    threshold: float = typer.Option(0.9, "--threshold", help="low_confidence_dynamic: unmask when p >= this"),
+    protocol: str | None = typer.Option(
+        None, "--protocol", help="dirl | sdar-greedy | trado | lightningrl: every setting as that paper evaluated"
+    ),
+    k: int | None = typer.Option(None, "--k", min=1, help="samples per question [4, or the protocol's]"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="[512, or the protocol's]"),
+    temperature: float | None = typer.Option(None, "--temperature", help="sampling temperature (0 = greedy) [1.0]"),
+    top_k: int | None = typer.Option(None, "--top-k", help="keep the k most likely tokens (0 = off) [0]"),
+    top_p: float | None = typer.Option(None, "--top-p", help="nucleus mass (1 = off) [1.0]"),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="low_confidence_dynamic: unmask when p >= this [0.9]"
+    ),
+    block_size: int | None = typer.Option(None, "--block-size", help="tokens per block [the model's]"),
+    denoising_steps: int | None = typer.Option(None, "--denoising-steps", help="static: steps per block"),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="low_confidence_dynamic | low_confidence_static | sequential"
+    ),
     template: str = typer.Option(PROMPT_TEMPLATE, "--template", help="user message; {question} is replaced"),
     chat: bool = typer.Option(True, "--chat/--raw"),
     rollout_url: str | None = typer.Option(None, "--rollout-url", help="generate through a running rollout service"),
+    engines: str = typer.Option(
+        "torch", "--engines", help="in-process engines, comma-separated: torch, reference (the naive decoder), lmdeploy"
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
-    out: Path | None = typer.Option(None, "--out", help="write the result as JSON here"),
+    out: Path | None = typer.Option(
+        None, "--out", help="the eval card (JSON); several cards get .ENGINE.DECODING before the suffix [evals/...]"
+    ),
     seed: int = typer.Option(0, "--seed"),
     question_field: str = typer.Option(QUESTION_FIELD, "--question-field", help="the column of the question"),
     answer_field: str = typer.Option(ANSWER_FIELD, "--answer-field", help="the column of the answer"),
@@ -404,19 +419,32 @@ def eval_cmd(
     max_prompt_tokens: int = typer.Option(
         MAX_PROMPT_TOKENS, "--max-prompt-tokens", min=1, help="refuse a longer prompt (template included)"
     ),
+    compare: tuple[Path, Path] | None = typer.Option(
+        None, "--compare", help="two eval cards A B: B - A per metric with its paired 95% interval"
+    ),
+    force: bool = typer.Option(False, "--force", help="--compare cards whose settings differ (loudly warned)"),
+    aup_thresholds: str | None = typer.Option(
+        None, "--aup-thresholds", help="e.g. 0.9,0.7,0.5: decode once per dynamic threshold and report AUP over them"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
-    """Evaluate a checkpoint: avg@k, pass@k, boxed rate, length, tokens per step, truncation rate.
+    """Evaluate a checkpoint: avg@k and pass@k with 95% bootstrap intervals, boxed rate, length, tokens per step and
+    per forward, AUP, tokens/s, truncation; writes an eval card (every setting, hashes, per-question results).
 
+    Protocols (docs/evaluation.md): gtpo eval MATH500 --model DIR --protocol dirl; explicit flags override one setting.
     Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
     Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
-    Hub columns: gtpo eval hf:HuggingFaceH4/MATH-500 --question-field problem --answer-field answer --model DIR
+    Compare: gtpo eval --compare before.json after.json (refuses cards that differ in more than the model).
+    Parity: gtpo eval data.json --model DIR --engines torch,reference --temperature 0
     """
+    if compare is not None:
+        return _compare_cards(*compare, force=force)
+    if dataset is None:
+        raise _fail("eval", "DATASET: missing (or give --compare A.json B.json)")
     from pydantic import ValidationError
 
-    from services.evaluate import evaluate, load_rows
+    from services.evaluate import evaluate_cards, load_rows
     from shared.config import describe_error
-    from shared.contracts import SamplingParams
 
     try:
         template.format(question="")
@@ -425,36 +453,155 @@ def eval_cmd(
         raise _fail(
             "eval", f"--template: not a format string with {{question}} ({type(e).__name__}: {e}); {hint}"
         ) from None
+    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "confidence_threshold": threshold, "block_size": block_size, "denoising_steps": denoising_steps,
+             "strategy": strategy}  # fmt: skip
     try:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                confidence_threshold=threshold)  # fmt: skip
+        proto = _resolve_protocol(protocol, k, given, aup_thresholds)
     except ValidationError as e:
         raise _fail("eval", describe_error(e, SamplingParams)) from None
+    except ValueError as e:
+        raise _fail("eval", str(e)) from None
     if answer_extract not in ("none", "boxed", "gsm8k"):
         raise _fail("eval", f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
+    engine_list = tuple(e.strip() for e in engines.split(",") if e.strip())
     if dry_run:
-        raise _dry_run({"dataset": dataset, "model": model, "k": k, "params": params, "template": template,
-                        "chat": chat, "rollout_url": rollout_url, "limit": limit, "out": out, "seed": seed,
-                        "question_field": question_field, "answer_field": answer_field,
+        raise _dry_run({"dataset": dataset, "model": model, "protocol": proto.name, "k": proto.k,
+                        "params": proto.decodings[0].params,
+                        "decodings": {d.name: d.params.model_dump(mode="json") for d in proto.decodings}, "template": template,
+                        "chat": chat, "rollout_url": rollout_url, "engines": list(engine_list), "limit": limit,
+                        "out": out, "seed": seed, "question_field": question_field, "answer_field": answer_field,
                         "answer_extract": answer_extract, "max_row_bytes": max_row_bytes,
                         "max_prompt_tokens": max_prompt_tokens})  # fmt: skip
+    extra = {"limit": limit, "question_field": question_field, "answer_field": answer_field,
+             "answer_extract": answer_extract}  # fmt: skip
     try:
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
                          answer_extract=answer_extract, max_row_bytes=max_row_bytes)[:limit]  # fmt: skip
-        res = evaluate(model, rows, k=k, params=params, template=template, chat=chat, rollout_url=rollout_url,
-                       seed=seed, max_prompt_tokens=max_prompt_tokens, question_field=question_field)  # fmt: skip
-    except (OSError, ValueError) as e:
+        runs = evaluate_cards(model, rows, proto, template=template, chat=chat, rollout_url=rollout_url, seed=seed,
+                              engines=engine_list, dataset=dataset, extra_settings=extra,
+                              max_prompt_tokens=max_prompt_tokens, question_field=question_field)  # fmt: skip
+    except (OSError, ValueError, ImportError) as e:  # ImportError: --engines lmdeploy without the extra
         raise _fail("eval", str(e)) from None
-    table = Table(title=f"gtpo eval {dataset} (k={k})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, v in res.row().items():
-        table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
-    console.print(table)
-    if out is not None:
-        import json
+    parities = _print_eval(dataset, proto, runs)
+    if aup_thresholds is not None:
+        _print_aup(runs)
+    paths = _card_paths(out, proto.name, runs)
+    for path, run in zip(paths, runs, strict=True):
+        run.card.write(path)
+        console.print(f"eval card: {path}")
+    if parities:
+        path = paths[0].with_name(f"{(out or paths[0]).stem}.parity.json")
+        path.write_text(json.dumps(parities, indent=1))
+        console.print(f"engine parity: {path}")
 
-        out.write_text(json.dumps(res.row(), indent=2))
+
+def _resolve_protocol(protocol: str | None, k: int | None, given: dict, aup_thresholds: str | None):
+    """The named protocol with the explicit flags over it (or the flags alone), swept over --aup-thresholds.
+
+    Raises:
+        ValueError, pydantic.ValidationError: naming the flag or setting.
+    """
+    from services.eval_protocols import apply_overrides, custom, get_protocol, sweep
+
+    if protocol is None:
+        proto = custom(k or 4, SamplingParams(**{"max_new_tokens": 512, **{a: v for a, v in given.items() if v is not None}}))
+    else:
+        proto = apply_overrides(get_protocol(protocol), k, given)
+    if aup_thresholds is None:
+        return proto
+    try:
+        points = [float(t) for t in aup_thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--aup-thresholds: comma-separated numbers, got {aup_thresholds!r}") from None
+    return sweep(proto, points)
+
+
+def _card_paths(out: Path | None, protocol: str, runs: list) -> list[Path]:
+    import datetime
+
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("evals") / f"{stamp}-{protocol}.json"
+    if len(runs) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}.{r.engine}.{r.card.decoding}{out.suffix or '.json'}") for r in runs]
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_eval(dataset: str, proto, runs: list) -> dict:
+    """One column per (engine, decoding); accuracies with their 95% interval; engine parity when two engines ran
+    (returned per decoding)."""
+    from services.eval_card import ACCURACIES, parity
+
+    table = Table(title=f"gtpo eval {dataset} (protocol {proto.name}, k={proto.k})")
+    table.add_column("metric")
+    for r in runs:
+        table.add_column(f"{r.engine}/{r.card.decoding}", justify="right")
+    for m in runs[0].card.metrics:
+        cells = []
+        for r in runs:
+            v = r.card.metrics[m]
+            ci = r.card.intervals.get(m) if m in ACCURACIES else None
+            cells.append(_fmt(v) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        table.add_row(m, *cells)
+    table.add_row("reward_errors", *[str(r.result.reward_errors) for r in runs])
+    console.print(table)
+    engines = list(dict.fromkeys(r.engine for r in runs))
+    parities: dict = {}
+    if len(engines) == 2:
+        for dec in dict.fromkeys(r.card.decoding for r in runs):
+            a, b = (next(r.card for r in runs if r.engine == e and r.card.decoding == dec) for e in engines)
+            p = parity(a, b)
+            parities[dec] = {"engines": engines, **p.model_dump()}
+            console.print(
+                f"parity {engines[0]} vs {engines[1]} ({dec}): {p.identical_samples}/{p.samples} samples identical, "
+                f"{p.identical_questions}/{p.questions} questions identical, correctness agrees on "
+                f"{p.correctness_agrees}/{p.questions}; per question: {', '.join(f'{v:.2f}' for v in p.per_question)}"
+            )
+    return parities
+
+
+def _print_aup(runs: list) -> None:
+    """AUP over the threshold sweep, per engine: the (tokens per forward, avg@k %) point of each decoding."""
+    from services.eval_metrics import aup
+
+    for engine in dict.fromkeys(r.engine for r in runs):
+        points = [(r.card.metrics["tokens_per_forward"], 100 * r.card.metrics["avg_at_k"]) for r in runs
+                  if r.engine == engine and r.card.metrics["tokens_per_forward"]]  # fmt: skip
+        shown = ", ".join(f"({tpf:.2f}, {acc:.1f})" for tpf, acc in sorted(points))
+        console.print(f"AUP over the sweep ({engine}): {aup(points):.1f}  points (TPF, accuracy %): {shown}")
+
+
+def _compare_cards(a_path: Path, b_path: Path, force: bool) -> None:
+    """`gtpo eval --compare A B`: B - A per metric with its paired interval; refuses cards with different settings."""
+    from services.eval_card import EvalCard, compare_cards, setting_differences
+
+    try:
+        a, b = EvalCard.read(a_path), EvalCard.read(b_path)
+    except ValueError as e:
+        raise _fail("eval", f"--compare: {e}") from None
+    diffs = setting_differences(a, b)
+    if diffs and not force:
+        raise _fail("eval", "--compare: the cards differ in more than the model, so their difference is not the "
+                    f"model's: {'; '.join(diffs)}. Pass --force to compare anyway.")  # fmt: skip
+    if diffs:
+        typer.echo("WARNING " * 3 + f"\ngtpo eval --compare --force: the cards differ in {'; '.join(diffs)}; the "
+                   "differences below mix the model's effect with these settings'.", err=True)  # fmt: skip
+    try:
+        rows = compare_cards(a, b)
+    except ValueError as e:
+        raise _fail("eval", f"--compare: {e}") from None
+    table = Table(title=f"B - A: A = {a_path} ({a.model.get('path')}), B = {b_path} ({b.model.get('path')})")
+    for col in ("metric", "A", "B", "B - A", "95% paired interval"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in rows:
+        ci = "-" if r.low is None else f"[{r.low:+.4f}, {r.high:+.4f}]"
+        table.add_row(r.metric, _fmt(r.a), _fmt(r.b), "-" if r.difference is None else f"{r.difference:+.4f}", ci)
+    console.print(table)
 
 
 @app.command("demo", context_settings=_EXTRA)

@@ -239,7 +239,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         model = _gtpo(cfg, sft_model, data["train"], arm)
         rl_seconds[key] = round(time.time() - start, 1)
         stage(f"evaluate the {arm.label} model")
-        results[key] = _eval(model, test_rows, cfg)
+        results[key] = _eval(model, test_rows, cfg, arm.run_dir / CARD)
         record = {"settings": {**fingerprint(cfg, RL_FIELDS), **arm.settings()}, "label": arm.label,
                   "model": str(model), "rl_seconds": rl_seconds[key], "result": results[key].row()}  # fmt: skip
         (arm.run_dir / "eval.json").write_text(json.dumps(record, indent=2))
@@ -254,7 +254,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     plot = plot_rl(runs, out / "rl_curves.png", title=f"GTPO on the tiny model (seed {cfg.seed})")
     plot_timing(runs, out / "rl_timing.png", title=f"where the RL time goes (seed {cfg.seed})")
     plots = [plot, out / "rl_timing.png"]
-    _print_table(console, results, arms)
+    cards = {"sft": out / "sft" / CARD, **{key: arm.run_dir / CARD for key, arm in arms.items()}}
+    _print_table(console, results, arms, cards)
     if cfg.speed:
         console.print(_pareto_table(points))
         plots.append(plot_pareto(points, out / "speed_pareto.png",
@@ -282,7 +283,7 @@ def _stage_eval(cfg: DemoConfig, model: Path, rows: list[dict], path: Path, sett
     record = reusable(path, expected, "an evaluation") if cfg.reuse else None
     if record is not None:
         return EvalResult(**record["result"])
-    result = _eval(model, rows, cfg)
+    result = _eval(model, rows, cfg, path.with_name(CARD))
     path.write_text(json.dumps({"settings": expected, "model": str(model), "result": result.row()}, indent=2))
     return result
 
@@ -371,9 +372,14 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
     return merge_lora(ckpt, arm.run_dir / "merged")  # the evaluation decodes the merged weights
 
 
-def _eval(model: Path, rows: list[dict], cfg: DemoConfig) -> EvalResult:
+CARD = "eval_card.json"
+"""Beside each evaluation record: its eval card (services/eval_card.py), which the tables' intervals come from."""
+
+
+def _eval(model: Path, rows: list[dict], cfg: DemoConfig, card: Path) -> EvalResult:
     return evaluate(
-        model, rows, k=cfg.eval_k, params=sampling(cfg), template="{question}", chat=False, seed=cfg.seed + 1
+        model, rows, k=cfg.eval_k, params=sampling(cfg), template="{question}", chat=False, seed=cfg.seed + 1,
+        card_path=card,
     )
 
 
@@ -381,22 +387,44 @@ METRICS = (("avg_at_k", "{:.1%}"), ("pass_at_k", "{:.1%}"), ("boxed_rate", "{:.1
            ("mean_length", "{:.1f}"), ("truncation_rate", "{:.1%}"))  # fmt: skip
 
 
-def _print_table(console, results: dict[str, EvalResult], arms: dict[str, Arm]) -> None:
+def _print_table(
+    console, results: dict[str, EvalResult], arms: dict[str, Arm], cards: dict[str, Path] | None = None
+) -> None:
     """SFT -> GTPO; with the speed arms, a second table of every speed arm against GTPO."""
-    title = "held-out evaluation (avg@k at T=1, dynamic decoding, threshold 0.9)"
-    console.print(_table(title, results, "sft", [("SFT", "sft"), ("GTPO", "gtpo")]))
+    title = "held-out evaluation (avg@k at T=1, dynamic decoding, threshold 0.9; [95% bootstrap interval])"
+    console.print(_table(title, results, "sft", [("SFT", "sft"), ("GTPO", "gtpo")], cards))
     if "gtpo_async" in results:
         pair = [("GTPO k=0", "gtpo"), ("GTPO k=1", "gtpo_async")]
-        console.print(_table("rollout overlapping training (max_staleness=1) against k=0", results, "gtpo", pair))
+        console.print(_table("rollout overlapping training (max_staleness=1) against k=0", results, "gtpo", pair,
+                             cards))  # fmt: skip
     speed = [(arm.label, key) for key, arm in arms.items() if key.removeprefix("gtpo_") in SPEED_METHODS]
     if speed:
         console.print(_table("speed arms against GTPO (same SFT start, same evaluation)", results, "gtpo",
-                             [("GTPO", "gtpo"), *speed]))  # fmt: skip
+                             [("GTPO", "gtpo"), *speed], cards))  # fmt: skip
 
 
-def _table(title: str, results: dict[str, EvalResult], base: str, arms: list[tuple[str, str]]):
-    """One column per arm, each followed by its change against `base` (the first arm has none)."""
+def paired_changes(base: Path | None, other: Path | None) -> dict[str, tuple[float, float, float]]:
+    """Per metric, (change, low, high) of `other` against `base` with the paired bootstrap over questions; empty
+    when either card is missing (an arm evaluated before cards existed) or the cards cannot be paired."""
+    from services.eval_card import EvalCard, compare_cards
+
+    if base is None or other is None or not base.exists() or not other.exists():
+        return {}
+    try:
+        rows = compare_cards(EvalCard.read(base), EvalCard.read(other))
+    except ValueError:
+        return {}
+    return {r.metric: (r.difference, r.low, r.high) for r in rows if r.low is not None}
+
+
+def _table(title: str, results: dict[str, EvalResult], base: str, arms: list[tuple[str, str]],
+           cards: dict[str, Path] | None = None):  # fmt: skip
+    """One column per arm, each followed by its change against `base` (the first arm has none); accuracies carry
+    their 95% interval, changes their paired interval when both arms have eval cards."""
     from rich.table import Table
+
+    cards = cards or {}
+    changes = {key: paired_changes(cards.get(base), cards.get(key)) for _, key in arms}
 
     t = Table(title=title)
     t.add_column("metric")
@@ -409,6 +437,10 @@ def _table(title: str, results: dict[str, EvalResult], base: str, arms: list[tup
         row = [name]
         for i, (_, key) in enumerate(arms):
             value = getattr(results[key], name)
-            row += [fmt.format(value)] + ([f"{value - ref:+.3f}"] if i else [])
+            ci = getattr(results[key], f"{name}_ci", None)
+            cell = fmt.format(value) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
+            paired = changes[key].get(name)
+            change = f"{value - ref:+.3f}" + (f" [{paired[1]:+.3f}, {paired[2]:+.3f}]" if paired else "")
+            row += [cell] + ([change] if i else [])
         t.add_row(*row)
     return t

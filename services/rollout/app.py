@@ -1,6 +1,7 @@
 """The rollout service's FastAPI app: `create_app(settings)` and `serve(settings)` (design.md section 4).
 
-`POST /v1/generate`, `POST /v1/weights`, `GET /info` (what the trainer's start-up check reads), `/health`, `/ready`,
+`POST /v1/generate`, `POST /v1/weights`, the OpenAI-compatible `/v1/models`, `/v1/completions` and
+`/v1/chat/completions` (openai_routes.py), `GET /info` (what the trainer's start-up check reads), `/health`, `/ready`,
 `/metrics`. The engine is loaded by the lifespan (so building the app loads nothing); in worker mode the lifespan also
 runs the task worker (services/rollout/worker.py) in a background thread, sharing the engine host with the routes.
 """
@@ -17,6 +18,7 @@ from starlette.datastructures import State
 
 from services.rollout.engines import Engine, create_engine
 from services.rollout.host import EngineHost, RolloutMetrics
+from services.rollout.openai_routes import router as openai_router
 from services.rollout.routes import router
 from services.rollout.settings import RolloutSettings
 from shared.http import health_router, install_error_handlers
@@ -77,6 +79,7 @@ def create_app(settings: RolloutSettings, engine: Engine | None = None) -> FastA
     app.state.host, app.state.worker = None, None
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     app.include_router(health_router(lambda: not_ready(app.state), lambda: ready_info(app.state)))
     return app
 

@@ -24,6 +24,9 @@ class RolloutSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GTPO_ROLLOUT_", env_nested_delimiter="__", extra="forbid")
 
     model: Path = Field(description="SDAR-layout checkpoint to serve first")
+    served_model_name: str | None = Field(
+        None, min_length=1, max_length=512, description="the model id /v1/models lists; None = the model folder's name"
+    )
     engine: Literal["torch", "lmdeploy"] = Field("torch", description="decoding engine")
     device: str = Field("auto", description="torch engine: auto | cpu | cuda[:N]")
     checkpoint_root: Path | None = Field(None, description="weights may load only from here; None = model's parent")
@@ -55,6 +58,10 @@ class RolloutSettings(ServiceSettings):
         return ServiceInfo(kind=WorkerKind.rollout, worker_id=self.worker_id, namespace=self.redis.namespace,
                            codec=self.redis.codec, block_size=block_size, mask_token_id=mask_token_id,
                            checkpoint_root=str(self.root()))  # fmt: skip
+
+    def model_id(self) -> str:
+        """The id OpenAI-style clients name the served model by."""
+        return self.served_model_name or self.model.name or "gtpo"
 
     def root(self) -> Path:
         return (self.checkpoint_root or self.model.parent).resolve()
