@@ -667,12 +667,18 @@ class WeightRegistry:
         if not ok:
             raise ValueError(f"weights version {version.version} is not newer than the current {_s(current)}")
 
-    def current(self) -> WeightsVersion | None:
+    def current(self, strict: bool = False) -> WeightsVersion | None:
         """The newest published version, or None before the first (or when the key holds garbage: skipped, counted
-        and logged; the next `publish` replaces it)."""
+        and logged; the next `publish` replaces it).
+
+        Args:
+            strict: raise ValueError on garbage instead (a rollout worker reports it in `/ready` itself).
+        """
         try:
             raw = self.redis.get(self.keys.weights_current)
         except redis.ResponseError as e:  # another type at the key
+            if strict:
+                raise ValueError(f"{self.keys.weights_current}: {e}") from None
             self._skip(self.keys.weights_current, b"", e)
             return None
         if not raw:
@@ -680,6 +686,8 @@ class WeightRegistry:
         try:
             return WeightsVersion.model_validate_json(raw)
         except ValueError as e:  # garbage: as if nothing were published (the next publish replaces it)
+            if strict:
+                raise
             self._skip(self.keys.weights_current, raw, e)
             return None
 

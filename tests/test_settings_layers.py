@@ -30,6 +30,7 @@ def test_each_layer_beats_the_one_below(model, tmp_path):
     assert cfg.redis.model_dump(exclude={"url"}) == {
         "namespace": "from-env", "codec": "msgpack", "claim_idle_ms": 60_000, "max_deliveries": 7,
         "reconnect_s": 120.0,
+        "outage_s": 120.0,
     }  # fmt: skip
     # without the argument the environment's value stands; without the variable, the file's
     assert load_config(model, f, REQUIRED[model], environ=env).redis.codec == "json"

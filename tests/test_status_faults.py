@@ -69,8 +69,17 @@ def test_status_pointed_at_an_http_port_fails_fast_with_a_message(http_port):
     assert f"127.0.0.1:{http_port}" in res.stderr and f"no reply within {TIMEOUT_S:g} s" in res.stderr
 
 
+@pytest.fixture
+def wide(monkeypatch):
+    """`gtpo status` prints through services.cli's console, whose width was fixed when the module was first imported
+    (by whichever test came first): widen it, so no key is wrapped inside a table cell."""
+    from services import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=300))
+
+
 @pytest.mark.redis
-def test_garbage_in_any_key_shows_as_invalid_and_the_rest_still_shows(redis_url, redis_client, redis_ns):
+def test_garbage_in_any_key_shows_as_invalid_and_the_rest_still_shows(redis_url, redis_client, redis_ns, wide):
     k = redis_ns
     good = {"kind": "rollout", "id": "rollout-ok", "version": 2, "info": {"busy_s": 1.0, "up_s": 4.0},
             "ts": time.time()}  # fmt: skip
@@ -102,7 +111,7 @@ def test_garbage_in_any_key_shows_as_invalid_and_the_rest_still_shows(redis_url,
 
 
 @pytest.mark.redis
-def test_a_workers_index_of_the_wrong_type_is_invalid_not_fatal(redis_url, redis_client, redis_ns):
+def test_a_workers_index_of_the_wrong_type_is_invalid_not_fatal(redis_url, redis_client, redis_ns, wide):
     redis_client.set(redis_ns.workers, "not a set")
     redis_client.set(redis_ns.trainer_status, "null")
     res = CliRunner().invoke(app, ["status", "--redis-url", redis_url, "--namespace", redis_ns.namespace],

@@ -31,9 +31,9 @@ class FakeWorkers(threading.Thread):
     `tag_seen` is set at the first task tagged `watch_tag`: with k >= 1 the trainer enqueues the tasks of tag s + k
     when it starts collecting step s, just before it trains."""
 
-    def __init__(self, url: str, keys: Keys, watch_tag: int = -1) -> None:
+    def __init__(self, url: str, keys: Keys, weights: dict[str, float], watch_tag: int = -1) -> None:
         super().__init__(daemon=True)
-        self.url, self.keys, self.done = url, keys, threading.Event()
+        self.url, self.keys, self.weights, self.done = url, keys, weights, threading.Event()
         self.watch_tag, self.tag_seen = watch_tag, threading.Event()
 
     def run(self) -> None:
@@ -45,20 +45,22 @@ class FakeWorkers(threading.Thread):
                 for d in q.consume(k.tasks, k.rollout_group, "fake", TaskMessage, count=64, block_ms=20):
                     if d.message.step == self.watch_tag:
                         self.tag_seen.set()
-                    q.hand_off(k.tasks, k.rollout_group, d.entry_id, k.scored, _scored(d.message), d.message.task_id)
+                    q.hand_off(k.tasks, k.rollout_group, d.entry_id, k.scored, _scored(d.message, self.weights),
+                               d.message.task_id)  # fmt: skip
             except TRANSIENT_ERRORS:  # Redis restarting: the test's outage, not the fake's business
                 time.sleep(0.1)
         client.close()
 
 
-def _scored(t: TaskMessage) -> ScoredMessage:
+def _scored(t: TaskMessage, weights: dict[str, float]) -> ScoredMessage:
     n = 4
     rollout = Rollout(prompt_ids=t.prompt_ids, token_ids=[3, 4, 5, 6][:n], step_map=list(range(1, n + 1)),
-                      finish_reason="length", policy_version=t.policy_version, seed=t.params.seed or 0,
+                      finish_reason="length", policy_version=t.policy_version, policy_run=t.policy_run, seed=t.params.seed or 0,
                       params=t.params.model_copy(update={"block_size": 4}), logprobs=[-1.0] * n)  # fmt: skip
     reward = float(t.sample_index % 2)
     score = ScoreResult(id=t.task_id, total=reward, components={"accuracy": reward, "cosine": 0.0}, status="ok")
-    return ScoredMessage(task=t, rollout=rollout, score=score)
+    # scored with the trainer's own weights: a score made with others is refused (issue 32, item 2)
+    return ScoredMessage(task=t, rollout=rollout, score=score, reward_weights=weights)
 
 
 def _start_trainer(cfg, url: str) -> tuple[subprocess.Popen, Path]:
@@ -104,7 +106,7 @@ def test_async_trainer_survives_a_4s_redis_outage(tmp_path, tiny_dir, embedded_r
         reward_weights={"accuracy": 1.0},
         loss={"objective": "decoupled", "tis_cap": 2.0},
     )
-    fake = FakeWorkers(embedded_redis.url, Keys(ns), watch_tag=1 + k)
+    fake = FakeWorkers(embedded_redis.url, Keys(ns), cfg.reward_weights, watch_tag=1 + k)
     fake.start()
     proc, log = _start_trainer(cfg, embedded_redis.url)
     try:
@@ -131,7 +133,7 @@ def test_a_garbage_heartbeat_is_skipped_not_fatal(tmp_path, tiny_dir, redis_url,
     redis_client.expire(keys.worker("reward", "hash"), 600)
     redis_client.sadd(keys.workers, "rollout:junk", "reward:hash")
     cfg = _config(tmp_path, tiny_dir, ns, steps=1, reward_weights={"accuracy": 1.0})
-    fake = FakeWorkers(redis_url, keys)
+    fake = FakeWorkers(redis_url, keys, cfg.reward_weights)
     fake.start()
     proc, log = _start_trainer(cfg, redis_url)
     try:

@@ -214,7 +214,7 @@ class RolloutWorker(StreamWorker):
         (counted once per value), so the worker keeps consuming with what it serves.
         """
         try:
-            cur = self.registry.current()
+            cur = self.registry.current(strict=True)
         except ValueError as e:  # pydantic's ValidationError: garbage at the key, written by anything but the trainer
             self._skip_bad_current(brief_error(e))
             return
