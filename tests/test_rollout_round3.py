@@ -6,10 +6,12 @@ holding NaN or inf are refused naming the tensor, and an over-long path is a 4xx
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -129,7 +131,9 @@ def test_a_version_outside_the_root_is_refused_and_reported(root, tiny, tiny_dir
 
         from services.trainer.driver import Driver
 
-        driver = SimpleNamespace(registry=registry, waiting="waiting for 4 groups")
+        driver = SimpleNamespace(registry=registry, waiting="waiting for 4 groups", stop=threading.Event(),
+                                 cfg=SimpleNamespace(redis=SimpleNamespace(reconnect_s=5.0)))  # fmt: skip
+        driver._redis = functools.partial(Driver._redis, driver)  # the driver's own Redis wrapper, as it runs
         with caplog.at_level(logging.ERROR, logger="gtpo"):
             Driver._warn_refusals(driver, 3, 1)
         assert any(str(elsewhere) in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)

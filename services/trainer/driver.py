@@ -357,10 +357,9 @@ class Driver:
     def _warn_refusals(self, step: int, version: int) -> None:
         """Say loudly which rollout workers refused the published version: they will never make its rollouts."""
         from shared.agreement import refusals
-        from shared.queue import with_reconnect
 
         try:
-            lines = refusals(with_reconnect(self.registry.live_workers, what="reading heartbeats"), version)
+            lines = refusals(self._redis(self.registry.live_workers, "reading heartbeats"), version)
         except ValueError as e:  # a heartbeat that is no JSON: the check is skipped, the step goes on
             log.warning("step %d: cannot read the workers' heartbeats (%s)", step, e)
             return
