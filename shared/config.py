@@ -68,7 +68,7 @@ class CommandConfig(BaseModel):
         if isinstance(data, dict):
             for name in data:
                 if name in cls.foreign_fields:
-                    raise ValueError(f"{name}: {name} is {cls.foreign_fields[name]}; {cls.__name__} has no such setting")
+                    raise ValueError(f"{name}: {cls.foreign_fields[name]}; {cls.__name__} has no such setting")
         return data
 
 
@@ -86,7 +86,8 @@ class ForeignKey(UnknownKey):
 
     def __init__(self, key: str, model: type[BaseModel], field: str, reason: str) -> None:
         self.key, self.nearest = key, None
-        ConfigError.__init__(self, f"{key}: {field} is {reason}; {model.__name__} has no such setting")
+        what = reason if key == field else f"{field} is {reason}"
+        ConfigError.__init__(self, f"{key}: {what}; {model.__name__} has no such setting")
 
 
 # --------------------------------------------------------------------------- field types
