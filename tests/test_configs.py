@@ -180,7 +180,9 @@ def test_the_rl_sampling_is_sampling_params_and_each_task_request_comes_from_it(
     p = r.params(seed=11, confidence_threshold=0.7)
     assert type(p) is SamplingParams and (p.n, p.seed, p.logprobs, p.top_k, p.block_size) == (1, 11, True, 5, 8)
     assert p.confidence_threshold == 0.7 and p.strategy is Strategy.low_confidence_dynamic
-    for name in ["n=2", "seed=1", "logprobs=true"]:
+    assert load_config(RLConfig, None, [*RL_ARGS, "rollout.n=1", "rollout.logprobs=true"], environ={}).rollout == r.model_copy(
+        update={"top_k": 0, "block_size": None})  # its own values, given again (a dumped config loads as it was)
+    for name in ["n=2", "seed=1", "logprobs=false"]:
         with pytest.raises(ConfigError, match=rf"rollout.{name.split('=')[0]}: set per task by the trainer"):
             load_config(RLConfig, None, [*RL_ARGS, f"rollout.{name}"], environ={})
     assert set(SamplingParams.model_fields) < set(RolloutSampling.model_fields)  # declared once, in the contract

@@ -224,11 +224,6 @@ class SFTConfig(CommonConfig):
     response_field: str = Field("response", min_length=1, description="the column of the response text")
 
 
-RL_DERIVED = ("n", "seed", "logprobs")
-"""`SamplingParams` fields the collector sets per task: one sample per task, its seed from (seed, step, prompt,
-sample, attempt), the behaviour log-probs always on."""
-
-
 class RolloutSampling(SamplingParams):
     """How the rollout workers sample for RL: `SamplingParams` itself (defaults: unbiased, T=1, no top-k / top-p),
     with the group size and the threshold spread; `params` makes each task's request from it."""
@@ -243,20 +238,22 @@ class RolloutSampling(SamplingParams):
         "orders for the speed reward to tell apart (0: every sample at confidence_threshold). LMDeploy's threshold "
         "is engine-wide, so there each distinct threshold rebuilds the engine: use it with the torch engine",
     )
+    logprobs: bool = Field(True, description="always on: the behaviour log-probs of the decoupled objective")
 
     def params(self, **update) -> SamplingParams:
-        """One task's request: these settings with `update` (its seed and threshold), one sample, log-probs on."""
+        """One task's request: these settings (one sample, log-probs on) with `update` (its seed and threshold)."""
         mine = self.model_dump(include=set(SamplingParams.model_fields))
-        return SamplingParams.model_validate({**mine, "n": 1, "logprobs": True, **update})
+        return SamplingParams.model_validate({**mine, **update})
 
     @model_validator(mode="after")
     def _check_derived(self) -> RolloutSampling:
-        given = sorted(set(RL_DERIVED) & self.model_fields_set)
-        if given:
-            raise ValueError(
-                f"rollout.{given[0]}: set per task by the trainer (n=1, a seed derived from seed, logprobs on); "
-                "leave it out (rollout.group_size is the samples per prompt)"
-            )
+        # values, not "was it given": a dumped config (gtpo up, a checkpoint's copy) must load again as it was
+        for name, value in (("n", self.n != 1), ("seed", self.seed is not None), ("logprobs", not self.logprobs)):
+            if value:
+                raise ValueError(
+                    f"rollout.{name}: set per task by the trainer (n=1, a seed derived from seed, logprobs on); "
+                    "leave it out (rollout.group_size is the samples per prompt)"
+                )
         return self
 
     @model_validator(mode="after")
