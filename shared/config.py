@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import types
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
@@ -35,6 +35,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("gtpo.config")
 ENV_PREFIX = "GTPO_"
 COMMANDS = ("train", "sft", "rollout", "reward", "eval", "generate", "status", "init_model", "merge_lora", "launch")
 """The commands and services that read `GTPO_<NAME>__*` variables (`command_prefix`)."""
@@ -267,7 +268,8 @@ def _claimed(name: str) -> bool:
 
 
 def legacy_env(model: type[BaseModel], environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables of `model`'s scheme before `GTPO_<NAME>__`, renamed to the new one, each with a warning.
+    """The variables of `model`'s scheme before `GTPO_<NAME>__`, renamed to the new one, each with a logged warning
+    (one line on stderr, also where logging is not set up).
 
     A service's `GTPO_ROLLOUT_X` is `GTPO_ROLLOUT__X`. A trainer command's `GTPO_X` (legacy prefix `GTPO_`) is
     its `GTPO_TRAIN__X` / `GTPO_SFT__X` when X's first part is one of its settings and the name is no command's:
@@ -284,8 +286,7 @@ def legacy_env(model: type[BaseModel], environ: Mapping[str, str]) -> dict[str, 
         if old == ENV_PREFIX and (_claimed(name) or rest.lower().split("__")[0] not in model.model_fields):
             continue
         out[new + rest] = raw
-        warnings.warn(f"{name} is deprecated (read for one more release): name it {new + rest}", FutureWarning,
-                      stacklevel=2)  # fmt: skip
+        log.warning("%s is deprecated (read for one more release): name it %s", name, new + rest)
     return out
 
 

@@ -135,21 +135,20 @@ def test_each_command_reads_only_its_own_prefix():
     assert load_config(RLConfig, None, RL_ARGS, environ={"GTPO_SFT__STEPS": "3", "GTPO_TRAIN__STEPS": "9"}).steps == 9
 
 
-def test_the_old_variable_names_still_work_for_one_release_with_a_warning():
+def test_the_old_variable_names_still_work_for_one_release_with_a_warning(caplog):
     from services.reward.settings import RewardSettings
     from services.rollout.settings import RolloutSettings
 
-    with pytest.warns(FutureWarning, match="GTPO_OPTIM__LR is deprecated .*GTPO_TRAIN__OPTIM__LR"):
-        cfg = _rl({"GTPO_OPTIM__LR": "2e-5", "GTPO_REWARD_WEIGHTS": "{x", "GTPO_ROLLOUT_PORT": "no"})
+    cfg = _rl({"GTPO_OPTIM__LR": "2e-5", "GTPO_REWARD_WEIGHTS": "{x", "GTPO_ROLLOUT_PORT": "no"})
     assert cfg.optim.lr == 2e-5 and cfg.reward_weights == {"accuracy": 1.0}  # the services' old names: not its own
-    with pytest.warns(FutureWarning):
-        assert _rl({"GTPO_STEPS": "4", "GTPO_TRAIN__STEPS": "5"}).steps == 5  # the new name wins
-    with pytest.warns(FutureWarning):  # an old RL name during gtpo sft: not an SFT setting, left alone
-        assert load_config(SFTConfig, None, RL_ARGS, environ={"GTPO_STEPS": "4", "GTPO_RUN_ID": "r"}).steps == 4
-    with pytest.warns(FutureWarning, match="GTPO_ROLLOUT_MODEL is deprecated .*GTPO_ROLLOUT__MODEL"):
-        assert load_config(RolloutSettings, environ={"GTPO_ROLLOUT_MODEL": "m"}).model.name == "m"
-    with pytest.warns(FutureWarning, match="GTPO_REWARD_BATCH is deprecated .*GTPO_REWARD__BATCH"):
-        assert load_config(RewardSettings, environ={"GTPO_REWARD_BATCH": "3"}).batch == 3
+    assert caplog.messages == ["GTPO_OPTIM__LR is deprecated (read for one more release): name it GTPO_TRAIN__OPTIM__LR"]
+    assert _rl({"GTPO_STEPS": "4", "GTPO_TRAIN__STEPS": "5"}).steps == 5  # the new name wins
+    # an old RL name during gtpo sft: not an SFT setting, left alone
+    assert load_config(SFTConfig, None, RL_ARGS, environ={"GTPO_STEPS": "4", "GTPO_RUN_ID": "r"}).steps == 4
+    caplog.clear()
+    assert load_config(RolloutSettings, environ={"GTPO_ROLLOUT_MODEL": "m"}).model.name == "m"
+    assert load_config(RewardSettings, environ={"GTPO_REWARD_BATCH": "3"}).batch == 3
+    assert [m.split(": name it ")[1] for m in caplog.messages] == ["GTPO_ROLLOUT__MODEL", "GTPO_REWARD__BATCH"]
 
 
 def test_an_sft_config_refuses_the_rl_settings_naming_the_field(tmp_path):
