@@ -321,6 +321,21 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _load_settings(given: dict):
+    """The launch's settings (defaults < `GTPO_LAUNCH__*` < the flags given) and the run's RLConfig, loaded here and
+    not in every process accelerate starts: a bad config fails once, before any rendezvous."""
+    from services.command_settings import LaunchSettings
+    from services.trainer.config import RLConfig
+    from shared.config import ConfigError, load_config
+
+    args = [f"{k}={v if isinstance(v, (str, Path)) else json.dumps(v)}" for k, v in given.items() if v is not None]
+    try:
+        opts = load_config(LaunchSettings, None, args)
+        return opts, load_config(RLConfig, opts.config, opts.overrides)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
 def launch_command(
     config: Path | None = typer.Option(None, "--config", help="RL run config (YAML) that each process trains"),
     overrides: list[str] | None = typer.Argument(None, help="key=value overrides for gtpo train, e.g. steps=20"),
@@ -350,19 +365,11 @@ def launch_command(
     Example (every node of a 2-node job runs the same command):
     gtpo launch --config run.yaml --accelerate-config deploy/accelerate/zero2.yaml --resume
     """
-    from services.command_settings import LaunchSettings
-    from services.trainer.config import RLConfig
-    from shared.config import ConfigError, dump_config, load_config
+    from shared.config import dump_config
 
-    given = {"config": config, "overrides": overrides or None, "accelerate_config": accelerate_config,
-             "resume": resume, "fresh": fresh, "nproc_per_node": nproc_per_node,
-             "rendezvous_timeout": rendezvous_timeout}  # fmt: skip
-    try:  # here, not in every process accelerate starts: a bad config fails once, before any rendezvous
-        opts = load_config(LaunchSettings, None, [f"{k}={json.dumps(v) if not isinstance(v, (str, Path)) else v}"
-                                                   for k, v in given.items() if v is not None])  # fmt: skip
-        run = load_config(RLConfig, opts.config, opts.overrides)
-    except ConfigError as e:
-        raise _fail(str(e)) from None
+    opts, run = _load_settings({"config": config, "overrides": overrides or None, "resume": resume, "fresh": fresh,
+                                "accelerate_config": accelerate_config, "nproc_per_node": nproc_per_node,
+                                "rendezvous_timeout": rendezvous_timeout})  # fmt: skip
     config, overrides, resume, fresh = opts.config, opts.overrides, opts.resume, opts.fresh
     try:
         spec = resolve_dist(os.environ)
