@@ -8,8 +8,9 @@ One run = one fresh process tree (docs/code_rl.md says what each backend isolate
   place that outlives the run's tmpfs. Started as root, the program's host uid is a non-root `uid` with every
   capability dropped (`setpriv`); started as a user, bwrap makes a user namespace of that user.
 * **unshare** (util-linux, the fallback): new network, PID (with its own `/proc`), mount, IPC and UTS
-  namespaces and the same uid drop, but the host filesystem stays visible: the program reads what a non-root
-  uid may read and writes only where any uid may (world-writable directories such as `/tmp`).
+  namespaces and the same uid drop, and private tmpfs over `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock`; but the
+  rest of the host filesystem stays visible read-only-by-permissions: the program reads whatever any uid may read
+  (world-readable files under `/etc`, `/home`, ...), though it can write only its own directory.
 * **insecure** (only when asked for by name): a plain child process with the same limits, a scrubbed environment
   and its own directory: no network, filesystem or process isolation at all.
 
@@ -145,6 +146,14 @@ def _unshare_args() -> list[str]:
     return args if os.geteuid() == 0 else [*args, "--user", "--map-root-user"]
 
 
+_PRIVATE_TMP = (
+    'for d in /tmp /var/tmp /dev/shm /run/lock; do if [ -d "$d" ]; then mount -t tmpfs -o size=64m,nosuid,nodev '
+    'tmpfs "$d" || exit 125; fi; done; exec "$@"'
+)
+"""The unshare backend's first step, as root of its mount namespace: fresh tmpfs over every world-writable directory,
+so the program writes nowhere the host sees but its own directory (its cwd, still reachable under the tmpfs)."""
+
+
 def _limits_args(limits: Limits, uid: int | None) -> list[str]:
     drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]  # fmt: skip
@@ -159,7 +168,7 @@ def command(backend: str, workdir: str, argv: list[str], limits: Limits, uid: in
     if backend == "bwrap":
         return ["bwrap", *_bwrap_args(), "--bind", workdir, SANDBOX_DIR, "--chdir", SANDBOX_DIR, *tail], SANDBOX_DIR
     if backend == "unshare":
-        return [*_unshare_args(), *tail], workdir
+        return [*_unshare_args(), "sh", "-c", _PRIVATE_TMP, "sh", *tail], workdir
     if backend == "insecure":
         return tail, workdir
     raise ValueError(f"backend: one of {BACKENDS}, got {backend!r}")
