@@ -31,7 +31,8 @@ class StdioCase(BaseModel):
 
 class CodeTests(BaseModel):
     """How one code item is checked. `prompt` is code placed before the program when the program does not define
-    `entry_point` itself (HumanEval: the signature and docstring it completes); `setup` runs before the tests."""
+    `entry_point` itself (HumanEval: the signature and docstring it completes); `setup` runs before the program, in
+    its namespace (MBPP's `test_setup_code`)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""The in-sandbox test harness (run as `python -I harness.py <report fd>` in the run's directory; stdlib only).
+"""The in-sandbox test harness (run as `python -I -c <this file> <report fd>` in the run's directory; stdlib only).
 
 It runs first, before any untrusted byte: it reads the run's nonce from stdin, the spec from `spec.json`, deletes
 both files and detaches stdin, then runs the program and the tests, and writes one JSON report carrying the nonce
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import types
 
+RUN_PROGRAM = "__file__ = 'program.py'; exec(compile(open('program.py').read(), 'program.py', 'exec'))"
+"""How a stdin case runs the program: by a relative path, which the unshare backend's hidden directory needs."""
 PLAIN = (int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set, frozenset, range)
 
 
@@ -86,7 +88,7 @@ def _stdio(spec, unit_s, out_cap):
         with open(f"in.{i}", "w") as f:
             f.write(text)
         with open(f"in.{i}") as stdin, open(f"out.{i}", "w") as out:
-            child = subprocess.Popen([sys.executable, "-I", "program.py"], stdin=stdin, stdout=out,
+            child = subprocess.Popen([sys.executable, "-I", "-c", RUN_PROGRAM], stdin=stdin, stdout=out,
                                      stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
             try:
                 child.wait(unit_s)

@@ -8,9 +8,10 @@ One run = one fresh process tree (docs/code_rl.md says what each backend isolate
   place that outlives the run's tmpfs. Started as root, the program's host uid is a non-root `uid` with every
   capability dropped (`setpriv`); started as a user, bwrap makes a user namespace of that user.
 * **unshare** (util-linux, the fallback): new network, PID (with its own `/proc`), mount, IPC and UTS
-  namespaces and the same uid drop, and private tmpfs over `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock`; but the
-  rest of the host filesystem stays visible read-only-by-permissions: the program reads whatever any uid may read
-  (world-readable files under `/etc`, `/home`, ...), though it can write only its own directory.
+  namespaces and the same uid drop; every host mount is remounted read-only inside (best effort: a mount the
+  kernel refuses to remount stays as it was) and private tmpfs cover `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock`;
+  but the host filesystem stays visible: the program reads whatever any uid may read (world-readable files under
+  `/etc`, `/home`, ...), though it can write only its own directory.
 * **insecure** (only when asked for by name): a plain child process with the same limits, a scrubbed environment
   and its own directory: no network, filesystem or process isolation at all.
 
@@ -147,11 +148,14 @@ def _unshare_args() -> list[str]:
 
 
 _PRIVATE_TMP = (
+    'w="$PWD"; mount --bind "$w" "$w" && cd "$w" || exit 125; '
+    'while read -r _ m _; do [ "$m" = "$w" ] || mount -o remount,bind,ro "$m" 2>/dev/null; done < /proc/self/mounts; '
     'for d in /tmp /var/tmp /dev/shm /run/lock; do if [ -d "$d" ]; then mount -t tmpfs -o size=64m,nosuid,nodev '
     'tmpfs "$d" || exit 125; fi; done; exec "$@"'
 )
-"""The unshare backend's first step, as root of its mount namespace: fresh tmpfs over every world-writable directory,
-so the program writes nowhere the host sees but its own directory (its cwd, still reachable under the tmpfs)."""
+"""The unshare backend's first step, as root of its mount namespace: its own directory becomes a mount of its own,
+every other mount is remounted read-only (in this namespace only), and fresh tmpfs cover the usual world-writable
+directories; the program's cwd stays its directory (reachable, writable, though its path is hidden)."""
 
 
 def _limits_args(limits: Limits, uid: int | None) -> list[str]:
