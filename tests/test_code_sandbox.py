@@ -226,30 +226,32 @@ def test_the_sentinel_is_reachable_without_a_sandbox(sentinel):
 # --------------------------------------------------------------------------- real-format problems
 
 
-def reference_items() -> list[tuple[str, str, str, float]]:
-    """(id, response, tests, expected score) for each problem's correct and wrong solution."""
+FORMATS = {"humaneval": ("good", "bad"), "mbpp": ("code", "bad"), "livecodebench": ("good", "bad")}
+
+
+def reference_items(fmt: str) -> list[tuple[str, str, str, float]]:
+    """(id, response, tests, expected score) for each problem's correct and wrong solution, the tests read through
+    the data layer's column mapping for `fmt` from real-format rows (tests/data/code/<fmt>.jsonl)."""
+    good_col, bad_col = FORMATS[fmt]
+    raw = read_jsonl(DATA / f"{fmt}.jsonl")
     items = []
-    for fmt, good_col, bad_col in (
-        ("humaneval", "good", "bad"),
-        ("mbpp", "code", "bad"),
-        ("livecodebench", "good", "bad"),
-    ):
-        raw = read_jsonl(DATA / f"{fmt}.jsonl")
-        for row, mapped in zip(raw, code_rows(raw, fmt, fmt), strict=True):
-            tests = mapped["ground_truth_answer"]
-            items.append(
-                (f"{fmt}:{row.get('task_id', row.get('question_id'))}:good", fenced(row[good_col]), tests, 1.0)
-            )
-            items.append((f"{fmt}:{row.get('task_id', row.get('question_id'))}:bad", fenced(row[bad_col]), tests, 0.0))
+    for row, mapped in zip(raw, code_rows(raw, fmt, fmt), strict=True):
+        name = f"{fmt}:{row.get('task_id', row.get('question_id'))}"
+        tests = mapped["ground_truth_answer"]
+        items += [
+            (f"{name}:good", fenced(row[good_col]), tests, 1.0),
+            (f"{name}:bad", fenced(row[bad_col]), tests, 0.0),
+        ]
     return items
 
 
-def test_reference_solutions_are_scored_item_by_item():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_solutions_are_scored_item_by_item(fmt):
     from services.reward.scoring import check_programs
     from shared.contracts import ScoreItem
 
-    items = reference_items()
-    assert len(items) >= 60
+    items = reference_items(fmt)
+    assert len(items) >= 24
     runner = CodeRunner("auto", workers=WORKERS, unit_s=2.0, all_or_nothing=True)
     try:
         got = check_programs([ScoreItem(id=i, response=r, reference=t) for i, r, t, _ in items], runner)
