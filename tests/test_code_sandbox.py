@@ -30,6 +30,8 @@ from shared.contracts import ScoreStatus
 from shared.data import read_jsonl
 
 BACKENDS = [b for b in ("bwrap", "unshare") if available(b)]
+BACKEND = BACKENDS[0] if BACKENDS else "insecure"
+"""Where no namespace can be made, the scoring tests still run (without isolation); the hostile ones do not."""
 SECRET = "gtpo-secret-" + secrets.token_hex(8)
 WORKERS = 4
 SANDBOX_UIDS = range(BASE_UID, BASE_UID + WORKERS)
@@ -38,8 +40,6 @@ DATA = Path(__file__).parent / "data" / "code"
 CORRECT_F = "\ndef f(x):\n    return x + 1\n"
 F_TESTS = CodeTests(asserts=["assert f(1) == 2", "assert f(5) == 6"]).dumps()
 IO_TESTS = CodeTests(cases=[StdioCase(input="1\n", output="2\n")]).dumps()
-
-pytestmark = pytest.mark.skipif(not BACKENDS, reason="no namespace sandbox can run on this machine")
 
 
 def hostile(sentinel: Path, redis_host: str, redis_port: int, key: str) -> dict[str, tuple[str, str, str]]:
@@ -252,7 +252,7 @@ def test_reference_solutions_are_scored_item_by_item(fmt):
 
     items = reference_items(fmt)
     assert len(items) >= 24
-    runner = CodeRunner("auto", workers=WORKERS, unit_s=2.0, all_or_nothing=True)
+    runner = CodeRunner(BACKEND, workers=WORKERS, unit_s=2.0, all_or_nothing=True)
     try:
         got = check_programs([ScoreItem(id=i, response=r, reference=t) for i, r, t, _ in items], runner)
     finally:
@@ -263,7 +263,7 @@ def test_reference_solutions_are_scored_item_by_item(fmt):
 
 
 def test_fraction_passed_counts_each_test():
-    runner = CodeRunner("auto", workers=2, unit_s=2.0)
+    runner = CodeRunner(BACKEND, workers=2, unit_s=2.0)
     try:
         half = CodeTests(asserts=["assert g(1) == 1", "assert g(2) == 4", "assert g(3) == 9", "assert g(0) == 1"])
         io = CodeTests(cases=[StdioCase(input="2\n", output="4\n"), StdioCase(input="3\n", output="6\n")])
@@ -278,11 +278,12 @@ def test_fraction_passed_counts_each_test():
 # --------------------------------------------------------------------------- through the service
 
 
+@pytest.mark.skipif(not BACKENDS, reason="no namespace sandbox can run on this machine")
 def test_the_service_keeps_answering_while_it_scores_hostile_programs():
     from services.reward.app import create_app
     from services.reward.settings import RewardSettings
 
-    settings = RewardSettings(workers=1, code_workers=2, code_unit_s=UNIT_S, weights={"code": 1.0})
+    settings = RewardSettings(workers=1, code_workers=2, code_unit_s=UNIT_S, weights={"code": 1.0}, sandbox=BACKEND)
     items = [
         {"id": "bomb", "response": fenced("import os\nwhile True:\n    os.fork()\n"), "reference": F_TESTS},
         {
