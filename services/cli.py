@@ -419,6 +419,9 @@ def eval_cmd(
     max_prompt_tokens: int = typer.Option(
         MAX_PROMPT_TOKENS, "--max-prompt-tokens", min=1, help="refuse a longer prompt (template included)"
     ),
+    code_format: str | None = typer.Option(
+        None, "--code-format", help="a code dataset: humaneval | mbpp | livecodebench | trace | primeintellect"
+    ),
     compare: tuple[Path, Path] | None = typer.Option(
         None, "--compare", help="two eval cards A B: B - A per metric with its paired 95% interval"
     ),
@@ -432,7 +435,8 @@ def eval_cmd(
     per forward, AUP, tokens/s, truncation; writes an eval card (every setting, hashes, per-question results).
 
     Protocols (docs/evaluation.md): gtpo eval MATH500 --model DIR --protocol dirl; explicit flags override one setting.
-    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
+    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench; code (scored in the
+    sandbox, docs/code_rl.md): HumanEval, MBPP, LiveCodeBench.
     Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
     Compare: gtpo eval --compare before.json after.json (refuses cards that differ in more than the model).
     Parity: gtpo eval data.json --model DIR --engines torch,reference --temperature 0
@@ -476,8 +480,9 @@ def eval_cmd(
     extra = {"limit": limit, "question_field": question_field, "answer_field": answer_field,
              "answer_extract": answer_extract}  # fmt: skip
     try:
+        code = {} if code_format is None else {"code_format": code_format}
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
-                         answer_extract=answer_extract, max_row_bytes=max_row_bytes)[:limit]  # fmt: skip
+                         answer_extract=answer_extract, max_row_bytes=max_row_bytes, **code)[:limit]  # fmt: skip
         runs = evaluate_cards(model, rows, proto, template=template, chat=chat, rollout_url=rollout_url, seed=seed,
                               engines=engine_list, dataset=dataset, extra_settings=extra,
                               max_prompt_tokens=max_prompt_tokens, question_field=question_field)  # fmt: skip

@@ -90,3 +90,11 @@ def test_pass_at_k_by_hand():
     assert mean_pass_at_k([[True, False, False, False], [True, True, True, True]], 2) == pytest.approx((0.5 + 1.0) / 2)
     with pytest.raises(ValueError, match="k <= n"):
         pass_at_k(3, 1, 4)
+
+
+@pytest.mark.parametrize("module", ["services.code_eval", "shared.code_tests", "services.reward.code"])
+def test_doctests_pass(module):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(module)).failed == 0
