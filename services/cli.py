@@ -629,6 +629,9 @@ def demo_cmd(
         help="also run GTPO with max_staleness=1 (rollout overlapping training) from the same SFT model, both GTPO "
         "arms on one thread per process, and report their RL wall times",
     ),
+    task: str = typer.Option(
+        "math", "--task", help="math (word problems) | code (one-line functions, the sandboxed code reward)"
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
@@ -637,6 +640,7 @@ def demo_cmd(
 
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
+    from services.code_task import CodeTaskError
     from services.demo import DemoConfig, ReuseError, run_demo
     from shared.tasks import TaskError
 
@@ -644,10 +648,13 @@ def demo_cmd(
                  f"overlap={str(overlap).lower()}", f"reuse={str(reuse).lower()}"]  # fmt: skip
     if speed_method is not None:
         overrides.append(f"speed_method={speed_method}")
+    if task == "code" and not any(a.startswith("max_new_tokens=") for a in ctx.args):
+        overrides.insert(0, "max_new_tokens=32")  # a fenced one-liner is ~26 bytes, each a token of the tiny model
+    overrides.insert(0, f"task={task}")
     cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=dry_run, environ={})
     try:
         run_demo(cfg)
-    except (TaskError, ReuseError) as e:
+    except (TaskError, CodeTaskError, ReuseError) as e:
         raise _fail("demo", str(e)) from None
 
 
