@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from services.code_task import CodeTaskError, CodeTaskSpec, make_code_splits, program, write_code_task
+from services.code_task import CodeTaskError, CodeTaskSpec, make_code_splits, write_code_task
 from services.reward.code import CodeRunner
 from services.reward.sandbox import available
 from services.reward.scoring import check_programs
