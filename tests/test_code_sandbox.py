@@ -307,3 +307,20 @@ def test_the_service_keeps_answering_while_it_scores_hostile_programs():
         assert client.get("/health").status_code == 200
         again = client.post("/v1/score", json={"items": [items[2]]}).json()["results"][0]
         assert again["total"] == 1.0
+
+
+def test_tasks_of_uid_counts_this_process_threads():
+    import threading
+
+    from services.reward.sandbox import tasks_of_uid
+
+    stop = threading.Event()
+    extra = [threading.Thread(target=stop.wait) for _ in range(3)]
+    for t in extra:
+        t.start()
+    try:
+        assert tasks_of_uid(os.getuid()) >= threading.active_count() >= 4
+    finally:
+        stop.set()
+        for t in extra:
+            t.join()

@@ -158,11 +158,28 @@ every other mount is remounted read-only (in this namespace only), and fresh tmp
 directories; the program's cwd stays its directory (reachable, writable, though its path is hidden)."""
 
 
+def tasks_of_uid(uid: int) -> int:
+    """Tasks (threads included: what RLIMIT_NPROC counts) of host uid `uid` now, from /proc."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if proc.stat().st_uid == uid:
+                total += sum(1 for _ in (proc / "task").iterdir())
+        except OSError:  # gone meanwhile
+            continue
+    return total
+
+
 def _limits_args(limits: Limits, uid: int | None) -> list[str]:
+    """setpriv (uid drop, when root) and prlimit. Without a uid of its own, the program shares the service's uid, whose
+    tasks RLIMIT_NPROC also counts: the cap is then `nproc` above what that uid runs now."""
+    nproc = limits.nproc if uid is not None else limits.nproc + tasks_of_uid(os.getuid())
     drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]  # fmt: skip
     mb = 1024 * 1024
-    return [*drop, "prlimit", f"--cpu={limits.cpu_s}", f"--as={limits.memory_mb * mb}", f"--nproc={limits.nproc}",
+    return [*drop, "prlimit", f"--cpu={limits.cpu_s}", f"--as={limits.memory_mb * mb}", f"--nproc={nproc}",
             f"--nofile={limits.nofile}", f"--fsize={limits.fsize_mb * mb}", "--core=0", "--"]  # fmt: skip
 
 
