@@ -98,3 +98,24 @@ def test_doctests_pass(module):
     import importlib
 
     assert doctest.testmod(importlib.import_module(module)).failed == 0
+
+
+def test_eval_scores_code_rows_with_the_code_reward(tmp_path):
+    """`gtpo eval`'s scoring: code references go to the sandbox, a sample is correct when every test passes."""
+    from services.evaluate import score_questions
+    from services.reward.verify import VerifierPool
+    from shared.contracts import Rollout, SamplingParams
+
+    rows = code_rows([{"text": "t", "test_list": ["assert g(2) == 4", "assert g(3) == 9"]}], "mb", "mbpp")
+
+    def rollout(text: str, seed: int) -> Rollout:
+        return Rollout(prompt_ids=[1], token_ids=[2, 3], step_map=[1, 2], text=text, finish_reason="stop",
+                       params=SamplingParams(max_new_tokens=8, block_size=4), seed=seed)  # fmt: skip
+
+    group = [rollout("```python\ndef g(x):\n    return x * x\n```", 0), rollout("```python\ndef g(x):\n    return 4\n```", 1),
+             rollout("no code", 2)]  # fmt: skip
+    with VerifierPool(workers=1) as pool:
+        (question,), errors = score_questions(rows, [group], pool)
+    assert errors == 0
+    assert [s.correct for s in question.samples] == [True, False, False]
+    assert mean_pass_at_k([[s.correct for s in question.samples]], 1) == pytest.approx(1 / 3)
