@@ -26,8 +26,11 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from shared.code_tests import CodeTests, StdioCase
+from shared.contracts import ScoreItem
 from shared.data import DataError
 
+REFERENCE_CHARS = next(m.max_length for m in ScoreItem.model_fields["reference"].metadata if hasattr(m, "max_length"))
+"""The contract's cap on a reference (`ScoreItem.reference`): a row whose tests are longer cannot be scored."""
 CodeFormat = Literal["humaneval", "mbpp", "livecodebench", "trace", "primeintellect"]
 
 
@@ -106,7 +109,11 @@ def code_rows(rows: list[Mapping[str, Any]], source: str, code_format: CodeForma
             raise CodeDataError(f"data: {source} row {i}: no column {e} ({code_format}); the row has {have}") from None
         except (ValueError, TypeError, ValidationError) as e:
             raise CodeDataError(f"data: {source} row {i}: unusable tests ({code_format}): {e}"[:500]) from None
-        out.append({"question": str(question), "ground_truth_answer": tests.dumps()})
+        answer = tests.dumps()
+        if len(answer) > REFERENCE_CHARS:  # caught here, by row, not as a dead letter in the middle of a run
+            raise CodeDataError(f"data: {source} row {i}: its tests take {len(answer)} characters, over the "
+                                f"{REFERENCE_CHARS} a reward item's reference may hold; drop the row")  # fmt: skip
+        out.append({"question": str(question), "ground_truth_answer": answer})
     if not out:
         raise CodeDataError(f"data: {source}: no rows")
     return out

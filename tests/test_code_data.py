@@ -57,6 +57,8 @@ def test_bad_rows_name_the_row_and_the_column():
                   "src", "livecodebench")  # fmt: skip
     with pytest.raises(CodeDataError, match="(?s)row 1: unusable tests.*exactly one"):
         code_rows([{"question": "q", "test_method": "function", "test_list": []}], "src", "trace")
+    with pytest.raises(CodeDataError, match="row 1: its tests take .* over the 100000"):
+        code_rows([{"text": "t", "test_list": ["assert f() == '" + "x" * 100_000 + "'"]}], "src", "mbpp")
     with pytest.raises(CodeDataError, match="code_format: one of"):
         code_rows([{}], "src", "apps")  # type: ignore[arg-type]
 
