@@ -324,3 +324,19 @@ def test_tasks_of_uid_counts_this_process_threads():
         stop.set()
         for t in extra:
             t.join()
+
+
+def test_a_sandbox_that_never_started_the_harness_is_an_error_not_a_zero():
+    from services.reward.code import read_verdict
+    from services.reward.sandbox import RunResult
+
+    tests = CodeTests(asserts=["assert f(1) == 2"])
+    failed = RunResult(127, b"", b"prlimit: failed to execute python3", b"", False, False, 0.01)
+    v = read_verdict(failed, "n" * 32, tests, all_or_nothing=False)
+    assert (v.status, v.score) == (ScoreStatus.error, None) and "did not start the harness" in v.detail
+    exited = RunResult(0, b"", b"", b"S", False, False, 0.01)  # started, then the program ended it: it failed
+    assert read_verdict(exited, "n" * 32, tests, all_or_nothing=False).score == 0.0
+    forged = RunResult(0, b"", b"", b'S{"nonce": "x", "passed": [true]}', False, False, 0.01)
+    assert read_verdict(forged, "n" * 32, tests, all_or_nothing=False).score == 0.0
+    honest = RunResult(0, b"", b"", b'S{"nonce": "' + b"n" * 32 + b'", "passed": [true]}', False, False, 0.01)
+    assert read_verdict(honest, "n" * 32, tests, all_or_nothing=False).score == 1.0

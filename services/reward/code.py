@@ -35,6 +35,8 @@ HARNESS = (Path(__file__).parent / "code_harness.py").read_text()
 SLACK_S = 2.0
 """Wall-clock allowance per run on top of its tests' own time: interpreter start-up and the sandbox's set-up."""
 DETAIL_CHARS = 300
+STARTED = b"S"
+"""The harness's first byte on the report pipe, before any program runs."""
 
 
 @dataclass(frozen=True)
@@ -83,15 +85,20 @@ def _describe_failure(run: RunResult) -> str:
 
 def read_verdict(run: RunResult, nonce: str, tests: CodeTests, all_or_nothing: bool) -> CodeVerdict:
     """The verdict of one finished run (see the module's docstring for what each outcome means)."""
+    started, body = run.report[:1] == STARTED, run.report[1:]
+    if not started and not run.timed_out:
+        tail = run.stderr.decode("utf-8", "replace").strip()[-200:]
+        return CodeVerdict(ScoreStatus.error, None, 0, tests.units,
+                           f"the sandbox did not start the harness (exit code {run.returncode}): {tail}")  # fmt: skip
     if run.timed_out:
         return CodeVerdict(ScoreStatus.timeout, None, 0, tests.units, "the run passed its wall-clock limit: killed",
                            run.elapsed_s)  # fmt: skip
     try:
-        report = json.loads(run.report) if not run.overflow else None
+        report = json.loads(body) if not run.overflow else None
     except ValueError:
         report = None
     if not isinstance(report, dict) or report.get("nonce") != nonce:
-        detail = _describe_failure(run) if not run.report else "the report channel was written by the program"
+        detail = _describe_failure(run) if not body else "the report channel was written by the program"
         return CodeVerdict(ScoreStatus.ok, 0.0, 0, tests.units, detail, run.elapsed_s)
     if tests.cases:
         outs = report.get("outputs") or []

@@ -106,6 +106,7 @@ def _stdio(spec, unit_s, out_cap):
 
 def main():
     report = int(sys.argv[1])
+    os.write(report, b"S")  # started: without this byte the parent knows the sandbox itself failed, not the program
     nonce = sys.stdin.read().strip()
     with open("spec.json") as f:
         spec = json.load(f)

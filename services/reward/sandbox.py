@@ -78,9 +78,12 @@ class SandboxUnavailable(RuntimeError):
     """No backend that isolates can run here, and the insecure one was not asked for."""
 
 
-def _works(argv: list[str]) -> bool:
+def _works(argv: list[str], cwd: str) -> bool:
     try:
-        return subprocess.run(argv, capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"}).returncode == 0
+        return (
+            subprocess.run(argv, capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"}, cwd=cwd).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -92,11 +95,17 @@ def available(backend: str) -> bool:
         return True
     if shutil.which("prlimit") is None or (os.geteuid() == 0 and shutil.which("setpriv") is None):
         return False
-    if backend == "bwrap":
-        return shutil.which("bwrap") is not None and _works(["bwrap", *_bwrap_args(), "true"])
-    if backend == "unshare":
-        return shutil.which("unshare") is not None and _works([*_unshare_args(), "true"])
-    raise ValueError(f"backend: one of {BACKENDS}, got {backend!r}")
+    if backend not in ("bwrap", "unshare"):
+        raise ValueError(f"backend: one of {BACKENDS}, got {backend!r}")
+    if shutil.which(backend) is None:
+        return False
+    # the whole chain, as a run makes it: namespaces, mounts, uid drop, limits and the interpreter
+    with tempfile.TemporaryDirectory(prefix="gtpo-probe-") as workdir:
+        uid = BASE_UID if os.geteuid() == 0 else None
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        argv, _ = command(backend, workdir, [interpreter(), "-I", "-c", "pass"], Limits(), uid)
+        return _works(argv, workdir)
 
 
 def pick_backend(requested: str = "auto") -> str:
@@ -118,8 +127,18 @@ def pick_backend(requested: str = "auto") -> str:
     return requested
 
 
+@cache
+def interpreter() -> str:
+    """The Python programs run on: the system's `python3` (under /usr: inside every backend's view, and readable by
+    the dropped uid), else this service's own interpreter. Programs get the standard library only, either way."""
+    system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    return os.path.realpath(system) if system else os.path.realpath(sys.executable)
+
+
 def _python_dirs() -> list[str]:
-    """The interpreter's installation: what the sandbox binds read-only besides /usr."""
+    """The interpreter's installation, when it is not under /usr: what bwrap binds read-only besides /usr."""
+    if interpreter().startswith("/usr/"):
+        return []
     prefix = os.path.realpath(sys.base_prefix)
     return [] if prefix == "/usr" or prefix.startswith("/usr/") else [prefix]
 
@@ -195,12 +214,6 @@ def command(backend: str, workdir: str, argv: list[str], limits: Limits, uid: in
     raise ValueError(f"backend: one of {BACKENDS}, got {backend!r}")
 
 
-def _others_can_run(path: str) -> bool:
-    """Every directory above `path` is searchable and `path` itself executable by any uid."""
-    p = Path(path)
-    return all(os.stat(d).st_mode & 0o001 for d in p.parents) and bool(os.stat(p).st_mode & 0o001)
-
-
 def _env(home: str) -> dict[str, str]:
     # nothing from the service's environment: no REDIS_URL, no tokens, no PYTHON* variables
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
@@ -256,12 +269,8 @@ class Sandbox:
     base_dir: str | None = None
 
     def python(self) -> str:
-        """The interpreter the program runs on: this one, unless a backend that shows the host filesystem would
-        hide it from the dropped uid (an interpreter under `/root`); then the system's `python3`."""
-        exe = os.path.realpath(sys.executable)
-        if self.backend == "bwrap" or os.geteuid() != 0 or _others_can_run(exe):
-            return exe
-        return shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or exe
+        """The interpreter the program runs on (`interpreter()`)."""
+        return interpreter()
 
     def run(self, args: list[str], files: dict[str, str], stdin: str = "", slot: int = 0) -> RunResult:
         """Run `python <args>` in a new empty directory holding `files` (name -> text) with `stdin` as input.
