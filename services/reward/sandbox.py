@@ -74,8 +74,9 @@ class RunResult:
     elapsed_s: float
 
 
-class SandboxUnavailable(RuntimeError):
-    """No backend that isolates can run here, and the insecure one was not asked for."""
+class SandboxUnavailable(ValueError):
+    """No backend that isolates can run here, and the insecure one was not asked for (a configuration error:
+    `gtpo eval` reports it in one line)."""
 
 
 def _works(argv: list[str], cwd: str) -> bool:
