@@ -340,3 +340,36 @@ def test_a_sandbox_that_never_started_the_harness_is_an_error_not_a_zero():
     assert read_verdict(forged, "n" * 32, tests, all_or_nothing=False).score == 0.0
     honest = RunResult(0, b"", b"", b'S{"nonce": "' + b"n" * 32 + b'", "passed": [true]}', False, False, 0.01)
     assert read_verdict(honest, "n" * 32, tests, all_or_nothing=False).score == 1.0
+
+
+NON_ROOT_PROBE = """
+import sys, os
+sys.path.insert(0, sys.argv[1])
+from services.reward.sandbox import REPORT_FD, Limits, Sandbox, available
+program = "import socket, sys, os\\nos.write(int(sys.argv[1]), b'up')\\n" \\
+    "print(socket.socket().connect_ex(('127.0.0.1', 6379)) != 0)\\n" \\
+    "try:\\n    open(sys.argv[2] + '/evil', 'w')\\n    print(False)\\nexcept OSError:\\n    print(True)\\n"
+for b in ("bwrap", "unshare"):
+    if available(b):
+        r = Sandbox(b, Limits(wall_s=5)).run(["-I", "-c", program, REPORT_FD, sys.argv[2]], {})
+        print(b, r.report.decode(), r.stdout.decode().split())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(), reason="needs root to become a user")
+def test_a_non_root_service_gets_the_same_isolation(sentinel):
+    """The service as an ordinary user (no uid drop: a user namespace instead): no network, nothing written outside."""
+    import subprocess
+
+    repo = str(Path(__file__).resolve().parents[1])
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                            NON_ROOT_PROBE, repo, str(sentinel)], capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})  # fmt: skip
+    if "No module named" in probe.stderr or "Permission denied" in probe.stderr:
+        pytest.skip(f"the worktree is not readable by an ordinary user: {probe.stderr[-200:]}")
+    lines = probe.stdout.split("\n")
+    ran = [line for line in lines if line.startswith(("bwrap", "unshare"))]
+    assert ran, probe.stderr[-500:]
+    for line in ran:
+        assert line.endswith("up ['True', 'True']"), line
+    assert sorted(p.name for p in sentinel.iterdir()) == ["keep.txt"]
