@@ -1,6 +1,12 @@
 """Answer-checking throughput: the VerifierPool (2 and 4 workers) against in-line math-verify, in one process.
 
     python bench/reward.py [--pairs 200] [--repeats 3] [--timeout-s 5]
+    python bench/reward.py --code [--items 72] [--repeats 2]
+
+`--code` measures the `code` reward instead: programs/s through the CodeRunner with 1 worker (in-line) and with
+`--workers` sandboxes, on each sandbox backend this machine runs and on the bare subprocess (`insecure`: the same
+limits, no namespaces), over the right and wrong reference solutions of tests/data/code (HumanEval, MBPP and
+LiveCodeBench formats), so the table shows the pool's gain and the sandbox's cost.
 
 Each repeat draws a fresh set of ~200 realistic (answer, reference) pairs (integers, fractions, decimals,
 radicals, polynomials, intervals, tuples; about a third wrong), so neither math-verify's parse cache nor a
@@ -102,12 +108,61 @@ def timed(fn: Callable[[], list[Verdict]]) -> tuple[float, list[Verdict]]:
     return time.perf_counter() - t0, out
 
 
+def code_jobs(n: int) -> list[tuple[str, str]]:
+    """`n` (program, tests) jobs cycling over the reference problems' right and wrong solutions."""
+    from shared.code_data import code_rows
+    from shared.code_tests import extract_program
+    from shared.data import read_jsonl
+
+    data = Path(__file__).resolve().parents[1] / "tests" / "data" / "code"
+    jobs = []
+    for fmt, good in (("humaneval", "good"), ("mbpp", "code"), ("livecodebench", "good")):
+        raw = read_jsonl(data / f"{fmt}.jsonl")
+        for row, mapped in zip(raw, code_rows(raw, fmt, fmt), strict=True):  # type: ignore[arg-type]
+            for col in (good, "bad"):
+                program = extract_program(f"```python\n{row[col]}```")
+                jobs.append((program or "", mapped["ground_truth_answer"]))
+    return [jobs[i % len(jobs)] for i in range(n)]
+
+
+def code_bench(items: int, repeats: int, workers: int) -> None:
+    from services.reward.code import CodeRunner
+    from services.reward.sandbox import available
+
+    jobs = code_jobs(items)
+    backends = [b for b in ("bwrap", "unshare") if available(b)] + ["insecure"]
+    rows = []
+    for backend in backends:
+        for n in (1, workers):
+            runner = CodeRunner(backend, workers=n, unit_s=2.0)
+            try:
+                runs = [timed(lambda r=runner: r.run_many(jobs)) for _ in range(repeats)]
+            finally:
+                runner.close()
+            rows.append((backend, n, statistics.median(t for t, _ in runs), runs[0][1]))
+    base = next(t for b, n, t, _ in rows if b == "insecure" and n == 1)
+    print(f"\n{items} programs x {repeats} repeats, {os.cpu_count()} CPUs\n")
+    print("| sandbox | workers | programs/s | passed / not ok | x bare in-line |")
+    print("|---|---:|---:|---:|---:|")
+    for backend, n, t, verdicts in rows:
+        passed = sum(v.score == 1.0 for v in verdicts)
+        not_ok = sum(v.status != "ok" for v in verdicts)
+        name = "bare subprocess (insecure)" if backend == "insecure" else backend
+        print(f"| {name} | {n} | {items / t:.1f} | {passed} / {not_ok} | {base / t:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout-s", type=float, default=5.0)
+    ap.add_argument("--code", action="store_true", help="benchmark the code reward instead")
+    ap.add_argument("--items", type=int, default=72, help="--code: programs per repeat")
+    ap.add_argument("--workers", type=int, default=4, help="--code: sandboxes in the pool")
     args = ap.parse_args()
+    if args.code:
+        code_bench(args.items, args.repeats, args.workers)
+        return
 
     sets = [pair_set(seed, args.pairs) for seed in range(args.repeats)]
     check_inline(pair_set(10_000, 20), args.timeout_s)  # import and warm math-verify in this process

@@ -403,6 +403,9 @@ def eval_cmd(
     max_prompt_tokens: int | None = typer.Option(
         None, "--max-prompt-tokens", min=1, help="refuse a longer prompt (template included)"
     ),
+    code_format: str | None = typer.Option(
+        None, "--code-format", help="a code dataset: humaneval | mbpp | livecodebench | trace | primeintellect"
+    ),
     compare: tuple[Path, Path] | None = typer.Option(
         None, "--compare", help="two eval cards A B: B - A per metric with its paired 95% interval"
     ),
@@ -416,7 +419,8 @@ def eval_cmd(
     per forward, AUP, tokens/s, truncation; writes an eval card (every setting, hashes, per-question results).
 
     Protocols (docs/evaluation.md): gtpo eval MATH500 --model DIR --protocol dirl; explicit flags override one setting.
-    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
+    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench; code (scored in the
+    sandbox, docs/code_rl.md): HumanEval, MBPP, LiveCodeBench.
     Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
     Compare: gtpo eval --compare before.json after.json (refuses cards that differ in more than the model).
     Parity: gtpo eval data.json --model DIR --engines torch,reference --temperature 0
@@ -441,8 +445,9 @@ def eval_cmd(
     extra = {"limit": limit, "question_field": question_field, "answer_field": answer_field,
              "answer_extract": answer_extract}  # fmt: skip
     try:
+        code = {} if code_format is None else {"code_format": code_format}
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
-                         answer_extract=answer_extract, max_row_bytes=max_row_bytes)[:limit]  # fmt: skip
+                         answer_extract=answer_extract, max_row_bytes=max_row_bytes, **code)[:limit]  # fmt: skip
         runs = evaluate_cards(model, rows, proto, template=template, chat=chat, rollout_url=rollout_url, seed=seed,
                               engines=engine_list, dataset=dataset, extra_settings=extra,
                               max_prompt_tokens=max_prompt_tokens, question_field=question_field)  # fmt: skip
@@ -626,6 +631,9 @@ def demo_cmd(
         help="also run GTPO with max_staleness=1 (rollout overlapping training) from the same SFT model, both GTPO "
         "arms on one thread per process, and report their RL wall times",
     ),
+    task: str = typer.Option(
+        "math", "--task", help="math (word problems) | code (one-line functions, the sandboxed code reward)"
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
@@ -634,6 +642,7 @@ def demo_cmd(
 
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
+    from services.code_task import CodeTaskError
     from services.demo import DemoConfig, ReuseError, run_demo
     from shared.tasks import TaskError
 
@@ -641,10 +650,13 @@ def demo_cmd(
                  f"overlap={str(overlap).lower()}", f"reuse={str(reuse).lower()}"]  # fmt: skip
     if speed_method is not None:
         overrides.append(f"speed_method={speed_method}")
+    if task == "code" and not any(a.startswith("max_new_tokens=") for a in ctx.args):
+        overrides.insert(0, "max_new_tokens=32")  # a fenced one-liner is ~26 bytes, each a token of the tiny model
+    overrides.insert(0, f"task={task}")
     cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=dry_run, environ={})
     try:
         run_demo(cfg)
-    except (TaskError, ReuseError) as e:
+    except (TaskError, CodeTaskError, ReuseError) as e:
         raise _fail("demo", str(e)) from None
 
 

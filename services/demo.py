@@ -33,6 +33,11 @@ class DemoConfig(BaseModel):
 
     out: Path = Field(Path("runs/demo"), description="run directory")
     seed: int = Field(0, ge=0, description="model init, SFT and RL seeds")
+    task: Literal["math", "code"] = Field(
+        "math",
+        description="math: word problems, accuracy reward; code: one-line functions (services/code_task.py), "
+        "code reward in the sandbox (boxed_rate is then the share of fenced SFT answers; set max_new_tokens >= 24)",
+    )
     max_operand: int = Field(9, ge=2, description="task difficulty: operands in 0..max_operand")
     ops: str = Field("+", description="operations: any of + - *")
     max_second: int | None = Field(None, ge=1, description="second operand in 1..this (None: like the first)")
@@ -131,7 +136,7 @@ def speed_arm(cfg: DemoConfig, method: str, out: Path) -> Arm:
                reward_norm=m.reward_norm)  # fmt: skip
 
 
-SFT_FIELDS = ("seed", "max_operand", "ops", "max_second", "split", "n_test", "boxed_rate", "block_size", "n_train",
+SFT_FIELDS = ("seed", "task", "max_operand", "ops", "max_second", "split", "n_test", "boxed_rate", "block_size", "n_train",
               "sft_steps", "sft_batch", "sft_lr")  # fmt: skip
 """What the SFT checkpoint depends on."""
 EVAL_FIELDS = (*SFT_FIELDS, "max_new_tokens", "eval_k")
@@ -197,7 +202,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("task and tiny model")
     spec = TaskSpec(max_operand=cfg.max_operand, ops=cfg.ops, max_second=cfg.max_second, split=cfg.split,
                     boxed_rate=cfg.boxed_rate)  # fmt: skip
-    data = write_task(out / "data", spec, cfg.n_train, cfg.n_test)
+    data = write_task(out / "data", spec, cfg.n_train, cfg.n_test) if cfg.task == "math" else _code_task(cfg, out)
     test_rows = load_rows(str(data["test"]))
     init_dir = init_tiny(out / "init", seed=cfg.seed, block_size=cfg.block_size)
     console.print(f"{len(test_rows)} held-out questions ({cfg.split} split), model in {init_dir}")
@@ -218,9 +223,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         run_sft(sft)
         sft_done.write_text(json.dumps({"settings": fingerprint(cfg, SFT_FIELDS), "model": str(sft_model)}, indent=2))
 
-    arms = {"gtpo": Arm("GTPO", out / "rl", {"accuracy": 1.0}, 0.0, one_thread=cfg.overlap)}
+    reward = {"accuracy": 1.0} if cfg.task == "math" else {"code": 1.0}
+    arms = {"gtpo": Arm("GTPO", out / "rl", reward, 0.0, one_thread=cfg.overlap)}
     if cfg.overlap:
-        arms["gtpo_async"] = Arm("GTPO k=1", out / "rl_async", {"accuracy": 1.0}, 0.0, max_staleness=1, one_thread=True)
+        arms["gtpo_async"] = Arm("GTPO k=1", out / "rl_async", reward, 0.0, max_staleness=1, one_thread=True)
     for method in cfg.methods:
         arms[f"gtpo_{method}"] = speed_arm(cfg, method, out)
     stage("evaluate the SFT model")
@@ -267,6 +273,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     metrics = ", ".join(str(arm.run_dir / "metrics.jsonl") for arm in arms.values())
     console.print(f"plots: {', '.join(map(str, plots))}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
     return summary
+
+
+def _code_task(cfg: DemoConfig, out: Path) -> dict[str, Path]:
+    from services.code_task import CodeTaskError, CodeTaskSpec, write_code_task
+
+    if cfg.speed:
+        raise CodeTaskError("speed: the speed arms weigh accuracy; run them with task=math")
+    spec = CodeTaskSpec(max_operand=cfg.max_operand, ops=cfg.ops, seed=cfg.seed, fence_rate=cfg.boxed_rate)
+    return write_code_task(out / "data", spec, cfg.n_train, cfg.n_test)
 
 
 def _finished(cfg: DemoConfig, arm: Arm) -> dict | None:

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shared.code_tests import is_code_reference
 from shared.contracts import GenerationRequest, Rollout, SamplingParams, ScoreStatus
 from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt
 
@@ -51,17 +52,22 @@ def load_rows(dataset: str, **columns) -> list[dict]:
     save_to_disk folder, hf:org/name[:config][:split]) or a named preset (hub); a split left out is `test`.
 
     Args:
-        columns: question_field, answer_field, answer_extract (see `shared.data.map_columns`).
+        columns: question_field, answer_field, answer_extract (see `shared.data.map_columns`), code_format (a code
+            dataset: `shared.code_data`; the code presets set it).
     """
+    from services.code_eval import CODE_PRESETS
     from shared.data import HUB_PREFIX, load_qa
 
     source = dataset
-    if dataset in PRESETS and not Path(dataset).exists():
+    if dataset in CODE_PRESETS and not Path(dataset).exists():
+        source, columns["code_format"] = f"{HUB_PREFIX}{CODE_PRESETS[dataset][0]}", CODE_PRESETS[dataset][1]
+    elif dataset in PRESETS and not Path(dataset).exists():
         name, split = PRESETS[dataset]
         source = f"{HUB_PREFIX}{name}::{split}"
     elif not dataset.startswith(HUB_PREFIX) and not Path(dataset.rpartition(":")[0] or dataset).exists():
         raise ValueError(
-            f"dataset: {dataset} is neither a file nor a preset ({', '.join(PRESETS)}), a datasets folder or hf:org/name"
+            f"dataset: {dataset} is neither a file nor a preset ({', '.join([*PRESETS, *CODE_PRESETS])}), a datasets "
+            "folder or hf:org/name"
         )
     return load_qa(source, default_split="test", **columns)
 
@@ -154,11 +160,12 @@ def score_questions(rows: list[dict], groups: list[list[Rollout]], pool) -> tupl
     """
     from services.eval_card import QuestionResult, SampleResult, sha256_text, sha256_tokens
     from services.reward.rewards import extract_last_boxed
-    from services.reward.scoring import item_from_rollout, score_items
+    from services.reward.scoring import item_from_rollout
 
     items = [item_from_rollout(f"{qi}:{si}", r, str(row["ground_truth_answer"]))
              for qi, (row, group) in enumerate(zip(rows, groups, strict=True)) for si, r in enumerate(group)]  # fmt: skip
-    results = iter(score_items(items, {"accuracy": 1.0}, pool) if items else [])
+    reward = "code" if items and is_code_reference(items[0].reference) else "accuracy"
+    results = iter(_score(items, reward, pool) if items else [])
     out, errors = [], 0
     for qi, (row, group) in enumerate(zip(rows, groups, strict=True)):
         samples = []
@@ -166,13 +173,27 @@ def score_questions(rows: list[dict], groups: list[list[Rollout]], pool) -> tupl
             res = next(results)
             errors += res.status != ScoreStatus.ok
             samples.append(SampleResult(
-                seed=r.seed, correct=res.status == ScoreStatus.ok and res.components.get("accuracy", 0.0) == 1.0,
+                seed=r.seed, correct=res.status == ScoreStatus.ok and res.components.get(reward, 0.0) == 1.0,
                 boxed=bool((extract_last_boxed(r.text) or "").strip()), length=len(r.token_ids),
                 steps=denoising_steps(r.step_map), finish_reason=r.finish_reason,
                 tokens_sha256=sha256_tokens(r.token_ids), text=r.text[:2000],
             ))  # fmt: skip
         out.append(QuestionResult(index=qi, question_sha256=sha256_text(str(row["question"])), samples=samples))
     return out, errors
+
+
+def _score(items: list, reward: str, pool) -> list:
+    """Maths through the verifier pool; code through a sandbox pool of its own (correct = every test passes)."""
+    from services.reward.code import CodeRunner
+    from services.reward.scoring import score_items
+
+    if reward != "code":
+        return score_items(items, {"accuracy": 1.0}, pool)
+    runner = CodeRunner()
+    try:
+        return score_items(items, {"code": 1.0}, pool, code=runner)
+    finally:
+        runner.close()
 
 
 def score(rows: list[dict], groups: list[list[Rollout]], pool) -> EvalResult:

@@ -314,8 +314,14 @@ def load_qa(
     answer_extract: AnswerExtract = "none",
     default_split: str = "train",
     max_row_bytes: int = MAX_ROW_BYTES,
+    code_format: str | None = None,
 ) -> list[dict[str, str]]:
-    """`read_rows` then `map_columns`: the RL / eval rows of a source."""
+    """`read_rows` then `map_columns`: the RL / eval rows of a source; with `code_format`, the rows of a code
+    dataset with their tests as the answer (`shared.code_data.code_rows`; the column fields are then unused)."""
     rows = read_rows(source, default_split=default_split, max_row_bytes=max_row_bytes)
+    if code_format is not None:
+        from shared.code_data import code_rows
+
+        return code_rows(rows, str(source), code_format)  # type: ignore[arg-type]  # code_rows checks the name
     return map_columns(rows, source, question_field=question_field, answer_field=answer_field,
                        answer_extract=answer_extract)  # fmt: skip

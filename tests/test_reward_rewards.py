@@ -31,6 +31,7 @@ def test_registry_names_and_doctests():
         "speed",
         "speed_penalty",
         "speed_gated",
+        "code",
     }
     assert all(">>>" in (fn.__doc__ or "") for fn in REWARDS.values())
     assert rewards.NEEDS_VERDICT <= set(REWARDS)

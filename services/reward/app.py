@@ -14,8 +14,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from services.reward.code import CodeRunner
 from services.reward.metrics import RewardMetrics
 from services.reward.routes import router
+from services.reward.sandbox import Limits, SandboxUnavailable
 from services.reward.settings import RewardSettings
 from services.reward.verify import CheckFn, VerifierPool, check_pair
 from shared.http import SafeJSONResponse, health_router, install_error_handlers
@@ -35,7 +37,7 @@ def create_app(settings: RewardSettings | None = None, *, check: CheckFn = check
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = VerifierPool(settings.workers, settings.timeout_s, memory_mb=settings.memory_mb, check=check)
-        app.state.pool = pool
+        app.state.pool, app.state.code = pool, _code_runner(settings)
         stop, thread = threading.Event(), None
         try:
             if not await run_in_threadpool(pool.wait_ready):
@@ -43,15 +45,17 @@ def create_app(settings: RewardSettings | None = None, *, check: CheckFn = check
             if settings.worker:
                 from services.reward.worker import start_worker
 
-                app.state.worker = start_worker(pool, settings, stop)
+                app.state.worker = start_worker(pool, settings, stop, app.state.code)
                 thread = app.state.worker.thread
             yield
         finally:
             stop.set()
             if thread is not None:
                 await run_in_threadpool(thread.join, 30)
-            app.state.pool, app.state.worker = None, None
+            code, app.state.pool, app.state.worker, app.state.code = app.state.code, None, None, None
             await run_in_threadpool(pool.close)
+            if code is not None:
+                await run_in_threadpool(code.close)
 
     app = FastAPI(
         title="gtpo reward",
@@ -61,12 +65,26 @@ def create_app(settings: RewardSettings | None = None, *, check: CheckFn = check
         max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
-    app.state.pool, app.state.worker = None, None
+    app.state.pool, app.state.worker, app.state.code = None, None, None
     app.state.metrics = RewardMetrics(lambda: app.state.pool)
     install_error_handlers(app)
     app.include_router(health_router(lambda: _pool_problem(app), lambda: app.state.pool.stats()))
     app.include_router(router)
     return app
+
+
+def _code_runner(settings: RewardSettings) -> CodeRunner | None:
+    """The code reward's sandbox pool, or None (logged) where no sandbox can run: code items then score `error`."""
+    try:
+        runner = CodeRunner(settings.sandbox, settings.code_workers, settings.code_unit_s,
+                            limits=Limits(memory_mb=settings.code_memory_mb),
+                            all_or_nothing=settings.code_all_or_nothing)  # fmt: skip
+    except SandboxUnavailable as e:
+        log.warning("the code reward cannot run: %s", e)
+        return None
+    if runner.backend == "insecure":
+        log.warning("the code reward runs programs WITHOUT isolation (sandbox=insecure): trusted code only")
+    return runner
 
 
 def _pool_problem(app: FastAPI) -> str | None:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from services.reward.code import CodeRunner
 from services.reward.metrics import RewardMetrics
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
@@ -19,6 +20,11 @@ def get_metrics(request: Request) -> RewardMetrics:
     return request.app.state.metrics
 
 
+def get_code(request: Request) -> CodeRunner | None:
+    """The code sandbox runner; None where no sandbox can run (code items then score `error`)."""
+    return request.app.state.code
+
+
 def get_pool(request: Request) -> VerifierPool:
     pool = request.app.state.pool
     if pool is None:
@@ -29,3 +35,4 @@ def get_pool(request: Request) -> VerifierPool:
 SettingsDep = Annotated[RewardSettings, Depends(get_settings)]
 MetricsDep = Annotated[RewardMetrics, Depends(get_metrics)]
 PoolDep = Annotated[VerifierPool, Depends(get_pool)]
+CodeDep = Annotated[CodeRunner | None, Depends(get_code)]

@@ -217,6 +217,18 @@ def speed_gated(item: ScoreItem, correct: bool | None) -> float:
     return cosfn(u, T, 1.0, 0.0) if ok else 0.0
 
 
+def code(item: ScoreItem, passed: float | None) -> float:
+    """The fraction of the item's tests its program passed (or 1 / 0 all-or-nothing): the sandboxed run's verdict
+    (`services.reward.code`), handed in by the scorer in place of the accuracy verdict.
+
+    >>> code(ScoreItem(id="a", response=""), 0.5)
+    0.5
+    """
+    if passed is None:
+        raise ValueError("code needs the program's test verdict: the item has no code tests in its reference")
+    return float(passed)
+
+
 REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy,
     "format": format_reward,
@@ -227,6 +239,9 @@ REWARDS: dict[str, RewardFn] = {
     "speed": speed,
     "speed_penalty": speed_penalty,
     "speed_gated": speed_gated,
+    "code": code,  # type: ignore[dict-item]  # reads the code verdict's fraction, not the accuracy verdict
 }
 
 NEEDS_VERDICT: frozenset[str] = frozenset({"accuracy", "cosine", "speed", "speed_penalty", "speed_gated"})
+NEEDS_CODE: frozenset[str] = frozenset({"code"})
+"""Rewards that read the sandboxed run's fraction of tests passed instead of the accuracy verdict."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from services.reward.deps import MetricsDep, PoolDep, SettingsDep
+from services.reward.deps import CodeDep, MetricsDep, PoolDep, SettingsDep
 from services.reward.scoring import check_weights, score_items
 from shared.contracts import ScoreRequest, ScoreResponse, ServiceInfo
 from shared.http import metrics_response
@@ -21,7 +21,9 @@ router = APIRouter()
     response_model=ScoreResponse,
     responses={422: {"description": "unknown reward, bad weight or too many items"}, 503: {"description": "pool down"}},
 )
-async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metrics: MetricsDep) -> ScoreResponse:
+async def score(
+    body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metrics: MetricsDep, code: CodeDep
+) -> ScoreResponse:
     """Score a batch; each result has a total, its components and an explicit status."""
     deadline = time.monotonic() + settings.deadline_s  # now: the wait for a threadpool thread counts too
     if len(body.items) > settings.max_items:
@@ -36,8 +38,9 @@ async def score(body: ScoreRequest, settings: SettingsDep, pool: PoolDep, metric
     with metrics.latency.time():
         # the pool call blocks: keep it off the event loop so /health and /metrics stay responsive
         results = await run_in_threadpool(
-            score_items, body.items, weights, pool, deadline=deadline, zero_truncated=settings.zero_truncated
-        )
+            score_items, body.items, weights, pool, deadline=deadline, zero_truncated=settings.zero_truncated,
+            code=code, code_block=settings.code_block,
+        )  # fmt: skip
     metrics.observe(results)
     return ScoreResponse(results=results)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -44,6 +44,16 @@ class RewardSettings(ServiceSettings):
         "back as timeout (a check still queued then never runs)",
     )
     memory_mb: int = Field(1024, ge=0, description="address-space cap per worker (RLIMIT_AS); 0 = none")
+    sandbox: Literal["auto", "bwrap", "unshare", "insecure"] = Field(
+        "auto",
+        description="the code reward's sandbox: auto = bubblewrap, else unshare (namespaces); 'insecure' runs programs "
+        "as plain processes with limits only (no network, filesystem or process isolation: trusted code only)",
+    )
+    code_workers: int = Field(4, ge=1, le=256, description="code reward: programs run at once (one sandbox each)")
+    code_unit_s: float = Field(2.0, gt=0.0, le=120.0, description="code reward: time for one test or stdin case")
+    code_memory_mb: int = Field(512, ge=64, description="code reward: address-space cap per sandboxed process")
+    code_block: Literal["last", "first", "all"] = Field("last", description="code reward: which fenced block is run")
+    code_all_or_nothing: bool = Field(False, description="code reward: 1 only when every test passes, else 0")
     max_items: int = Field(1024, ge=1, le=4096, description="items per request at most")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit (413 above)")
     host: str = Field("127.0.0.1", description="bind address")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from services.reward.code import CodeRunner
 from services.reward.scoring import item_from_rollout, score_items
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
@@ -28,9 +29,9 @@ class RewardWorker(StreamWorker):
     kind = WorkerKind.reward
     log = log
 
-    def __init__(self, pool: VerifierPool, settings: RewardSettings) -> None:
+    def __init__(self, pool: VerifierPool, settings: RewardSettings, code: CodeRunner | None = None) -> None:
         super().__init__(settings.redis, settings.worker_id)
-        self.pool, self.settings = pool, settings
+        self.pool, self.settings, self.code = pool, settings, code
         self.heartbeat_ttl_s = settings.heartbeat_ttl_s
 
     def service_info(self) -> ServiceInfo:
@@ -54,6 +55,8 @@ class RewardWorker(StreamWorker):
                 self.settings.weights,
                 self.pool,
                 zero_truncated=self.settings.zero_truncated,
+                code=self.code,
+                code_block=self.settings.code_block,
             )
         for (d, _), res in zip(batch, results, strict=True):
             msg = ScoredMessage(task=d.message.task, rollout=d.message.rollout, score=res,
@@ -63,8 +66,10 @@ class RewardWorker(StreamWorker):
         return len(deliveries)
 
 
-def start_worker(pool: VerifierPool, settings: RewardSettings, stop: threading.Event) -> RewardWorker:
+def start_worker(
+    pool: VerifierPool, settings: RewardSettings, stop: threading.Event, code: CodeRunner | None = None
+) -> RewardWorker:
     """Run a RewardWorker in a daemon thread until `stop` is set; its `thread` is the thread."""
-    worker = RewardWorker(pool, settings)
+    worker = RewardWorker(pool, settings, code)
     worker.start(stop)
     return worker
