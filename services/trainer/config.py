@@ -85,6 +85,16 @@ class LossConfig(BaseModel):
         description="decoupled: the importance weight pi_prox / pi_behav is truncated at this (TIS; a cap below 1 "
         "would down-weight on-policy tokens too); unused by the standard objective, which has no such weight",
     )
+    estimator: Literal["gtpo", "tracerl_shrink", "random_mask", "coupled"] = Field(
+        "gtpo",
+        description="how a token's log-prob is computed (services/trainer/baselines.py): gtpo = in the state it was "
+        "unmasked in (exact at shrink 1); tracerl_shrink = TraceRL's merged steps (shrink >= 2); random_mask = d1 / "
+        "diffu-GRPO (response fully masked, prompt masked with prompt_mask); coupled = DiffuCoder's coupled-GRPO "
+        "(complementary masks). Baselines for the ablation (bench/algorithms.py); only gtpo is exact",
+    )
+    prompt_mask: float = Field(
+        0.15, ge=0.0, lt=1.0, description="estimator=random_mask: each prompt token masked with this probability (d1)"
+    )
     log_ratio_clamp: float = Field(
         10.0, gt=0.0, description="clamp of log(pi_theta / pi_prox) before exp, so one stale token cannot overflow"
     )

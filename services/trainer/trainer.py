@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from services.trainer import sharding
+from services.trainer import baselines, sharding
 from services.trainer.checkpoint import (
     CheckpointError,
     CheckpointMissing,
@@ -59,7 +59,7 @@ from services.trainer.objective import (
     token_weights,
 )
 from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, forward_rounds, rollout_trajectory
+from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, forward_rounds
 from shared.contracts import Rollout
 from shared.model import LoadedModel, load_model
 from shared.sampling import MIN_TEMPERATURE
@@ -126,6 +126,8 @@ class GTPOTrainer:
 
     def __init__(self, cfg: TrainerConfig, accelerator=None):
         self.cfg = cfg
+        baselines.check_estimator(cfg.loss.estimator, shrink=cfg.shrink, copies_per_forward=cfg.copies_per_forward,
+                                  decoupled=cfg.loss.objective == "decoupled")  # fmt: skip
         cuda = torch.cuda.is_available()
         mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
         self.accelerator = accelerator or sharding.make_accelerator(mp, cuda=cuda)
@@ -238,6 +240,7 @@ class GTPOTrainer:
             w = [float(reward_weights[n]) for n in names]
             _, stats = filter_component_groups(table, w)
         items: list[WorkItem] = []
+        gen = step_generator(self.cfg.seed, self.state.step, 0)  # the baselines' masks: the same on every rank
         for i, (group, rew) in enumerate(zip(groups, rewards, strict=True)):
             if not group:
                 continue
@@ -251,7 +254,7 @@ class GTPOTrainer:
             adv = adv[0]
             right = list(correct[i]) if correct is not None else [False] * len(group)
             for rollout, a, ok in zip(group, adv.tolist(), right, strict=True):
-                items.append(WorkItem(rollout_trajectory(rollout, self.cfg.shrink), a, rollout.logprobs, correct=ok))
+                items.append(self._rl_item(rollout, a, ok, gen))
         # pi_prox is the weights at the start of the step: with one update, that is the weights being trained, so a
         # stale sample needs no extra forward (pi_prox = pi_theta.detach() to the bit); several updates recompute it
         metrics = self._train_items(items, rl=True)
@@ -267,6 +270,19 @@ class GTPOTrainer:
         )
         metrics.update(extra or {})
         return self._finish_step(metrics, write=write)
+
+    def _rl_item(self, rollout: Rollout, advantage: float, correct: bool, gen: torch.Generator) -> WorkItem:
+        """A rollout's work item under ``loss.estimator``; a baseline's copies have no engine log-probs."""
+        est = self.cfg.loss.estimator
+        traj = baselines.estimator_trajectory(rollout, est, shrink=self.cfg.shrink, gen=gen,
+                                              prompt_mask=self.cfg.loss.prompt_mask,
+                                              mask_id=self.loaded.spec.mask_token_id)  # fmt: skip
+        exact = est in ("gtpo", "tracerl_shrink")
+        return WorkItem(traj, advantage, rollout.logprobs if exact else None, correct=correct)
+
+    def _logprobs(self, model, batch: TrainBatch, trajs: list[Trajectory]) -> tuple[Tensor, TrainBatch]:
+        """``model(batch)`` with a baseline's copies combined into one estimate per token (baselines.py)."""
+        return baselines.combine_targets(model(batch), batch, baselines.target_weights(trajs, batch))
 
     # ------------------------------------------------------------------ SFT
 
@@ -393,9 +409,10 @@ class GTPOTrainer:
         """Loss of one forward of a micro-batch (its `rounds`), already weighted by the update's global `counts`
         (responses, targets, max length); with `diagnose`, also its ``behaviour_sums`` (None for an empty shard)."""
         sel = idx or [0]  # an empty shard runs one zero-weight response so every rank joins the collectives
-        batch, stand_in = self._forward_batch([chunk[i].trajectory for i in sel], rounds)
+        trajs = [chunk[i].trajectory for i in sel]
+        full, stand_in = self._forward_batch(trajs, rounds)
         dummy = not idx or stand_in
-        logp = self.policy(batch)
+        logp, batch = self._logprobs(self.policy, full, trajs)
         resp = batch.response_index
         n_resp, n_tokens, max_len, n_correct = counts
         w = token_weights(
@@ -412,7 +429,7 @@ class GTPOTrainer:
         # an empty shard's stand-in response is another rank's, whose pi_prox this rank never computed
         prox_lp = self._at_targets(prox, sel, batch) if prox is not None and not dummy else logp.detach()
         adv = torch.tensor([chunk[i].advantage for i in sel], device=logp.device, dtype=torch.float32)[resp]
-        ref = self._ref_logprobs(batch) if self.cfg.loss.beta > 0 else None
+        ref = self._logprobs(self._ref_logprobs, full, trajs)[0] if self.cfg.loss.beta > 0 else None
         decoupled = self.cfg.loss.objective == "decoupled"
         behav = self._at_targets([it.engine_logprobs for it in chunk], sel, batch) if decoupled or diagnose else None
         loss, m = gtpo_loss(logp, prox_lp, adv, w, self.cfg.loss, ref_logp=ref, behav_logp=behav if decoupled else None)
@@ -466,8 +483,10 @@ class GTPOTrainer:
                 for i in sel if idx else []:
                     out[i] = torch.zeros(items[i].trajectory.response_len, dtype=torch.float64)
                 for rounds in self._round_groups(group):
-                    batch, stand_in = self._forward_batch([items[i].trajectory for i in sel], rounds)
-                    lp = self.policy(batch).double().cpu()
+                    trajs = [items[i].trajectory for i in sel]
+                    full, stand_in = self._forward_batch(trajs, rounds)
+                    lp, batch = self._logprobs(self.policy, full, trajs)
+                    lp = lp.double().cpu()
                     resp, pos = batch.response_index.cpu(), batch.token_index.cpu()
                     for k, i in enumerate(sel if idx and not stand_in else []):
                         out[i][pos[resp == k]] = lp[resp == k]
