@@ -174,4 +174,6 @@ def check_estimator(estimator: str, *, shrink: int, copies_per_forward: int | No
             raise ValueError(f"loss.objective=decoupled: the engine's log-probs are of the trajectory, not of "
                              f"{estimator}'s masked copies; use objective=standard")  # fmt: skip
     if estimator == "coupled" and copies_per_forward is not None and copies_per_forward < 3:
-        raise ValueError("copies_per_forward: coupled combines a token's 3 copies in one forward; leave it unset or >= 3")
+        raise ValueError(
+            "copies_per_forward: coupled combines a token's 3 copies in one forward; leave it unset or >= 3"
+        )

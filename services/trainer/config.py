@@ -146,6 +146,22 @@ class LoraSettings(BaseModel):
     )
 
 
+class ValueConfig(BaseModel):
+    """TraceRL's value model (services/trainer/value.py): a critic over the denoising steps, GAE advantages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(5e-6, gt=0, description="the critic's own AdamW learning rate (TraceRL: 5e-6)")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount over the response's denoising steps (TraceRL: 1)")
+    lam: float = Field(1.0, ge=0.0, le=1.0, description="GAE lambda over the steps (TraceRL: 1)")
+    reward: Literal["group", "raw"] = Field(
+        "group",
+        description="the return the critic learns: group = the response's group advantage (TraceRL's code: the "
+        "value model on top of the group baseline); raw = the reward itself (the value model is the only baseline)",
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip of the critic's gradient norm; None = off")
+
+
 class TrainerConfig(BaseModel):
     """What one trainer process needs: the model, where to write, how to update."""
 
@@ -185,6 +201,9 @@ class TrainerConfig(BaseModel):
     )
     tracker_project: str = Field("gtpo", min_length=1, description="the trackers' project (W&B, trackio) or experiment")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight; None = full")
+    value: ValueConfig | None = Field(
+        None, description="RL: TraceRL's value model (a critic head on the policy's features, GAE over steps); None = off"
+    )
     max_row_bytes: int = Field(
         MAX_ROW_BYTES, ge=1, description="data: a longer row (a JSONL line, a column's text) is refused, naming it"
     )
