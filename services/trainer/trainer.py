@@ -41,7 +41,7 @@ from services.trainer.checkpoint import (
     save_checkpoint,
     staging_dir,
 )
-from services.trainer.config import TrainerConfig
+from services.trainer.config import CommonConfig, TrainerConfig
 from services.trainer.objective import (
     BEHAVIOUR_MAXES,
     BEHAVIOUR_SUMS,
@@ -126,10 +126,12 @@ def split_even(n: int, parts: int) -> list[range]:
 class GTPOTrainer:
     """Owns the policy, the optimizer and the checkpoints; knows nothing of queues or rewards."""
 
-    def __init__(self, cfg: TrainerConfig, accelerator=None):
+    def __init__(self, cfg: CommonConfig, accelerator=None):
         self.cfg = cfg
-        baselines.check_estimator(cfg.loss.estimator, shrink=cfg.shrink, copies_per_forward=cfg.copies_per_forward,
-                                  decoupled=cfg.loss.objective == "decoupled")  # fmt: skip
+        beta = cfg.loss.beta if isinstance(cfg, TrainerConfig) else 0.0  # SFT has no KL term, so no reference
+        if isinstance(cfg, TrainerConfig):
+            baselines.check_estimator(cfg.loss.estimator, shrink=cfg.shrink, copies_per_forward=cfg.copies_per_forward,
+                                      decoupled=cfg.loss.objective == "decoupled")  # fmt: skip
         cuda = torch.cuda.is_available()
         mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
         self.accelerator = accelerator or sharding.make_accelerator(mp, cuda=cuda)
@@ -141,9 +143,9 @@ class GTPOTrainer:
             )
         if self.sharding == sharding.DEEPSPEED:
             sharding.set_deepspeed_micro_batch(self.accelerator, cfg.micro_batch_size)
-            if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and cfg.loss.beta > 0:
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and beta > 0:
                 raise ValueError(
-                    f"loss.beta: {cfg.loss.beta} needs a reference model, which ZeRO-3 would partition outside its"
+                    f"loss.beta: {beta} needs a reference model, which ZeRO-3 would partition outside its"
                     " engine; use FSDP2 (deploy/accelerate/fsdp.yaml) or ZeRO-2 for a KL term, or beta=0"
                 )
         self.loaded: LoadedModel = load_model(cfg.model, device=self.accelerator.device)
@@ -163,10 +165,10 @@ class GTPOTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
         # with LoRA the reference is this model with its adapters disabled (`_ref_logprobs`), not a second copy
-        self.ref = self._reference(attention) if cfg.loss.beta > 0 and cfg.lora is None else None
+        self.ref = self._reference(attention) if beta > 0 and cfg.lora is None else None
         self.state = TrainerState()
         self.critic = None
-        if cfg.value is not None:
+        if getattr(cfg, "value", None) is not None:  # RL only (TrainerConfig)
             if cfg.loss.estimator not in ("gtpo", "tracerl_shrink"):
                 raise ValueError(f"value: the value model rates denoising steps; loss.estimator={cfg.loss.estimator} "
                                  "has none (use gtpo or tracerl_shrink)")  # fmt: skip
