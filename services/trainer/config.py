@@ -86,6 +86,16 @@ class LossConfig(BaseModel):
         description="decoupled: the importance weight pi_prox / pi_behav is truncated at this (TIS; a cap below 1 "
         "would down-weight on-policy tokens too); unused by the standard objective, which has no such weight",
     )
+    estimator: Literal["gtpo", "tracerl_shrink", "random_mask", "coupled"] = Field(
+        "gtpo",
+        description="how a token's log-prob is computed (services/trainer/baselines.py): gtpo = in the state it was "
+        "unmasked in (exact at shrink 1); tracerl_shrink = TraceRL's merged steps (shrink >= 2); random_mask = d1 / "
+        "diffu-GRPO (response fully masked, prompt masked with prompt_mask); coupled = DiffuCoder's coupled-GRPO "
+        "(complementary masks). Baselines for the ablation (bench/algorithms.py); only gtpo is exact",
+    )
+    prompt_mask: float = Field(
+        0.15, ge=0.0, lt=1.0, description="estimator=random_mask: each prompt token masked with this probability (d1)"
+    )
     log_ratio_clamp: float = Field(
         10.0, gt=0.0, description="clamp of log(pi_theta / pi_prox) before exp, so one stale token cannot overflow"
     )
@@ -137,6 +147,22 @@ class LoraSettings(BaseModel):
     )
 
 
+class ValueConfig(BaseModel):
+    """TraceRL's value model (services/trainer/value.py): a critic over the denoising steps, GAE advantages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(5e-6, gt=0, description="the critic's own AdamW learning rate (TraceRL: 5e-6)")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount over the response's denoising steps (TraceRL: 1)")
+    lam: float = Field(1.0, ge=0.0, le=1.0, description="GAE lambda over the steps (TraceRL: 1)")
+    reward: Literal["group", "raw"] = Field(
+        "group",
+        description="the return the critic learns: group = the response's group advantage (TraceRL's code: the "
+        "value model on top of the group baseline); raw = the reward itself (the value model is the only baseline)",
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip of the critic's gradient norm; None = off")
+
+
 class CommonConfig(CommandConfig):
     """What every trainer command (`gtpo sft`, `gtpo train`) needs: the model, where to write, how to update."""
 
@@ -177,7 +203,7 @@ class CommonConfig(CommandConfig):
     )
 
 
-RL_STEP_FIELDS = ("loss", "passes", "ref_model")
+RL_STEP_FIELDS = ("loss", "passes", "ref_model", "value")
 """The RL step's own settings: `gtpo sft` refuses them (a KL weight there would load a reference nothing uses)."""
 
 
@@ -188,6 +214,9 @@ class TrainerConfig(CommonConfig):
     loss: LossConfig = Field(default_factory=LossConfig)
     passes: int = Field(1, ge=1, description="passes over one RL batch; each pass makes updates_per_step updates")
     ref_model: Path | None = Field(None, description="frozen reference for the KL term; None = the start model")
+    value: ValueConfig | None = Field(
+        None, description="TraceRL's value model (a critic head on the policy's features, GAE over steps); None = off"
+    )
 
     @model_validator(mode="after")
     def _check_lora_reference(self) -> TrainerConfig:

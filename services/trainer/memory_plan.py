@@ -135,6 +135,7 @@ class MemorySettings(BaseModel):
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16: autocast (CUDA default); fp32: CPU")
     attention: Literal["flex", "sdpa"] = Field("flex", description="sdpa keeps a dense S x S mask per row")
     reference: bool = Field(False, description="a KL term (beta > 0) without LoRA: a second, frozen copy")
+    value_head: bool = Field(False, description="TraceRL's value model (value.py): a hidden-wide head, replicated")
 
     @property
     def r(self) -> int:
@@ -244,6 +245,9 @@ def plan(shape: ModelShape, s: MemorySettings) -> MemoryPlan:
         weights += FP32 * total  # the frozen reference is not sharded by the trainer
     grads = FP32 * trainable // (g if s.zero >= 2 else 1)
     optim = ADAM_STATES * FP32 * trainable // (g if s.zero >= 1 else 1)
+    if s.value_head:  # its weight, gradient and Adam state on every GPU (hidden floats each: not worth sharding)
+        head = FP32 * shape.hidden
+        weights, grads, optim = weights + head, grads + head, optim + ADAM_STATES * head
     kept, transient = activation_bytes(shape, s)
     micro = math.ceil(math.ceil(s.responses_per_update / g) / s.micro_batch_size)
     forwards = micro * math.ceil(s.r / s.c)
@@ -336,6 +340,7 @@ def settings_from_run(run, accelerate: dict | None = None) -> dict:
         "attention": "sdpa" if run.attention == "sdpa" else "flex",
         "reference": run.loss.beta > 0 and run.lora is None,
         "lora_r": run.lora.r if run.lora is not None else None,
+        "value_head": getattr(run, "value", None) is not None,
     }
     if run.lora is not None:
         out["lora_targets"] = list(run.lora.target_modules)

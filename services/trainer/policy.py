@@ -41,7 +41,9 @@ class TokenLogProbs(nn.Module):
         self.lm = lm
         self.attention = attention
 
-    def forward(self, batch: TrainBatch) -> Tensor:
+    def forward(self, batch: TrainBatch, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """With ``with_hidden``, also the (T, H) last hidden states at the targets (the value model's features):
+        through ``forward``, so a wrapper (DDP, FSDP) runs its hooks."""
         body = self.lm.model
         if self.attention == "flex":
             # FlexAttention's Triton lowering has no kernel for some short / ragged lengths (seen on H100 with
@@ -57,4 +59,5 @@ class TokenLogProbs(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # (T, H): the LM head only where trained
         logits = self.lm.lm_head(h).float()
         logp = sampling_log_probs(logits, batch.temperature, batch.top_k, batch.top_p)
-        return logp.gather(-1, batch.labels[:, None]).squeeze(-1)
+        logp = logp.gather(-1, batch.labels[:, None]).squeeze(-1)
+        return (logp, h) if with_hidden else logp

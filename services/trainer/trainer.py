@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from services.trainer import sharding
+from services.trainer import baselines, sharding
+from services.trainer import value as value_model
 from services.trainer.checkpoint import (
     CheckpointError,
     CheckpointMissing,
@@ -59,7 +60,7 @@ from services.trainer.objective import (
     token_weights,
 )
 from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, forward_rounds, rollout_trajectory
+from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, forward_rounds
 from shared.contracts import Rollout
 from shared.model import LoadedModel, load_model
 from shared.sampling import MIN_TEMPERATURE
@@ -76,6 +77,7 @@ class WorkItem:
     engine_logprobs: list[float] | None = None
     token_scale: float = 1.0  # SFT: 1/t of the response's mask rate
     correct: bool = False  # RL: the accuracy verdict (loss.nll_coef trains the correct ones' tokens)
+    token_advantages: Tensor | None = None  # RL with a value model: (response_len,) GAE advantages (value.py)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -127,6 +129,9 @@ class GTPOTrainer:
     def __init__(self, cfg: CommonConfig, accelerator=None):
         self.cfg = cfg
         beta = cfg.loss.beta if isinstance(cfg, TrainerConfig) else 0.0  # SFT has no KL term, so no reference
+        if isinstance(cfg, TrainerConfig):
+            baselines.check_estimator(cfg.loss.estimator, shrink=cfg.shrink, copies_per_forward=cfg.copies_per_forward,
+                                      decoupled=cfg.loss.objective == "decoupled")  # fmt: skip
         cuda = torch.cuda.is_available()
         mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
         self.accelerator = accelerator or sharding.make_accelerator(mp, cuda=cuda)
@@ -162,6 +167,12 @@ class GTPOTrainer:
         # with LoRA the reference is this model with its adapters disabled (`_ref_logprobs`), not a second copy
         self.ref = self._reference(attention) if beta > 0 and cfg.lora is None else None
         self.state = TrainerState()
+        self.critic = None
+        if getattr(cfg, "value", None) is not None:  # RL only (TrainerConfig)
+            if cfg.loss.estimator not in ("gtpo", "tracerl_shrink"):
+                raise ValueError(f"value: the value model rates denoising steps; loss.estimator={cfg.loss.estimator} "
+                                 "has none (use gtpo or tracerl_shrink)")  # fmt: skip
+            self.critic = value_model.Critic(self.loaded.model.config.hidden_size, cfg.value, self.accelerator.device)
         self.cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ setup helpers
@@ -239,6 +250,8 @@ class GTPOTrainer:
             w = [float(reward_weights[n]) for n in names]
             _, stats = filter_component_groups(table, w)
         items: list[WorkItem] = []
+        returns: list[float] = []  # the value model's outcome reward of each item
+        gen = step_generator(self.cfg.seed, self.state.step, 0)  # the baselines' masks: the same on every rank
         for i, (group, rew) in enumerate(zip(groups, rewards, strict=True)):
             if not group:
                 continue
@@ -251,11 +264,20 @@ class GTPOTrainer:
                 adv = floor_correct(adv, torch.tensor([list(correct[i])], dtype=torch.bool))
             adv = adv[0]
             right = list(correct[i]) if correct is not None else [False] * len(group)
-            for rollout, a, ok in zip(group, adv.tolist(), right, strict=True):
-                items.append(WorkItem(rollout_trajectory(rollout, self.cfg.shrink), a, rollout.logprobs, correct=ok))
+            for rollout, a, ok, raw in zip(group, adv.tolist(), right, rew, strict=True):
+                items.append(self._rl_item(rollout, a, ok, gen))
+                returns.append(a if self.cfg.value is None or self.cfg.value.reward == "group" else float(raw))
+        extra_metrics = {"adv_var": value_model.token_variance(
+            [torch.full((it.trajectory.target_count,), it.advantage) for it in items])}  # fmt: skip
+        if self.critic is not None and items:
+            maps = [r.step_map for g in groups for r in g]
+            extra_metrics |= value_model.critic_step(self, items, maps, returns)
+            extra_metrics["adv_var_group"] = extra_metrics["adv_var"]  # the group baseline alone, same samples
+            extra_metrics["adv_var"] = value_model.token_variance([it.token_advantages for it in items])
         # pi_prox is the weights at the start of the step: with one update, that is the weights being trained, so a
         # stale sample needs no extra forward (pi_prox = pi_theta.detach() to the bit); several updates recompute it
         metrics = self._train_items(items, rl=True)
+        metrics.update(extra_metrics)
         flat = [x for r in rewards for x in r]
         metrics.update(
             reward_mean=sum(flat) / max(1, len(flat)),
@@ -268,6 +290,19 @@ class GTPOTrainer:
         )
         metrics.update(extra or {})
         return self._finish_step(metrics, write=write)
+
+    def _rl_item(self, rollout: Rollout, advantage: float, correct: bool, gen: torch.Generator) -> WorkItem:
+        """A rollout's work item under ``loss.estimator``; a baseline's copies have no engine log-probs."""
+        est = self.cfg.loss.estimator
+        traj = baselines.estimator_trajectory(rollout, est, shrink=self.cfg.shrink, gen=gen,
+                                              prompt_mask=self.cfg.loss.prompt_mask,
+                                              mask_id=self.loaded.spec.mask_token_id)  # fmt: skip
+        exact = est in ("gtpo", "tracerl_shrink")
+        return WorkItem(traj, advantage, rollout.logprobs if exact else None, correct=correct)
+
+    def _logprobs(self, model, batch: TrainBatch, trajs: list[Trajectory]) -> tuple[Tensor, TrainBatch]:
+        """``model(batch)`` with a baseline's copies combined into one estimate per token (baselines.py)."""
+        return baselines.combine_targets(model(batch), batch, baselines.target_weights(trajs, batch))
 
     # ------------------------------------------------------------------ SFT
 
@@ -394,9 +429,10 @@ class GTPOTrainer:
         """Loss of one forward of a micro-batch (its `rounds`), already weighted by the update's global `counts`
         (responses, targets, max length); with `diagnose`, also its ``behaviour_sums`` (None for an empty shard)."""
         sel = idx or [0]  # an empty shard runs one zero-weight response so every rank joins the collectives
-        batch, stand_in = self._forward_batch([chunk[i].trajectory for i in sel], rounds)
+        trajs = [chunk[i].trajectory for i in sel]
+        full, stand_in = self._forward_batch(trajs, rounds)
         dummy = not idx or stand_in
-        logp = self.policy(batch)
+        logp, batch = self._logprobs(self.policy, full, trajs)
         resp = batch.response_index
         n_resp, n_tokens, max_len, n_correct = counts
         w = token_weights(
@@ -412,8 +448,11 @@ class GTPOTrainer:
         # not recomputed (one update, every sample from the current weights): pi_prox is pi_theta.detach() exactly;
         # an empty shard's stand-in response is another rank's, whose pi_prox this rank never computed
         prox_lp = self._at_targets(prox, sel, batch) if prox is not None and not dummy else logp.detach()
-        adv = torch.tensor([chunk[i].advantage for i in sel], device=logp.device, dtype=torch.float32)[resp]
-        ref = self._ref_logprobs(batch) if self.cfg.loss.beta > 0 else None
+        if chunk[sel[0]].token_advantages is not None:  # the value model's GAE, per token
+            adv = self._at_targets([it.token_advantages for it in chunk], sel, batch).float()
+        else:
+            adv = torch.tensor([chunk[i].advantage for i in sel], device=logp.device, dtype=torch.float32)[resp]
+        ref = self._logprobs(self._ref_logprobs, full, trajs)[0] if self.cfg.loss.beta > 0 else None
         decoupled = self.cfg.loss.objective == "decoupled"
         behav = self._at_targets([it.engine_logprobs for it in chunk], sel, batch) if decoupled or diagnose else None
         loss, m = gtpo_loss(logp, prox_lp, adv, w, self.cfg.loss, ref_logp=ref, behav_logp=behav if decoupled else None)
@@ -467,8 +506,10 @@ class GTPOTrainer:
                 for i in sel if idx else []:
                     out[i] = torch.zeros(items[i].trajectory.response_len, dtype=torch.float64)
                 for rounds in self._round_groups(group):
-                    batch, stand_in = self._forward_batch([items[i].trajectory for i in sel], rounds)
-                    lp = self.policy(batch).double().cpu()
+                    trajs = [items[i].trajectory for i in sel]
+                    full, stand_in = self._forward_batch(trajs, rounds)
+                    lp, batch = self._logprobs(self.policy, full, trajs)
+                    lp = lp.double().cpu()
                     resp, pos = batch.response_index.cpu(), batch.token_index.cpu()
                     for k, i in enumerate(sel if idx and not stand_in else []):
                         out[i][pos[resp == k]] = lp[resp == k]
@@ -508,6 +549,8 @@ class GTPOTrainer:
         if publish:
             self.state.policy_version += 1
         root, main = self.checkpoint_root, self.accelerator.is_main_process
+        if self.critic is not None:  # in the state file: covered by the manifest, written with the step atomically
+            self.state.extra["value_model"] = self.critic.record()
         path = root / checkpoint_name(self.state.step)
         optimizer, staging, model_state = self.optimizer.optimizer, None, None
         self.accelerator.wait_for_everyone()
@@ -585,6 +628,10 @@ class GTPOTrainer:
                     sharding.load_deepspeed(path / sharding.DEEPSPEED_DIR, self.policy, world=self.world)
         except FileNotFoundError as e:  # a file the manifest does not cover (an old checkpoint): named, no traceback
             raise CheckpointMissing(str(e)) from e
+        if self.critic is not None:
+            if "value_model" not in self.state.extra:
+                raise CheckpointError(f"{path}: value: this run has a value model, the checkpoint has none")
+            self.critic.load(self.state.extra["value_model"])
         self.accelerator.print(f"resumed from {path} (step {self.state.step}, policy v{self.state.policy_version})")
         return True
 

@@ -1,0 +1,284 @@
+"""Does exactness matter? GTPO against the approximate objectives of other diffusion-LM RL methods, everything else
+held equal (issue 29).
+
+    python bench/algorithms.py [--seeds 0,1,2] [--arms gtpo,gtpo_value,...] [--out runs/algorithms] [--quick]
+
+Per seed: one tiny model, one SFT checkpoint (the demo's task and SFT recipe, answers always boxed by default so the
+format is learned before RL and an RL gain is accuracy), then one RL run per arm from that checkpoint, in-process:
+the torch engine samples from the trainer's own weights (on-policy, no weight transfer), the reward service's
+answer checking scores, `GTPOTrainer.rl_step` trains. Every arm gets the same prompts in the same order, the same
+engine seeds, the same number of steps, rollouts and samples, the same learning rate and normalisation; the first
+step's rollouts are identical across arms. No group is dropped or refilled (zero-variance groups get advantage 0),
+so the budget is equal by construction. Only ``loss.estimator`` / ``shrink`` / ``value`` differ:
+
+  gtpo         exact trajectory (shrink 1)           tracerl_s2 / tracerl_s4  TraceRL, steps merged by 2 / 4
+  gtpo_value   gtpo + TraceRL's value model (GAE)    random_mask              d1 / diffu-GRPO
+  coupled      DiffuCoder's coupled-GRPO
+
+Reported per arm (mean over seeds): held-out avg@k with a 95% bootstrap interval over (seed, question) pairs,
+accuracy of the boxed answers (correct / boxed samples), eval tokens per denoising step, trained target tokens per
+RL step, wall seconds per RL step (generation and training), the advantage variance over target tokens (and, for
+the value arm, the group baseline's on the same samples), and the gradient norm's mean and variance over steps
+(the per-step gradient's spread; per-sample gradient variance would need a backward per sample). Writes
+results.json, table.md and curves.png under --out. `--quick`: one seed, 40 SFT and 2 RL steps, a small eval: a
+smoke run of the plumbing, not a result (932 s on 2 cores shared with four other jobs; not timed on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ARMS: dict[str, tuple[str, dict]] = {
+    "gtpo": ("GTPO (exact)", {}),
+    "gtpo_value": ("GTPO + value model", {"value": True}),
+    "tracerl_s2": ("TraceRL shrink 2", {"loss": {"estimator": "tracerl_shrink"}, "shrink": 2}),
+    "tracerl_s4": ("TraceRL shrink 4", {"loss": {"estimator": "tracerl_shrink"}, "shrink": 4}),
+    "random_mask": ("random-mask (d1)", {"loss": {"estimator": "random_mask"}}),
+    "coupled": ("coupled (DiffuCoder)", {"loss": {"estimator": "coupled"}}),
+}
+"""key -> (label, what the arm changes in the TrainerConfig)."""
+
+
+@dataclass
+class Setup:
+    """The budget and task every arm shares."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    max_operand: int = 19
+    ops: str = "+-"
+    boxed_rate: float = 1.0
+    n_train: int = 4000
+    n_test: int = 200
+    sft_steps: int = 1000
+    sft_lr: float = 3e-3
+    rl_steps: int = 60
+    prompts_per_step: int = 16
+    group_size: int = 8
+    rl_lr: float = 5e-4
+    value_lr_ratio: float = 5.0  # TraceRL: value 5e-6 against policy 1e-6
+    max_new_tokens: int = 16
+    eval_k: int = 8
+    threads: int = 2
+
+    @classmethod
+    def quick(cls) -> Setup:
+        return cls(seeds=[0], n_train=500, n_test=24, sft_steps=40, rl_steps=2, prompts_per_step=4, group_size=4,
+                   eval_k=2)  # fmt: skip
+
+
+def trainer_config(setup: Setup, arm: str, model: Path, out: Path, seed: int):
+    """The arm's TrainerConfig: the shared settings plus the arm's own (``ARMS``)."""
+    from services.trainer.config import OptimConfig, TrainerConfig, ValueConfig
+
+    change = dict(ARMS[arm][1])
+    value = ValueConfig(lr=setup.rl_lr * setup.value_lr_ratio) if change.pop("value", False) else None
+    return TrainerConfig(model=model, output_dir=out, seed=seed, optim=OptimConfig(lr=setup.rl_lr),
+                         micro_batch_size=64, keep_last=1, value=value, **change)  # fmt: skip
+
+
+def prepare_seed(setup: Setup, seed: int, out: Path) -> tuple[Path, list[dict], list[dict]]:
+    """The seed's task files and SFT checkpoint (reused when already there); returns (SFT model, train, test)."""
+    from services.trainer.checkpoint import checkpoint_name
+    from services.trainer.config import OptimConfig, SFTConfig
+    from services.trainer.sft import run_sft
+    from shared.tasks import TaskSpec, write_task
+    from shared.tiny import init_tiny
+
+    spec = TaskSpec(max_operand=setup.max_operand, ops=setup.ops, seed=seed, boxed_rate=setup.boxed_rate)
+    data = write_task(out / "data", spec, setup.n_train, setup.n_test)
+    model = out / "sft" / "checkpoints" / checkpoint_name(setup.sft_steps) / "model"
+    if not model.exists():
+        init_dir = init_tiny(out / "init", seed=seed)
+        run_sft(SFTConfig(
+            model=init_dir, output_dir=out / "sft", data=str(data["sft"]), steps=setup.sft_steps, batch_size=32,
+            micro_batch_size=32, save_every=setup.sft_steps, chat_template=False, seed=seed,
+            optim=OptimConfig(lr=setup.sft_lr, warmup_steps=20, schedule="cosine", total_updates=setup.sft_steps,
+                              min_lr_ratio=0.1),
+        ), progress=False)  # fmt: skip
+    return model, json.loads(data["train"].read_text()), json.loads(data["test"].read_text())
+
+
+def generate(engine, tokenizer, rows: list[dict], n: int, max_new_tokens: int, seed: int):
+    """n samples per row (T=1, the demo's dynamic decoding), seeded per (seed, row)."""
+    from shared.contracts import GenerationRequest, SamplingParams
+    from shared.prompts import encode_prompt
+
+    reqs = [GenerationRequest(prompt_ids=encode_prompt(tokenizer, r["question"], chat=False),
+                              params=SamplingParams(max_new_tokens=max_new_tokens, n=n, seed=seed * 100_003 + i))
+            for i, r in enumerate(rows)]  # fmt: skip
+    return engine.generate(reqs)
+
+
+def held_out(engine, tokenizer, rows: list[dict], setup: Setup, pool, seed: int) -> dict:
+    """Held-out metrics of the engine's current weights, with each question's accuracy and boxed / correct counts."""
+    from services.evaluate import result_of, score_questions
+
+    questions, errors = score_questions(rows, generate(engine, tokenizer, rows, setup.eval_k, setup.max_new_tokens,
+                                                       seed=10_000 + seed), pool)  # fmt: skip
+    samples = [s for q in questions for s in q.samples]
+    return {**result_of(questions, errors).row(), "per_question": [q.value("avg_at_k") for q in questions],
+            "boxed": sum(s.boxed for s in samples), "correct": sum(s.correct for s in samples)}  # fmt: skip
+
+
+def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[dict], out: Path, seed: int,
+            pool) -> dict:  # fmt: skip
+    """One RL run from the SFT checkpoint; returns its per-step metrics and final held-out evaluation."""
+    import torch
+
+    from services.evaluate import score_questions
+    from services.rollout.engines.torch_engine import TorchEngine
+    from services.trainer.trainer import GTPOTrainer
+
+    torch.manual_seed(seed)
+    trainer = GTPOTrainer(trainer_config(setup, arm, model, out, seed))
+    engine = TorchEngine(trainer.loaded)  # the trainer's own module: every step samples the current weights
+    tok = trainer.loaded.tokenizer
+    steps = []
+    for step in range(setup.rl_steps):
+        start = (step * setup.prompts_per_step) % max(1, len(train) - setup.prompts_per_step)
+        rows = train[start : start + setup.prompts_per_step]  # the same prompts for every arm
+        t0 = time.perf_counter()
+        groups = generate(engine, tok, rows, setup.group_size, setup.max_new_tokens, seed=seed * 1_000 + step)
+        t1 = time.perf_counter()
+        questions, _ = score_questions(rows, groups, pool)
+        rewards = [[1.0 if s.correct else 0.0 for s in q.samples] for q in questions]
+        t2 = time.perf_counter()
+        m = trainer.rl_step(groups, rewards, write=False)
+        t3 = time.perf_counter()
+        steps.append({k: m.get(k) for k in ("reward_mean", "loss", "tokens", "grad_norm", "adv_var", "adv_var_group",
+                                            "value_loss", "clip_frac")}  # fmt: skip
+                     | {"generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2})
+    return {"arm": arm, "seed": seed, "steps": steps, "eval": held_out(engine, tok, test, setup, pool, seed)}
+
+
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """Per arm over its seeds: held-out accuracy with a bootstrap interval over (seed, question), boxed accuracy,
+    speed and variance figures (see the module docstring)."""
+    from services.eval_metrics import bootstrap_ci
+
+    out: dict[str, dict] = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r for r in runs if r["arm"] == arm]
+        steps = [s for r in mine for s in r["steps"]]
+        per_q = [a for r in mine for a in r["eval"]["per_question"]]
+        boxed = sum(r["eval"]["boxed"] for r in mine)
+        grad = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
+        group_var = [s["adv_var_group"] for s in steps if s.get("adv_var_group") is not None]
+        out[arm] = {
+            "label": ARMS[arm][0], "seeds": len(mine),
+            "avg_at_k": statistics.fmean(per_q) if per_q else 0.0, "avg_at_k_ci": list(bootstrap_ci(per_q)),
+            "avg_at_k_per_seed": [r["eval"]["avg_at_k"] for r in mine],
+            "boxed_rate": statistics.fmean(r["eval"]["boxed_rate"] for r in mine),
+            "boxed_accuracy": sum(r["eval"]["correct"] for r in mine) / boxed if boxed else 0.0,
+            "eval_tokens_per_step": statistics.fmean(r["eval"]["tokens_per_step"] for r in mine),
+            "train_tokens_per_step": statistics.fmean(s["tokens"] for s in steps),
+            "train_s_per_step": statistics.fmean(s["train_s"] for s in steps),
+            "rl_s_per_step": statistics.fmean(s["generate_s"] + s["score_s"] + s["train_s"] for s in steps),
+            "adv_var": statistics.fmean(s["adv_var"] for s in steps),
+            "adv_var_group": statistics.fmean(group_var) if group_var else None,
+            "grad_norm_mean": statistics.fmean(grad) if grad else 0.0,
+            "grad_norm_var": statistics.pvariance(grad) if len(grad) > 1 else 0.0,
+        }  # fmt: skip
+    return out
+
+
+def table(summary: dict[str, dict]) -> str:
+    """The ablation table as Markdown."""
+    head = ("| arm | seeds | avg@k (95% CI) | boxed acc. | boxed rate | eval tok/step | trained tok/step | train s/step "
+            "| RL s/step | adv var (group) | grad norm mean / var |")  # fmt: skip
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for s in summary.values():
+        lo, hi = s["avg_at_k_ci"]
+        group = f" ({s['adv_var_group']:.3f})" if s["adv_var_group"] is not None else ""
+        lines.append(f"| {s['label']} | {s['seeds']} | {100 * s['avg_at_k']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) "
+                     f"| {100 * s['boxed_accuracy']:.1f} | {100 * s['boxed_rate']:.1f} | {s['eval_tokens_per_step']:.2f} "
+                     f"| {s['train_tokens_per_step']:.0f} | {s['train_s_per_step']:.2f} | {s['rl_s_per_step']:.2f} "
+                     f"| {s['adv_var']:.3f}{group} | {s['grad_norm_mean']:.3f} / {s['grad_norm_var']:.4f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> Path:
+    """Training reward, advantage variance and gradient norm per step, mean over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("reward_mean", "training reward"), ("adv_var", "advantage variance"), ("grad_norm", "gradient norm"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r["steps"] for r in runs if r["arm"] == arm]
+        for ax, (key, title) in zip(axes, keys, strict=True):
+            n = min(len(s) for s in mine)
+            ys = [statistics.fmean(s[i][key] or 0.0 for s in mine) for i in range(n)]
+            ax.plot(range(1, n + 1), ys, label=ARMS[arm][0])
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(setup: Setup, out: Path) -> dict:
+    """Every seed and arm; writes results.json, table.md, curves.png under `out` and returns the summary."""
+    import torch
+
+    from services.reward.verify import VerifierPool
+
+    torch.set_num_threads(setup.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with VerifierPool(workers=1, timeout_s=5.0) as pool:
+        for seed in setup.seeds:
+            model, train, test = prepare_seed(setup, seed, out / f"seed{seed}")
+            for arm in setup.arms:
+                print(f"seed {seed}: {ARMS[arm][0]}", flush=True)
+                runs.append(run_arm(setup, arm, model, train, test, out / f"seed{seed}" / arm, seed, pool))
+    summary = summarize(runs)
+    (out / "results.json").write_text(json.dumps({"setup": asdict(setup), "summary": summary, "runs": runs}, indent=1))
+    (out / "table.md").write_text(table(summary) + "\n")
+    plot(runs, out / "curves.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 40 SFT and 2 RL steps, a small eval: a smoke run of the plumbing, not a result")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--arms", help=f"comma-separated arms of {', '.join(ARMS)} (default all)")
+    p.add_argument("--rl-steps", type=int)
+    p.add_argument("--out", type=Path, default=Path("runs/algorithms"))
+    args = p.parse_args(argv)
+    setup = Setup.quick() if args.quick else Setup()
+    if args.seeds:
+        setup.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.arms:
+        unknown = [a for a in args.arms.split(",") if a not in ARMS]
+        if unknown:
+            p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+        setup.arms = args.arms.split(",")
+    if args.rl_steps:
+        setup.rl_steps = args.rl_steps
+    t0 = time.time()
+    summary = run(setup, args.out)
+    print(table(summary))
+    print(f"{time.time() - t0:.0f} s; results in {args.out}/results.json, curves in {args.out}/curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

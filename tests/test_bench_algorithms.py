@@ -1,0 +1,53 @@
+"""The objectives ablation (bench/algorithms.py): arms differ only in their objective, the summary by hand, and one
+arm's RL step + evaluation through the real engine, scorer and trainer (no wall-clock assertion)."""
+
+import pytest
+
+from bench.algorithms import ARMS, Setup, run_arm, summarize, table, trainer_config
+
+
+def test_arms_differ_from_gtpo_only_in_their_objective(tmp_path):
+    setup = Setup()
+    base = trainer_config(setup, "gtpo", tmp_path, tmp_path / "o", 0).model_dump()
+    for arm in ARMS:
+        cfg = trainer_config(setup, arm, tmp_path, tmp_path / "o", 0).model_dump()
+        diff = {k for k in base if base[k] != cfg[k]}
+        loss_diff = {k for k in base["loss"] if base["loss"][k] != cfg["loss"][k]}
+        assert diff <= {"loss", "shrink", "value"} and loss_diff <= {"estimator"}, arm
+    assert trainer_config(setup, "gtpo_value", tmp_path, tmp_path, 0).value.lr == pytest.approx(5 * setup.rl_lr)
+
+
+def _run(arm, seed, correct, boxed, per_question, adv_var, grads, group=None):
+    steps = [{"reward_mean": 0.5, "tokens": 10.0 * (i + 1), "grad_norm": g, "adv_var": adv_var, "adv_var_group": group,
+              "generate_s": 1.0, "score_s": 0.5, "train_s": 2.0} for i, g in enumerate(grads)]  # fmt: skip
+    ev = {"per_question": per_question, "avg_at_k": sum(per_question) / len(per_question), "boxed": boxed,
+          "correct": correct, "boxed_rate": 0.5, "tokens_per_step": 2.0}  # fmt: skip
+    return {"arm": arm, "seed": seed, "steps": steps, "eval": ev}
+
+
+def test_summary_by_hand():
+    runs = [_run("gtpo_value", 0, 3, 4, [1.0, 0.5], 0.2, [1.0, 3.0], group=0.4),
+            _run("gtpo_value", 1, 1, 4, [0.0, 0.0], 0.4, [2.0, 2.0], group=0.6),
+            _run("coupled", 0, 0, 0, [0.0, 0.0], 1.0, [1.0, 1.0])]  # fmt: skip
+    s = summarize(runs)
+    v = s["gtpo_value"]
+    assert v["seeds"] == 2 and v["avg_at_k"] == pytest.approx(1.5 / 4) and v["boxed_accuracy"] == pytest.approx(4 / 8)
+    assert v["avg_at_k_per_seed"] == [0.75, 0.0] and v["train_tokens_per_step"] == pytest.approx(15.0)
+    assert v["adv_var"] == pytest.approx(0.3) and v["adv_var_group"] == pytest.approx(0.5)
+    assert v["grad_norm_mean"] == pytest.approx(2.0) and v["grad_norm_var"] == pytest.approx(0.5)  # 1, 3, 2, 2
+    assert v["rl_s_per_step"] == pytest.approx(3.5) and s["coupled"]["boxed_accuracy"] == 0.0
+    assert s["coupled"]["adv_var_group"] is None
+    md = table(s).splitlines()
+    assert len(md) == 4 and md[2].startswith("| GTPO + value model | 2 | 37.5 (")
+
+
+def test_one_arm_trains_and_evaluates_in_process(tiny_dir, tmp_path):
+    from services.reward.verify import VerifierPool
+
+    setup = Setup(rl_steps=1, prompts_per_step=2, group_size=2, eval_k=1, max_new_tokens=8)
+    rows = [{"question": f"What is {a} + 1?", "ground_truth_answer": str(a + 1)} for a in range(3)]
+    with VerifierPool(workers=1, timeout_s=5.0) as pool:
+        out = run_arm(setup, "coupled", tiny_dir, rows, rows[:2], tmp_path / "arm", 0, pool)
+    (step,) = out["steps"]
+    assert step["tokens"] > 0 and step["adv_var"] >= 0 and 0 <= step["reward_mean"] <= 1
+    assert out["eval"]["questions"] == 2 and len(out["eval"]["per_question"]) == 2
