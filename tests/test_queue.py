@@ -20,7 +20,7 @@ def task(i: int = 0, version: int = 0) -> TaskMessage:
     return TaskMessage(
         task_id=f"run:0:{i}:0",
         run_id="run",
-        step=0,
+        train_by=0,
         prompt_index=i,
         sample_index=0,
         group_size=1,

@@ -149,7 +149,18 @@ class TrainerConfig(BaseModel):
     updates_per_step: int = Field(1, ge=1, description="optimizer updates per step: the batch is split in this many")
     passes: int = Field(1, ge=1, description="passes over one RL batch; each pass makes updates_per_step updates")
     micro_batch_size: int = Field(4, ge=1, description="responses per forward on one process")
-    layout: Literal["packed", "per_round"] = Field("packed", description="packed: one forward per response")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_removed(cls, data):
+        # the per-round layout was a test oracle exposed as an option (issue 33); it lives in tests/oracles/
+        if isinstance(data, dict) and "layout" in data:
+            raise ValueError(
+                "layout: removed; the trainer always trains on the packed layout (one forward per response, or "
+                "`copies_per_forward` rounds per forward: copies_per_forward=1 is one forward per round)"
+            )
+        return data
+
     shrink: int = Field(1, ge=1, description="merge this many consecutive steps of a block into one round")
     attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="auto: flex on CUDA, sdpa on CPU")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
