@@ -533,7 +533,7 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=parse_ints, default=[4, 16, 64], help="rollout workers, comma separated")
     ap.add_argument("--k", type=parse_ints, default=[0, 1, 2, 4], help="max_staleness values, comma separated")
@@ -560,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')}: must be >= 1")
     if not args.sigma > 0 or not args.time_scale > 0 or min(args.workers, default=0) < 1:
         ap.error("--sigma, --time-scale and every --workers value must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from rich.console import Console
