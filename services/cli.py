@@ -373,7 +373,17 @@ def status_cmd(
         raise typer.Exit(code=1) from None
 
 
-@app.command("eval")
+EVAL_HELP = """Evaluate a checkpoint: avg@k and pass@k with 95% bootstrap intervals, boxed rate, length, tokens per step and
+    per forward, AUP, tokens/s, truncation; writes an eval card (every setting, hashes, per-question results).
+
+    Protocols (docs/evaluation.md): gtpo eval MATH500 --model DIR --protocol dirl; explicit flags override one setting.
+    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
+    Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
+    Compare: gtpo eval --compare before.json after.json (refuses cards that differ in more than the model).
+    Parity: gtpo eval data.json --model DIR --engines torch,reference --temperature 0"""
+
+
+@app.command("eval", help=EVAL_HELP)
 def eval_cmd(
     dataset: str | None = typer.Argument(
         None, help="a JSON/JSONL file, a datasets save_to_disk folder, hf:org/name[:config][:split], or a preset"
@@ -428,40 +438,29 @@ def eval_cmd(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
-    """Evaluate a checkpoint: avg@k and pass@k with 95% bootstrap intervals, boxed rate, length, tokens per step and
-    per forward, AUP, tokens/s, truncation; writes an eval card (every setting, hashes, per-question results).
+    """`gtpo eval`; its help is `EVAL_HELP`."""
+    return _eval(**locals())  # exactly the options above, by name (nothing else is bound yet)
 
-    Protocols (docs/evaluation.md): gtpo eval MATH500 --model DIR --protocol dirl; explicit flags override one setting.
-    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench.
-    Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
-    Compare: gtpo eval --compare before.json after.json (refuses cards that differ in more than the model).
-    Parity: gtpo eval data.json --model DIR --engines torch,reference --temperature 0
-    """
+
+# fmt: off
+def _eval(
+    dataset, model, protocol, k, max_new_tokens, temperature, top_k, top_p, threshold, block_size,
+    denoising_steps, strategy, template, chat, rollout_url, engines, limit, out, seed, question_field,
+    answer_field, answer_extract, max_row_bytes, max_prompt_tokens, compare, force, aup_thresholds, dry_run,
+) -> None:
+    # fmt: on
+    """`gtpo eval` with its options (see `eval_cmd`)."""
     if compare is not None:
         return _compare_cards(*compare, force=force)
     if dataset is None:
         raise _fail("eval", "DATASET: missing (or give --compare A.json B.json)")
-    from pydantic import ValidationError
-
     from services.evaluate import evaluate_cards, load_rows
-    from shared.config import describe_error
 
-    try:
-        template.format(question="")
-    except (KeyError, IndexError, ValueError) as e:
-        hint = "only {question} is replaced; write literal braces as {{ }}"
-        raise _fail(
-            "eval", f"--template: not a format string with {{question}} ({type(e).__name__}: {e}); {hint}"
-        ) from None
+    _check_template(template)
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
              "confidence_threshold": threshold, "block_size": block_size, "denoising_steps": denoising_steps,
              "strategy": strategy}  # fmt: skip
-    try:
-        proto = _resolve_protocol(protocol, k, given, aup_thresholds)
-    except ValidationError as e:
-        raise _fail("eval", describe_error(e, SamplingParams)) from None
-    except ValueError as e:
-        raise _fail("eval", str(e)) from None
+    proto = _eval_protocol(protocol, k, given, aup_thresholds)
     if answer_extract not in ("none", "boxed", "gsm8k"):
         raise _fail("eval", f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
     engine_list = tuple(e.strip() for e in engines.split(",") if e.strip())
@@ -494,6 +493,30 @@ def eval_cmd(
         path = paths[0].with_name(f"{(out or paths[0]).stem}.parity.json")
         path.write_text(json.dumps(parities, indent=1))
         console.print(f"engine parity: {path}")
+
+
+def _check_template(template: str) -> None:
+    try:
+        template.format(question="")
+    except (KeyError, IndexError, ValueError) as e:
+        hint = "only {question} is replaced; write literal braces as {{ }}"
+        raise _fail(
+            "eval", f"--template: not a format string with {{question}} ({type(e).__name__}: {e}); {hint}"
+        ) from None
+
+
+def _eval_protocol(protocol: str | None, k: int | None, given: dict, aup_thresholds: str | None):
+    """`_resolve_protocol`, its errors as `gtpo eval` failures."""
+    from pydantic import ValidationError
+
+    from shared.config import describe_error
+
+    try:
+        return _resolve_protocol(protocol, k, given, aup_thresholds)
+    except ValidationError as e:
+        raise _fail("eval", describe_error(e, SamplingParams)) from None
+    except ValueError as e:
+        raise _fail("eval", str(e)) from None
 
 
 def _resolve_protocol(protocol: str | None, k: int | None, given: dict, aup_thresholds: str | None):
@@ -714,11 +737,7 @@ def plan_memory_cmd(
     )
 
     args = list(ctx.args)
-    for a in args:
-        key = a.split("=", 1)[0]
-        if planner_name(key):
-            raise _fail("plan-memory", f"{key}: that is the run config's name; the planner's is "
-                        f"{planner_name(key)}= (or plan the run config itself: --config run.yaml)")  # fmt: skip
+    _check_planner_names(args, planner_name)
     from_run, run_model = _run_memory_settings(config, accelerate_config, settings_from_run)
     model = model or run_model
     if model is None:
@@ -744,6 +763,22 @@ def plan_memory_cmd(
                                "gpu_gib": gpu_gib, "fits": [{"settings": c.model_dump(), "plan": p.model_dump()}
                                                             for c, p in fits]}, indent=2))  # fmt: skip
         return
+    _print_plan(model, s, asked, fits, budget, gpu_gib, show)
+
+
+def _check_planner_names(args: list[str], planner_name) -> None:
+    """Refuse a key=value that names a run-config field the planner calls otherwise."""
+    for a in args:
+        key = a.split("=", 1)[0]
+        if planner_name(key):
+            raise _fail("plan-memory", f"{key}: that is the run config's name; the planner's is "
+                        f"{planner_name(key)}= (or plan the run config itself: --config run.yaml)")  # fmt: skip
+
+
+def _print_plan(model, s, asked, fits, budget: int, gpu_gib: float, show: int) -> None:
+    """`gtpo plan-memory`'s tables: the asked settings' memory parts and peak, then the settings that fit."""
+    from services.trainer.memory_plan import GIB
+
     lora = f"LoRA r={s.lora_r}" if s.lora_r else "full"
     console.print(f"{model}: P={s.prompt_len} L={s.gen_len} R={s.r} c={s.c} x{s.micro_batch_size}, {s.gpus} "
                         f"GPU(s), ZeRO {s.zero}, {lora}, checkpointing {'on' if s.checkpointing else 'off'}, "
