@@ -6,7 +6,7 @@ rollout workers generate while the trainer trains; k = 0 is the synchronous loop
 
 Exactly-once training of groups rests on four facts:
 
-* task ids are ``run:tag:prompt:sample`` and publishing is idempotent, so a resumed run re-enqueues nothing new;
+* task ids are ``run:train_by:prompt:sample`` and publishing is idempotent, so a resumed run re-enqueues nothing new;
 * every enqueued group is in a Redis ledger until the step that trains (or drops) it is checkpointed;
 * scored messages are acknowledged only after that checkpoint; a trainer killed before it gets them back (its own
   pending entries, read first on restart) and trains them once;
