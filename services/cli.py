@@ -16,8 +16,7 @@ from rich.table import Table
 from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
 from services.status_view import TIMEOUT_S
 from shared.contracts import SamplingParams
-from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
-from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
+from shared.prompts import denoising_steps, encode_prompt, tokens_per_step
 
 app = typer.Typer(
     name="gtpo",
@@ -27,9 +26,7 @@ app = typer.Typer(
 )
 console = Console()
 
-MODEL_PRESETS = ("tiny", "tiny-sdar")
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}  # commands taking key=value overrides
-_SAMPLING = {name: f.default for name, f in SamplingParams.model_fields.items()}  # the engines' defaults, once
 
 
 @app.callback()
@@ -44,48 +41,51 @@ def _fail(command: str, message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _dry_run(values: dict) -> typer.Exit:
-    """--dry-run of a command without a config file: its resolved settings as YAML (secrets redacted), and exit 0."""
-    import yaml
-    from pydantic import BaseModel
+def _flag(key: str, value) -> str:
+    """A Typer flag as a `key=value` argument of the loader (typed again there by the field it sets)."""
+    if isinstance(value, (bool, int, float, list, dict)):
+        return f"{key}={json.dumps(value)}"
+    return f"{key}={value}"
 
-    def plain(v):
-        if isinstance(v, BaseModel):
-            return v.model_dump(mode="json")
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return str(v) if isinstance(v, Path) else v
 
-    typer.echo(yaml.safe_dump({k: plain(v) for k, v in values.items()}, sort_keys=False))
+def _show(cfg) -> typer.Exit:
+    """--dry-run: the resolved settings as YAML (secrets redacted), and exit 0."""
+    from shared.config import dump_config
+
+    typer.echo(dump_config(cfg))
     return typer.Exit(0)
 
 
-def _check_preset(preset: str) -> str:
-    if preset not in MODEL_PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; allowed presets: {', '.join(MODEL_PRESETS)}")
-    return preset
+def _command_settings(command: str, model, flags: dict, dry_run: bool = False):
+    """A command's settings through the one loader: its defaults < `GTPO_<COMMAND>__*` < the flags given (None:
+    not given); with --dry-run print them and exit."""
+    return _experiment(command, model, None, [_flag(k, v) for k, v in flags.items() if v is not None], dry_run)
 
 
 @app.command("init-model")
 def init_model(
-    preset: str = typer.Argument(..., callback=_check_preset, help=f"model preset: {', '.join(MODEL_PRESETS)}"),
-    out: Path = typer.Option(..., "--out", help="checkpoint directory to write (SDAR layout)"),
-    seed: int = typer.Option(0, "--seed", help="torch seed for the random initial weights"),
-    force: bool = typer.Option(False, "--force", help="overwrite a directory that already holds a checkpoint"),
+    preset: str | None = typer.Argument(None, help="model preset: tiny | tiny-sdar"),
+    out: Path | None = typer.Option(None, "--out", help="checkpoint directory to write (SDAR layout)"),
+    seed: int | None = typer.Option(None, "--seed", help="torch seed for the random initial weights [0]"),
+    force: bool | None = typer.Option(None, "--force", help="overwrite a directory that already holds a checkpoint"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Write a randomly initialised checkpoint of PRESET to --out (config, safetensors weights, tokenizer)."""
-    if (out / "config.json").exists() and not force:
-        console.print(f"[red]{out} already holds a checkpoint; pass --force to overwrite it[/red]")
+    from services.command_settings import InitModelSettings
+
+    given = {"preset": preset, "out": out, "seed": seed, "force": force}
+    cfg = _command_settings("init-model", InitModelSettings, given)
+    if (cfg.out / "config.json").exists() and not cfg.force:
+        console.print(f"[red]{cfg.out} already holds a checkpoint; pass --force to overwrite it[/red]")
         raise typer.Exit(code=1)
     if dry_run:
-        raise _dry_run({"preset": preset, "out": out, "seed": seed, "force": force})
-
+        raise _show(cfg)
+    preset, out = cfg.preset, cfg.out
     from shared.model import count_parameters, load_model
     from shared.tiny import init_tiny, init_tiny_sdar
 
     # tiny: the demo's CPU model; tiny-sdar: head size LMDeploy's GPU kernels accept (GPU checks)
-    path = (init_tiny if preset == "tiny" else init_tiny_sdar)(out, seed=seed)
+    path = (init_tiny if preset == "tiny" else init_tiny_sdar)(out, seed=cfg.seed)
     loaded = load_model(path)  # read back what was written: the summary describes the files, not the memory
     table = Table(title=f"gtpo init-model {preset}", show_header=False)
     table.add_row("path", str(path.resolve()))
@@ -98,62 +98,49 @@ def init_model(
 
 @app.command("generate")
 def generate(
-    model: Path = typer.Option(..., "--model", help="SDAR-layout checkpoint directory"),
-    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for a batch)"),
-    n: int = typer.Option(1, "--n", help="samples per prompt"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    strategy: str = typer.Option(
-        _SAMPLING["strategy"].value, "--strategy", help="low_confidence_dynamic|low_confidence_static|sequential"
+    model: Path | None = typer.Option(None, "--model", help="SDAR-layout checkpoint directory"),
+    prompt: list[str] | None = typer.Option(None, "--prompt", help="prompt text (repeat for a batch)"),
+    n: int | None = typer.Option(None, "--n", help="samples per prompt [1]"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="[32]"),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="low_confidence_dynamic|low_confidence_static|sequential"
     ),
-    threshold: float = typer.Option(
-        _SAMPLING["confidence_threshold"], "--threshold", help="dynamic strategy confidence threshold"
-    ),
-    temperature: float = typer.Option(_SAMPLING["temperature"], "--temperature"),
-    top_k: int = typer.Option(_SAMPLING["top_k"], "--top-k"),
-    top_p: float = typer.Option(_SAMPLING["top_p"], "--top-p"),
+    threshold: float | None = typer.Option(None, "--threshold", help="dynamic strategy confidence threshold"),
+    temperature: float | None = typer.Option(None, "--temperature"),
+    top_k: int | None = typer.Option(None, "--top-k"),
+    top_p: float | None = typer.Option(None, "--top-p"),
     seed: int | None = typer.Option(None, "--seed", help="same seed, same output"),
-    chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
-    as_json: bool = typer.Option(False, "--json", help="print one rollout JSON per line instead of tables"),
+    chat: bool | None = typer.Option(None, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
+    device: str | None = typer.Option(None, "--device", help="auto|cpu|cuda"),
+    as_json: bool | None = typer.Option(None, "--json", help="print one rollout JSON per line instead of tables"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Decode prompts with the torch reference engine and show each token's denoising step.
 
     Example: gtpo generate --model runs/tiny --prompt "What is 12+7?" --n 2 --seed 0
     """
-    from pydantic import ValidationError
+    from services.command_settings import GenerateSettings
 
-    from shared.contracts import SamplingParams, describe_validation_error
-
-    try:
-        params = SamplingParams(
-            n=n,
-            max_new_tokens=max_new_tokens,
-            strategy=strategy,
-            confidence_threshold=threshold,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            logprobs=True,
-        )
-    except ValidationError as e:
-        raise typer.BadParameter(describe_validation_error(e)) from e
-    if not (model / "config.json").exists():
-        raise typer.BadParameter(f"--model: {model} holds no config.json (make one with `gtpo init-model tiny`)")
+    sampling = {"n": n, "max_new_tokens": max_new_tokens, "strategy": strategy, "confidence_threshold": threshold,
+                "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}  # fmt: skip
+    given = {"model": model, "prompt": prompt, "chat": chat, "device": device, "json_lines": as_json,
+             **{f"params.{k}": v for k, v in sampling.items()}}  # fmt: skip
+    cfg = _command_settings("generate", GenerateSettings, given)
+    if not (cfg.model / "config.json").exists():
+        raise _fail("generate", f"model: {cfg.model} holds no config.json (make one with `gtpo init-model tiny`)")
     if dry_run:
-        raise _dry_run({"model": model, "prompt": prompt, "params": params, "chat": chat, "device": device,
-                        "json": as_json})  # fmt: skip
+        raise _show(cfg)
+    params, prompt, chat = cfg.params, cfg.prompt, cfg.chat
 
     from services.rollout.engines.torch_engine import TorchEngine
     from shared.contracts import GenerationRequest
 
-    engine = TorchEngine.from_pretrained(model, device=device)
+    engine = TorchEngine.from_pretrained(cfg.model, device=cfg.device)
     tok = engine.tokenizer
     reqs = [GenerationRequest(prompt_ids=encode_prompt(tok, p, chat=chat), params=params) for p in prompt]
     for text, rollouts in zip(prompt, engine.generate(reqs), strict=True):
         for r in rollouts:
-            if as_json:
+            if cfg.json_lines:
                 typer.echo(r.model_dump_json())
             else:
                 _show_rollout(text, r, tok)
@@ -180,16 +167,13 @@ def _show_rollout(prompt: str, r, tokenizer) -> None:
     )
 
 
-def _experiment(command: str, model, config: Path | None, args: list[str], dry_run: bool, *, siblings=(), environ=None):
-    """Load an experiment config (YAML < GTPO_* env < key=value); with --dry-run print it and exit.
-
-    Args:
-        siblings: the other trainer commands' configs, whose GTPO_* variables this command leaves alone.
-    """
+def _experiment(command: str, model, config: Path | None, args: list[str], dry_run: bool, *, environ=None):
+    """Load a command's settings (defaults < YAML < its GTPO_<COMMAND>__* variables < key=value); with --dry-run
+    print them and exit."""
     from shared.config import ConfigError, dump_config, load_config
 
     try:
-        cfg = load_config(model, config, args, environ=environ, siblings=siblings)
+        cfg = load_config(model, config, args, environ=environ)
     except ConfigError as e:
         raise _fail(command, str(e)) from None
     if dry_run:
@@ -214,9 +198,9 @@ def sft(
     gtpo sft --config sft.yaml model=runs/tiny data=train.jsonl output_dir=runs/sft steps=200 optim.lr=2e-3
     Multi-GPU: accelerate launch --config_file deploy/accelerate/ddp.yaml -m services sft --config sft.yaml
     """
-    from services.trainer.config import RLConfig, SFTConfig
+    from services.trainer.config import SFTConfig
 
-    cfg = _experiment("sft", SFTConfig, config, list(ctx.args), dry_run, siblings=(RLConfig,))
+    cfg = _experiment("sft", SFTConfig, config, list(ctx.args), dry_run)
     from services.trainer.checkpoint import CheckpointError
     from services.trainer.sft import DataError, run_sft
 
@@ -258,8 +242,7 @@ def serve_cmd(
     except ConfigError as e:
         raise _fail(f"serve {service}", str(e)) from None
     if dry_run:
-        typer.echo(settings.model_dump_json(indent=2))
-        return
+        raise _show(settings)
     import logging
 
     from shared.http import serve
@@ -286,9 +269,9 @@ def train_cmd(
 
     Example: gtpo train --config run.yaml steps=20 rollout.group_size=8
     """
-    from services.trainer.config import RLConfig, SFTConfig
+    from services.trainer.config import RLConfig
 
-    cfg = _experiment("train", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
+    cfg = _experiment("train", RLConfig, config, list(ctx.args), dry_run)
     import logging
 
     from services.trainer.driver import run_rl
@@ -327,9 +310,9 @@ def up_cmd(
 
     Example: gtpo up --config run.yaml steps=2
     """
-    from services.trainer.config import RLConfig, SFTConfig
+    from services.trainer.config import RLConfig
 
-    cfg = _experiment("up", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
+    cfg = _experiment("up", RLConfig, config, list(ctx.args), dry_run)
     from services.launcher import run_stack
     from shared.agreement import AgreementError
 
@@ -347,27 +330,28 @@ def up_cmd(
 def status_cmd(
     redis_url: str | None = typer.Option(None, "--redis-url", envvar="REDIS_URL", help="default: $REDIS_URL"),
     namespace: str | None = typer.Option(None, "--namespace", help="the run's redis.namespace (default: gtpo)"),
-    watch: bool = typer.Option(False, "--watch", "-w", help="keep the view live, redrawn every --interval seconds"),
-    interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between redraws with --watch"),
-    timeout: float = typer.Option(
-        TIMEOUT_S, "--timeout", min=0.1, help="seconds to wait for Redis to connect or reply (then exit 1)"
+    watch: bool | None = typer.Option(None, "--watch", "-w", help="keep the view live, redrawn every --interval s"),
+    interval: float | None = typer.Option(None, "--interval", min=0.1, help="seconds between redraws with --watch"),
+    timeout: float | None = typer.Option(
+        None, "--timeout", min=0.1, help=f"seconds to wait for Redis to connect or reply (then exit 1) [{TIMEOUT_S}]"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Queue depths, each live worker (kind, busy / idle, weights version, last heartbeat), the trainer's step,
     policy version and last step's timings, and the weight versions; --watch keeps it live (Ctrl-C ends it)."""
-    from shared.settings import RedisConfig, redact_url
+    from services.command_settings import StatusSettings
 
-    if not redis_url:
-        raise _fail("status", "--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
+    given = {"redis_url": redis_url, "namespace": namespace, "watch": watch, "interval": interval, "timeout": timeout}
+    cfg = _command_settings("status", StatusSettings, given)
+    if cfg.redis_url is None:
+        raise _fail("status", "redis_url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
     if dry_run:
-        raise _dry_run({"redis_url": redact_url(redis_url), "namespace": namespace or RedisConfig().namespace,
-                        "watch": watch, "interval": interval, "timeout": timeout})  # fmt: skip
+        raise _show(cfg)
     from services.status_view import StatusError, show
 
     try:
-        show(redis_url, namespace or RedisConfig().namespace, console, watch=watch, interval_s=interval,
-             timeout_s=timeout)  # fmt: skip
+        show(cfg.redis_url.get_secret_value(), cfg.namespace, console, watch=cfg.watch, interval_s=cfg.interval,
+             timeout_s=cfg.timeout)  # fmt: skip
     except StatusError as e:  # Redis down or not Redis: not a config error (exit 1, not 2)
         typer.echo(f"gtpo status: {e}", err=True)
         raise typer.Exit(code=1) from None
@@ -407,27 +391,27 @@ def eval_cmd(
     strategy: str | None = typer.Option(
         None, "--strategy", help="low_confidence_dynamic | low_confidence_static | sequential"
     ),
-    template: str = typer.Option(PROMPT_TEMPLATE, "--template", help="user message; {question} is replaced"),
-    chat: bool = typer.Option(True, "--chat/--raw"),
+    template: str | None = typer.Option(None, "--template", help="user message; {question} is replaced"),
+    chat: bool | None = typer.Option(None, "--chat/--raw"),
     rollout_url: str | None = typer.Option(None, "--rollout-url", help="generate through a running rollout service"),
-    engines: str = typer.Option(
-        "torch", "--engines", help="in-process engines, comma-separated: torch, reference (the naive decoder), lmdeploy"
+    engines: str | None = typer.Option(
+        None, "--engines", help="in-process engines, comma-separated: torch, reference (the naive decoder), lmdeploy"
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="first N questions only"),
     out: Path | None = typer.Option(
         None, "--out", help="the eval card (JSON); several cards get .ENGINE.DECODING before the suffix [evals/...]"
     ),
-    seed: int = typer.Option(0, "--seed"),
-    question_field: str = typer.Option(QUESTION_FIELD, "--question-field", help="the column of the question"),
-    answer_field: str = typer.Option(ANSWER_FIELD, "--answer-field", help="the column of the answer"),
-    answer_extract: str = typer.Option(
-        "none", "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
+    seed: int | None = typer.Option(None, "--seed"),
+    question_field: str | None = typer.Option(None, "--question-field", help="the column of the question"),
+    answer_field: str | None = typer.Option(None, "--answer-field", help="the column of the answer"),
+    answer_extract: str | None = typer.Option(
+        None, "--answer-extract", help="none | boxed (a solution's last \\boxed{}) | gsm8k (after its last ####)"
     ),
-    max_row_bytes: int = typer.Option(
-        MAX_ROW_BYTES, "--max-row-bytes", min=1, help="refuse a longer row (a JSONL line, a column's text)"
+    max_row_bytes: int | None = typer.Option(
+        None, "--max-row-bytes", min=1, help="refuse a longer row (a JSONL line, a column's text)"
     ),
-    max_prompt_tokens: int = typer.Option(
-        MAX_PROMPT_TOKENS, "--max-prompt-tokens", min=1, help="refuse a longer prompt (template included)"
+    max_prompt_tokens: int | None = typer.Option(
+        None, "--max-prompt-tokens", min=1, help="refuse a longer prompt (template included)"
     ),
     compare: tuple[Path, Path] | None = typer.Option(
         None, "--compare", help="two eval cards A B: B - A per metric with its paired 95% interval"
@@ -452,26 +436,26 @@ def _eval(
     """`gtpo eval` with its options (see `eval_cmd`)."""
     if compare is not None:
         return _compare_cards(*compare, force=force)
-    if dataset is None:
-        raise _fail("eval", "DATASET: missing (or give --compare A.json B.json)")
+    cfg, proto = _eval_settings(dataset, dry_run, model=model, protocol=protocol, k=k, template=template, chat=chat,
+                                rollout_url=rollout_url, limit=limit, out=out, seed=seed, question_field=question_field,
+                                answer_field=answer_field, answer_extract=answer_extract, max_row_bytes=max_row_bytes,
+                                max_prompt_tokens=max_prompt_tokens,
+                                engines=None if engines is None else [e.strip() for e in engines.split(",") if e.strip()],
+                                aup_thresholds=_numbers(aup_thresholds),
+                                sampling={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                                          "top_p": top_p, "confidence_threshold": threshold, "block_size": block_size,
+                                          "denoising_steps": denoising_steps, "strategy": strategy})  # fmt: skip
+    _run_eval(cfg, proto)
+
+
+def _run_eval(cfg, proto) -> None:
+    """Evaluate with the resolved settings `cfg` and protocol; write the cards (and the engine parity)."""
     from services.evaluate import evaluate_cards, load_rows
 
-    _check_template(template)
-    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-             "confidence_threshold": threshold, "block_size": block_size, "denoising_steps": denoising_steps,
-             "strategy": strategy}  # fmt: skip
-    proto = _eval_protocol(protocol, k, given, aup_thresholds)
-    if answer_extract not in ("none", "boxed", "gsm8k"):
-        raise _fail("eval", f"--answer-extract: one of none, boxed, gsm8k, got {answer_extract!r}")
-    engine_list = tuple(e.strip() for e in engines.split(",") if e.strip())
-    if dry_run:
-        raise _dry_run({"dataset": dataset, "model": model, "protocol": proto.name, "k": proto.k,
-                        "params": proto.decodings[0].params,
-                        "decodings": {d.name: d.params.model_dump(mode="json") for d in proto.decodings}, "template": template,
-                        "chat": chat, "rollout_url": rollout_url, "engines": list(engine_list), "limit": limit,
-                        "out": out, "seed": seed, "question_field": question_field, "answer_field": answer_field,
-                        "answer_extract": answer_extract, "max_row_bytes": max_row_bytes,
-                        "max_prompt_tokens": max_prompt_tokens})  # fmt: skip
+    dataset, model, limit, out = cfg.dataset, cfg.model, cfg.limit, cfg.out
+    question_field, answer_field, answer_extract = cfg.question_field, cfg.answer_field, cfg.answer_extract
+    engine_list, template, chat, seed = tuple(cfg.engines), cfg.template, cfg.chat, cfg.seed
+    rollout_url, max_row_bytes, max_prompt_tokens = cfg.rollout_url, cfg.max_row_bytes, cfg.max_prompt_tokens
     extra = {"limit": limit, "question_field": question_field, "answer_field": answer_field,
              "answer_extract": answer_extract}  # fmt: skip
     try:
@@ -483,7 +467,7 @@ def _eval(
     except (OSError, ValueError, ImportError) as e:  # ImportError: --engines lmdeploy without the extra
         raise _fail("eval", str(e)) from None
     parities = _print_eval(dataset, proto, runs)
-    if aup_thresholds is not None:
+    if cfg.aup_thresholds is not None:
         _print_aup(runs)
     paths = _card_paths(out, proto.name, runs)
     for path, run in zip(paths, runs, strict=True):
@@ -495,49 +479,62 @@ def _eval(
         console.print(f"engine parity: {path}")
 
 
-def _check_template(template: str) -> None:
+def _numbers(text: str | None) -> list[float] | str | None:
+    """`"0.9,0.7"` -> `[0.9, 0.7]`; text that is not numbers stays text, for the loader to refuse naming the field."""
+    if text is None:
+        return None
     try:
-        template.format(question="")
-    except (KeyError, IndexError, ValueError) as e:
-        hint = "only {question} is replaced; write literal braces as {{ }}"
-        raise _fail(
-            "eval", f"--template: not a format string with {{question}} ({type(e).__name__}: {e}); {hint}"
-        ) from None
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        return text
 
 
-def _eval_protocol(protocol: str | None, k: int | None, given: dict, aup_thresholds: str | None):
-    """`_resolve_protocol`, its errors as `gtpo eval` failures."""
+def _eval_settings(dataset: str | None, dry_run: bool, sampling: dict, **flags):
+    """`gtpo eval`'s settings through the loader and the protocol they resolve to; --dry-run prints both."""
     from pydantic import ValidationError
 
+    from services.command_settings import EvalSettings
     from shared.config import describe_error
 
+    given = {k: v for k, v in sampling.items() if v is not None}
+    cfg = _command_settings("eval", EvalSettings, {"dataset": dataset, **flags, "sampling": given or None})
     try:
-        return _resolve_protocol(protocol, k, given, aup_thresholds)
+        cfg.template.format(question="")
+    except (KeyError, IndexError, ValueError) as e:
+        hint = "only {question} is replaced; write literal braces as {{ }}"
+        raise _fail("eval", f"template: not a format string with {{question}} ({type(e).__name__}: {e}); {hint}") from None
+    try:
+        proto = _resolve_protocol(cfg.protocol, cfg.k, cfg.sampling, cfg.aup_thresholds)
     except ValidationError as e:
         raise _fail("eval", describe_error(e, SamplingParams)) from None
     except ValueError as e:
         raise _fail("eval", str(e)) from None
+    if dry_run:
+        typer.echo(_yaml({**cfg.model_dump(mode="json"), "resolved": {"protocol": proto.name, "k": proto.k,
+                   "decodings": {d.name: d.params.model_dump(mode="json") for d in proto.decodings}}}))  # fmt: skip
+        raise typer.Exit(0)
+    return cfg, proto
 
 
-def _resolve_protocol(protocol: str | None, k: int | None, given: dict, aup_thresholds: str | None):
-    """The named protocol with the explicit flags over it (or the flags alone), swept over --aup-thresholds.
+def _yaml(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def _resolve_protocol(protocol: str | None, k: int | None, given: dict, aup_thresholds: list[float] | None):
+    """The named protocol with the explicit settings over it (or the settings alone), swept over aup_thresholds.
 
     Raises:
-        ValueError, pydantic.ValidationError: naming the flag or setting.
+        ValueError, pydantic.ValidationError: naming the setting.
     """
     from services.eval_protocols import apply_overrides, custom, get_protocol, sweep
 
     if protocol is None:
-        proto = custom(k or 4, SamplingParams(**{"max_new_tokens": 512, **{a: v for a, v in given.items() if v is not None}}))
+        proto = custom(k or 4, SamplingParams(**{"max_new_tokens": 512, **given}))
     else:
         proto = apply_overrides(get_protocol(protocol), k, given)
-    if aup_thresholds is None:
-        return proto
-    try:
-        points = [float(t) for t in aup_thresholds.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--aup-thresholds: comma-separated numbers, got {aup_thresholds!r}") from None
-    return sweep(proto, points)
+    return proto if aup_thresholds is None else sweep(proto, aup_thresholds)
 
 
 def _card_paths(out: Path | None, protocol: str, runs: list) -> list[Path]:
@@ -671,14 +668,17 @@ def demo_cmd(
 
 @app.command("merge-lora")
 def merge_lora_cmd(
-    checkpoint: Path = typer.Argument(..., help="a trainer checkpoint (with adapter/) or a LoRA adapter folder"),
-    out: Path = typer.Option(..., "--out", help="folder for the merged SDAR-layout checkpoint"),
+    checkpoint: Path | None = typer.Argument(None, help="a trainer checkpoint (with adapter/) or a LoRA adapter folder"),
+    out: Path | None = typer.Option(None, "--out", help="folder for the merged SDAR-layout checkpoint"),
     base: Path | None = typer.Option(None, "--base", help="the base model; default: the adapter's own record"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
     """Merge a LoRA adapter into its base and write an SDAR checkpoint that transformers and LMDeploy load."""
-    if dry_run:
-        raise _dry_run({"checkpoint": checkpoint, "out": out, "base": base})
+    from services.command_settings import MergeLoraSettings
+
+    cfg = _command_settings("merge-lora", MergeLoraSettings, {"checkpoint": checkpoint, "out": out, "base": base},
+                            dry_run)  # fmt: skip
+    checkpoint, out, base = cfg.checkpoint, cfg.out, cfg.base
     from services.trainer.lora import AdapterError, merge_lora
 
     try:

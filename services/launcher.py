@@ -163,7 +163,7 @@ def run_stack(
         embedded.start()
         url = embedded.url
     token = secrets.token_urlsafe(24)
-    env = {**os.environ, "REDIS_URL": url, "GTPO_API_TOKEN": token, "GTPO_ROLLOUT_API_TOKEN": token}
+    env = {**os.environ, "REDIS_URL": url, "GTPO_TRAIN__API_TOKEN": token, "GTPO_ROLLOUT__API_TOKEN": token}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume, fresh)

@@ -4,8 +4,14 @@ validated once, with errors that name the field (and the nearest one for a typo)
 One loader, `load_config`, for every command and service, lowest first: the model's defaults, the YAML file, the
 environment, then `key=value` arguments. The layers above the defaults are one pydantic-settings source
 (`LayeredSource`); a service's settings class (shared/settings.py `ServiceSettings`) reads the environment through
-the same source when it is built directly. Trainer commands (`gtpo train`, `sft`, `up`, `launch`) read
-`GTPO_SECTION__KEY=value` variables; each service its `GTPO_ROLLOUT_*` / `GTPO_REWARD_*` ones (its `env_prefix`).
+the same source when it is built directly.
+
+One environment scheme: each command or service has the prefix `GTPO_<NAME>__` (`command_prefix`), its keys nested
+with `__`: `GTPO_TRAIN__OPTIM__LR` (`gtpo train`, `up`, `launch`), `GTPO_SFT__STEPS`, `GTPO_ROLLOUT__LMDEPLOY__TP`
+(`gtpo serve rollout`), `GTPO_REWARD__WEIGHTS`, `GTPO_EVAL__K`, `GTPO_GENERATE__N`, `GTPO_STATUS__NAMESPACE`,
+`GTPO_INIT_MODEL__SEED`, `GTPO_LAUNCH__NPROC_PER_NODE`. No prefix is the start of another, so no variable is
+read by two commands. The names before this scheme (`GTPO_OPTIM__LR` for a trainer command, `GTPO_ROLLOUT_MODEL`
+for a service) still work for one release, with a warning naming the new one (`legacy_env`).
 
 Environment and `key=value` values are typed by the field they set: a string field (a token, a path, a name) takes
 the text byte for byte; a field of numbers, booleans, lists, mappings or a section parses it as JSON, else as YAML
@@ -16,29 +22,55 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
+from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("gtpo.config")
 ENV_PREFIX = "GTPO_"
-SERVICE_ENV_PREFIXES = ("GTPO_ROLLOUT_", "GTPO_REWARD_")
-"""The services' variables: a trainer command leaves them alone. Its own `rollout` section is `GTPO_ROLLOUT__*`
-(two underscores), and its `rollout_urls` / `reward_weights` are set in YAML or as `key=value` only."""
-FOREIGN_ENV = frozenset({"GTPO_IMAGE", "GTPO_VERSION"})
-"""`GTPO_*` names that no gtpo command reads (docker compose's image tag in deploy/compose.yaml)."""
+COMMANDS = ("train", "sft", "rollout", "reward", "eval", "generate", "status", "init_model", "merge_lora", "launch")
+"""The commands and services that read `GTPO_<NAME>__*` variables (`command_prefix`)."""
+LEGACY_SERVICE_PREFIXES = ("GTPO_ROLLOUT_", "GTPO_REWARD_")
+"""The services' prefixes before `GTPO_<NAME>__` (one underscore: `GTPO_ROLLOUT_MODEL`); read with a warning."""
 HIDDEN = "**********"
 
 
 class ConfigError(ValueError):
     """A config file, override, environment variable or value is wrong; the message names it (never a secret)."""
+
+
+def command_prefix(name: str) -> str:
+    """`"init_model"` -> `"GTPO_INIT_MODEL__"`: the prefix of one command's (or service's) variables."""
+    assert name in COMMANDS, name
+    return f"{ENV_PREFIX}{name.upper()}__"
+
+
+class CommandConfig(BaseModel):
+    """Base of a command's settings: `env_prefix` names its variables (None: it reads no environment) and
+    `foreign_fields` the settings of another command, refused with the reason rather than as a typo."""
+
+    env_prefix: ClassVar[str | None] = None
+    legacy_env_prefix: ClassVar[str | None] = None
+    """The prefix before `GTPO_<NAME>__` (`GTPO_` for the trainer commands), read for one release with a warning."""
+    foreign_fields: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_foreign(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in data:
+                if name in cls.foreign_fields:
+                    raise ValueError(f"{name}: {cls.foreign_fields[name]}; {cls.__name__} has no such setting")
+        return data
 
 
 class UnknownKey(ConfigError):
@@ -48,6 +80,15 @@ class UnknownKey(ConfigError):
         self.key, self.nearest = key, nearest
         hint = f"; did you mean {nearest}?" if nearest else ""
         super().__init__(f"{key}: {model.__name__} has no such setting{hint}")
+
+
+class ForeignKey(UnknownKey):
+    """A dotted key names a setting of another command (`loss.beta` for `gtpo sft`); the message says whose."""
+
+    def __init__(self, key: str, model: type[BaseModel], field: str, reason: str) -> None:
+        self.key, self.nearest = key, None
+        what = reason if key == field else f"{field} is {reason}"
+        ConfigError.__init__(self, f"{key}: {what}; {model.__name__} has no such setting")
 
 
 # --------------------------------------------------------------------------- field types
@@ -115,6 +156,9 @@ def field_type(model: type[BaseModel], key: str) -> Any:
         section = _section(node)
         if section is not None:
             if part not in section.model_fields:
+                foreign = section.foreign_fields if issubclass(section, CommandConfig) else {}
+                if part in foreign:
+                    raise ForeignKey(key, section, part, foreign[part])
                 near = _nearest(part, section.model_fields)
                 raise UnknownKey(key, model, ".".join([*parts[:i], near]) if near else None)
             node = section.model_fields[part].annotation
@@ -201,51 +245,74 @@ def typed_override(model: type[BaseModel], text: str) -> tuple[str, Any]:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def env_name(key: str, prefix: str = ENV_PREFIX) -> str:
-    """`"optim.lr"` -> `"GTPO_OPTIM__LR"`."""
+def env_name(key: str, prefix: str) -> str:
+    """`("optim.lr", "GTPO_TRAIN__")` -> `"GTPO_TRAIN__OPTIM__LR"`."""
     return prefix + key.upper().replace(".", "__")
 
 
-def _services_variable(name: str) -> bool:
-    return name in FOREIGN_ENV or any(
-        name.startswith(p) and not name[len(p) :].startswith("_") for p in SERVICE_ENV_PREFIXES
-    )
+def env_prefix(model: type[BaseModel]) -> str | None:
+    """The prefix of `model`'s variables: a service's `env_prefix` (`GTPO_ROLLOUT__`), a command's (`GTPO_TRAIN__`),
+    or None for a model that reads no environment."""
+    if issubclass(model, BaseSettings):
+        return model.model_config.get("env_prefix") or None
+    return model.env_prefix if issubclass(model, CommandConfig) else None
 
 
-def env_prefix(model: type[BaseModel]) -> str:
-    """The prefix of `model`'s variables: a service's `env_prefix` (`GTPO_ROLLOUT_`), else `GTPO_` (trainer)."""
-    return model.model_config.get("env_prefix") or ENV_PREFIX
+def _legacy_prefix(model: type[BaseModel]) -> str | None:
+    return getattr(model, "legacy_env_prefix", None)  # a ClassVar of CommandConfig and ServiceSettings
 
 
-def env_overrides(
-    model: type[BaseModel], environ: Mapping[str, str], *, siblings: Iterable[type[BaseModel]] = ()
-) -> list[tuple[str, Any]]:
-    """Typed `(dotted key, value)` pairs of the variables with `model`'s prefix (`env_prefix`).
+def _claimed(name: str) -> bool:
+    """Whether `name` belongs to a command's prefix or a service's old one (so no older scheme reads it)."""
+    return name.startswith(tuple(command_prefix(c) for c in COMMANDS)) or name.startswith(LEGACY_SERVICE_PREFIXES)
 
-    `GTPO_OPTIM__LR=1e-5` -> `("optim.lr", 1e-05)`, `GTPO_ROLLOUT_REDIS__URL=...` -> `("redis.url", ...)`. A
-    trainer command leaves alone the services' variables (`SERVICE_ENV_PREFIXES`), `FOREIGN_ENV`, and variables
-    naming a field of a sibling (another trainer command's config, e.g. `run_id` while `gtpo sft` runs); a service
-    leaves alone names that continue its prefix with `_` (`GTPO_ROLLOUT__GROUP_SIZE`: the trainer's `rollout`).
+
+def legacy_env(model: type[BaseModel], environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `model`'s scheme before `GTPO_<NAME>__`, renamed to the new one, each with a logged warning
+    (one line on stderr, also where logging is not set up).
+
+    A service's `GTPO_ROLLOUT_X` is `GTPO_ROLLOUT__X`. A trainer command's `GTPO_X` (legacy prefix `GTPO_`) is
+    its `GTPO_TRAIN__X` / `GTPO_SFT__X` when X's first part is one of its settings and the name is no command's:
+    `GTPO_OPTIM__LR` for `gtpo train`; `GTPO_ROLLOUT__GROUP_SIZE` is the rollout service's now.
+    """
+    old, new = _legacy_prefix(model), env_prefix(model)
+    if old is None or new is None:
+        return {}
+    out = {}
+    for name, raw in sorted(environ.items()):
+        rest = name[len(old) :]
+        if not name.startswith(old) or not rest or rest.startswith("_") or name.startswith(new):
+            continue
+        if old == ENV_PREFIX and (_claimed(name) or rest.lower().split("__")[0] not in model.model_fields):
+            continue
+        out[new + rest] = raw
+        log.warning("%s is deprecated (read for one more release): name it %s", name, new + rest)
+    return out
+
+
+def env_overrides(model: type[BaseModel], environ: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """Typed `(dotted key, value)` pairs of the variables with `model`'s prefix (`env_prefix`), the old names
+    (`legacy_env`) below the new ones: `GTPO_TRAIN__OPTIM__LR=1e-5` -> `("optim.lr", 1e-05)`,
+    `GTPO_ROLLOUT__LMDEPLOY__TP=2` -> `("lmdeploy.tp", 2)`.
 
     Raises:
-        ConfigError: any other variable with the prefix that names no setting (a typo), naming it and the nearest
+        ConfigError: a variable with the prefix that names no setting (a typo), naming it and the nearest
             variable; a value that does not parse for its field.
     """
     prefix = env_prefix(model)
-    siblings = list(siblings)
+    if prefix is None:
+        return []
+    merged = {**legacy_env(model, environ), **{k: v for k, v in environ.items() if k.startswith(prefix)}}
     out = []
-    for name, raw in sorted(environ.items()):
+    for name, raw in sorted(merged.items()):
         rest = name[len(prefix) :]
         if not name.startswith(prefix) or not rest:
             continue
-        if _services_variable(name) if prefix == ENV_PREFIX else rest.startswith("_"):
-            continue
         key = rest.lower().replace("__", ".")
-        top = key.split(".")[0]
-        if top not in model.model_fields and any(top in s.model_fields for s in siblings):
-            continue
         try:
             out.append((key, parse_value(field_type(model, key), raw)))
+        except ForeignKey as e:
+            raise ConfigError(f"{name}: {e}") from None
         except UnknownKey as e:
             hint = f"; did you mean {env_name(e.nearest, prefix)}?" if e.nearest else ""
             raise ConfigError(f"{name}: not a setting of {model.__name__} ({key}){hint}") from None
@@ -325,7 +392,6 @@ class LayeredSource(PydanticBaseSettingsSource):
         path: the YAML file, or None.
         overrides: `key=value` texts.
         environ: the environment (None = `os.environ`).
-        siblings: the other trainer commands' configs, whose variables this one leaves alone.
     """
 
     def __init__(
@@ -334,11 +400,9 @@ class LayeredSource(PydanticBaseSettingsSource):
         path: str | Path | None = None,
         overrides: Iterable[str] = (),
         environ: Mapping[str, str] | None = None,
-        *,
-        siblings: Iterable[type[BaseModel]] = (),
     ) -> None:
         super().__init__(settings_cls)  # type: ignore[arg-type]  # any model: only its fields are read
-        self.path, self.overrides, self.siblings = path, list(overrides), tuple(siblings)
+        self.path, self.overrides = path, list(overrides)
         self.environ = os.environ if environ is None else environ
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
@@ -347,7 +411,7 @@ class LayeredSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         model = self.settings_cls
         data = read_yaml(self.path) if self.path is not None else {}
-        for key, value in env_overrides(model, self.environ, siblings=self.siblings):
+        for key, value in env_overrides(model, self.environ):
             _put(model, data, key, value)
         for text in self.overrides:
             _put(model, data, *typed_override(model, text))
@@ -382,20 +446,17 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     environ: Mapping[str, str] | None = None,
-    *,
-    siblings: Iterable[type[BaseModel]] = (),
 ) -> M:
     """Build and validate `model` (a trainer command's config or a service's settings): its defaults < the YAML
-    file < its `GTPO_*` variables < `key=value` overrides (`LayeredSource`).
+    file < its `GTPO_<NAME>__*` variables < `key=value` overrides (`LayeredSource`).
 
     Args:
         environ: the environment (None = `os.environ`); see `env_overrides`.
-        siblings: the configs of the other trainer commands, whose variables this one leaves alone.
 
     Raises:
         ConfigError: one line per bad field, naming it (and the nearest one for a typo), never showing a secret.
     """
-    source = LayeredSource(model, path, overrides or [], environ, siblings=siblings)
+    source = LayeredSource(model, path, overrides or [], environ)
     try:
         if issubclass(model, BaseSettings):  # exactly these layers, not the class's own reading of os.environ
             return model(_build_sources=((source,), {}))

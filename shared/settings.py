@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_serializer
@@ -130,7 +130,8 @@ def default_worker_id(kind: str) -> str:
 
 
 class ServiceSettings(BaseSettings):
-    """Base of each service's settings (`env_prefix` `GTPO_<SERVICE>_`, nested with `__`).
+    """Base of each service's settings (`env_prefix` `GTPO_<SERVICE>__`, nested with `__`; `legacy_env_prefix` the
+    name before it, `GTPO_<SERVICE>_`, read for one release with a warning).
 
     `gtpo serve` loads them with `shared.config.load_config` (defaults < YAML < environment < `key=value`); built
     directly (`RewardSettings()`, tests), they read the environment through the same source, below the keyword
@@ -147,3 +148,5 @@ class ServiceSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, LayeredSource(settings_cls)
+
+    legacy_env_prefix: ClassVar[str | None] = None

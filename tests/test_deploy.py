@@ -257,7 +257,7 @@ def test_compose_gpu_override_gives_rollout_and_trainer_gpus():
         assert gpu[name]["image"] == f"gtpo:{VERSION}-gpu" and gpu[name]["build"]["target"] == "gpu"
         assert gpu[name]["gpus"] and "gpus" not in cpu[name]
         assert int(gpu[name]["shm_size"]) >= 8 * 2**30
-    assert gpu["rollout"]["environment"]["GTPO_ROLLOUT_DEVICE"] == "cuda"
+    assert gpu["rollout"]["environment"]["GTPO_ROLLOUT__DEVICE"] == "cuda"
     assert gpu["trainer"]["command"][0] == "launch"
     for name in ("redis", "init", "reward"):
         assert gpu[name] == cpu[name]
@@ -349,7 +349,7 @@ def test_urls_and_ports_in_env_match_the_services(overlay):
                     assert url.port in [p["port"] for p in services[host]["spec"]["ports"]], (name, value)
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             for name, value in env.items():
-                if re.fullmatch(r"GTPO_[A-Z]+_PORT", name):
+                if re.fullmatch(r"GTPO_[A-Z]+__PORT", name):
                     assert int(value) == ports["http"], f"{c['name']}: {name}={value} but containerPort {ports}"
                 if name.endswith("_HOST") and name.startswith("GTPO_"):
                     assert value == "0.0.0.0"  # reachable from the Service, not loopback only
@@ -442,9 +442,9 @@ def test_shared_volume_and_run_config_are_mounted(overlay):
     mounts = {m["mountPath"]: m["name"] for m in container(overlay, "trainer")["volumeMounts"]}
     assert vols[mounts["/config"]]["configMap"]["name"].startswith("gtpo-run-")  # the generated, hashed name
     rollout = plain_env(container(overlay, "rollout"))
-    assert rollout["GTPO_ROLLOUT_MODEL"] == cfg["model"] or overlay == "gpu"
-    assert Path(cfg["output_dir"]).is_relative_to(rollout["GTPO_ROLLOUT_CHECKPOINT_ROOT"])
-    assert json.loads(plain_env(container(overlay, "reward"))["GTPO_REWARD_WEIGHTS"]) == cfg["reward_weights"]
+    assert rollout["GTPO_ROLLOUT__MODEL"] == cfg["model"] or overlay == "gpu"
+    assert Path(cfg["output_dir"]).is_relative_to(rollout["GTPO_ROLLOUT__CHECKPOINT_ROOT"])
+    assert json.loads(plain_env(container(overlay, "reward"))["GTPO_REWARD__WEIGHTS"]) == cfg["reward_weights"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -511,8 +511,8 @@ def test_commands_and_settings_agree_between_compose_and_kubernetes():
         assert {k: compose_env[k] for k in k8s_env} == k8s_env, role
         assert {p["containerPort"] for p in c["ports"]} == {int(p) for p in services[role]["expose"]}
     # the trainer: `gtpo train` in compose, `gtpo launch` (same config) on Kubernetes; same secrets
-    assert set(secret_refs(container("cpu", "trainer"))) >= {"GTPO_API_TOKEN"}
-    assert "GTPO_API_TOKEN" in services["trainer"]["environment"]
+    assert set(secret_refs(container("cpu", "trainer"))) >= {"GTPO_TRAIN__API_TOKEN"}
+    assert "GTPO_TRAIN__API_TOKEN" in services["trainer"]["environment"]
     assert services["trainer"]["expose"] == ["8000"] and yaml.safe_load(RUN_YAML.read_text())["health_port"] == 8000
     assert services["trainer"]["healthcheck"]["test"][-1].count("127.0.0.1:8000/health") == 1
     for role, path in (("reward", "8002/ready"), ("rollout", "8001/ready")):
@@ -828,10 +828,10 @@ class LocalPods:
             extra.update(JOB_NAME="gtpo-trainer", JOB_COMPLETION_INDEX="0", HOSTNAME="gtpo-trainer-0")
         env = self.env(c, extra)
         self.ports[role] = _free_port()  # the manifests' ports, moved to free ones (their equality is tested above)
-        for name in [n for n in env if re.fullmatch(r"GTPO_[A-Z]+_PORT", n)]:
+        for name in [n for n in env if re.fullmatch(r"GTPO_[A-Z]+__PORT", n)]:
             env[name] = str(self.ports[role])
         if role == "trainer":
-            env.update(GTPO_HEALTH_PORT=str(self.ports[role]), MASTER_PORT=str(_free_port()))
+            env.update(GTPO_TRAIN__HEALTH_PORT=str(self.ports[role]), MASTER_PORT=str(_free_port()))
         log = (self.tmp / f"{role}.log").open("w")
         self.procs[role] = subprocess.Popen([_tool("gtpo"), *[self.localize(a) for a in c["args"]]],
                                             env={**self.base, **env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip

@@ -82,6 +82,7 @@ class FakeAsyncEngine:
             denoising_steps=bc.dllm_denoising_steps,
             max_new_tokens=gc.max_new_tokens,
             stop_token_ids=stops,
+            temperature=gc.temperature,
             logit_width=1024,  # prompts are tiny-tokenizer ids (< 320)
             **self.sim_options,
         )
@@ -114,7 +115,7 @@ def fake(monkeypatch):
 def torch_sim_model(loaded):
     """A loaded torch model as a `lmdeploy_sim.SimModel`, sampling as the torch engine does.
 
-    Logits: the naive decoder's forward (the whole sequence, block-causal). Tokens: `sample_block` at T = 1 on the
+    Logits: the naive decoder's forward (the whole sequence, block-causal). Tokens: `sample_block` at T on the
     sample's own uniforms, row s of block k's draw at the block's s-th denoising forward. The forward index is
     recovered from which positions are still masked (each forward unmasks some, so a block's states are distinct),
     so a preempted sequence that re-prefills the same state draws the same row again.
@@ -127,7 +128,7 @@ def torch_sim_model(loaded):
     states: dict[tuple[int, int], dict[bytes, int]] = {}
 
     @torch.inference_mode()
-    def forward(seed, ids, masked, block_start, prompt_len):
+    def forward(seed, ids, masked, block_start, prompt_len, temperature):
         x = torch.as_tensor(ids, dtype=torch.long)[None]
         attn = to_additive(block_causal_mask(x.shape[1], b)[None], dtype)
         hidden = loaded.model.model(input_ids=x, attention_mask=attn, use_cache=False).last_hidden_state
@@ -140,7 +141,7 @@ def torch_sim_model(loaded):
         for _ in range(block_start // b - prompt_len // b + 1):
             u = block_uniforms(gen, b)
         tok, _, _ = sample_block(
-            logits[None], u[step][None], torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1)
+            logits[None], u[step][None], torch.full((1,), temperature), torch.zeros(1, dtype=torch.long), torch.ones(1)
         )
         return logits, tok[0].numpy()
 
@@ -166,6 +167,7 @@ def expected(prompt, rollout, *, extra_stops=()):
         denoising_steps=p.denoising_steps,
         max_new_tokens=p.max_new_tokens,
         stop_token_ids=tuple(p.stop_token_ids),
+        temperature=p.temperature if p.temperature > 0 else 1.0,  # greedy reaches LMDeploy as T = 1, no sampling
     )
     return lp.reference_decode(prompt, rollout.seed, cfg)
 
@@ -431,8 +433,8 @@ def test_through_lmdeploys_scheduler_the_tiny_model_gives_the_torch_engines_roll
     request, fake, tiny_dir, model, tol
 ):
     """LMDeploy's scheduler, unmasking and stopping code with our patch, driven by the tiny model's logits and the
-    torch engine's sampler: the very rollouts of the torch engine (tokens, step maps, tails, finish reasons), and its
-    log-probs within `tol` (the torch engine caches KV, the stand-in recomputes the sequence)."""
+    torch engine's sampler: the very rollouts of the torch engine (tokens, step maps, tails, finish reasons) at
+    temperatures 0.6 to 1.7 mixed in one batch, and its log-probs within `tol` (the torch engine caches KV, the stand-in recomputes the sequence)."""
     from services.rollout.engines.torch_engine import TorchEngine
 
     loaded = request.getfixturevalue(model)
@@ -448,9 +450,12 @@ def test_through_lmdeploys_scheduler_the_tiny_model_gives_the_torch_engines_roll
     reqs = [
         GenerationRequest(
             prompt_ids=list(range(10, 10 + n)),
-            params=SamplingParams(n=2, seed=30 + n, max_new_tokens=10, stop_token_ids=stops, logprobs=True),
+            params=SamplingParams(
+                n=2, seed=30 + n, max_new_tokens=10, stop_token_ids=stops, logprobs=True, temperature=temperature
+            ),
         )
-        for n in (1, 2, 3, 4, 5, 7, 9)
+        # the settings the recorder is exact at (issue 34): any temperature, no top-k, no top-p
+        for n, temperature in zip((1, 2, 3, 4, 5, 7, 9), (1.0, 0.7, 1.3, 0.6, 1.0, 1.7, 0.85), strict=True)
     ]
     eng = create_engine("lmdeploy", tiny_dir, device="auto", max_batch_size=8)
     try:

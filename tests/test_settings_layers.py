@@ -1,5 +1,5 @@
-"""One loader for every command and service: defaults < YAML < `GTPO_*` environment < `key=value`, the same four
-layers giving the same answer for a trainer command (`gtpo train`) and a service (`gtpo serve rollout|reward`)."""
+"""One loader for every command and service: defaults < YAML < `GTPO_<NAME>__*` environment < `key=value`, the same
+four layers giving the same answer for a trainer command (`gtpo train`) and a service (`gtpo serve rollout|reward`)."""
 
 import pytest
 
@@ -9,7 +9,7 @@ from services.trainer.config import RLConfig
 from shared.config import ConfigError, load_config
 
 REQUIRED = {RLConfig: ["model=m", "output_dir=o", "data=d.json"], RolloutSettings: ["model=m"], RewardSettings: []}
-PREFIX = {RLConfig: "GTPO_", RolloutSettings: "GTPO_ROLLOUT_", RewardSettings: "GTPO_REWARD_"}
+PREFIX = {RLConfig: "GTPO_TRAIN__", RolloutSettings: "GTPO_ROLLOUT__", RewardSettings: "GTPO_REWARD__"}
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def test_a_service_built_directly_reads_the_environment_the_same_way(model, monk
     p = PREFIX[model]
     monkeypatch.setenv(f"{p}REDIS__MAX_DELIVERIES", "9")
     monkeypatch.setenv(f"{p}REDIS", "{namespace: flow-yaml}")  # YAML flow mapping: typed like a trainer variable
-    monkeypatch.setenv(f"{p}_GROUP_SIZE", "4")  # the trainer's `rollout` section: not this service's
+    monkeypatch.setenv("GTPO_TRAIN__ROLLOUT__GROUP_SIZE", "4")  # the trainer's `rollout` section: not this service's
     kwargs = {"model": "m"} if model is RolloutSettings else {}
     built = model(**kwargs, redis={"codec": "json", "namespace": "kw"})  # keyword arguments beat the variables
     assert (built.redis.codec, built.redis.namespace, built.redis.max_deliveries) == ("json", "kw", 9)
@@ -60,7 +60,7 @@ def test_a_service_built_directly_reads_the_environment_the_same_way(model, monk
 
 
 def test_an_explicit_environment_replaces_the_process_one_for_a_service(monkeypatch):
-    monkeypatch.setenv("GTPO_REWARD_BATCH", "3")
+    monkeypatch.setenv("GTPO_REWARD__BATCH", "3")
     assert load_config(RewardSettings, environ={}).batch == 32  # the default: os.environ is not read
     assert load_config(RewardSettings).batch == 3
 
@@ -68,9 +68,32 @@ def test_an_explicit_environment_replaces_the_process_one_for_a_service(monkeypa
 def test_a_mapping_given_whole_replaces_the_one_below_and_a_dotted_entry_adds_to_it(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model: m\noutput_dir: o\ndata: d.json\nreward_weights: {accuracy: 1.0, cosine: 0.5}\n")
-    # (GTPO_REWARD_WEIGHTS is the reward service's variable: the trainer's weights come from YAML or arguments)
-    env = {"GTPO_REWARD_WEIGHTS": '{"format": 1}'}
+    # (GTPO_REWARD__WEIGHTS is the reward service's variable, not the trainer's reward_weights)
+    env = {"GTPO_REWARD__WEIGHTS": '{"format": 1}'}
     assert load_config(RLConfig, f, ['reward_weights={"speed": 1}'], environ=env).reward_weights == {"speed": 1.0}
     assert load_config(RLConfig, f, ["reward_weights.speed=2"], environ=env).reward_weights == {
         "accuracy": 1.0, "cosine": 0.5, "speed": 2.0,
     }  # fmt: skip
+
+
+def test_the_lmdeploy_engine_options_are_rollout_settings_and_reach_the_engine(monkeypatch, tmp_path):
+    """`GTPO_ROLLOUT__LMDEPLOY__TP=2` (or `lmdeploy.tp=2`) is in the resolved settings and in the options object the
+    LMDeploy engine is built with; the torch engine gets only its own options."""
+    from services.rollout.engines import create_engine
+    from services.rollout.engines import lmdeploy_engine as lm
+    from services.rollout.settings import LMDeployOptions
+
+    env = {"GTPO_ROLLOUT__LMDEPLOY__TP": "2", "GTPO_ROLLOUT__LMDEPLOY__EAGER_MODE": "true"}
+    cfg = load_config(RolloutSettings, None, ["model=m", "engine=lmdeploy", "max_batch_size=8",
+                                              "lmdeploy.cache_max_entry_count=0.5"], environ=env)  # fmt: skip
+    assert (cfg.lmdeploy.tp, cfg.lmdeploy.eager_mode, cfg.lmdeploy.cache_max_entry_count) == (2, True, 0.5)
+    built = {}
+    monkeypatch.setattr(lm.patch, "import_lmdeploy", lambda: None)  # the options object, not a GPU engine
+    monkeypatch.setattr(lm.LMDeployEngine, "__init__", lambda self, path, options, policy_version: built.update(
+        path=path, options=options))  # fmt: skip
+    create_engine(cfg.engine, tmp_path, **cfg.engine_options())
+    assert built["options"] == LMDeployOptions(tp=2, eager_mode=True, cache_max_entry_count=0.5, max_batch_size=8)
+    torch_side = load_config(RolloutSettings, None, ["model=m"], environ=env).engine_options()
+    assert torch_side == {"device": "auto", "max_batch_size": 32}
+    with pytest.raises(ConfigError, match=r"GTPO_ROLLOUT__LMDEPLOY__TPP: .*did you mean GTPO_ROLLOUT__LMDEPLOY__TP\?"):
+        load_config(RolloutSettings, None, ["model=m"], environ={"GTPO_ROLLOUT__LMDEPLOY__TPP": "2"})

@@ -2,7 +2,6 @@
 the trainer's config file; each planned command, run as the launcher would run it (with --dry-run), resolves the
 same settings."""
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -31,8 +30,8 @@ def stack(tmp_path):
     workers, trainer, trainer_cfg, cfg_path = plan(cfg, cfg.output_dir, 2, 1, resume=False)
     cfg_path.write_text(dump_config(trainer_cfg))  # what run_stack writes
     env = {k: v for k, v in os.environ.items() if not k.startswith("GTPO_")}
-    env.update(PYTHONPATH=str(REPO), REDIS_URL=cfg.redis.resolved_url(), GTPO_API_TOKEN=TOKEN,
-               GTPO_ROLLOUT_API_TOKEN=TOKEN)  # fmt: skip
+    env.update(PYTHONPATH=str(REPO), REDIS_URL=cfg.redis.resolved_url(), GTPO_TRAIN__API_TOKEN=TOKEN,
+               GTPO_ROLLOUT__API_TOKEN=TOKEN)  # fmt: skip
     return cfg, workers, trainer, cfg_path, env
 
 
@@ -60,10 +59,10 @@ def test_planned_workers_resolve_the_runs_redis_settings(stack):
     cfg, workers, _, _, env = stack
     want = cfg.redis.model_dump(mode="json", exclude={"url"})
     for p in (workers[0], workers[-1]):  # a rollout and a reward worker
-        shown = json.loads(_dry_run(p.cmd, env))
+        shown = yaml.safe_load(_dry_run(p.cmd, env))  # YAML, as every command prints it
         assert {k: shown["redis"][k] for k in want} == want, p.name
         assert shown["redis"]["url"] is None and shown["worker"] is True and shown["worker_id"] == p.name
-    reward = json.loads(_dry_run(workers[-1].cmd, env))
+    reward = yaml.safe_load(_dry_run(workers[-1].cmd, env))
     assert reward["weights"] == cfg.reward_weights
 
 
@@ -71,6 +70,6 @@ def test_the_planned_trainer_resolves_the_same_run_with_its_secrets_from_the_env
     cfg, workers, trainer, _, env = stack
     shown = yaml.safe_load(_dry_run(trainer.cmd, env))
     assert shown["redis"] == {**cfg.redis.model_dump(mode="json"), "url": None}  # the URL: $REDIS_URL
-    assert shown["api_token"] == "**********"  # set, from $GTPO_API_TOKEN
+    assert shown["api_token"] == "**********"  # set, from $GTPO_TRAIN__API_TOKEN
     ports = [a.removeprefix("port=") for p in workers if p.name.startswith("rollout") for a in p.cmd if "port=" in a]
     assert shown["rollout_urls"] == [f"http://127.0.0.1:{port}" for port in ports] and len(ports) == 2

@@ -1,11 +1,14 @@
-"""Reward service settings: `GTPO_REWARD_*` environment variables (e.g. `GTPO_REWARD_WEIGHTS='{"accuracy": 1}'`)."""
+"""Reward service settings: `GTPO_REWARD__*` environment variables (e.g. `GTPO_REWARD__WEIGHTS='{"accuracy": 1}'`)."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.reward.scoring import REWARDS, check_weights
+from shared.config import command_prefix
 from shared.contracts import ServiceInfo, WorkerKind
 from shared.settings import (
     HEARTBEAT_TTL_S,
@@ -20,7 +23,8 @@ from shared.settings import (
 class RewardSettings(ServiceSettings):
     """What `gtpo serve reward` runs with."""
 
-    model_config = SettingsConfigDict(env_prefix="GTPO_REWARD_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=command_prefix("reward"), env_nested_delimiter="__", extra="forbid")
+    legacy_env_prefix: ClassVar[str | None] = "GTPO_REWARD_"
 
     weights: dict[str, float] = Field(
         default_factory=default_reward_weights, description="reward name -> weight, when a request names none"

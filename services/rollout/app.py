@@ -48,9 +48,8 @@ def create_app(settings: RolloutSettings, engine: Engine | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine or await run_in_threadpool(
-            create_engine, settings.engine, settings.model, device=settings.device,
-            max_batch_size=settings.max_batch_size,
-        )  # fmt: skip
+            lambda: create_engine(settings.engine, settings.model, **settings.engine_options())
+        )
         app.state.host = EngineHost(eng, app.state.metrics, start=settings.model)
         stop = threading.Event()
         try:

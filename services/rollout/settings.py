@@ -1,13 +1,15 @@
-"""Rollout service settings (env prefix `GTPO_ROLLOUT_`, nested with `__`, e.g. `GTPO_ROLLOUT_REDIS__URL`)."""
+"""Rollout service settings (env prefix `GTPO_ROLLOUT__`, nested with `__`, e.g. `GTPO_ROLLOUT__REDIS__URL`,
+`GTPO_ROLLOUT__LMDEPLOY__TP=2`), and the LMDeploy engine's options, which its `lmdeploy` section sets."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.config import command_prefix
 from shared.contracts import ServiceInfo, WorkerKind
 from shared.prompts import MAX_PROMPT_TOKENS
 from shared.settings import (
@@ -20,8 +22,35 @@ from shared.settings import (
 )
 
 
+class LMDeploySettings(BaseModel):
+    """LMDeploy's engine-wide settings (`PytorchEngineConfig`; everything per request comes from `SamplingParams`):
+    the rollout service's `lmdeploy` section (`gtpo serve rollout engine=lmdeploy lmdeploy.tp=2`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tp: int = Field(1, ge=1, description="tensor-parallel GPUs (behaviour log-probs need tp=1)")
+    dtype: Literal["auto", "bfloat16", "float16"] = Field("bfloat16", description="weights and activations")
+    cache_max_entry_count: float = Field(
+        0.8, gt=0, le=1, description="share of the free GPU memory the KV cache takes (num_gpu_blocks=0)"
+    )
+    num_gpu_blocks: int = Field(0, ge=0, description="KV-cache pages; 0 = from cache_max_entry_count")
+    session_len: int | None = Field(None, ge=1, description="tokens per sequence at most; None = the model's")
+    eager_mode: bool = Field(False, description="no CUDA graphs: slower decoding, faster start, less memory")
+    enable_metrics: bool = Field(False, description="LMDeploy's own scheduler metrics")
+    paging_block_size: int = Field(64, ge=1, description="KV page size when the dLLM block size divides it")
+    self_check: bool = Field(True, description="decode a known prompt at start and compare with the torch engine")
+    allow_untested_lmdeploy: bool = Field(False, description="run an LMDeploy version the patch was not tested on")
+
+
+class LMDeployOptions(LMDeploySettings):
+    """What `LMDeployEngine` is built with: the service's `lmdeploy` section and its rows decoded together."""
+
+    max_batch_size: int = Field(32, ge=1, description="rows decoded together")
+
+
 class RolloutSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="GTPO_ROLLOUT_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=command_prefix("rollout"), env_nested_delimiter="__", extra="forbid")
+    legacy_env_prefix: ClassVar[str | None] = "GTPO_ROLLOUT_"
 
     model: Path = Field(description="SDAR-layout checkpoint to serve first")
     served_model_name: str | None = Field(
@@ -52,6 +81,14 @@ class RolloutSettings(ServiceSettings):
     )
     heartbeat_ttl_s: HeartbeatTtl = HEARTBEAT_TTL_S
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    lmdeploy: LMDeploySettings = Field(
+        default_factory=LMDeploySettings, description="engine=lmdeploy: its engine-wide options (tp, dtype, KV cache)"
+    )
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments of `create_engine` for this service's engine (the `lmdeploy` section with lmdeploy)."""
+        options: dict[str, Any] = {"device": self.device, "max_batch_size": self.max_batch_size}
+        return {**options, **self.lmdeploy.model_dump()} if self.engine == "lmdeploy" else options
 
     def info(self, block_size: int, mask_token_id: int) -> ServiceInfo:
         """What `GET /info` and the worker's heartbeat say, with the served model's block size and mask id."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from services.trainer.config import RLConfig
 from services.trainer.objective import filter_component_groups, filter_groups
-from shared.contracts import GroupRecord, SamplingParams, ScoredMessage, TaskMessage, same_rewards
+from shared.contracts import GroupRecord, ScoredMessage, TaskMessage, same_rewards
 from shared.prompts import encode_prompt, tokens_per_step
 
 log = logging.getLogger("gtpo.trainer")
@@ -386,10 +386,8 @@ class Collector:
         """The task of one sample (its seed and threshold follow from its coordinates)."""
         cfg, r = self.cfg, self.cfg.rollout
         p = self.prompts[prompt_index]
-        params = SamplingParams(
-            strategy=r.strategy, denoising_steps=r.denoising_steps,
-            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_new_tokens=r.max_new_tokens, n=1,
-            seed=task_seed(cfg.seed, train_by, prompt_index, sample, attempt) % (2**62), logprobs=True,
+        params = r.params(
+            seed=task_seed(cfg.seed, train_by, prompt_index, sample, attempt) % (2**62),
             confidence_threshold=sample_threshold(r.confidence_threshold, r.threshold_spread, sample, r.group_size),
         )  # fmt: skip
         return TaskMessage(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path, PurePath
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.agreement import TrainerSide
+from shared.config import ENV_PREFIX, CommandConfig, command_prefix
 from shared.contracts import MIN_TEMPERATURE, SamplingParams
 from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE
@@ -136,8 +137,8 @@ class LoraSettings(BaseModel):
     )
 
 
-class TrainerConfig(BaseModel):
-    """What one trainer process needs: the model, where to write, how to update."""
+class CommonConfig(CommandConfig):
+    """What every trainer command (`gtpo sft`, `gtpo train`) needs: the model, where to write, how to update."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -145,9 +146,7 @@ class TrainerConfig(BaseModel):
     output_dir: Path = Field(description="checkpoints, metrics.jsonl and plots go here")
     seed: int = Field(0, ge=0, description="every random draw derives from (seed, step, rank)")
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
     updates_per_step: int = Field(1, ge=1, description="optimizer updates per step: the batch is split in this many")
-    passes: int = Field(1, ge=1, description="passes over one RL batch; each pass makes updates_per_step updates")
     micro_batch_size: int = Field(4, ge=1, description="responses per forward on one process")
 
     @model_validator(mode="before")
@@ -164,9 +163,7 @@ class TrainerConfig(BaseModel):
     shrink: int = Field(1, ge=1, description="merge this many consecutive steps of a block into one round")
     attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="auto: flex on CUDA, sdpa on CPU")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
-    ref_model: Path | None = Field(None, description="frozen reference for the KL term; None = the start model")
     keep_last: int = Field(3, ge=1, description="checkpoints kept")
-    sft_mask_eps: float = Field(1e-3, gt=0, lt=1, description="SFT: mask rate t ~ U(eps, 1)")
     gradient_checkpointing: bool = Field(
         False,
         description="recompute each decoder layer's activations in the backward instead of keeping them (about "
@@ -190,6 +187,19 @@ class TrainerConfig(BaseModel):
         MAX_ROW_BYTES, ge=1, description="data: a longer row (a JSONL line, a column's text) is refused, naming it"
     )
 
+
+RL_STEP_FIELDS = ("loss", "passes", "ref_model")
+"""The RL step's own settings: `gtpo sft` refuses them (a KL weight there would load a reference nothing uses)."""
+
+
+class TrainerConfig(CommonConfig):
+    """What the learner needs for an RL step (`Learner.rl_step`): the common settings, the loss, the passes over
+    a batch and the KL reference. `RLConfig` adds the run around it; tests and benches build this one directly."""
+
+    loss: LossConfig = Field(default_factory=LossConfig)
+    passes: int = Field(1, ge=1, description="passes over one RL batch; each pass makes updates_per_step updates")
+    ref_model: Path | None = Field(None, description="frozen reference for the KL term; None = the start model")
+
     @model_validator(mode="after")
     def _check_lora_reference(self) -> TrainerConfig:
         # with LoRA the reference is the frozen base itself (adapters off); a second model would be a second copy
@@ -201,10 +211,17 @@ class TrainerConfig(BaseModel):
         return self
 
 
-class SFTConfig(TrainerConfig):
-    """`gtpo sft`: SDAR's random-masking objective (rows with prompt/response or messages) and trace-SFT (rows that
-    carry a rollout's `token_ids` and `step_map`)."""
 
+
+class SFTConfig(CommonConfig):
+    """`gtpo sft`: SDAR's random-masking objective (rows with prompt/response or messages) and trace-SFT (rows that
+    carry a rollout's `token_ids` and `step_map`). Environment: `GTPO_SFT__<KEY>`."""
+
+    env_prefix: ClassVar[str | None] = command_prefix("sft")
+    legacy_env_prefix: ClassVar[str | None] = ENV_PREFIX
+    foreign_fields: ClassVar[dict[str, str]] = dict.fromkeys(RL_STEP_FIELDS, "an RL setting (gtpo train): SFT has no policy loss, KL reference or passes")
+
+    sft_mask_eps: float = Field(1e-3, gt=0, lt=1, description="mask rate t ~ U(eps, 1) of the random-masking objective")
     data: DataSource = Field(
         description="{prompt, response} | {messages} | a rollout with step_map, as JSON / JSONL, a datasets "
         "save_to_disk folder or hf:org/name[:config][:split]"
@@ -218,21 +235,11 @@ class SFTConfig(TrainerConfig):
     response_field: str = Field("response", min_length=1, description="the column of the response text")
 
 
-_SAMPLING = SamplingParams.model_fields
-"""The engines' sampling defaults (shared/contracts.py), which the RL sampling starts from too."""
-
-
-class RolloutSampling(BaseModel):
-    """How the rollout workers sample for RL (defaults: unbiased, T=1, no top-k / top-p)."""
-
-    model_config = ConfigDict(extra="forbid")
+class RolloutSampling(SamplingParams):
+    """How the rollout workers sample for RL: `SamplingParams` itself (defaults: unbiased, T=1, no top-k / top-p),
+    with the group size and the threshold spread; `params` makes each task's request from it."""
 
     group_size: int = Field(8, ge=2, description="responses per prompt (the GRPO group)")
-    max_new_tokens: int = Field(_SAMPLING["max_new_tokens"].default, ge=1)
-    strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = _SAMPLING[
-        "strategy"
-    ].default.value
-    confidence_threshold: float = Field(_SAMPLING["confidence_threshold"].default, ge=0, le=1)
     threshold_spread: float = Field(
         0.0,
         ge=0,
@@ -242,10 +249,23 @@ class RolloutSampling(BaseModel):
         "orders for the speed reward to tell apart (0: every sample at confidence_threshold). LMDeploy's threshold "
         "is engine-wide, so there each distinct threshold rebuilds the engine: use it with the torch engine",
     )
-    denoising_steps: int | None = Field(None, ge=1)
-    temperature: float = Field(_SAMPLING["temperature"].default, ge=0)
-    top_k: int = Field(_SAMPLING["top_k"].default, ge=0)
-    top_p: float = Field(_SAMPLING["top_p"].default, gt=0, le=1)
+    logprobs: bool = Field(True, description="always on: the behaviour log-probs of the decoupled objective")
+
+    def params(self, **update) -> SamplingParams:
+        """One task's request: these settings (one sample, log-probs on) with `update` (its seed and threshold)."""
+        mine = self.model_dump(include=set(SamplingParams.model_fields))
+        return SamplingParams.model_validate({**mine, **update})
+
+    @model_validator(mode="after")
+    def _check_derived(self) -> RolloutSampling:
+        # values, not "was it given": a dumped config (gtpo up, a checkpoint's copy) must load again as it was
+        for name, value in (("n", self.n != 1), ("seed", self.seed is not None), ("logprobs", not self.logprobs)):
+            if value:
+                raise ValueError(
+                    f"rollout.{name}: set per task by the trainer (n=1, a seed derived from seed, logprobs on); "
+                    "leave it out (rollout.group_size is the samples per prompt)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_sampled(self) -> RolloutSampling:
@@ -261,7 +281,7 @@ class RolloutSampling(BaseModel):
     def _check_spread(self) -> RolloutSampling:
         # a spread the strategy ignores, or one that reaches below 0, would be silently not what was asked for
         if self.threshold_spread and self.strategy != "low_confidence_dynamic":
-            raise ValueError(f"threshold_spread: only the dynamic strategy has a threshold, not {self.strategy}")
+            raise ValueError(f"threshold_spread: only the dynamic strategy has a threshold, not {self.strategy.value}")
         if self.threshold_spread > self.confidence_threshold:
             raise ValueError(
                 f"threshold_spread: {self.threshold_spread} is more than confidence_threshold="
@@ -271,7 +291,12 @@ class RolloutSampling(BaseModel):
 
 
 class RLConfig(TrainerConfig):
-    """`gtpo train`: GTPO rounds through the rollout and reward services over Redis."""
+    """`gtpo train` (and `gtpo up`, `gtpo launch`): GTPO rounds through the rollout and reward services over Redis.
+    Environment: `GTPO_TRAIN__<KEY>`, e.g. `GTPO_TRAIN__ROLLOUT__GROUP_SIZE=16`."""
+
+    env_prefix: ClassVar[str | None] = command_prefix("train")
+    legacy_env_prefix: ClassVar[str | None] = ENV_PREFIX
+    foreign_fields: ClassVar[dict[str, str]] = {"sft_mask_eps": "an SFT setting (gtpo sft): RL masks nothing at random"}
 
     run_id: str = Field("run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataSource = Field(

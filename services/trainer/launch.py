@@ -24,6 +24,7 @@ launcher would otherwise die at once and take its child down with it. Nothing he
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -334,15 +335,30 @@ def _processes(spec, nproc_per_node: int | None):
     return spec, cpu
 
 
+def _load_settings(given: dict):
+    """The launch's settings (defaults < `GTPO_LAUNCH__*` < the flags given) and the run's RLConfig, loaded here and
+    not in every process accelerate starts: a bad config fails once, before any rendezvous."""
+    from services.command_settings import LaunchSettings
+    from services.trainer.config import RLConfig
+    from shared.config import ConfigError, load_config
+
+    args = [f"{k}={v if isinstance(v, (str, Path)) else json.dumps(v)}" for k, v in given.items() if v is not None]
+    try:
+        opts = load_config(LaunchSettings, None, args)
+        return opts, load_config(RLConfig, opts.config, opts.overrides)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
 def launch_command(
-    config: Path = typer.Option(..., "--config", help="RL run config (YAML) that each process passes to gtpo train"),
+    config: Path | None = typer.Option(None, "--config", help="RL run config (YAML) that each process trains"),
     overrides: list[str] | None = typer.Argument(None, help="key=value overrides for gtpo train, e.g. steps=20"),
-    accelerate_config: Path = typer.Option(
-        DEFAULT_ACCELERATE_CONFIG, "--accelerate-config", help="accelerate config (deploy/accelerate/*.yaml)"
+    accelerate_config: Path | None = typer.Option(
+        None, "--accelerate-config", help=f"accelerate config (deploy/accelerate/*.yaml) [{DEFAULT_ACCELERATE_CONFIG}]"
     ),
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in output_dir"),
-    fresh: bool = typer.Option(
-        False, "--fresh", help="start again at step 0 where a run wrote before (its files are moved aside)"
+    resume: bool | None = typer.Option(None, "--resume", help="continue from the latest checkpoint in output_dir"),
+    fresh: bool | None = typer.Option(
+        None, "--fresh", help="start again at step 0 where a run wrote before (its files are moved aside)"
     ),
     nproc_per_node: int | None = typer.Option(
         None,
@@ -350,10 +366,12 @@ def launch_command(
         min=1,
         help="processes on this node; default: the scheduler's, else its GPUs (1 on CPU)",
     ),
-    rendezvous_timeout: float = typer.Option(
-        900.0, "--rendezvous-timeout", min=0, help="seconds a worker node waits for the main node's address to resolve"
+    rendezvous_timeout: float | None = typer.Option(
+        None, "--rendezvous-timeout", min=0, help="seconds a worker node waits for the main node's address [900]"
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the topology and the accelerate command; run nothing"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="print the resolved settings, the topology and the accelerate command; run nothing"
+    ),
 ) -> None:
     """Run `gtpo train` on this node under `accelerate launch`, with the node rank, node count and main address
     taken from the scheduler (Indexed Job, PyTorchJob, Kubeflow Trainer) or a single node.
@@ -361,30 +379,29 @@ def launch_command(
     Example (every node of a 2-node job runs the same command):
     gtpo launch --config run.yaml --accelerate-config deploy/accelerate/zero2.yaml --resume
     """
-    from services.trainer.config import RLConfig, SFTConfig
-    from shared.config import ConfigError, load_config
+    from shared.config import dump_config
 
-    try:  # here, not in every process accelerate starts: a bad config fails once, before any rendezvous
-        load_config(RLConfig, config, overrides or [], siblings=(SFTConfig,))
-    except ConfigError as e:
-        raise _fail(str(e)) from None
+    opts, run = _load_settings({"config": config, "overrides": overrides or None, "resume": resume, "fresh": fresh,
+                                "accelerate_config": accelerate_config, "nproc_per_node": nproc_per_node,
+                                "rendezvous_timeout": rendezvous_timeout})  # fmt: skip
+    config, overrides, resume, fresh = opts.config, opts.overrides, opts.resume, opts.fresh
     try:
         spec = resolve_dist(os.environ)
-        acc = find_accelerate_config(accelerate_config)
+        acc = find_accelerate_config(opts.accelerate_config)
     except LaunchError as e:
         raise _fail(str(e)) from e
-    spec, cpu = _processes(spec, nproc_per_node)
+    spec, cpu = _processes(spec, opts.nproc_per_node)
     if resume and fresh:
         raise _fail("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
     argv = build_accelerate_argv(spec, accelerate_config=acc, train_config=config, resume=resume, fresh=fresh,
                                  overrides=overrides or [], cpu=cpu, deepspeed=is_deepspeed(acc))  # fmt: skip
     typer.echo(f"gtpo launch: {spec.describe()}", err=True)
     if dry_run:
-        typer.echo(" ".join(argv))
+        typer.echo(dump_config(opts) + "---\n" + dump_config(run) + "---\n" + " ".join(argv))
         return
     if spec.node_rank > 0:
         try:
-            wait_for_host(spec.master_addr, spec.master_port, rendezvous_timeout)
+            wait_for_host(spec.master_addr, spec.master_port, opts.rendezvous_timeout)
         except LaunchError as e:
             raise _fail(str(e)) from e
     raise typer.Exit(code=run_supervised(argv, child_environ(os.environ)))

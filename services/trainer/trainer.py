@@ -39,7 +39,7 @@ from services.trainer.checkpoint import (
     save_checkpoint,
     staging_dir,
 )
-from services.trainer.config import TrainerConfig
+from services.trainer.config import CommonConfig, TrainerConfig
 from services.trainer.objective import (
     BEHAVIOUR_MAXES,
     BEHAVIOUR_SUMS,
@@ -124,8 +124,9 @@ class Learner:
     """The learner of both SFT (`sft_step`) and GTPO (`rl_step`): owns the policy, the optimizer and the
     checkpoints; knows nothing of queues or rewards, and writes no metrics row (the training loop does)."""
 
-    def __init__(self, cfg: TrainerConfig, accelerator=None):
+    def __init__(self, cfg: CommonConfig, accelerator=None):
         self.cfg = cfg
+        beta = cfg.loss.beta if isinstance(cfg, TrainerConfig) else 0.0  # SFT has no KL term, so no reference
         cuda = torch.cuda.is_available()
         mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
         self.accelerator = accelerator or sharding.make_accelerator(mp, cuda=cuda)
@@ -137,9 +138,9 @@ class Learner:
             )
         if self.sharding == sharding.DEEPSPEED:
             sharding.set_deepspeed_micro_batch(self.accelerator, cfg.micro_batch_size)
-            if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and cfg.loss.beta > 0:
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3 and beta > 0:
                 raise ValueError(
-                    f"loss.beta: {cfg.loss.beta} needs a reference model, which ZeRO-3 would partition outside its"
+                    f"loss.beta: {beta} needs a reference model, which ZeRO-3 would partition outside its"
                     " engine; use FSDP2 (deploy/accelerate/fsdp.yaml) or ZeRO-2 for a KL term, or beta=0"
                 )
         self.loaded: LoadedModel = load_model(cfg.model, device=self.accelerator.device)
@@ -159,7 +160,7 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
         # with LoRA the reference is this model with its adapters disabled (`_ref_logprobs`), not a second copy
-        self.ref = self._reference(attention) if cfg.loss.beta > 0 and cfg.lora is None else None
+        self.ref = self._reference(attention) if beta > 0 and cfg.lora is None else None
         self.state = TrainerState()
         self.cfg.output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -50,6 +50,7 @@ from services.rollout.engines.rows import (
     expand_rows,
     raise_if_cancelled,
 )
+from services.rollout.settings import LMDeployOptions
 from services.trainer.lora import is_adapter_dir
 from shared.contracts import MIN_TEMPERATURE, GenerationRequest, Rollout, SamplingParams, Strategy
 from shared.model import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
@@ -112,23 +113,6 @@ class DllmSettings:
     strategy: str
     threshold: float
     denoising_steps: int
-
-
-@dataclass(frozen=True)
-class LMDeployOptions:
-    """Engine-level LMDeploy settings (everything per request comes from `SamplingParams`)."""
-
-    max_batch_size: int = 32
-    dtype: str = "bfloat16"
-    tp: int = 1
-    cache_max_entry_count: float = 0.8
-    num_gpu_blocks: int = 0
-    session_len: int | None = None
-    eager_mode: bool = False
-    enable_metrics: bool = False
-    paging_block_size: int = 64
-    self_check: bool = True
-    allow_untested_lmdeploy: bool = False
 
 
 def _paging_block(block_size: int, default: int) -> int:
@@ -272,7 +256,8 @@ class LMDeployEngine(Engine):
         policy_version: int = 0,
         **options: Any,
     ) -> LMDeployEngine:
-        """Serve an SDAR-layout checkpoint with LMDeploy. `options`: fields of :class:`LMDeployOptions`.
+        """Serve an SDAR-layout checkpoint with LMDeploy. `options`: fields of :class:`LMDeployOptions` (the rollout
+        service's `lmdeploy` section).
 
         Raises:
             LMDeployNotInstalledError: LMDeploy is missing (names the extra to install).
@@ -284,7 +269,7 @@ class LMDeployEngine(Engine):
             raise ValueError(f"device: the 'lmdeploy' engine runs on CUDA only, got {device!r}; use engine 'torch'")
         if device.startswith("cuda:"):
             log.warning("lmdeploy uses the current CUDA device; select %s with CUDA_VISIBLE_DEVICES", device)
-        unknown = set(options) - set(LMDeployOptions.__dataclass_fields__)
+        unknown = set(options) - set(LMDeployOptions.model_fields)
         if unknown:
             raise ValueError(f"lmdeploy engine: unknown options {sorted(unknown)}")
         opts = LMDeployOptions(max_batch_size=max_batch_size, **options)

@@ -30,8 +30,9 @@ from services.rollout.engines.lmdeploy_patch import (
 )
 from services.rollout.engines.sampling import cut_response
 
-SimModel = Callable[[int, np.ndarray, np.ndarray, int, int], tuple[Any, np.ndarray]]
-"""(seed, ids, masked, block_start, prompt_len) -> (logits (B, W) float32 tensor, sampled tokens (B,) int64).
+SimModel = Callable[[int, np.ndarray, np.ndarray, int, int, float], tuple[Any, np.ndarray]]
+"""(seed, ids, masked, block_start, prompt_len, temperature) -> (logits (B, W) float32 tensor at temperature 1,
+sampled tokens (B,) int64 drawn at ``temperature``).
 
 ``ids``: the sequence through the end of the current block (prompt, decoded blocks, the block's current state,
 masks included); the block starts at ``block_start``; ``masked`` (B,) bool: its positions still masked (a model
@@ -57,6 +58,7 @@ class SimConfig:
     max_batches: int = 8
     preempt_prob: float = 0.0
     mask_id: int | None = None
+    temperature: float = 1.0  # the run's sampling temperature
 
     @property
     def mask_token_id(self) -> int:
@@ -82,8 +84,11 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def fake_forward(seed: int, block_start: int, block_ids: Sequence[int], cfg: SimConfig) -> tuple[Any, np.ndarray]:
-    """The fake model: logits (B, V) float32 tensor and sampled tokens (B,), a pure function of the block state.
+def fake_forward(
+    seed: int, block_start: int, block_ids: Sequence[int], cfg: SimConfig, temperature: float = 1.0
+) -> tuple[Any, np.ndarray]:
+    """The fake model: logits (B, V) float32 tensor at temperature 1 and tokens (B,) sampled at `temperature`, a
+    pure function of the block state.
 
     Depending only on (seed, block position, block contents) makes the trajectory independent of batching,
     preemption and re-prefill, so one reference decoder serves every schedule.
@@ -96,7 +101,7 @@ def fake_forward(seed: int, block_start: int, block_ids: Sequence[int], cfg: Sim
     rng = np.random.default_rng(int.from_bytes(digest, "little"))
     b, v = len(block_ids), cfg.vocab
     logits = rng.normal(size=(b, v)) * rng.uniform(0.0, cfg.logit_scale, size=(b, 1))
-    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs = np.exp((logits - logits.max(1, keepdims=True)) / temperature)
     probs /= probs.sum(1, keepdims=True)
     u = rng.random((b, 1))
     tokens = np.minimum((probs.cumsum(1) < u).sum(1), v - 1).astype(np.int64)
@@ -109,16 +114,16 @@ def fake_model(cfg: SimConfig) -> SimModel:
     """:func:`fake_forward` as a :data:`SimModel` (it reads the current block alone)."""
 
     def model(
-        seed: int, ids: np.ndarray, masked: np.ndarray, block_start: int, prompt_len: int
+        seed: int, ids: np.ndarray, masked: np.ndarray, block_start: int, prompt_len: int, temperature: float
     ) -> tuple[Any, np.ndarray]:
-        return fake_forward(seed, block_start, ids[block_start:].tolist(), cfg)
+        return fake_forward(seed, block_start, ids[block_start:].tolist(), cfg, temperature)
 
     return model
 
 
 def reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig, model: SimModel | None = None) -> Trajectory:
     """Independent reference: decode one sequence block by block with our own unmasking rules (sampling.py); the
-    log-prob of a token is the torch engine's at temperature 1 (``shared.sampling.sampling_log_probs``)."""
+    log-prob of a token is the torch engine's at ``cfg.temperature`` (``shared.sampling.sampling_log_probs``)."""
     with _one_thread():
         return _reference_decode(prompt, seed, cfg, model or fake_model(cfg))
 
@@ -130,7 +135,7 @@ def _reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig, model: S
     from shared.contracts import Strategy
     from shared.sampling import sampling_log_probs
 
-    no_filter = (torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1))  # T = 1, top-k 0, top-p 1
+    no_filter = (torch.full((1,), cfg.temperature), torch.zeros(1, dtype=torch.long), torch.ones(1))  # no top-k/p
 
     b, mask = cfg.block_size, cfg.mask_token_id
     code = strategy_codes([Strategy(cfg.strategy)])
@@ -149,9 +154,9 @@ def _reference_decode(prompt: Sequence[int], seed: int, cfg: SimConfig, model: S
         masked = torch.tensor([[i >= len(tail) for i in range(b)]])
         while bool(masked.any()):
             ids = np.asarray(seq + cur, dtype=np.int64)
-            logits, sampled = model(seed, ids, masked[0].numpy(), start, len(prompt))
+            logits, sampled = model(seed, ids, masked[0].numpy(), start, len(prompt), cfg.temperature)
             tok = torch.as_tensor(sampled)[:, None]
-            conf = logits.softmax(-1).gather(-1, tok).squeeze(-1)
+            conf = (logits / cfg.temperature).softmax(-1).gather(-1, tok).squeeze(-1)
             lp = sampling_log_probs(logits[None], *no_filter)[0].gather(-1, tok).squeeze(-1)
             sel = select_unmask(conf[None], masked, code, threshold, per_step)[0]
             counter += 1
@@ -295,8 +300,11 @@ class Sim:
             start = s.num_history_ids + len(s.token_ids) - b
             ids = np.concatenate([np.asarray(s.history_cache[:start], dtype=np.int64), ids_])
             masked = m == self.masked_code
-            lg, tok = self.model(self.seeds[s.session_id], ids, masked, start, self.prompt_len[s.session_id])
-            logits.append(lg)
+            lg, tok = self.model(
+                self.seeds[s.session_id], ids, masked, start, self.prompt_len[s.session_id], self.cfg.temperature
+            )
+            # LMDeploy's temperature processor runs before post_sampling; the sim has no processors, so it stands in
+            logits.append(lg / self.cfg.temperature)
             sampled.append(tok)
         next_ids, extra = self.agent.post_sampling(
             inputs, torch.cat(logits), torch.as_tensor(np.concatenate(sampled)), extra
