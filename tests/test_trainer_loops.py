@@ -43,7 +43,7 @@ class FakeWorkers(threading.Thread):
             try:
                 q.ensure_groups()
                 for d in q.consume(k.tasks, k.rollout_group, "fake", TaskMessage, count=64, block_ms=20):
-                    if d.message.step == self.watch_tag:
+                    if d.message.train_by == self.watch_tag:
                         self.tag_seen.set()
                     q.hand_off(k.tasks, k.rollout_group, d.entry_id, k.scored, _scored(d.message, self.weights),
                                d.message.task_id)  # fmt: skip
