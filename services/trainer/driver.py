@@ -82,6 +82,7 @@ class DrivenLearner(Protocol):
 
 
 def real_learner(cfg: RLConfig) -> DrivenLearner:
+    """The model-backed `Learner` of `cfg` (loads the model: called once the lease is held)."""
     from services.trainer.trainer import Learner
 
     return Learner(cfg)
