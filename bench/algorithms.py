@@ -6,7 +6,7 @@ held equal (issue 29).
 Per seed: one tiny model, one SFT checkpoint (the demo's task and SFT recipe, answers always boxed by default so the
 format is learned before RL and an RL gain is accuracy), then one RL run per arm from that checkpoint, in-process:
 the torch engine samples from the trainer's own weights (on-policy, no weight transfer), the reward service's
-answer checking scores, `GTPOTrainer.rl_step` trains. Every arm gets the same prompts in the same order, the same
+answer checking scores, `Learner.rl_step` trains. Every arm gets the same prompts in the same order, the same
 engine seeds, the same number of steps, rollouts and samples, the same learning rate and normalisation; the first
 step's rollouts are identical across arms. No group is dropped or refilled (zero-variance groups get advantage 0),
 so the budget is equal by construction. Only ``loss.estimator`` / ``shrink`` / ``value`` differ:
@@ -138,10 +138,11 @@ def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[d
 
     from services.evaluate import score_questions
     from services.rollout.engines.torch_engine import TorchEngine
-    from services.trainer.trainer import GTPOTrainer
+    from services.trainer.trainer import Learner
+    from shared.contracts import StepBatch
 
     torch.manual_seed(seed)
-    trainer = GTPOTrainer(trainer_config(setup, arm, model, out, seed))
+    trainer = Learner(trainer_config(setup, arm, model, out, seed))
     engine = TorchEngine(trainer.loaded)  # the trainer's own module: every step samples the current weights
     tok = trainer.loaded.tokenizer
     steps = []
@@ -154,7 +155,7 @@ def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[d
         questions, _ = score_questions(rows, groups, pool)
         rewards = [[1.0 if s.correct else 0.0 for s in q.samples] for q in questions]
         t2 = time.perf_counter()
-        m = trainer.rl_step(groups, rewards, write=False)
+        m = trainer.rl_step(StepBatch.of(groups, rewards))
         t3 = time.perf_counter()
         steps.append({k: m.get(k) for k in ("reward_mean", "loss", "tokens", "grad_norm", "adv_var", "adv_var_group",
                                             "value_loss", "clip_frac")}  # fmt: skip

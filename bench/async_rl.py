@@ -44,18 +44,18 @@ import json
 import logging
 import math
 import random
+import shutil
 import statistics
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from types import SimpleNamespace
 
 from services.rollout.host import Loaded, Served
 from services.trainer.checkpoint import TrainerState
 from services.trainer.collect import parse_task_id
-from shared.contracts import GenerationRequest, Rollout
+from shared.contracts import GenerationRequest, Rollout, StepBatch
 
 BLOCK = 4
 """Block size of the simulated decoder; it unmasks two tokens per denoising step."""
@@ -239,7 +239,7 @@ class SoloAccelerator:
 
 
 class SimTrainer:
-    """What the driver uses of `GTPOTrainer`: a step sleeps for its tokens, a checkpoint is a small folder.
+    """A `services.trainer.driver.DrivenLearner`: a step sleeps for its tokens, a checkpoint is a small folder.
 
     Args:
         output_dir: the run's folder (checkpoints go under it).
@@ -247,11 +247,14 @@ class SimTrainer:
         tm: seconds per trained token.
     """
 
+    spec = None
+    """No model: the start-up check leaves the block size and mask id unchecked."""
+
     def __init__(self, output_dir: Path, tokenizer, tm: TimeModel) -> None:
         self.state = TrainerState()
         self.accelerator = SoloAccelerator()
-        config = SimpleNamespace(vocab_size=len(tokenizer))
-        self.loaded = SimpleNamespace(tokenizer=tokenizer, model=SimpleNamespace(config=config))
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
         self.checkpoint_root = output_dir / "checkpoints"
         self.tm = tm
         self.spans: list[tuple[float, float]] = []
@@ -260,15 +263,16 @@ class SimTrainer:
     def resume(self) -> bool:
         return False
 
-    def rl_step(
-        self, groups, rewards, extra=None, correct=None, *, write: bool = True, components=None, reward_weights=None
-    ) -> dict:
+    def start_fresh(self) -> None:
+        shutil.rmtree(self.checkpoint_root, ignore_errors=True)
+
+    def rl_step(self, batch: StepBatch) -> dict:
         start = time.monotonic()
-        tokens = sum(len(r.token_ids) for g in groups for r in g)
+        tokens = sum(len(s.rollout.token_ids) for g in batch.groups for s in g)
         time.sleep(self.tm.wall(tokens * self.tm.train_s_per_token))
-        flat = [x for r in rewards for x in r]
-        metrics = {"loss": 0.0, "tokens": tokens, "updates": 1 if tokens else 0, "groups": len(groups),
-                   "reward_mean": sum(flat) / max(1, len(flat)), **(extra or {})}  # fmt: skip
+        flat = [s.reward for g in batch.groups for s in g]
+        metrics = {"loss": 0.0, "tokens": tokens, "updates": 1 if tokens else 0, "groups": len(batch.groups),
+                   "reward_mean": sum(flat) / max(1, len(flat)), **batch.metrics}  # fmt: skip
         self.state.step += 1
         metrics.update(step=self.state.step, time=time.time())
         self.spans.append((start, time.monotonic()))
@@ -311,7 +315,7 @@ def audit(rows: list[dict], group_size: int, k: int) -> dict:
     problems, groups, tasks = [], set(), set()
     staleness = []
     for row in rows:
-        key = (row["tag"], row["prompt_index"])
+        key = (row["train_by"], row["prompt_index"])
         if key in groups:
             problems.append(f"group {key} trained twice")
         groups.add(key)
@@ -433,7 +437,7 @@ class Bench:
                 threads.append(RewardWorker(self.pool, settings).start(stop))
             trainer = SimTrainer(out, self.tokenizer, tm)
             with contextlib.redirect_stdout(io.StringIO()):  # the driver's progress bar: one line per row instead
-                history = Driver(cfg, trainer=trainer).run()
+                history = Driver(cfg, learner=lambda _: trainer).run()
         finally:
             stop.set()
             for t in threads:
@@ -529,7 +533,7 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=parse_ints, default=[4, 16, 64], help="rollout workers, comma separated")
     ap.add_argument("--k", type=parse_ints, default=[0, 1, 2, 4], help="max_staleness values, comma separated")
@@ -556,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')}: must be >= 1")
     if not args.sigma > 0 or not args.time_scale > 0 or min(args.workers, default=0) < 1:
         ap.error("--sigma, --time-scale and every --workers value must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from rich.console import Console

@@ -4,14 +4,14 @@ configuration in its own process, with `gtpo plan-memory`'s estimate beside each
     python bench/memory.py [--layers 8 --hidden 512 --prompt 256 --gen 1024 --block 4] [--out docs/memory_bench.json]
     python bench/memory.py --replan docs/memory_bench.json     # the planner's columns again, no new measurement
 
-Every configuration runs the real trainer (GTPOTrainer.rl_step) on one group of 2 synthetic responses whose
+Every configuration runs the real trainer (Learner.rl_step) on one group of 2 synthetic responses whose
 blocks each took R = block denoising steps (so the packed layout has R noisy copies), micro-batch 1, fp32, sdpa
 (CPU). Memory is the process's resident set (VmRSS / VmHWM, reset through /proc/self/clear_refs), with glibc's mmap
 threshold fixed so freed tensors leave it: "kept" is the resident growth over the largest forward (what autograd
 keeps for the backward), "peak" the high-water mark of a whole step (after a first step, so the optimizer state
 exists) above the process's baseline (its resident set before the step less the weights and optimizer state).
 Optimizer and gradient bytes are counted from the tensors; checkpoint and weight-version bytes from the files
-`GTPOTrainer.save` writes.
+`Learner.save` writes.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def conf_name(conf: dict) -> str:
 def measure(job: dict) -> dict:
     """Run one configuration in this process (the child) and return its measurements."""
     from services.trainer.config import LoraSettings, TrainerConfig
-    from services.trainer.trainer import GTPOTrainer
+    from services.trainer.trainer import Learner
+    from shared.contracts import StepBatch
 
     torch.set_num_threads(job["threads"])
     cuda = job["device"] == "cuda"
@@ -109,10 +110,10 @@ def measure(job: dict) -> dict:
         gradient_checkpointing=job["checkpointing"], copies_per_forward=job["c"],
         lora=LoraSettings(r=16, alpha=32) if job["lora"] else None,
     )  # fmt: skip
-    trainer = GTPOTrainer(cfg)
+    trainer = Learner(cfg)
     gen = torch.Generator().manual_seed(0)
     group = [synthetic_rollout(job["prompt"], job["gen"], gen, job["block"], job["block"]) for _ in range(2)]
-    step = lambda: trainer.rl_step([group], [[1.0, 0.0]], write=False)  # noqa: E731
+    step = lambda: trainer.rl_step(StepBatch.of([group], [[1.0, 0.0]]))  # noqa: E731
     step()  # the first step allocates the optimizer state and warms the kernels' workspaces
     params = list(trainer.policy.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)

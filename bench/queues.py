@@ -61,7 +61,7 @@ def make_task(i: int, rollout: Rollout) -> TaskMessage:
     return TaskMessage(
         task_id=f"bench:3:{i // 8}:{i % 8}",
         run_id="bench",
-        step=3,
+        train_by=3,
         prompt_index=i // 8,
         sample_index=i % 8,
         group_size=8,

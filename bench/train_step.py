@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from oracles.per_round import per_round_batch
 
 from services.trainer.policy import TokenLogProbs
 from services.trainer.trajectory import build_batch, rollout_trajectory
@@ -78,7 +84,7 @@ def main() -> None:
             adv = torch.randn(args.responses, generator=gen)
             res = {}
             for layout in ("per_round", "packed"):
-                batch = build_batch(trajs, loaded.spec.mask_token_id, layout)
+                batch = (build_batch if layout == "packed" else per_round_batch)(trajs, loaded.spec.mask_token_id)
                 times, grad = [], None
                 for _ in range(args.repeats):
                     secs, grad = fwd_bwd(policy, batch, adv)

@@ -34,9 +34,12 @@ from services.rollout.engines.naive import naive_generate
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.policy import TokenLogProbs
 from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams
+from shared.contracts import GenerationRequest, SamplingParams, StepBatch
 from shared.model import load_model
 from shared.tiny import init_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracles.per_round import per_round_batch
 
 
 def sharpened(path: Path, device: str, dtype=torch.float32):
@@ -70,7 +73,7 @@ def same_rollouts(a, b, tol: float) -> tuple[int, float]:
 
 def logprobs(model, trajs, mask_id: int, layout: str, attention: str) -> torch.Tensor:
     dev = next(model.parameters()).device
-    batch = build_batch(trajs, mask_id, layout).to(dev)
+    batch = (build_batch if layout == "packed" else per_round_batch)(trajs, mask_id).to(dev)
     lp = TokenLogProbs(model, attention=attention)(batch)
     return lp[batch.canonical_order().to(dev)]
 
@@ -102,7 +105,7 @@ def flex_stage(rep: Report, cuda, cached, dev: str) -> bool:
     grads = {}
     for attention in ("flex", "sdpa") if dev == "cuda" else ():  # FlexAttention has no CPU backward
         model.zero_grad()
-        dev_batch = build_batch(trajs, mask_id, "packed").to(dev)
+        dev_batch = build_batch(trajs, mask_id).to(dev)
         lp = TokenLogProbs(model, attention=attention)(dev_batch)
         (-(adv[dev_batch.response_index] * lp).mean()).backward()
         grads[attention] = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -158,11 +161,11 @@ def run(args) -> Report:
 
     # learn: the trainer's CUDA defaults (bf16 autocast, flex) learn a reachable reward
     from services.trainer.config import OptimConfig, TrainerConfig
-    from services.trainer.trainer import GTPOTrainer
+    from services.trainer.trainer import Learner
 
     t = time.monotonic()
     attention = "auto" if flex_ok or dev != "cuda" else "sdpa"
-    trainer = GTPOTrainer(TrainerConfig(model=path, output_dir=tmp / "run", micro_batch_size=64, attention=attention,
+    trainer = Learner(TrainerConfig(model=path, output_dir=tmp / "run", micro_batch_size=64, attention=attention,
                                         optim=OptimConfig(lr=1e-3)))  # fmt: skip
     engine = TorchEngine(trainer.loaded)
     means = []
@@ -175,7 +178,7 @@ def run(args) -> Report:
         rewards = [[sum(tok % 2 == 0 for tok in r.token_ids) / len(r.token_ids) for r in g] for g in groups]
         means.append(round(sum(map(sum, rewards)) / 64, 3))
         trainer.policy.train()
-        metrics = trainer.rl_step(groups, rewards)
+        metrics = trainer.rl_step(StepBatch.of(groups, rewards))
     saved = trainer.save()
     rep.stage("learn", sum(means[-3:]) / 3 > means[0] + 0.2, reward_by_step=means, last_loss=metrics.get("loss"),
               mixed_precision=trainer.accelerator.mixed_precision, attention=trainer.unwrapped.attention,

@@ -78,7 +78,7 @@ def trainer_agreement(trainer, rollouts) -> dict:
     """The trainer's packed forward at each token's step: argmax == the greedy token? and its log-prob."""
     dev = next(trainer.model.parameters()).device
     trajs = [rollout_trajectory(r) for r in rollouts]
-    batch = build_batch(trajs, trainer.spec.mask_token_id, "packed").to(dev)
+    batch = build_batch(trajs, trainer.spec.mask_token_id).to(dev)
     logp = TokenLogProbs(trainer.model)(batch)
     body = trainer.model.model
     mask = to_additive(square_mask(batch.position_ids, batch.copy_ids, batch.block_size, batch.valid), torch.float32)

@@ -357,7 +357,18 @@ def status_cmd(
         raise typer.Exit(code=1) from None
 
 
-@app.command("eval")
+EVAL_HELP = """Evaluate a checkpoint: avg@k and pass@k with 95% bootstrap intervals, boxed rate, length, tokens per step and
+    per forward, AUP, tokens/s, truncation; writes an eval card (every setting, hashes, per-question results).
+
+    Protocols (docs/evaluation.md): gtpo eval MATH500 --model DIR --protocol dirl; explicit flags override one setting.
+    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench; code (scored in the
+    sandbox, docs/code_rl.md): HumanEval, MBPP, LiveCodeBench.
+    Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
+    Compare: gtpo eval --compare before.json after.json (refuses cards that differ in more than the model).
+    Parity: gtpo eval data.json --model DIR --engines torch,reference --temperature 0"""
+
+
+@app.command("eval", help=EVAL_HELP)
 def eval_cmd(
     dataset: str | None = typer.Argument(
         None, help="a JSON/JSONL file, a datasets save_to_disk folder, hf:org/name[:config][:split], or a preset"
@@ -415,27 +426,35 @@ def eval_cmd(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved settings and exit"),
 ) -> None:
-    """Evaluate a checkpoint: avg@k and pass@k with 95% bootstrap intervals, boxed rate, length, tokens per step and
-    per forward, AUP, tokens/s, truncation; writes an eval card (every setting, hashes, per-question results).
+    """`gtpo eval`; its help is `EVAL_HELP`."""
+    return _eval(**locals())  # exactly the options above, by name (nothing else is bound yet)
 
-    Protocols (docs/evaluation.md): gtpo eval MATH500 --model DIR --protocol dirl; explicit flags override one setting.
-    Presets (hub, needs network and `datasets`): MATH500, GSM8K, AIME2024, AIME2025, OlympiadBench; code (scored in the
-    sandbox, docs/code_rl.md): HumanEval, MBPP, LiveCodeBench.
-    Example: gtpo eval runs/demo/data/test.json --model runs/demo/rl/checkpoints/step-00000040/model --k 8 --raw
-    Compare: gtpo eval --compare before.json after.json (refuses cards that differ in more than the model).
-    Parity: gtpo eval data.json --model DIR --engines torch,reference --temperature 0
-    """
+
+# fmt: off
+def _eval(
+    dataset, model, protocol, k, max_new_tokens, temperature, top_k, top_p, threshold, block_size,
+    denoising_steps, strategy, template, chat, rollout_url, engines, limit, out, seed, question_field,
+    answer_field, answer_extract, max_row_bytes, max_prompt_tokens, code_format, compare, force, aup_thresholds,
+    dry_run,
+) -> None:
+    # fmt: on
+    """`gtpo eval` with its options (see `eval_cmd`)."""
     if compare is not None:
         return _compare_cards(*compare, force=force)
     cfg, proto = _eval_settings(dataset, dry_run, model=model, protocol=protocol, k=k, template=template, chat=chat,
                                 rollout_url=rollout_url, limit=limit, out=out, seed=seed, question_field=question_field,
                                 answer_field=answer_field, answer_extract=answer_extract, max_row_bytes=max_row_bytes,
-                                max_prompt_tokens=max_prompt_tokens,
+                                max_prompt_tokens=max_prompt_tokens, code_format=code_format,
                                 engines=None if engines is None else [e.strip() for e in engines.split(",") if e.strip()],
                                 aup_thresholds=_numbers(aup_thresholds),
                                 sampling={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
                                           "top_p": top_p, "confidence_threshold": threshold, "block_size": block_size,
                                           "denoising_steps": denoising_steps, "strategy": strategy})  # fmt: skip
+    _run_eval(cfg, proto)
+
+
+def _run_eval(cfg, proto) -> None:
+    """Evaluate with the resolved settings `cfg` and protocol; write the cards (and the engine parity)."""
     from services.evaluate import evaluate_cards, load_rows
 
     dataset, model, limit, out = cfg.dataset, cfg.model, cfg.limit, cfg.out
@@ -445,7 +464,7 @@ def eval_cmd(
     extra = {"limit": limit, "question_field": question_field, "answer_field": answer_field,
              "answer_extract": answer_extract}  # fmt: skip
     try:
-        code = {} if code_format is None else {"code_format": code_format}
+        code = {} if cfg.code_format is None else {"code_format": cfg.code_format}
         rows = load_rows(dataset, question_field=question_field, answer_field=answer_field,
                          answer_extract=answer_extract, max_row_bytes=max_row_bytes, **code)[:limit]  # fmt: skip
         runs = evaluate_cards(model, rows, proto, template=template, chat=chat, rollout_url=rollout_url, seed=seed,
@@ -731,11 +750,7 @@ def plan_memory_cmd(
     )
 
     args = list(ctx.args)
-    for a in args:
-        key = a.split("=", 1)[0]
-        if planner_name(key):
-            raise _fail("plan-memory", f"{key}: that is the run config's name; the planner's is "
-                        f"{planner_name(key)}= (or plan the run config itself: --config run.yaml)")  # fmt: skip
+    _check_planner_names(args, planner_name)
     from_run, run_model = _run_memory_settings(config, accelerate_config, settings_from_run)
     model = model or run_model
     if model is None:
@@ -761,6 +776,22 @@ def plan_memory_cmd(
                                "gpu_gib": gpu_gib, "fits": [{"settings": c.model_dump(), "plan": p.model_dump()}
                                                             for c, p in fits]}, indent=2))  # fmt: skip
         return
+    _print_plan(model, s, asked, fits, budget, gpu_gib, show)
+
+
+def _check_planner_names(args: list[str], planner_name) -> None:
+    """Refuse a key=value that names a run-config field the planner calls otherwise."""
+    for a in args:
+        key = a.split("=", 1)[0]
+        if planner_name(key):
+            raise _fail("plan-memory", f"{key}: that is the run config's name; the planner's is "
+                        f"{planner_name(key)}= (or plan the run config itself: --config run.yaml)")  # fmt: skip
+
+
+def _print_plan(model, s, asked, fits, budget: int, gpu_gib: float, show: int) -> None:
+    """`gtpo plan-memory`'s tables: the asked settings' memory parts and peak, then the settings that fit."""
+    from services.trainer.memory_plan import GIB
+
     lora = f"LoRA r={s.lora_r}" if s.lora_r else "full"
     console.print(f"{model}: P={s.prompt_len} L={s.gen_len} R={s.r} c={s.c} x{s.micro_batch_size}, {s.gpus} "
                         f"GPU(s), ZeRO {s.zero}, {lora}, checkpointing {'on' if s.checkpointing else 'off'}, "

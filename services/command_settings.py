@@ -96,6 +96,9 @@ class EvalSettings(CommandConfig):
     max_row_bytes: int = Field(MAX_ROW_BYTES, ge=1, description="refuse a longer row (a JSONL line, a column's text)")
     max_prompt_tokens: int = Field(MAX_PROMPT_TOKENS, ge=1, description="refuse a longer prompt (template included)")
     aup_thresholds: list[float] | None = Field(None, min_length=1, description="decode once per dynamic threshold")
+    code_format: str | None = Field(
+        None, description="a code dataset: humaneval | mbpp | livecodebench | trace | primeintellect (docs/code_rl.md)"
+    )
 
 
 class MergeLoraSettings(CommandConfig):

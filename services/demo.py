@@ -186,9 +186,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     import torch
     from rich.console import Console
 
-    from services.trainer.checkpoint import checkpoint_name
-    from services.trainer.config import OptimConfig, SFTConfig
-    from services.trainer.sft import run_sft
     from shared.tasks import TaskSpec, write_task
     from shared.tiny import init_tiny
 
@@ -207,22 +204,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     init_dir = init_tiny(out / "init", seed=cfg.seed, block_size=cfg.block_size)
     console.print(f"{len(test_rows)} held-out questions ({cfg.split} split), model in {init_dir}")
 
-    sft_model = out / "sft" / "checkpoints" / checkpoint_name(cfg.sft_steps) / "model"
-    sft_done = out / "sft" / "done.json"
-    if cfg.reuse and reusable(sft_done, fingerprint(cfg, SFT_FIELDS), "an SFT checkpoint") and sft_model.exists():
-        stage(f"SFT: reusing {sft_model}")
-    else:
-        stage("SFT")
-        if cfg.reuse:
-            set_aside(out / "sft")
-        sft = SFTConfig(
-            model=init_dir, output_dir=out / "sft", data=data["sft"], steps=cfg.sft_steps, batch_size=cfg.sft_batch,
-            micro_batch_size=cfg.sft_batch, save_every=cfg.sft_steps, chat_template=False, seed=cfg.seed, log_with=cfg.log_with,
-            optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=20, schedule="cosine", total_updates=cfg.sft_steps, min_lr_ratio=0.1),
-        )  # fmt: skip
-        run_sft(sft)
-        sft_done.write_text(json.dumps({"settings": fingerprint(cfg, SFT_FIELDS), "model": str(sft_model)}, indent=2))
-
+    sft_model = _sft_stage(cfg, out, init_dir, data["sft"], stage)
     reward = {"accuracy": 1.0} if cfg.task == "math" else {"code": 1.0}
     arms = {"gtpo": Arm("GTPO", out / "rl", reward, 0.0, one_thread=cfg.overlap)}
     if cfg.overlap:
@@ -251,11 +233,41 @@ def run_demo(cfg: DemoConfig) -> dict:
         (arm.run_dir / "eval.json").write_text(json.dumps(record, indent=2))
     summary = {"config": json.loads(cfg.model_dump_json()), **{k: r.row() for k, r in results.items()},
                "rl_seconds": rl_seconds, "seconds": round(time.time() - t0, 1)}  # fmt: skip
-    from services.plots import plot_pareto, plot_rl, plot_timing
-
     points = pareto_points(results, arms, _other_speed_arms(cfg, out, arms))
     summary["pareto"] = points
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _report(cfg, console, out, results, arms, points, rl_seconds)
+    return summary
+
+
+def _sft_stage(cfg: DemoConfig, out: Path, init_dir: Path, data: Path, stage) -> Path:
+    """Train the SFT model (or reuse a finished one with the same settings); returns its model folder."""
+    from services.trainer.checkpoint import checkpoint_name
+    from services.trainer.config import OptimConfig, SFTConfig
+    from services.trainer.sft import run_sft
+
+    sft_model = out / "sft" / "checkpoints" / checkpoint_name(cfg.sft_steps) / "model"
+    sft_done = out / "sft" / "done.json"
+    if cfg.reuse and reusable(sft_done, fingerprint(cfg, SFT_FIELDS), "an SFT checkpoint") and sft_model.exists():
+        stage(f"SFT: reusing {sft_model}")
+        return sft_model
+    stage("SFT")
+    if cfg.reuse:
+        set_aside(out / "sft")
+    sft = SFTConfig(
+        model=init_dir, output_dir=out / "sft", data=data, steps=cfg.sft_steps, batch_size=cfg.sft_batch,
+        micro_batch_size=cfg.sft_batch, save_every=cfg.sft_steps, chat_template=False, seed=cfg.seed, log_with=cfg.log_with,
+        optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=20, schedule="cosine", total_updates=cfg.sft_steps, min_lr_ratio=0.1),
+    )  # fmt: skip
+    run_sft(sft)
+    sft_done.write_text(json.dumps({"settings": fingerprint(cfg, SFT_FIELDS), "model": str(sft_model)}, indent=2))
+    return sft_model
+
+
+def _report(cfg: DemoConfig, console, out: Path, results: dict, arms: dict, points, rl_seconds: dict) -> None:
+    """The plots, the results table and where everything was written."""
+    from services.plots import plot_pareto, plot_rl, plot_timing
+
     runs = {arm.label: arm.run_dir / "metrics.jsonl" for arm in arms.values()}
     plot = plot_rl(runs, out / "rl_curves.png", title=f"GTPO on the tiny model (seed {cfg.seed})")
     plot_timing(runs, out / "rl_timing.png", title=f"where the RL time goes (seed {cfg.seed})")
@@ -272,7 +284,6 @@ def run_demo(cfg: DemoConfig) -> dict:
                       f"({ratio:.2f}x faster)")  # fmt: skip
     metrics = ", ".join(str(arm.run_dir / "metrics.jsonl") for arm in arms.values())
     console.print(f"plots: {', '.join(map(str, plots))}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
-    return summary
 
 
 def _code_task(cfg: DemoConfig, out: Path) -> dict[str, Path]:

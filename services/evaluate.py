@@ -273,6 +273,38 @@ ENGINE_NAMES = ("torch", "reference", "lmdeploy")
 `lmdeploy` extra) LMDeploy."""
 
 
+def _engines(model, rollout_url: str | None, engines: tuple[str, ...]) -> tuple[dict[str, object], object]:
+    """The in-process engines to evaluate by name (none with `rollout_url`: the service's engine) and the tokenizer.
+
+    Raises:
+        ValueError: no model and no URL, an unknown engine name, or a remote eval without the checkpoint.
+    """
+    from shared.model import load_tokenizer
+
+    if model is None and rollout_url is None:
+        raise ValueError("model: give a checkpoint directory or a rollout service URL")
+    bad = [e for e in engines if e not in ENGINE_NAMES]
+    if bad or not engines:
+        raise ValueError(f"--engines: a comma-separated list of {', '.join(ENGINE_NAMES)}, got {','.join(engines)!r}")
+    built: dict[str, object] = {}
+    if rollout_url is not None:
+        tok = load_tokenizer(model) if model is not None else None
+        if tok is None:
+            raise ValueError("model: remote eval still needs the checkpoint directory for its tokenizer")
+        return built, tok
+    from services.rollout.engines.torch_engine import TorchEngine
+
+    torch_engine = TorchEngine.from_pretrained(model, max_batch_size=64)
+    for name in engines:
+        if name == "lmdeploy":
+            from services.rollout.engines import create_engine
+
+            built[name] = create_engine("lmdeploy", model)
+        else:
+            built[name] = torch_engine if name == "torch" else ReferenceEngine(torch_engine._loaded)
+    return built, torch_engine.tokenizer
+
+
 def evaluate_cards(
     model: str | Path | None,
     rows: list[dict],
@@ -300,30 +332,8 @@ def evaluate_cards(
         max_prompt_tokens: a longer prompt is refused before any generation, naming its row and `question_field`.
     """
     from services.reward.verify import VerifierPool
-    from shared.model import load_tokenizer
 
-    if model is None and rollout_url is None:
-        raise ValueError("model: give a checkpoint directory or a rollout service URL")
-    bad = [e for e in engines if e not in ENGINE_NAMES]
-    if bad or not engines:
-        raise ValueError(f"--engines: a comma-separated list of {', '.join(ENGINE_NAMES)}, got {','.join(engines)!r}")
-    built: dict[str, object] = {}
-    if rollout_url is not None:
-        tok = load_tokenizer(model) if model is not None else None
-        if tok is None:
-            raise ValueError("model: remote eval still needs the checkpoint directory for its tokenizer")
-    else:
-        from services.rollout.engines.torch_engine import TorchEngine
-
-        torch_engine = TorchEngine.from_pretrained(model, max_batch_size=64)
-        for name in engines:
-            if name == "lmdeploy":
-                from services.rollout.engines import create_engine
-
-                built[name] = create_engine("lmdeploy", model)
-            else:
-                built[name] = torch_engine if name == "torch" else ReferenceEngine(torch_engine._loaded)
-        tok = torch_engine.tokenizer
+    built, tok = _engines(model, rollout_url, engines)
     prompts = [encode_prompt(tok, template.format(question=r["question"]), chat=chat) for r in rows]
     check_prompts(prompts, max_prompt_tokens, question_field)
     own_pool = pool is None

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from shared.contracts import TrainerStatus, WorkerHeartbeat
 
 STREAM_OF = {"rollout": "tasks", "reward": "rollouts"}
 """The stream each worker kind consumes (its pending entries there are the work it holds)."""
@@ -24,32 +24,6 @@ not Redis (an HTTP server waits for the rest of a request that never comes) must
 
 class StatusError(Exception):
     """The view cannot be read at all (Redis down, not Redis, refused): one line naming the URL."""
-
-
-class TrainerStatus(BaseModel):
-    """What the view needs of the trainer's status (`Driver.status`); the rest is shown as it is."""
-
-    model_config = ConfigDict(extra="allow")
-
-    run_id: str | None = None
-    step: int | None = None
-    policy_version: int | None = None
-    waiting: str | None = None
-    groups_buffered: int | None = None
-    groups_open: int | None = None
-    samples_in_flight: int | None = None
-    last: dict[str, Any] | None = None
-    ts: float | None = None
-
-
-class Heartbeat(BaseModel):
-    """One worker's heartbeat as `WeightRegistry.heartbeat` writes it."""
-
-    kind: str
-    id: str
-    version: int | None = None
-    info: dict[str, Any] = Field(default_factory=dict)
-    ts: float
 
 
 @dataclass
@@ -63,8 +37,8 @@ class Snapshot:
     namespace: str
     at: float
     depths: dict[str, dict[str, Any] | None]
-    workers: dict[str, dict[str, Any]]
-    trainer: dict[str, Any] | None
+    workers: dict[str, WorkerHeartbeat]
+    trainer: TrainerStatus | None
     current_version: int | None
     versions: list[int] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)
@@ -95,9 +69,9 @@ def read_snapshot(redis, namespace: str) -> Snapshot:
             invalid.append(key)
             return default
 
-    def trainer() -> dict[str, Any] | None:
+    def trainer() -> TrainerStatus | None:
         raw = redis.get(keys.trainer_status)
-        return TrainerStatus.model_validate_json(raw).model_dump() if raw else None
+        return TrainerStatus.model_validate_json(raw) if raw else None
 
     def current() -> int | None:
         raw = redis.get(keys.weights_current)
@@ -118,15 +92,15 @@ def read_snapshot(redis, namespace: str) -> Snapshot:
     )  # fmt: skip
 
 
-def _workers(redis, keys, guarded) -> dict[str, dict[str, Any]]:
-    """Worker id -> `{kind, version, info, ts}` of each live heartbeat; a malformed one is reported by `guarded`."""
+def _workers(redis, keys, guarded) -> dict[str, WorkerHeartbeat]:
+    """Worker id -> its live heartbeat; a malformed one is reported by `guarded`."""
     members = sorted(_text(m) for m in guarded(keys.workers, lambda: redis.smembers(keys.workers), set()))
     names = [f"{keys.prefix}worker:{m}" for m in members]
     out = {}
     for name, raw in zip(names, redis.mget(names) if names else [], strict=True):
-        beat = guarded(name, lambda raw=raw: Heartbeat.model_validate_json(raw)) if raw is not None else None
+        beat = guarded(name, lambda raw=raw: WorkerHeartbeat.model_validate_json(raw)) if raw is not None else None
         if beat is not None:
-            out[beat.id] = {"kind": beat.kind, "version": beat.version, "info": beat.info, "ts": beat.ts}
+            out[beat.id] = beat
     return out
 
 
@@ -146,14 +120,13 @@ def held_entries(snap: Snapshot, worker_id: str, kind: str) -> int:
 def worker_rows(snap: Snapshot) -> list[list[str]]:
     """One row per live worker: id, kind, state, held, weights, last beat, busy share."""
     rows = []
-    for wid, w in sorted(snap.workers.items(), key=lambda kv: (kv[1]["kind"], kv[0])):
-        held = held_entries(snap, wid, w["kind"])
-        busy, up = (w.get("info") or {}).get("busy_s"), (w.get("info") or {}).get("up_s")
-        share = busy / up if _number(busy) and _number(up) and up > 0 else None
+    for wid, w in sorted(snap.workers.items(), key=lambda kv: (kv[1].kind, kv[0])):
+        held = held_entries(snap, wid, w.kind)
+        busy, up = w.info.busy_s, w.info.up_s
+        share = busy / up if busy is not None and up else None
         rows.append([
-            wid, w["kind"], "busy" if held else "idle", str(held),
-            "-" if w.get("version") is None else f"v{w['version']}",
-            f"{max(0.0, snap.at - w['ts']):.1f} s ago", "-" if share is None else f"{share:.0%}",
+            wid, w.kind, "busy" if held else "idle", str(held), "-" if w.version is None else f"v{w.version}",
+            f"{max(0.0, snap.at - w.ts):.1f} s ago", "-" if share is None else f"{share:.0%}",
         ])  # fmt: skip
     return rows
 
@@ -200,18 +173,18 @@ def render(snap: Snapshot):
     elif t is None:
         trainer.add_row("status", "no trainer status in the last minute")
     else:
-        last = t.get("last") or {}
-        trainer.add_row("run", str(t.get("run_id")))
-        trainer.add_row("step", str(t.get("step")))
-        trainer.add_row("policy version", f"v{t.get('policy_version')}")
-        trainer.add_row("doing", t.get("waiting") or "idle")
-        trainer.add_row("buffered / open groups", f"{t.get('groups_buffered')} / {t.get('groups_open')}")
-        trainer.add_row("samples in flight", str(t.get("samples_in_flight")))
+        last = t.last or {}
+        trainer.add_row("run", t.run_id)
+        trainer.add_row("step", str(t.step))
+        trainer.add_row("policy version", f"v{t.policy_version}")
+        trainer.add_row("doing", t.waiting or str(t.phase))
+        trainer.add_row("buffered / open groups", f"{t.groups_buffered} / {t.groups_open}")
+        trainer.add_row("samples in flight", str(t.samples_in_flight))
         trainer.add_row(
             "last step (wait / train / checkpoint s)",
             " / ".join(_seconds(last.get(k)) for k in ("time_wait_s", "time_train_s", "time_checkpoint_s")),
         )
-        written = t.get("ts")
+        written = t.ts
         trainer.add_row("status written", f"{max(0.0, snap.at - written):.1f} s ago" if _number(written) else "-")
     current = _invalid(keys.weights_current) if keys.weights_current in snap.invalid else f"v{snap.current_version}"
     bad_meta = [k for k in snap.invalid if k.startswith(keys.weights_meta)]

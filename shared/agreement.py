@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from shared.contracts import ServiceInfo, WeightsRefusal, WorkerKind, same_rewards
+from shared.contracts import ServiceInfo, WorkerHeartbeat, WorkerKind, same_rewards
 
 
 class AgreementError(ValueError):
@@ -124,33 +124,21 @@ def fetch_info(url: str, deadline_s: float = 60.0, alive=lambda: True) -> Servic
     raise ServiceUnreachable(f"{url}/info: cannot check that the service agrees ({last}{state})")
 
 
-def refusals(live_workers: Mapping[str, Mapping], version: int) -> list[str]:
+def refusals(live_workers: Mapping[str, WorkerHeartbeat], version: int) -> list[str]:
     """One line per live rollout worker that refused weights `version` (the `weights_refused` entry of its
     heartbeat), naming the path, the worker's checkpoint root and the reason: what the trainer says while it waits
     for rollouts that worker will never make."""
     out = []
-    for worker_id, body in live_workers.items():
-        said = (body.get("info") or {}).get("weights_refused")
-        if said is None:
-            continue
-        try:
-            r = WeightsRefusal.model_validate(said)
-        except ValidationError:
-            continue
-        if r.version == version:
+    for worker_id, beat in live_workers.items():
+        r = beat.info.weights_refused
+        if r is not None and r.version == version:
             out.append(f"rollout {worker_id} refused weights v{r.version} from {r.path} (its checkpoint root is "
                        f"{r.root}): {r.reason}")  # fmt: skip
     return out
 
 
-def registered_infos(live_workers: Mapping[str, Mapping]) -> dict[str, ServiceInfo]:
-    """The `ServiceInfo` of each live worker that put one in its heartbeat (`WeightRegistry.live_workers()`)."""
-    out = {}
-    for worker_id, body in live_workers.items():
-        said = (body.get("info") or {}).get("service")
-        if said is not None:
-            try:
-                out[worker_id] = ServiceInfo.model_validate(said)
-            except ValidationError:
-                continue  # another version's heartbeat: its HTTP /info, if the trainer has its URL, still checks it
-    return out
+def registered_infos(live_workers: Mapping[str, WorkerHeartbeat]) -> dict[str, ServiceInfo]:
+    """The `ServiceInfo` of each live worker that put a readable one in its heartbeat
+    (`WeightRegistry.live_workers()`); another version's heartbeat reads as none: its HTTP /info, if the trainer
+    has its URL, still checks it."""
+    return {wid: beat.info.service for wid, beat in live_workers.items() if beat.info.service is not None}

@@ -6,9 +6,9 @@ Pure pydantic: importing this module never imports torch.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_ID = 2**31 - 1
 """Token ids, step numbers and top-k fit a signed 32-bit integer (what the engines' tensors hold)."""
@@ -272,13 +272,28 @@ class WorkerKind(str, Enum):
 
 
 class HeartbeatInfo(BaseModel):
-    """What a worker says about itself in its heartbeat: the two counters the trainer computes busy fractions from;
-    any other key (host, engine, its `ServiceInfo` as ``service``) is kept for status pages."""
+    """What a worker says about itself in its heartbeat (`shared.worker.Worker.heartbeat_info`): the two counters
+    the trainer computes busy fractions from, its `ServiceInfo` (the trainer's start-up check) and, for a rollout
+    worker, the last weights version it refused. Any other key is kept for status pages.
+
+    A `service` or `weights_refused` entry that is not valid (another version's worker) reads as None: the worker
+    still counts as alive (it may hold old weights that must not be pruned), only that entry goes unchecked.
+    """
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     busy_s: float | None = Field(None, ge=0, description="seconds spent working since it started")
     up_s: float | None = Field(None, ge=0, description="seconds since it started")
+    service: ServiceInfo | None = Field(None, description="what it runs with, where the trainer must agree")
+    weights_refused: WeightsRefusal | None = Field(None, description="rollout: the last version it refused")
+
+    @field_validator("service", "weights_refused", mode="wrap")
+    @classmethod
+    def _unreadable_is_none(cls, value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
 
 
 class WorkerHeartbeat(BaseModel):
@@ -294,13 +309,13 @@ class WorkerHeartbeat(BaseModel):
 
 
 class TaskMessage(BaseModel):
-    """tasks stream: one sample to generate. `task_id` = `run:step:prompt:sample` is the idempotency key."""
+    """tasks stream: one sample to generate. `task_id` = `run:train_by:prompt:sample` is the idempotency key."""
 
     model_config = ConfigDict(extra="forbid")
 
     task_id: str = Field(min_length=1, max_length=512)
     run_id: str = Field(min_length=1, max_length=64)
-    step: int = Field(ge=0, le=MAX_SEED, description="the last step that may train it (its staleness deadline)")
+    train_by: int = Field(ge=0, le=MAX_SEED, description="the last trainer step that may train it (`Group.train_by`)")
     prompt_index: int = Field(ge=0, le=MAX_SEED, description="position of the prompt in the dataset")
     sample_index: int = Field(ge=0, le=MAX_ID)
     group_size: int = Field(ge=1, le=MAX_ID)
@@ -463,3 +478,109 @@ class WeightsRefusal(BaseModel):
     path: str = Field(description="its folder, as the registry names it")
     root: str = Field(description="the worker's checkpoint root")
     reason: str = Field(description="why it was refused")
+
+
+# --------------------------------------------------------------------------- the trainer's own records
+
+
+class GroupRecord(BaseModel):
+    """A prompt group in the run's Redis ledger (`Keys.run_groups`), written before its tasks are published and
+    read back when a trainer rebuilds its buffer after a restart (services/trainer/collect.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "tag": the name before issue 33, in ledgers and checkpoints a run upgraded mid-way still holds
+    train_by: int = Field(
+        ge=0, le=MAX_SEED, validation_alias=AliasChoices("train_by", "tag"),
+        description="the last trainer step that may train it",
+    )  # fmt: skip
+    prompt_index: int = Field(ge=0, le=MAX_SEED, description="the prompt, as an index into the dataset")
+    cursor: int = Field(ge=0, le=MAX_SEED, description="its position in the prompt stream")
+    version: int = Field(ge=0, le=MAX_SEED, description="the trainer's policy version when it was enqueued")
+
+
+class TrainerPhase(str, Enum):
+    """What the round driver is doing (`Driver.phase`)."""
+
+    starting = "starting"
+    collecting = "collecting"
+    training = "training"
+    checkpointing = "checkpointing"
+    idle = "idle"
+    """Between steps."""
+    stopped = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TrainerStatus(BaseModel):
+    """The round driver's status: `/status` of the trainer's HTTP side and the value at `Keys.trainer_status` that
+    `gtpo status` reads (services/status_view.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    run_id: str
+    run: str | None = Field(None, description="the run's identity (`WeightsVersion.run`)")
+    step: int = Field(ge=0)
+    policy_version: int = Field(ge=0)
+    max_staleness: int = Field(0, ge=0)
+    phase: TrainerPhase = TrainerPhase.idle
+    waiting: str = Field("", description="what it does or waits for, in words")
+    groups_buffered: int = Field(0, ge=0)
+    groups_open: int = Field(0, ge=0)
+    samples_in_flight: int = Field(0, ge=0)
+    last: dict[str, Any] | None = Field(None, description="the last step's metrics row")
+    ts: float | None = Field(None, description="when it was written (Unix seconds)")
+
+
+class StepSample(BaseModel):
+    """One scored response of a step's batch."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")  # a -inf log-prob survives the broadcast
+
+    rollout: Rollout
+    reward: FiniteFloat = Field(description="the weighted total (`ScoreResult.total`)")
+    components: dict[str, float] = Field(default_factory=dict, description="the raw `ScoreResult.components`")
+    correct: bool | None = Field(None, description="the accuracy verdict; None = no accuracy component was scored")
+
+
+class StepBatch(BaseModel):
+    """What one RL step trains: complete prompt groups with their scores, as the round driver collected them. The
+    main process builds it; with several processes it is what rank 0 broadcasts, so every rank trains the same."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    groups: list[list[StepSample]]
+    reward_weights: dict[str, FiniteFloat] | None = Field(
+        None, description="the weights the components were scored with (`loss.reward_norm: per_component`)"
+    )
+    metrics: dict[str, float] = Field(default_factory=dict, description="the collection's metrics for the row")
+
+    @classmethod
+    def of(
+        cls,
+        groups: list[list[Rollout]],
+        rewards: list[list[float]],
+        correct: list[list[bool]] | None = None,
+        components: list[list[dict[str, float]]] | None = None,
+        **fields: Any,
+    ) -> StepBatch:
+        """A batch from parallel lists grouped alike (scripts and tests build batches this way).
+
+        Raises:
+            ValueError: the lists are not grouped like `groups`.
+        """
+        shape = [len(g) for g in groups]
+        for name, values in (("rewards", rewards), ("correct", correct), ("components", components)):
+            if values is not None and [len(v) for v in values] != shape:
+                raise ValueError(f"{name}: need one per rollout, grouped like the rollouts (got {len(values)} groups)")
+        return cls(groups=[
+            [StepSample(rollout=r, reward=rewards[i][j], correct=None if correct is None else correct[i][j],
+                        components={} if components is None else components[i][j]) for j, r in enumerate(g)]
+            for i, g in enumerate(groups)
+        ], **fields)  # fmt: skip
+
+
+HeartbeatInfo.model_rebuild()
+WorkerHeartbeat.model_rebuild()

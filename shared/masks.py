@@ -128,17 +128,6 @@ def _copy_positions(total_len: int, prompt_len: int, block_size: int, blocks: Te
     return pos[torch.isin(pos // block_size, blocks)]
 
 
-def per_round_layout(clean_ids: Tensor, noisy_ids: Tensor, prompt_len: int, block_size: int) -> Layout:
-    """``[prompt + clean response | noisy copy]``: the reference (one forward per round) training layout.
-
-    Args:
-        clean_ids: (T,) prompt + response + tail, the sequence the engine finished with.
-        noisy_ids: (T,) the same sequence in the state of one round (masked where not yet unmasked).
-        prompt_len: P; the noisy copy starts at the block holding position P.
-    """
-    return packed_layout(clean_ids, [noisy_ids], prompt_len, block_size)
-
-
 def packed_layout(
     clean_ids: Tensor,
     noisy_copies: list[Tensor],

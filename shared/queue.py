@@ -15,7 +15,6 @@ Needs Redis >= 6.2 (XAUTOCLAIM, exclusive XPENDING ranges); tested on 6.2 (embed
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -32,7 +31,7 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.contracts import WeightsVersion, WorkerHeartbeat, WorkerKind, brief_error
+from shared.contracts import HeartbeatInfo, WeightsVersion, WorkerHeartbeat, WorkerKind, brief_error
 from shared.keys import Keys
 from shared.settings import CLAIM_IDLE_MS, DEFAULT_CODEC, HEARTBEAT_TTL_S, MAX_DELIVERIES
 
@@ -721,7 +720,7 @@ class WeightRegistry:
         worker_id: str,
         loaded_version: int | None,
         ttl_s: float = HEARTBEAT_TTL_S,
-        info: dict | None = None,
+        info: HeartbeatInfo | None = None,
     ) -> None:
         """Say "alive, serving `loaded_version`" for `ttl_s` seconds; call it every ttl_s / 3 or so.
 
@@ -730,18 +729,21 @@ class WeightRegistry:
             worker_id: unique per process.
             loaded_version: the weights version the worker serves (rollout workers); None = none yet.
             ttl_s: the worker counts as dead this long after its last heartbeat.
-            info: anything JSON-encodable to show in status pages (host, engine, queue positions...).
+            info: what the worker says about itself (busy seconds, its `ServiceInfo`, ...).
         """
         if ":" in kind:
             raise ValueError(f"kind: no colon allowed, got {kind!r}")
-        body = {"kind": kind, "id": worker_id, "version": loaded_version, "info": info or {}, "ts": time.time()}
+        body = WorkerHeartbeat(kind=kind, id=worker_id, version=loaded_version, info=info or HeartbeatInfo(),
+                               ts=time.time())  # fmt: skip
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.worker(kind, worker_id), json.dumps(body), px=max(1, int(ttl_s * 1000)))
+        pipe.set(
+            self.keys.worker(kind, worker_id), body.model_dump_json(exclude_none=True), px=max(1, int(ttl_s * 1000))
+        )
         pipe.sadd(self.keys.workers, f"{kind}:{worker_id}")
         pipe.execute()
 
-    def live_workers(self, kind: str | None = None) -> dict[str, dict[str, Any]]:
-        """Worker id -> ``{kind, version, info, ts}`` of the workers whose heartbeat has not expired.
+    def live_workers(self, kind: str | None = None) -> dict[str, WorkerHeartbeat]:
+        """Worker id -> the heartbeat of each worker whose heartbeat has not expired.
 
         A heartbeat that is not a `WorkerHeartbeat` (garbage, another program's key) is skipped, counted in
         `skipped` and logged once per key and value: one bad key never stops whoever reads the registry.
@@ -758,8 +760,7 @@ class WeightRegistry:
                 self._skip(self.keys.prefix + "worker:" + _s(member), value, e)
                 continue
             if kind is None or body.kind == kind:
-                out[body.id] = {"kind": body.kind, "version": body.version,
-                                "info": body.info.model_dump(exclude_unset=True), "ts": body.ts}  # fmt: skip
+                out[body.id] = body
         return out
 
     def _skip(self, key: str, value: bytes, err: Exception) -> None:
@@ -781,7 +782,7 @@ class WeightRegistry:
         current = self.current()
         if current is None:
             return []
-        loaded = [w["version"] for w in self.live_workers(kind).values()]
+        loaded = [w.version for w in self.live_workers(kind).values()]
         if any(v is None for v in loaded):
             return []
         floor = min([current.version, *loaded])

@@ -11,9 +11,8 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any
 
-from shared.contracts import ServiceInfo
+from shared.contracts import HeartbeatInfo, ServiceInfo
 from shared.keys import Keys
 from shared.queue import TRANSIENT_ERRORS, Queue, WeightRegistry, connect, with_reconnect
 from shared.settings import HEARTBEAT_TTL_S, RedisConfig
@@ -59,14 +58,11 @@ class StreamWorker:
         """What the worker runs with, for the trainer's start-up check (shared/agreement.py); None = nothing."""
         return None
 
-    def heartbeat_info(self) -> dict[str, Any]:
+    def heartbeat_info(self) -> HeartbeatInfo:
         """The busy and up seconds the trainer's busy fraction needs and the `service_info()` its start-up check
         reads; subclasses add what else the trainer must know."""
-        info: dict[str, Any] = {"busy_s": round(self.busy_s, 3), "up_s": round(time.monotonic() - self.started, 3)}
-        said = self.service_info()
-        if said is not None:
-            info["service"] = said.model_dump(mode="json")
-        return info
+        return HeartbeatInfo(busy_s=round(self.busy_s, 3), up_s=round(time.monotonic() - self.started, 3),
+                             service=self.service_info())  # fmt: skip
 
     def heartbeat(self) -> None:
         """Alive, serving `loaded_version()`, with `heartbeat_info()`."""

@@ -140,7 +140,7 @@ def test_the_trainer_checks_its_rollout_urls_and_the_workers_registered_in_redis
     trainer = SimpleNamespace(
         cfg=cfg,
         registry=registry,
-        trainer=SimpleNamespace(loaded=SimpleNamespace(spec=services.spec)),
+        trainer=SimpleNamespace(spec=services.spec),
         stop=threading.Event(),
         _redis=lambda fn, what: fn(),
     )

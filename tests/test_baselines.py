@@ -18,13 +18,15 @@ from services.trainer.baselines import (
 )
 from services.trainer.config import OptimConfig, TrainerConfig
 from services.trainer.objective import LossConfig, group_advantages, gtpo_loss
-from services.trainer.trainer import GTPOTrainer, step_generator
+from services.trainer.trainer import Learner, step_generator
 from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, rollout_trajectory, trajectory_rounds
-from shared.masks import per_round_layout, to_additive
+from shared.contracts import StepBatch
+from shared.masks import to_additive
 from shared.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
+from oracles.per_round import per_round_layout  # noqa: E402
 from rl_step import fixed_groups  # noqa: E402
 
 MASK = 99
@@ -153,7 +155,7 @@ def _naive_estimates(lm, traj: EstimatorTrajectory, block: int, mask_id: int) ->
 def test_trainer_gradient_matches_a_naive_per_copy_computation(tiny_dir, tmp_path, estimator):
     rollouts, rewards = fixed_groups(str(tiny_dir), prompts=2, n=3)
     loss_cfg = LossConfig(estimator=estimator, prompt_mask=0.3)
-    trainer = GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", loss=loss_cfg,
+    trainer = Learner(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", loss=loss_cfg,
                                         optim=OptimConfig(lr=1e-3, max_grad_norm=None)))  # fmt: skip
     grads = {}
     real_step = trainer._optimizer_step
@@ -163,7 +165,7 @@ def test_trainer_gradient_matches_a_naive_per_copy_computation(tiny_dir, tmp_pat
         return real_step()
 
     trainer._optimizer_step = capture
-    m = trainer.rl_step(rollouts, rewards)
+    m = trainer.rl_step(StepBatch.of(rollouts, rewards))
     # naive: the same masks (the step's generator, items in group order), -sum_i A_i sum_k est_ik / N
     loaded = load_model(tiny_dir)
     mask_id = loaded.spec.mask_token_id

@@ -51,7 +51,7 @@ def test_one_tiny_configuration_trains_every_group_once_within_the_bound(redis_u
 
 def _row(group: tuple[int, int], samples=(0, 1), trainer_version=3, versions=(3, 3)) -> dict:
     tag, prompt = group
-    return {"step": 0, "tag": tag, "prompt_index": prompt, "trainer_version": trainer_version,
+    return {"step": 0, "train_by": tag, "prompt_index": prompt, "trainer_version": trainer_version,
             "task_ids": [f"run:{tag}:{prompt}:{j}" for j in samples], "versions": list(versions)}  # fmt: skip
 
 

@@ -85,7 +85,7 @@ def test_k2_fills_the_window_with_groups_due_k_steps_later(redis_client, redis_n
     c.start(0, 0, None)
     assert c.admit(step=0, version=0) == 6  # (k + 1) x prompts_per_step
     tasks = _tasks(c.queue)
-    assert {t.step for t in tasks} == {2} and {t.policy_version for t in tasks} == {0}
+    assert {t.train_by for t in tasks} == {2} and {t.policy_version for t in tasks} == {0}
     ledger = redis_client.hgetall(redis_ns.run_groups("run"))
     assert sorted(json.loads(v)["cursor"] for v in ledger.values()) == list(range(6))
     assert int(redis_client.get(redis_ns.run_cursor("run"))) == 6
@@ -105,11 +105,11 @@ def test_a_step_takes_the_earliest_deadline_first_and_acks_after_the_checkpoint(
     assert len(redis_client.hgetall(redis_ns.run_groups("run"))) == 2
     assert c.admit(1, 1) == 2  # refill the window: due at step 2
     newer = _tasks(c.queue)
-    assert {t.step for t in newer} == {2} and {t.policy_version for t in newer} == {1}
+    assert {t.train_by for t in newer} == {2} and {t.policy_version for t in newer} == {1}
     for t in reversed(newer):  # the newer groups complete first...
         _score(c.queue, t, float(t.sample_index), 1)
     c.poll(1, 1, block_ms=0)
-    assert [g.tag for g in c.batch()] == [1, 1]  # ...but the groups due now are trained first
+    assert [g.train_by for g in c.batch()] == [1, 1]  # ...but the groups due now are trained first
     assert {t.task_id for t in first} >= {m.task.task_id for g in c.batch() for m in g.samples.values()}
 
 

@@ -11,6 +11,7 @@ from test_collect import _answer, _collector
 
 from services.trainer.driver import Driver
 from services.trainer.status import TrainerMetrics, create_app
+from shared.contracts import TrainerPhase
 
 pytestmark = pytest.mark.redis
 
@@ -19,6 +20,7 @@ def _driver(collector) -> Driver:
     """A driver with only what `Driver.status` reads: the real status and metrics code on a real collector."""
     d = Driver.__new__(Driver)
     d.cfg, d.collector, d.identity, d.waiting, d.history = collector.cfg, collector, "run.0123456789ab", "", []
+    d.phase = TrainerPhase.collecting
     d.trainer = types.SimpleNamespace(state=types.SimpleNamespace(step=0, policy_version=0))
     return d
 

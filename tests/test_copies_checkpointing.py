@@ -11,12 +11,13 @@ from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import OptimConfig, TrainerConfig
 from services.trainer.objective import LossConfig
 from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import GTPOTrainer
+from services.trainer.trainer import Learner
 from services.trainer.trajectory import Trajectory, build_batch, forward_rounds, rollout_trajectory, trajectory_rounds
-from shared.contracts import GenerationRequest, SamplingParams
+from shared.contracts import GenerationRequest, SamplingParams, StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
+from oracles.per_round import per_round_batch  # noqa: E402
 from rl_step import fixed_groups  # noqa: E402
 
 # the hand example of tests/test_trajectory.py: prompt 3, B = 4, steps of positions 3..9, position 9 the tail
@@ -35,16 +36,16 @@ def test_two_forwards_of_the_hand_example():
     clean = torch.tensor([10, 11, 12, 20, 21, 22, 23, 24, 25, 26])
     traj = Trajectory(clean, 3, 6, 4, trajectory_rounds(3, STEPS, 6, 4))
     m = 99
-    first, second = (build_batch([traj], m, "packed", rounds=r) for r in forward_rounds(3, 2))
+    first, second = (build_batch([traj], m, rounds=r) for r in forward_rounds(3, 2))
     assert first.input_ids[0].tolist() == [*clean.tolist(), 10, 11, 12, m, m, m, m, m, m, 22, 23, m, m, 26]
     assert second.input_ids[0].tolist() == [*clean.tolist(), 21, 22, 23, m]  # [clean | copy of round 3]
     assert second.copy_ids[0].tolist() == [0] * 10 + [1] * 4
     # round 3's target keeps its round index and position; the two forwards hold every target once
     assert second.round_index.tolist() == [2] and second.token_index.tolist() == [4]
     assert second.target_index.tolist() == [13] and second.labels.tolist() == [24]
-    whole = build_batch([traj], m, "packed")
+    whole = build_batch([traj], m)
     assert sorted(first.labels.tolist() + second.labels.tolist()) == sorted(whole.labels.tolist())
-    assert build_batch([traj], m, "packed", rounds=range(3, 4)).input_ids.shape[0] == 0  # no such round: no row
+    assert build_batch([traj], m, rounds=range(3, 4)).input_ids.shape[0] == 0  # no such round: no row
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def _logprobs_and_grad(policy, trajs, mask_id, layout, c):
     adv = torch.linspace(-1.0, 1.0, len(trajs))
     lps, keys = [], []
     for rounds in forward_rounds(max(len(t.rounds) for t in trajs), c) if c else [None]:
-        batch = build_batch(trajs, mask_id, layout, rounds=rounds)
+        batch = (build_batch if layout == "packed" else per_round_batch)(trajs, mask_id, rounds=rounds)
         if batch.input_ids.shape[0] == 0:
             continue
         lp = policy(batch)
@@ -143,8 +144,8 @@ def test_checkpointing_recomputes_dropout_with_the_same_masks(tmp_path):
     assert (grad(True, 0) - plain).abs().max() <= 1e-6 * plain.abs().max()
 
 
-def _trainer(tiny_dir, tmp_path, **kw) -> GTPOTrainer:
-    return GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path, optim=OptimConfig(lr=1e-4), **kw))
+def _trainer(tiny_dir, tmp_path, **kw) -> Learner:
+    return Learner(TrainerConfig(model=tiny_dir, output_dir=tmp_path, optim=OptimConfig(lr=1e-4), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def groups(tiny_dir):
     return fixed_groups(str(tiny_dir))
 
 
-def _update_grads(trainer: GTPOTrainer) -> list[torch.Tensor]:
+def _update_grads(trainer: Learner) -> list[torch.Tensor]:
     """Record the summed gradient of every update, just before the optimizer consumes it."""
     grads, step = [], trainer._optimizer_step
 
@@ -165,17 +166,20 @@ def _update_grads(trainer: GTPOTrainer) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("norm", ["token", "step"])
-def test_trainer_updates_agree_for_c_and_checkpointing(tiny_dir, tmp_path, groups, norm):
-    """Two updates (so pi_prox is recomputed through the same forwards), micro-batches of 2."""
+def test_trainer_updates_agree_for_c_and_checkpointing(tiny_dir, tmp_path, groups, norm, monkeypatch):
+    """Two updates (so pi_prox is recomputed through the same forwards), micro-batches of 2; "per_round" is the
+    learner with the oracle's one-row-per-round batches in place of the packed ones."""
     settings = {"base": {}, "c1": {"copies_per_forward": 1}, "c2+ckpt": {"copies_per_forward": 2,
-                "gradient_checkpointing": True}, "per_round": {"layout": "per_round", "copies_per_forward": 1}}  # fmt: skip
+                "gradient_checkpointing": True}, "per_round": {"copies_per_forward": 1}}  # fmt: skip
     grads, losses = {}, {}
     for name, kw in settings.items():
+        if name == "per_round":
+            monkeypatch.setattr("services.trainer.trainer.build_batch", per_round_batch)
         trainer = _trainer(
             tiny_dir, tmp_path / name, micro_batch_size=2, updates_per_step=2, loss=LossConfig(norm=norm), **kw
         )
         grads[name] = _update_grads(trainer)
-        losses[name] = trainer.rl_step(*groups)["loss"]
+        losses[name] = trainer.rl_step(StepBatch.of(*groups))["loss"]
     assert len(grads["base"]) == 2
     for name in settings:
         assert losses[name] == pytest.approx(losses["base"], abs=1e-6), name

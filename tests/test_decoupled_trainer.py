@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from services.trainer.config import OptimConfig, TrainerConfig
 from services.trainer.objective import LossConfig, group_advantages
-from services.trainer.trainer import GTPOTrainer
+from services.trainer.trainer import Learner
+from shared.contracts import StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -41,9 +42,9 @@ def groups(tiny_dir):
     return rollouts, rewards
 
 
-def _trainer(tiny_dir, path, **kw) -> GTPOTrainer:
+def _trainer(tiny_dir, path, **kw) -> Learner:
     kw.setdefault("optim", OptimConfig(lr=1e-3))
-    return GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=path, **kw))
+    return Learner(TrainerConfig(model=tiny_dir, output_dir=path, **kw))
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
@@ -51,8 +52,8 @@ def _params(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_on_policy_decoupled_step_is_the_standard_step(tiny_dir, tmp_path, groups):
-    std = _trainer(tiny_dir, tmp_path / "std").rl_step(*groups)
-    dec = _trainer(tiny_dir, tmp_path / "dec", loss=DECOUPLED).rl_step(*groups)
+    std = _trainer(tiny_dir, tmp_path / "std").rl_step(StepBatch.of(*groups))
+    dec = _trainer(tiny_dir, tmp_path / "dec", loss=DECOUPLED).rl_step(StepBatch.of(*groups))
     # pi_behav is the engine's log-prob, equal to the trainer's within float error, so every weight is ~1
     assert dec["loss"] == pytest.approx(std["loss"], abs=1e-6) and abs(std["loss"]) > 1e-3
     assert dec["grad_norm"] == pytest.approx(std["grad_norm"], rel=1e-5)
@@ -71,7 +72,7 @@ def test_decoupled_refuses_rollouts_without_engine_logprobs(tiny_dir, tmp_path, 
     trainer = _trainer(tiny_dir, tmp_path, loss=DECOUPLED)
     before = _params(trainer)
     with pytest.raises(ValueError, match=r"Rollout\.logprobs: .* group 1 sample 2 has none"):
-        trainer.rl_step(broken, rewards)
+        trainer.rl_step(StepBatch.of(broken, rewards))
     assert all(torch.equal(before[k], v) for k, v in _params(trainer).items()) and trainer.state.step == 0
 
 
@@ -108,7 +109,7 @@ def test_stale_decoupled_step_by_hand(tiny_dir, tmp_path, groups, updates, passe
     trainer = _trainer(tiny_dir, tmp_path, loss=DECOUPLED, updates_per_step=updates, passes=passes,
                        micro_batch_size=micro)  # fmt: skip
     trainer.state.policy_version = 2
-    m = trainer.rl_step(stale, rewards)
+    m = trainer.rl_step(StepBatch.of(stale, rewards))
     expected = _stale_expectations(rollouts, rewards)
     assert m["updates"] == updates * passes
     # the behaviour metrics come from pi_prox (fixed for the step): the same however the step is split
@@ -122,10 +123,10 @@ def test_stale_decoupled_step_by_hand(tiny_dir, tmp_path, groups, updates, passe
 def test_a_stale_step_of_one_update_equals_the_on_policy_one(tiny_dir, tmp_path, groups):
     # same data, one at the current version, one a version behind: with one update pi_prox is the weights being
     # trained either way (no extra forward), so the same loss and gradient, to the bit
-    on = _trainer(tiny_dir, tmp_path / "on", micro_batch_size=2).rl_step(*groups)
+    on = _trainer(tiny_dir, tmp_path / "on", micro_batch_size=2).rl_step(StepBatch.of(*groups))
     behind = _trainer(tiny_dir, tmp_path / "behind", micro_batch_size=2)
     behind.state.policy_version = 1
-    m = behind.rl_step(*groups)
+    m = behind.rl_step(StepBatch.of(*groups))
     assert m["staleness_max"] == 1 and m["clip_frac"] == 0.0
     assert (m["loss"], m["grad_norm"]) == (on["loss"], on["grad_norm"])
 
@@ -136,7 +137,7 @@ def test_identical_groups_are_counted_and_warned(tiny_dir, tmp_path, groups, cap
     rewards = [[0.0, 1.0, 0.0, 1.0], *rewards[1:]]  # a speed reward could still tell copies apart
     trainer = _trainer(tiny_dir, tmp_path)
     with caplog.at_level(logging.WARNING, logger="gtpo.trainer"):
-        m = trainer.rl_step(copies, rewards)
+        m = trainer.rl_step(StepBatch.of(copies, rewards))
     assert m["groups_identical"] == 1 and m["groups_kept"] == 3
     assert any("1 of 3 groups have all their samples identical" in r.getMessage() for r in caplog.records)
 
@@ -145,7 +146,7 @@ def test_a_rollout_newer_than_the_trainer_is_refused(tiny_dir, tmp_path, groups)
     rollouts, rewards = groups
     ahead = [[r.model_copy(update={"policy_version": 1}) for r in g] for g in rollouts]
     with pytest.raises(ValueError, match="policy_version"):
-        _trainer(tiny_dir, tmp_path).rl_step(ahead, rewards)
+        _trainer(tiny_dir, tmp_path).rl_step(StepBatch.of(ahead, rewards))
 
 
 def test_decoupled_two_processes_give_the_same_update_and_metrics_as_one(tiny_dir, tmp_path):

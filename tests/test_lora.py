@@ -21,9 +21,9 @@ from services.trainer import lora
 from services.trainer.config import LoraSettings, OptimConfig, SFTConfig, TrainerConfig
 from services.trainer.objective import LossConfig
 from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import GTPOTrainer
+from services.trainer.trainer import Learner
 from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams
+from shared.contracts import GenerationRequest, SamplingParams, StepBatch
 from shared.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,10 +38,10 @@ def groups(tiny_dir):
     return fixed_groups(str(tiny_dir))
 
 
-def _trainer(tiny_dir, out: Path, **kw) -> GTPOTrainer:
+def _trainer(tiny_dir, out: Path, **kw) -> Learner:
     kw.setdefault("optim", OptimConfig(lr=1e-2))
     kw.setdefault("lora", LORA)
-    return GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=out, **kw))
+    return Learner(TrainerConfig(model=tiny_dir, output_dir=out, **kw))
 
 
 def _randomise(peft_model, seed: int = 0, std: float = 0.05) -> None:
@@ -81,9 +81,9 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base(tiny_dir, tiny, t
     names = {n for n, p in t.unwrapped.named_parameters() if p.requires_grad}
     assert names and all(".lora_" in n for n in names)
     before = {n: p.detach().clone() for n, p in t.unwrapped.named_parameters()}
-    m1 = t.rl_step(*groups)
+    m1 = t.rl_step(StepBatch.of(*groups))
     assert m1["kl"] == 0.0  # lora_B = 0: the adapted model starts exactly at the base
-    t.rl_step(*groups)
+    t.rl_step(StepBatch.of(*groups))
     after = dict(t.unwrapped.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed == {n for n in names if ".lora_B." in n} | {n for n in names if ".lora_A." in n}
@@ -92,7 +92,7 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base(tiny_dir, tiny, t
     assert sum(s["exp_avg"].numel() for s in state.values()) == sum(after[n].numel() for n in names)
     # the reference log-probs are the untouched base model's, while the policy has moved away from them
     traj = [rollout_trajectory(r) for g in groups[0] for r in g]
-    batch = build_batch(traj, tiny.spec.mask_token_id, "packed")
+    batch = build_batch(traj, tiny.spec.mask_token_id)
     with torch.no_grad():
         base = TokenLogProbs(tiny.model)(batch)
         policy = t.policy(batch)
@@ -104,7 +104,7 @@ def test_checkpoint_holds_the_adapter_in_peft_layout(tiny_dir, tmp_path, groups)
     from peft import PeftModel
 
     t = _trainer(tiny_dir, tmp_path / "run")
-    t.rl_step(*groups)
+    t.rl_step(StepBatch.of(*groups))
     ckpt = t.save()
     folder = ckpt / lora.ADAPTER_DIR
     assert {lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS, lora.BASE_FILE} <= {p.name for p in folder.iterdir()}
@@ -152,16 +152,16 @@ def test_sft_interrupted_and_resumed_equals_uninterrupted(tiny_dir, tmp_path):
 def test_rl_interrupted_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, groups):
     kw = {"loss": LossConfig(beta=0.05), "passes": 2, "lora": LoraSettings(r=4, dropout=0.1)}
     straight = _trainer(tiny_dir, tmp_path / "a", **kw)
-    losses = [straight.rl_step(*groups)["loss"] for _ in range(2)]
+    losses = [straight.rl_step(StepBatch.of(*groups))["loss"] for _ in range(2)]
     straight.save()
-    losses.append(straight.rl_step(*groups)["loss"])
+    losses.append(straight.rl_step(StepBatch.of(*groups))["loss"])
     first = _trainer(tiny_dir, tmp_path / "b", **kw)
-    resumed_losses = [first.rl_step(*groups)["loss"] for _ in range(2)]
+    resumed_losses = [first.rl_step(StepBatch.of(*groups))["loss"] for _ in range(2)]
     first.save()
     del first
     resumed = _trainer(tiny_dir, tmp_path / "b", **kw)
     assert resumed.resume() and resumed.state.step == 2
-    resumed_losses.append(resumed.rl_step(*groups)["loss"])
+    resumed_losses.append(resumed.rl_step(StepBatch.of(*groups))["loss"])
     assert resumed_losses == losses
     a, b = lora.adapter_parameters(straight.peft), lora.adapter_parameters(resumed.peft)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -260,7 +260,7 @@ def test_packed_log_probs_equal_engine_log_probs_with_an_adapter(tiny_dir, tmp_p
     steps = sum(max(r.step_map + r.tail_steps) for r in rollouts)
     assert sum(len(r.step_map) + len(r.tail_steps) for r in rollouts) / steps > 1.2  # multi-token steps
     peft_model, loaded = lora.load_with_adapter(folder, sharp)  # the trainer's side: a fresh base + the adapter
-    batch = build_batch([rollout_trajectory(r) for r in rollouts], loaded.spec.mask_token_id, "packed")
+    batch = build_batch([rollout_trajectory(r) for r in rollouts], loaded.spec.mask_token_id)
     with torch.no_grad():
         packed = TokenLogProbs(loaded.model)(batch)[batch.canonical_order()]
         bare = TokenLogProbs(load_model(sharp).model)(batch)[batch.canonical_order()]

@@ -3,13 +3,13 @@
 import warnings
 
 import torch
+from oracles.per_round import per_round_layout
 
 from shared.masks import (
     block_causal_mask,
     flex_block_mask,
     generation_start,
     packed_layout,
-    per_round_layout,
     square_mask,
     to_additive,
 )

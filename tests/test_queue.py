@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from shared.contracts import Rollout, RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
+from shared.contracts import HeartbeatInfo, Rollout, RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
 from shared.keys import Keys
 from shared.queue import Codec, Queue, WeightRegistry, connect, with_reconnect
 from shared.redis_server import EmbeddedRedis
@@ -20,7 +20,7 @@ def task(i: int = 0, version: int = 0) -> TaskMessage:
     return TaskMessage(
         task_id=f"run:0:{i}:0",
         run_id="run",
-        step=0,
+        train_by=0,
         prompt_index=i,
         sample_index=0,
         group_size=1,
@@ -267,10 +267,10 @@ def test_weights_publish_is_monotonic(redis_client: redis.Redis, redis_ns: Keys)
 
 def test_heartbeats_expire(redis_client: redis.Redis, redis_ns: Keys) -> None:
     reg = WeightRegistry(redis_client, redis_ns)
-    reg.heartbeat("rollout", "r0", 3, ttl_s=1, info={"host": "a"})
+    reg.heartbeat("rollout", "r0", 3, ttl_s=1, info=HeartbeatInfo(host="a"))
     reg.heartbeat("reward", "s0", None, ttl_s=30)
     live = reg.live_workers()
-    assert set(live) == {"r0", "s0"} and live["r0"]["version"] == 3 and live["r0"]["info"] == {"host": "a"}
+    assert set(live) == {"r0", "s0"} and live["r0"].version == 3 and live["r0"].info.model_extra == {"host": "a"}
     assert set(reg.live_workers("rollout")) == {"r0"}
     time.sleep(1.1)
     assert set(reg.live_workers()) == {"s0"}

@@ -13,8 +13,8 @@ from services.reward.verify import Verdict
 from services.trainer.collect import group_tokens_per_step, verdict_of
 from services.trainer.config import LossConfig, OptimConfig, RLConfig, TrainerConfig
 from services.trainer.objective import correct_nll, token_weights
-from services.trainer.trainer import GTPOTrainer
-from shared.contracts import ScoreItem
+from services.trainer.trainer import Learner
+from shared.contracts import ScoreItem, StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -79,8 +79,8 @@ def groups(tiny_dir):
     return fixed_groups(str(tiny_dir))
 
 
-def _trainer(tiny_dir, tmp_path, **kw) -> GTPOTrainer:
-    return GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", optim=OptimConfig(lr=1e-3), **kw))
+def _trainer(tiny_dir, tmp_path, **kw) -> Learner:
+    return Learner(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", optim=OptimConfig(lr=1e-3), **kw))
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
@@ -93,9 +93,9 @@ def test_trainer_nll_is_the_engines_mean_nll_of_the_correct_responses(tiny_dir, 
     correct = [[True, False, False, True], [False, False, False, False], [False, True, False, False]]
     trainer = _trainer(tiny_dir, tmp_path, loss=LossConfig(nll_coef=0.1))
     with pytest.raises(ValueError, match="nll_coef"):
-        trainer.rl_step(rollouts, same)
+        trainer.rl_step(StepBatch.of(rollouts, same))
     before = _params(trainer)
-    m = trainer.rl_step(rollouts, same, correct=correct)
+    m = trainer.rl_step(StepBatch.of(rollouts, same, correct=correct))
     # on-policy at T = 1 the engine's recorded log-probs are the trainer's: the NLL by hand from them
     right = [r for g, c in zip(rollouts, correct, strict=True) for r, ok in zip(g, c, strict=True) if ok]
     expected = -sum(sum(r.logprobs) for r in right) / sum(len(r.logprobs) for r in right)
@@ -107,7 +107,7 @@ def test_trainer_without_nll_leaves_zero_advantage_groups_untouched(tiny_dir, tm
     rollouts, _ = groups
     trainer = _trainer(tiny_dir, tmp_path)
     before = _params(trainer)
-    m = trainer.rl_step(rollouts, [[1.0] * len(g) for g in rollouts], correct=[[True] * 4] * 3)
+    m = trainer.rl_step(StepBatch.of(rollouts, [[1.0] * len(g) for g in rollouts], correct=[[True] * 4] * 3))
     assert "nll" not in m and m["grad_norm"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in _params(trainer).items())
 
@@ -116,7 +116,7 @@ def test_trainer_dipo_gradient_is_the_step_gradient_over_the_block_size(tiny_dir
     # ratio 1 on the first pass: each loss is linear in the weights, so dipo's gradient is step's / B exactly
     norms = {}
     for norm in ("step", "dipo"):
-        norms[norm] = _trainer(tiny_dir, tmp_path / norm, loss=LossConfig(norm=norm)).rl_step(*groups)["grad_norm"]
+        norms[norm] = _trainer(tiny_dir, tmp_path / norm, loss=LossConfig(norm=norm)).rl_step(StepBatch.of(*groups))["grad_norm"]
     b = groups[0][0][0].params.block_size
     assert b > 1 and norms["step"] > 1e-4 and norms["dipo"] == pytest.approx(norms["step"] / b, rel=1e-4)
 

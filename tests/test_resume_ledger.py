@@ -33,7 +33,7 @@ def test_groups_lost_with_the_ledger_are_dispatched_again(redis_client, redis_ns
     ledger = redis_client.hgetall(redis_ns.run_groups("run"))
     assert sorted(json.loads(v)["cursor"] for v in ledger.values()) == [2, 3, 4, 5]  # in the ledger again
     tasks = _tasks(again.queue)
-    assert sorted({(t.step, t.prompt_index) for t in tasks}) == [(2, i) for i in range(2, 6)]
+    assert sorted({(t.train_by, t.prompt_index) for t in tasks}) == [(2, i) for i in range(2, 6)]
     assert again.admit(1, 1) == 2 and again.cursor == 8  # the window is refilled after them
 
 

@@ -23,7 +23,7 @@ def pool():
 def rollout_message(task_id: str, text: str, reference: str | None) -> RolloutMessage:
     """Prompt of 4 tokens, response of 4 unmasked in 2 steps (block size 4)."""
     params = SamplingParams(block_size=4, max_new_tokens=8, seed=1)
-    task = TaskMessage(task_id=task_id, run_id="r", step=0, prompt_index=0, sample_index=0, group_size=1,
+    task = TaskMessage(task_id=task_id, run_id="r", train_by=0, prompt_index=0, sample_index=0, group_size=1,
                        prompt_ids=[1, 2, 3, 4], reference=reference, params=params, policy_version=0)  # fmt: skip
     rollout = Rollout(prompt_ids=[1, 2, 3, 4], token_ids=[5, 6, 7, 8], step_map=[1, 1, 2, 2], text=text,
                       finish_reason="stop", params=params, seed=1)  # fmt: skip

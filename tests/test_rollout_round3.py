@@ -59,7 +59,7 @@ def worker_app(root: Path, tiny, redis_url: str, namespace: str, **kw) -> TestCl
 
 
 def task(i: int, version: int = 0) -> TaskMessage:
-    return TaskMessage(task_id=f"run:0:{i}:0", run_id="run", step=0, prompt_index=i, sample_index=0, group_size=1,
+    return TaskMessage(task_id=f"run:0:{i}:0", run_id="run", train_by=0, prompt_index=i, sample_index=0, group_size=1,
                        prompt_ids=[5, 6, 7 + i], reference="3", params=SamplingParams(seed=i, max_new_tokens=6),
                        policy_version=version)  # fmt: skip
 
@@ -131,7 +131,7 @@ def test_a_version_outside_the_root_is_refused_and_reported(root, tiny, tiny_dir
 
         from services.trainer.driver import Driver
 
-        driver = SimpleNamespace(registry=registry, waiting="waiting for 4 groups", stop=threading.Event(),
+        driver = SimpleNamespace(registry=registry, waiting="waiting for 4 groups", stop=threading.Event(), solo=True,
                                  cfg=SimpleNamespace(redis=SimpleNamespace(reconnect_s=5.0)))  # fmt: skip
         driver._redis = functools.partial(Driver._redis, driver)  # the driver's own Redis wrapper, as it runs
         with caplog.at_level(logging.ERROR, logger="gtpo"):

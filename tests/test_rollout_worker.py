@@ -42,7 +42,7 @@ def worker(root, tiny, redis_url, redis_ns):
 
 def task(i: int, **changes) -> TaskMessage:
     fields = {
-        "task_id": f"run:0:{i}:0", "run_id": "run", "step": 0, "prompt_index": i, "sample_index": 0,
+        "task_id": f"run:0:{i}:0", "run_id": "run", "train_by": 0, "prompt_index": i, "sample_index": 0,
         "group_size": 1, "prompt_ids": [5, 6, 7 + i], "reference": "3",
         "params": SamplingParams(seed=i, max_new_tokens=6), "policy_version": 0,
     }  # fmt: skip

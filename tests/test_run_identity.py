@@ -74,8 +74,8 @@ def test_a_worker_left_from_an_earlier_run_never_feeds_the_new_run(tmp_path, tin
     registry.publish(old)  # the earlier run, at v4
     worker = _start(cfg, redis_url, "rollout-0")
     try:
-        live = lambda: registry.live_workers("rollout").get("rollout-0", {})  # noqa: E731
-        _until(lambda: live().get("version") == 4, worker, 120, "the worker to serve the earlier run's v4")
+        live = lambda: registry.live_workers("rollout").get("rollout-0")  # noqa: E731
+        _until(lambda: getattr(live(), "version", None) == 4, worker, 120, "the worker to serve the earlier run's v4")
 
         delete_namespace(redis_client, redis_ns)  # Redis restarted empty; the worker lives on, serving v4
         c = _collector(cfg, redis_client, redis_ns, tiny)

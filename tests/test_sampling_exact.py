@@ -12,9 +12,9 @@ from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import LossConfig, OptimConfig, RolloutSampling, TrainerConfig
 from services.trainer.objective import gtpo_loss
 from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import GTPOTrainer
+from services.trainer.trainer import Learner
 from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams
+from shared.contracts import GenerationRequest, SamplingParams, StepBatch
 from shared.sampling import sampling_log_probs, settings_tensors
 
 INF = float("-inf")
@@ -119,7 +119,7 @@ def test_on_policy_decoupled_step_is_the_standard_step_bit_for_bit(tiny_dir, tmp
     def trainer(name, objective):
         cfg = TrainerConfig(model=tiny_dir, output_dir=tmp_path / name, micro_batch_size=16,
                             loss=LossConfig(objective=objective), optim=OptimConfig(lr=1e-3))  # fmt: skip
-        return GTPOTrainer(cfg)
+        return Learner(cfg)
 
     std = trainer("std", "standard")
     flat = [r for g in groups for r in g]
@@ -127,7 +127,7 @@ def test_on_policy_decoupled_step_is_the_standard_step_bit_for_bit(tiny_dir, tmp
     it = iter(own)
     groups = [[r.model_copy(update={"logprobs": next(it)}) for r in g] for g in groups]
     dec = trainer("dec", "decoupled")
-    m_std, m_dec = std.rl_step(groups, rewards), dec.rl_step(groups, rewards)
+    m_std, m_dec = std.rl_step(StepBatch.of(groups, rewards)), dec.rl_step(StepBatch.of(groups, rewards))
     assert m_std["loss"] == m_dec["loss"] and m_dec["iw_mean"] == 1.0 and m_dec["logprob_gap_max"] == 0.0
     assert m_std["outside_kept_tokens"] == m_dec["outside_kept_tokens"] == 0.0
     for (name, a), b in zip(std.unwrapped.lm.named_parameters(), dec.unwrapped.lm.parameters(), strict=True):
@@ -188,12 +188,12 @@ def test_stale_sample_outside_the_current_kept_set_is_counted_per_step(tiny_dir,
     stale = [r.model_copy(update={"params": r.params.model_copy(update={"top_k": 20}), "policy_version": 0})
              for r in group]  # fmt: skip
     cfg = TrainerConfig(model=tiny_dir, output_dir=tmp_path, loss=LossConfig(objective="decoupled"))
-    trainer = GTPOTrainer(cfg)
+    trainer = Learner(cfg)
     trainer.state.policy_version = 1
     own = _trainer_logprobs(trainer.unwrapped.lm, stale, trainer.loaded.spec.mask_token_id)
     outside = sum(math.isinf(x) for lp in own for x in lp)
     assert 0 < outside < sum(len(r.token_ids) for r in stale)
-    m = trainer.rl_step([stale], [[0.0, 1.0, 2.0]])
+    m = trainer.rl_step(StepBatch.of([stale], [[0.0, 1.0, 2.0]]))
     assert m["outside_kept_tokens"] == outside and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     assert math.isfinite(m["logprob_gap_mean"]) and math.isfinite(m["behav_kl_k3"])
 
@@ -206,9 +206,9 @@ def test_greedy_is_refused_for_rl(tiny_dir, tmp_path, sharp):
         RolloutSampling(temperature=0.0)
     (group,) = TorchEngine(sharp).generate([GenerationRequest(
         prompt_ids=[5, 6, 7], params=SamplingParams(n=2, temperature=0.0, max_new_tokens=4, stop_token_ids=[]))])  # fmt: skip
-    trainer = GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path))
+    trainer = Learner(TrainerConfig(model=tiny_dir, output_dir=tmp_path))
     with pytest.raises(ValueError, match=r"Rollout.params.temperature: group 0 sample 0 was decoded greedily"):
-        trainer.rl_step([group], [[0.0, 1.0]])
+        trainer.rl_step(StepBatch.of([group], [[0.0, 1.0]]))
 
 
 # --------------------------------------------------------------------------- LMDeploy: exact settings only

@@ -28,8 +28,8 @@ from services.trainer.objective import (
     floor_correct,
     group_advantages,
 )
-from services.trainer.trainer import GTPOTrainer
-from shared.contracts import SamplingParams, ScoredMessage, ScoreItem, TaskMessage
+from services.trainer.trainer import Learner
+from shared.contracts import SamplingParams, ScoredMessage, ScoreItem, StepBatch, TaskMessage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from rl_step import fixed_groups
@@ -250,7 +250,7 @@ def test_each_demo_method_scores_filters_and_trains_one_step(method, scenario, p
     for g, group in enumerate(scenario):
         results = score_items([item_from_rollout(f"{g}:{i}", r, "2") for i, r in enumerate(group)],
                               rl.reward_weights, pool)  # fmt: skip
-        scored.append([ScoredMessage(task=TaskMessage(task_id=f"r:0:{g}:{i}", run_id="r", step=0, prompt_index=g,
+        scored.append([ScoredMessage(task=TaskMessage(task_id=f"r:0:{g}:{i}", run_id="r", train_by=0, prompt_index=g,
                                                       sample_index=i, group_size=4, prompt_ids=[1],
                                                       params=SamplingParams(), policy_version=0), rollout=r, score=s)
                        for i, (r, s) in enumerate(zip(group, results, strict=True))])  # fmt: skip
@@ -260,15 +260,15 @@ def test_each_demo_method_scores_filters_and_trains_one_step(method, scenario, p
     assert kept == KEPT[method]
 
     batch = [scored[g] for g in kept]
-    trainer = GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", loss=rl.loss,
+    trainer = Learner(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", loss=rl.loss,
                                         optim=OptimConfig(lr=1e-4)))  # fmt: skip
-    m = trainer.rl_step(
+    m = trainer.rl_step(StepBatch.of(
         [[x.rollout for x in msgs] for msgs in batch],
         [[x.score.total for x in msgs] for msgs in batch],
         correct=[[x.score.components["accuracy"] >= 1.0 for x in msgs] for msgs in batch],
         components=[[x.score.components for x in msgs] for msgs in batch],
         reward_weights=rl.reward_weights,
-    )
+    ))
     # on-policy first pass, token normalisation: loss = -sum_t A_t / T, every response 7 target tokens long
     adv = [a for msgs in batch for a in _expected_advantages([x.score.components for x in msgs], rl.reward_weights,
                                                              rl.loss)]  # fmt: skip

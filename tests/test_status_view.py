@@ -20,7 +20,7 @@ pytestmark = pytest.mark.redis
 
 
 def _task(i: int) -> TaskMessage:
-    return TaskMessage(task_id=f"run:0:{i}:0", run_id="run", step=0, prompt_index=i, sample_index=0, group_size=1,
+    return TaskMessage(task_id=f"run:0:{i}:0", run_id="run", train_by=0, prompt_index=i, sample_index=0, group_size=1,
                        prompt_ids=[1, 2, 3], params=SamplingParams(seed=i), policy_version=0)  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def test_the_snapshot_reads_workers_queues_and_the_trainer(redis_client, job):
     assert rows["rollout-1"][1:5] == ["rollout", "idle", "0", "v3"]
     assert rows["reward-0"][1:5] == ["reward", "idle", "0", "-"]
     assert rows["rollout-0"][5].endswith(" s ago") and float(rows["rollout-0"][5].split()[0]) < 60
-    assert snap.trainer["step"] == 3 and snap.current_version == 3 and snap.versions == [3]
+    assert snap.trainer.step == 3 and snap.current_version == 3 and snap.versions == [3]
 
 
 def test_gtpo_status_prints_the_tables_once(redis_url, job):

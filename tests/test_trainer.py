@@ -16,11 +16,13 @@ from safetensors.torch import load_file
 from services.trainer.config import OptimConfig, SFTConfig, TrainerConfig
 from services.trainer.objective import LossConfig, group_advantages
 from services.trainer.sft import random_mask_item
-from services.trainer.trainer import GTPOTrainer, step_generator
-from shared.masks import per_round_layout, to_additive
+from services.trainer.trainer import Learner, step_generator
+from shared.contracts import StepBatch
+from shared.masks import to_additive
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
+from oracles.per_round import per_round_layout  # noqa: E402
 from rl_step import fixed_groups  # noqa: E402
 
 
@@ -29,9 +31,9 @@ def groups(tiny_dir):
     return fixed_groups(str(tiny_dir))
 
 
-def _trainer(tiny_dir, tmp_path, **kw) -> GTPOTrainer:
+def _trainer(tiny_dir, tmp_path, **kw) -> Learner:
     kw.setdefault("optim", OptimConfig(lr=1e-3))
-    return GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", **kw))
+    return Learner(TrainerConfig(model=tiny_dir, output_dir=tmp_path / "run", **kw))
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
@@ -41,7 +43,7 @@ def _params(trainer) -> dict[str, torch.Tensor]:
 def test_rl_step_changes_every_parameter(tiny_dir, tmp_path, groups):
     trainer = _trainer(tiny_dir, tmp_path)
     before = _params(trainer)
-    m = trainer.rl_step(*groups)
+    m = trainer.rl_step(StepBatch.of(*groups))
     after = _params(trainer)
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert unchanged == [] and m["updates"] == 1 and m["groups_kept"] == 3
@@ -49,7 +51,7 @@ def test_rl_step_changes_every_parameter(tiny_dir, tmp_path, groups):
 
 def test_rl_step_makes_exactly_the_configured_updates(tiny_dir, tmp_path, groups):
     trainer = _trainer(tiny_dir, tmp_path, updates_per_step=3, passes=2, micro_batch_size=1)
-    m = trainer.rl_step(*groups)
+    m = trainer.rl_step(StepBatch.of(*groups))
     assert m["updates"] == 6
     assert trainer.scheduler.scheduler.last_epoch == 6
     steps = {float(s["step"]) for s in trainer.optimizer.optimizer.state.values()}
@@ -57,7 +59,7 @@ def test_rl_step_makes_exactly_the_configured_updates(tiny_dir, tmp_path, groups
 
 
 def test_fewer_responses_than_updates_make_one_update_each(tiny_dir, tmp_path, groups):
-    m = _trainer(tiny_dir, tmp_path, updates_per_step=20).rl_step(*groups)  # 12 responses
+    m = _trainer(tiny_dir, tmp_path, updates_per_step=20).rl_step(StepBatch.of(*groups))  # 12 responses
     assert m["updates"] == 12 and m["tokens"] > 0
 
 
@@ -68,7 +70,7 @@ def test_on_policy_token_loss_is_minus_mean_token_advantage(tiny_dir, tmp_path, 
                                       "tail_ids": [], "tail_steps": [], "logprobs": r.logprobs[:k]})
                  for r, k in zip(g, (7, 5, 6, 7), strict=True)] for g in rollouts]  # fmt: skip
     trainer = _trainer(tiny_dir, tmp_path)
-    m = trainer.rl_step(rollouts, rewards)
+    m = trainer.rl_step(StepBatch.of(rollouts, rewards))
     # ratio 1 on the first pass: loss = -sum_t A_t / T with A of each response on each of its tokens
     adv = group_advantages(torch.tensor(rewards, dtype=torch.float64))
     lengths = torch.tensor([[len(r.token_ids) for r in g] for g in rollouts], dtype=torch.float64)
@@ -82,8 +84,8 @@ def test_floor_correct_zeroes_only_the_negative_advantages_of_correct_responses(
     correct = [[True, True, False, True], [False, True, True, True], [True, False, False, True]]
     trainer = _trainer(tiny_dir, tmp_path, loss=LossConfig(floor_correct=True))
     with pytest.raises(ValueError, match="floor_correct"):
-        trainer.rl_step(rollouts, rewards)
-    m = trainer.rl_step(rollouts, rewards, correct=correct)
+        trainer.rl_step(StepBatch.of(rollouts, rewards))
+    m = trainer.rl_step(StepBatch.of(rollouts, rewards, correct=correct))
     adv = group_advantages(torch.tensor(rewards, dtype=torch.float64))
     ok = torch.tensor(correct)
     floored = torch.where(ok & (adv < 0), torch.zeros_like(adv), adv)
@@ -98,7 +100,7 @@ def test_micro_batching_gives_the_same_update(tiny_dir, tmp_path, groups):
     results = []
     for micro in (1, 16):
         trainer = _trainer(tiny_dir, tmp_path / str(micro), micro_batch_size=micro, optim=OptimConfig(lr=1e-4))
-        trainer.rl_step(*groups)
+        trainer.rl_step(StepBatch.of(*groups))
         results.append(_params(trainer))
     assert max((results[0][k] - results[1][k]).abs().max() for k in results[0]) <= 1e-6
 
@@ -107,22 +109,22 @@ def test_zero_variance_groups_get_no_gradient(tiny_dir, tmp_path, groups):
     # the driver's collector drops such groups (dynamic sampling); given one anyway, its advantages are all 0
     trainer = _trainer(tiny_dir, tmp_path)
     before = _params(trainer)
-    m = trainer.rl_step(groups[0], [[1.0] * len(g) for g in groups[0]])
+    m = trainer.rl_step(StepBatch.of(groups[0], [[1.0] * len(g) for g in groups[0]]))
     assert m["groups_kept"] == 0 and m["groups_dropped"] == 3 and m["grad_norm"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in _params(trainer).items())
 
 
 def test_kl_to_an_identical_reference_is_zero_and_rewards_must_match(tiny_dir, tmp_path, groups):
     trainer = _trainer(tiny_dir, tmp_path, loss=LossConfig(beta=0.1))
-    m = trainer.rl_step(*groups)
+    m = trainer.rl_step(StepBatch.of(*groups))
     assert m["kl"] == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="rewards"):
-        trainer.rl_step(groups[0], [[1.0]])
+        trainer.rl_step(StepBatch.of(groups[0], [[1.0]]))
 
 
 def test_sft_loss_matches_hand_computation(tiny_dir, tmp_path, tiny):
     cfg = SFTConfig(model=tiny_dir, output_dir=tmp_path / "sft", data=tmp_path / "unused.jsonl")
-    trainer = GTPOTrainer(cfg)
+    trainer = Learner(cfg)
     examples = [([5, 6, 7], [40, 41, 42, 43, 256]), ([9] * 6, [50, 51, 256, 256])]
     items = [random_mask_item(p, r, 4, step_generator(0, 0, 0)) for p, r in examples]
     # by hand: sum over masked response tokens of -log p / t, over all response tokens of the batch
@@ -226,5 +228,5 @@ def test_gtpo_learns_a_reward_the_model_can_reach(tiny_dir, tmp_path):
         rewards = [[sum(t % 2 == 0 for t in r.token_ids) / len(r.token_ids) for r in g] for g in groups]
         means.append(sum(map(sum, rewards)) / 64)
         trainer.policy.train()
-        trainer.rl_step(groups, rewards)
+        trainer.rl_step(StepBatch.of(groups, rewards))
     assert sum(means[-3:]) / 3 > means[0] + 0.2, means

@@ -43,7 +43,7 @@ class FakeWorkers(threading.Thread):
             try:
                 q.ensure_groups()
                 for d in q.consume(k.tasks, k.rollout_group, "fake", TaskMessage, count=64, block_ms=20):
-                    if d.message.step == self.watch_tag:
+                    if d.message.train_by == self.watch_tag:
                         self.tag_seen.set()
                     q.hand_off(k.tasks, k.rollout_group, d.entry_id, k.scored, _scored(d.message, self.weights),
                                d.message.task_id)  # fmt: skip
@@ -174,10 +174,11 @@ def test_sigterm_while_waiting_for_groups_exits_at_once(tmp_path, tiny_dir, redi
 def test_live_workers_skips_every_kind_of_bad_heartbeat(redis_client, redis_ns, caplog):
     """Non-JSON, JSON of the wrong shape, a negative version, a hash at the key: each skipped, counted and named
     once in the log; the good heartbeat still reads."""
+    from shared.contracts import HeartbeatInfo
     from shared.queue import WeightRegistry
 
     reg = WeightRegistry(redis_client, redis_ns)
-    reg.heartbeat("rollout", "good", 3, info={"busy_s": 1.0, "up_s": 2.0, "host": "h"})
+    reg.heartbeat("rollout", "good", 3, info=HeartbeatInfo(busy_s=1.0, up_s=2.0, host="h"))
     bad = {"nonjson": b"\xff{", "shape": b"[1, 2]", "version": json.dumps({"kind": "rollout", "id": "v", "version": -1,
            "ts": 1.0}).encode(), "busy": json.dumps({"kind": "rollout", "id": "b", "ts": 1.0,
            "info": {"busy_s": "lots"}}).encode()}  # fmt: skip
@@ -186,10 +187,10 @@ def test_live_workers_skips_every_kind_of_bad_heartbeat(redis_client, redis_ns, 
     redis_client.hset(redis_ns.worker("rollout", "hash"), "a", "b")
     redis_client.sadd(redis_ns.workers, *[f"rollout:{n}" for n in [*bad, "hash"]])
     for _ in range(2):
-        assert reg.live_workers() == {
-            "good": {"kind": "rollout", "version": 3, "info": {"busy_s": 1.0, "up_s": 2.0, "host": "h"},
-                     "ts": pytest.approx(time.time(), abs=60)},
-        }  # fmt: skip
+        live = reg.live_workers()
+        assert list(live) == ["good"] and live["good"].version == 3
+        assert live["good"].ts == pytest.approx(time.time(), abs=60)
+        assert live["good"].info == HeartbeatInfo(busy_s=1.0, up_s=2.0, host="h")
     assert reg.deletable_versions() == []  # its readers go through the same check
     keys = {redis_ns.worker("rollout", n) for n in [*bad, "hash"]}
     assert set(reg.skipped) == keys and min(reg.skipped.values()) >= 2

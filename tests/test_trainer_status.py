@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.trainer.status import TrainerMetrics, create_app
+from shared.contracts import TrainerStatus
 
 
 def _app(last: dict | None, ready_reason: str | None = None):
-    status = {"step": 3, "policy_version": 3, "groups_buffered": 2, "samples_in_flight": 7, "groups_open": 1,
-              "last": last}  # fmt: skip
+    status = TrainerStatus(run_id="r", step=3, policy_version=3, groups_buffered=2, samples_in_flight=7,
+                           groups_open=1, last=last)  # fmt: skip
     metrics = TrainerMetrics(lambda: status)
     return TestClient(create_app(lambda: status, lambda: ready_reason, metrics)), metrics
 

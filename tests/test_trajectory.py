@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from oracles.per_round import per_round_batch
 
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.policy import TokenLogProbs
@@ -56,7 +57,7 @@ def test_packed_batch_layout_by_hand():
 
     clean = torch.tensor([10, 11, 12, 20, 21, 22, 23, 24, 25, 26])
     traj = Trajectory(clean, 3, 6, 4, trajectory_rounds(3, STEPS, 6, 4))
-    batch = build_batch([traj], mask_id=99, layout="packed")
+    batch = build_batch([traj], mask_id=99)
     m = 99
     assert batch.input_ids[0].tolist() == [
         *clean.tolist(),  # clean: prompt + response + tail
@@ -101,7 +102,7 @@ def test_rollouts_cover_the_hard_cases(rollouts):
 
 
 def _logprobs(model, trajs, mask_id, layout):
-    batch = build_batch(trajs, mask_id, layout)
+    batch = (build_batch if layout == "packed" else per_round_batch)(trajs, mask_id)
     lp = TokenLogProbs(model)(batch)
     order = batch.canonical_order()
     return lp[order], batch.response_index[order]
@@ -136,7 +137,7 @@ def test_packed_and_per_round_gradients_are_equal(sharp, rollouts):
 def test_padding_rows_changes_no_log_prob(sharp, rollouts):
     """pad_to (used before FlexAttention) re-indexes targets; padded rows are invisible to real tokens."""
     trajs = [rollout_trajectory(r) for r in rollouts]
-    batch = build_batch(trajs, sharp.spec.mask_token_id, "packed")
+    batch = build_batch(trajs, sharp.spec.mask_token_id)
     padded = batch.pad_to(128)
     assert padded.input_ids.shape[1] % 128 == 0 and padded.input_ids.shape[1] > batch.input_ids.shape[1]
     assert torch.equal(padded.input_ids.flatten()[padded.target_index], batch.input_ids.flatten()[batch.target_index])

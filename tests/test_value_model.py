@@ -8,8 +8,9 @@ import torch
 
 from services.trainer.config import OptimConfig, TrainerConfig, ValueConfig
 from services.trainer.memory_plan import FP32, MemorySettings, ModelShape, plan
-from services.trainer.trainer import GTPOTrainer
+from services.trainer.trainer import Learner
 from services.trainer.value import Critic, gae, step_indices, token_variance
+from shared.contracts import StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -59,33 +60,33 @@ def test_critic_record_round_trips_bit_for_bit():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _trainer(tiny_dir, out, value=True) -> GTPOTrainer:
+def _trainer(tiny_dir, out, value=True) -> Learner:
     cfg = TrainerConfig(model=tiny_dir, output_dir=out, optim=OptimConfig(lr=1e-3),
                         value=ValueConfig(lr=1e-2) if value else None)  # fmt: skip
-    return GTPOTrainer(cfg)
+    return Learner(cfg)
 
 
 def test_first_step_with_a_zero_critic_is_the_group_baseline_then_the_critic_learns(tiny_dir, tmp_path, groups):
-    plain = _trainer(tiny_dir, tmp_path / "plain", value=False).rl_step(*groups, write=False)
+    plain = _trainer(tiny_dir, tmp_path / "plain", value=False).rl_step(StepBatch.of(*groups))
     trainer = _trainer(tiny_dir, tmp_path / "value")
-    m = trainer.rl_step(*groups, write=False)
+    m = trainer.rl_step(StepBatch.of(*groups))
     # V = 0 (zero head), gamma = lam = 1: A_j = the group advantage, the same loss and gradient as without it
     assert m["loss"] == pytest.approx(plain["loss"], abs=1e-6) and m["grad_norm"] == pytest.approx(plain["grad_norm"])
     assert m["adv_var"] == pytest.approx(m["adv_var_group"]) == pytest.approx(plain["adv_var"])
     assert m["value_loss"] > 0 and m["value_mean"] == 0.0
     assert trainer.critic.head.proj.weight.abs().sum() > 0  # its own update, on its own learning rate
-    m2 = trainer.rl_step(*groups, write=False)
+    m2 = trainer.rl_step(StepBatch.of(*groups))
     assert m2["value_mean"] != 0.0 and m2["adv_var"] != pytest.approx(m2["adv_var_group"])
 
 
 def test_resume_with_a_critic_is_bit_for_bit(tiny_dir, tmp_path, groups):
     a = _trainer(tiny_dir, tmp_path / "run")
-    a.rl_step(*groups, write=False)
+    a.rl_step(StepBatch.of(*groups))
     a.save()
-    ma = a.rl_step(*groups, write=False)
+    ma = a.rl_step(StepBatch.of(*groups))
     b = _trainer(tiny_dir, tmp_path / "run")
     assert b.resume()
-    mb = b.rl_step(*groups, write=False)
+    mb = b.rl_step(StepBatch.of(*groups))
     assert torch.equal(a.critic.head.proj.weight, b.critic.head.proj.weight)
     sa, sb = a.critic.optimizer.state_dict()["state"][0], b.critic.optimizer.state_dict()["state"][0]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -96,7 +97,7 @@ def test_resume_with_a_critic_is_bit_for_bit(tiny_dir, tmp_path, groups):
 
 def test_value_model_needs_a_trajectory_estimator(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="denoising steps"):
-        GTPOTrainer(TrainerConfig(model=tiny_dir, output_dir=tmp_path, value=ValueConfig(),
+        Learner(TrainerConfig(model=tiny_dir, output_dir=tmp_path, value=ValueConfig(),
                                   loss={"estimator": "random_mask"}))  # fmt: skip
 
 

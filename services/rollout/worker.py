@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -27,6 +26,7 @@ from services.rollout.settings import RolloutSettings
 from services.rollout.weights import WeightsError
 from shared.contracts import (
     GenerationRequest,
+    HeartbeatInfo,
     Rollout,
     RolloutMessage,
     ScoreItem,
@@ -107,12 +107,8 @@ class RolloutWorker(StreamWorker):
     def loaded_version(self) -> int | None:
         return self.host.served_version
 
-    def heartbeat_info(self) -> dict[str, Any]:
-        info = super().heartbeat_info()
-        refused = self.refusal()
-        if refused is not None:
-            info["weights_refused"] = refused.model_dump(mode="json")
-        return info
+    def heartbeat_info(self) -> HeartbeatInfo:
+        return super().heartbeat_info().model_copy(update={"weights_refused": self.refusal()})
 
     def refusal(self) -> WeightsRefusal | None:
         """The refused version, unless a newer (or the same) one is served since (pushed over HTTP)."""

@@ -434,10 +434,7 @@ def save_checkpoint(
         ValueError: keep_last < 1 or step < 0.
         TypeError: a wrapped model, or state the JSON codec cannot hold (named by its location).
     """
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"model is a {type(model).__name__}: pass accelerator.unwrap_model(model)")
+    _check_saveable(model, keep_last)
     final = checkpoint_dir(root, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -454,6 +451,13 @@ def save_checkpoint(
     _write_latest(root, final.name)
     _prune(root, final, keep_last)
     return final
+
+
+def _check_saveable(model: Any, keep_last: int) -> None:
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"model is a {type(model).__name__}: pass accelerator.unwrap_model(model)")
 
 
 # --------------------------------------------------------------------------- checksums

@@ -1,6 +1,6 @@
 """Collection for the round driver (design.md section 7): admission, the buffer of scored groups, staleness, refills.
 
-A prompt group is enqueued while the trainer is at step s with the tag s + k (k = `max_staleness`): it must be
+A prompt group is enqueued while the trainer is at step s with `train_by` = s + k (k = `max_staleness`): it must be
 trained at step s + k at the latest, and may be trained earlier. Its samples are generated with the weights of
 step s or newer (a rollout worker loads at least the version a task names), so when step t <= s + k trains it,
 no sample is more than k versions old. The driver keeps (k + 1) x `prompts_per_step` groups enqueued or buffered,
@@ -23,7 +23,6 @@ new attempt id, up to `MAX_ATTEMPTS`; then its group is dropped and refilled.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import threading
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 
 from services.trainer.config import RLConfig
 from services.trainer.objective import filter_component_groups, filter_groups
-from shared.contracts import ScoredMessage, TaskMessage, same_rewards
+from shared.contracts import GroupRecord, ScoredMessage, TaskMessage, same_rewards
 from shared.prompts import encode_prompt, tokens_per_step
 
 log = logging.getLogger("gtpo.trainer")
@@ -66,17 +65,17 @@ def sample_threshold(threshold: float, spread: float, sample: int, group_size: i
     return max(0.0, threshold - spread * sample / max(1, group_size - 1))
 
 
-def task_id(run_id: str, tag: int, prompt_index: int, sample: int, attempt: int = 0) -> str:
-    """``run:tag:prompt:sample`` (``:aN`` for attempt N > 0), the idempotency id of a task and of what follows it.
+def task_id(run_id: str, train_by: int, prompt_index: int, sample: int, attempt: int = 0) -> str:
+    """``run:train_by:prompt:sample`` (``:aN`` for attempt N > 0), the idempotency id of a task and of what follows it.
 
     >>> task_id("run", 3, 17, 2), task_id("run", 3, 17, 2, attempt=1)
     ('run:3:17:2', 'run:3:17:2:a1')
     """
-    return f"{run_id}:{tag}:{prompt_index}:{sample}" + (f":a{attempt}" if attempt else "")
+    return f"{run_id}:{train_by}:{prompt_index}:{sample}" + (f":a{attempt}" if attempt else "")
 
 
 def parse_task_id(text: str) -> tuple[str, int, int, int, int] | None:
-    """(run, tag, prompt_index, sample, attempt) of a `task_id`, or None for anything else.
+    """(run, train_by, prompt_index, sample, attempt) of a `task_id`, or None for anything else.
 
     >>> parse_task_id("run:3:17:2:a1"), parse_task_id("junk")
     (('run', 3, 17, 2, 1), None)
@@ -85,11 +84,11 @@ def parse_task_id(text: str) -> tuple[str, int, int, int, int] | None:
     if len(parts) not in (4, 5) or (len(parts) == 5 and not parts[4].startswith("a")):
         return None
     try:
-        tag, prompt_index, sample = (int(p) for p in parts[1:4])
+        train_by, prompt_index, sample = (int(p) for p in parts[1:4])
         attempt = int(parts[4][1:]) if len(parts) == 5 else 0
     except ValueError:
         return None
-    return parts[0], tag, prompt_index, sample, attempt
+    return parts[0], train_by, prompt_index, sample, attempt
 
 
 @dataclass
@@ -97,7 +96,7 @@ class Group:
     """One prompt group: enqueued, collecting, or complete and buffered until a step trains it.
 
     Attributes:
-        tag: the last step that may train it (the step it was enqueued at, plus k).
+        train_by: the last step that may train it (the step it was enqueued at, plus k).
         prompt_index: the prompt, as an index into the dataset.
         cursor: its position in the prompt stream.
         version: the trainer's policy version when it was enqueued (its samples are at least that new).
@@ -108,7 +107,7 @@ class Group:
         verdict: None while collecting; then "kept", "zero_variance", "reward_error" or "dead_lettered".
     """
 
-    tag: int
+    train_by: int
     prompt_index: int
     cursor: int
     version: int
@@ -120,16 +119,22 @@ class Group:
 
     @property
     def key(self) -> str:
-        return f"{self.tag}:{self.prompt_index}"
+        return f"{self.train_by}:{self.prompt_index}"
 
     def record(self) -> str:
-        return json.dumps({"tag": self.tag, "prompt_index": self.prompt_index, "cursor": self.cursor,
-                           "version": self.version})  # fmt: skip
+        """Its `GroupRecord` in the ledger."""
+        return GroupRecord(train_by=self.train_by, prompt_index=self.prompt_index, cursor=self.cursor,
+                           version=self.version).model_dump_json()  # fmt: skip
 
     @classmethod
     def from_record(cls, raw: bytes | str) -> Group:
-        d = json.loads(raw)
-        return cls(int(d["tag"]), int(d["prompt_index"]), int(d["cursor"]), int(d["version"]))
+        """The group of a ledger entry.
+
+        Raises:
+            ValueError: not a `GroupRecord` (pydantic's ValidationError).
+        """
+        r = GroupRecord.model_validate_json(raw)
+        return cls(r.train_by, r.prompt_index, r.cursor, r.version)
 
 
 def group_tokens_per_step(samples: list[ScoredMessage]) -> float:
@@ -277,7 +282,7 @@ class Collector:
         stale_keys = []
         for key, raw in self.redis.hgetall(self.keys.run_groups(self.cfg.run_id)).items():
             g = Group.from_record(raw)
-            if g.key in trained or g.tag < step:
+            if g.key in trained or g.train_by < step:
                 stale_keys.append(key)  # trained before the crash, or past its deadline: never again
                 continue
             self.groups[g.key] = g
@@ -314,7 +319,7 @@ class Collector:
         lost = []
         for raw in (saved or {}).get("pending", []):
             g = Group.from_record(raw)
-            if g.key not in trained and g.key not in self.groups and g.tag >= step:
+            if g.key not in trained and g.key not in self.groups and g.train_by >= step:
                 lost.append(g)
         return sorted(lost, key=lambda g: g.cursor)
 
@@ -342,7 +347,7 @@ class Collector:
     def kept_groups(self) -> list[Group]:
         """Complete kept groups in the order a step takes them: earliest deadline first, then completion."""
         kept = [g for g in self.groups.values() if g.verdict == "kept"]
-        return sorted(kept, key=lambda g: (g.tag, g.done))
+        return sorted(kept, key=lambda g: (g.train_by, g.done))
 
     @_guarded
     def admit(self, step: int, version: int) -> int:
@@ -354,11 +359,11 @@ class Collector:
             self._enqueue(step + self.k, version)
         return n
 
-    def _enqueue(self, tag: int, version: int) -> Group:
+    def _enqueue(self, train_by: int, version: int) -> Group:
         while True:
-            g = Group(tag, self.cursor % len(self.prompts), self.cursor, version)
+            g = Group(train_by, self.cursor % len(self.prompts), self.cursor, version)
             self.cursor += 1
-            if g.key not in self.groups:  # a tiny dataset can wrap within one tag: skip the repeat
+            if g.key not in self.groups:  # a tiny dataset can wrap within one `train_by`: skip the repeat
                 break
         self._record(g)
         self.groups[g.key] = g
@@ -368,7 +373,7 @@ class Collector:
 
     def _publish_tasks(self, g: Group, samples) -> None:
         for j in samples:
-            msg = self.task(g.tag, g.prompt_index, j, g.attempts.get(j, 0), g.version)
+            msg = self.task(g.train_by, g.prompt_index, j, g.attempts.get(j, 0), g.version)
             self.queue.publish(self.keys.tasks, msg, msg.task_id)
 
     def prompt_ids(self, prompt_index: int) -> list[int]:
@@ -377,16 +382,16 @@ class Collector:
             self._prompt_ids[prompt_index] = encode_prompt(self.tokenizer, user, chat=self.cfg.chat_template)
         return self._prompt_ids[prompt_index]
 
-    def task(self, tag: int, prompt_index: int, sample: int, attempt: int, version: int) -> TaskMessage:
+    def task(self, train_by: int, prompt_index: int, sample: int, attempt: int, version: int) -> TaskMessage:
         """The task of one sample (its seed and threshold follow from its coordinates)."""
         cfg, r = self.cfg, self.cfg.rollout
         p = self.prompts[prompt_index]
         params = r.params(
-            seed=task_seed(cfg.seed, tag, prompt_index, sample, attempt) % (2**62),
+            seed=task_seed(cfg.seed, train_by, prompt_index, sample, attempt) % (2**62),
             confidence_threshold=sample_threshold(r.confidence_threshold, r.threshold_spread, sample, r.group_size),
         )  # fmt: skip
         return TaskMessage(
-            task_id=task_id(cfg.run_id, tag, prompt_index, sample, attempt), run_id=cfg.run_id, step=tag,
+            task_id=task_id(cfg.run_id, train_by, prompt_index, sample, attempt), run_id=cfg.run_id, train_by=train_by,
             prompt_index=prompt_index, sample_index=sample, group_size=r.group_size,
             prompt_ids=self.prompt_ids(prompt_index), prompt_text=cfg.prompt_template.format(question=p.question),
             reference=p.answer, params=params, policy_version=version, attempt=attempt, policy_run=self.identity,
@@ -435,7 +440,7 @@ class Collector:
     def _route(self, d, step: int, version: int) -> None:
         msg: ScoredMessage = d.message
         t = msg.task
-        g = self.groups.get(f"{t.step}:{t.prompt_index}")
+        g = self.groups.get(f"{t.train_by}:{t.prompt_index}")
         if g is not None and d.entry_id in g.entry_ids:
             return  # the same entry read again (a retried read): it is already in the buffer
         if t.run_id != self.cfg.run_id or g is None or g.verdict is not None or t.sample_index in g.samples:
@@ -512,8 +517,8 @@ class Collector:
                 self._resample_dead(*parsed[1:])
             self.dead_cursor = dead_id.decode()  # after the re-sample: a Redis error on it leaves it for the retry
 
-    def _resample_dead(self, tag: int, prompt_index: int, sample: int, attempt: int) -> None:
-        g = self.groups.get(f"{tag}:{prompt_index}")
+    def _resample_dead(self, train_by: int, prompt_index: int, sample: int, attempt: int) -> None:
+        g = self.groups.get(f"{train_by}:{prompt_index}")
         if g is None or g.verdict is not None or sample in g.samples or attempt < g.attempts.get(sample, 0):
             return
         self._resample(g, sample, attempt + 1)
@@ -539,7 +544,7 @@ class Collector:
         self.enqueued, self.first_step, self.completed, self.counts = 0, False, [], Counter()
         for g in trained:
             self.groups.pop(g.key, None)
-        for g in [g for g in self.groups.values() if g.tag < next_step]:
+        for g in [g for g in self.groups.values() if g.train_by < next_step]:
             self._drop(g, "expired")  # a kept group beyond the batch, or one still collecting: never trained
         done = [*trained, *self.finished]
         entry_ids = [e for g in done for e in g.entry_ids]

@@ -174,7 +174,18 @@ class CommonConfig(CommandConfig):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     updates_per_step: int = Field(1, ge=1, description="optimizer updates per step: the batch is split in this many")
     micro_batch_size: int = Field(4, ge=1, description="responses per forward on one process")
-    layout: Literal["packed", "per_round"] = Field("packed", description="packed: one forward per response")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_removed(cls, data):
+        # the per-round layout was a test oracle exposed as an option (issue 33); it lives in tests/oracles/
+        if isinstance(data, dict) and "layout" in data:
+            raise ValueError(
+                "layout: removed; the trainer always trains on the packed layout (one forward per response, or "
+                "`copies_per_forward` rounds per forward: copies_per_forward=1 is one forward per round)"
+            )
+        return data
+
     shrink: int = Field(1, ge=1, description="merge this many consecutive steps of a block into one round")
     attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="auto: flex on CUDA, sdpa on CPU")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
@@ -208,7 +219,7 @@ RL_STEP_FIELDS = ("loss", "passes", "ref_model", "value")
 
 
 class TrainerConfig(CommonConfig):
-    """What the learner needs for an RL step (`GTPOTrainer.rl_step`): the common settings, the loss, the passes over
+    """What the learner needs for an RL step (`Learner.rl_step`): the common settings, the loss, the passes over
     a batch and the KL reference. `RLConfig` adds the run around it; tests and benches build this one directly."""
 
     loss: LossConfig = Field(default_factory=LossConfig)

@@ -6,7 +6,7 @@ rollout workers generate while the trainer trains; k = 0 is the synchronous loop
 
 Exactly-once training of groups rests on four facts:
 
-* task ids are ``run:tag:prompt:sample`` and publishing is idempotent, so a resumed run re-enqueues nothing new;
+* task ids are ``run:train_by:prompt:sample`` and publishing is idempotent, so a resumed run re-enqueues nothing new;
 * every enqueued group is in a Redis ledger until the step that trains (or drops) it is checkpointed;
 * scored messages are acknowledged only after that checkpoint; a trainer killed before it gets them back (its own
   pending entries, read first on restart) and trains them once;
@@ -24,11 +24,15 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
+from services.trainer.checkpoint import TrainerState
 from services.trainer.collect import Collector, Group, Prompt
 from services.trainer.config import RLConfig
-from shared.contracts import ScoredMessage, WeightsVersion
+from services.trainer.tracking import keep_rows
+from shared.contracts import ScoredMessage, StepBatch, StepSample, TrainerPhase, TrainerStatus, WeightsVersion
 from shared.prompts import tokens_per_step
 
 log = logging.getLogger("gtpo.trainer")
@@ -37,6 +41,51 @@ PREFETCH_PERIOD_S = 0.25
 """How often scored groups are read (and dropped ones refilled) while the trainer trains, with k >= 1."""
 INFO_WAIT_S = 60.0
 """How long the start-up check waits for each of `rollout_urls` to answer `GET /info` (it may still be loading)."""
+
+
+class Processes(Protocol):
+    """What the driver asks of an Accelerator."""
+
+    num_processes: int
+    is_main_process: bool
+
+    def wait_for_everyone(self) -> None: ...
+
+
+class DrivenLearner(Protocol):
+    """What the round driver drives: `services.trainer.trainer.Learner`, or the async benchmark's simulated one
+    (bench/async_rl.py). Every process holds one; only the main process's driver talks to Redis."""
+
+    state: TrainerState
+    accelerator: Processes
+    checkpoint_root: Path
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def spec(self) -> Any:
+        """The model's DiffusionSpec (block size, mask id) for the start-up check; None where no model is loaded."""
+
+    def resume(self) -> bool: ...
+
+    def start_fresh(self) -> None: ...
+
+    def rl_step(self, batch: StepBatch) -> dict[str, float]: ...
+
+    def save(self) -> Path: ...
+
+    def weights_path(self, checkpoint: Path) -> Path: ...
+
+
+def real_learner(cfg: RLConfig) -> DrivenLearner:
+    """The model-backed `Learner` of `cfg` (loads the model: called once the lease is held)."""
+    from services.trainer.trainer import Learner
+
+    return Learner(cfg)
 
 
 def load_prompts(source, **columns) -> list[Prompt]:
@@ -48,23 +97,33 @@ def load_prompts(source, **columns) -> list[Prompt]:
 
 
 class Driver:
-    """Owns the loop; the trainer owns the maths, the collector owns the queues.
+    """Owns the loop; the learner owns the maths, the collector owns the queues.
 
     Args:
         cfg: the run.
         resume: continue from the latest checkpoint under `cfg.output_dir`.
         fresh: start at step 0 even where an earlier run wrote to `cfg.output_dir` (its files are moved aside).
-        trainer: the trainer to drive (default: a `GTPOTrainer` of `cfg`; the async benchmark passes a simulated
-            one).
+        learner: builds the learner to drive, called once the lease is held (nothing touches the output folder
+            before); the async benchmark passes its simulated one.
     """
 
-    def __init__(self, cfg: RLConfig, *, resume: bool = False, fresh: bool = False, trainer=None) -> None:
+    def __init__(
+        self,
+        cfg: RLConfig,
+        *,
+        resume: bool = False,
+        fresh: bool = False,
+        learner: Callable[[RLConfig], DrivenLearner] = real_learner,
+    ) -> None:
         from accelerate import PartialState
 
         self.cfg = cfg
         self.main = PartialState().is_main_process
+        self.solo = PartialState().num_processes == 1
         self.stop = threading.Event()
-        self.waiting = "starting"
+        self.phase = TrainerPhase.starting
+        self.waiting = ""
+        """What the driver waits for, in words (status pages, the log)."""
         self.history: list[dict] = []
         self._busy_prev: dict[str, tuple[float, float]] = {}  # worker -> (busy_s, up_s) at the last step
         self.lease = None
@@ -74,11 +133,7 @@ class Driver:
             self._connect()  # the lease first: nothing in the output folder is touched while another trainer runs
             if fresh:
                 self._check_fresh_namespace()
-        if trainer is None:
-            from services.trainer.trainer import GTPOTrainer
-
-            trainer = GTPOTrainer(cfg)
-        self.trainer = trainer
+        self.trainer = learner(cfg)
         if fresh:
             self.trainer.start_fresh()
         resumed = resume and self.trainer.resume()
@@ -86,24 +141,22 @@ class Driver:
         # of any run that ever used the namespace
         self.identity: str = self.trainer.state.extra.get("run") or new_identity(cfg.run_id)
         self.trainer.state.extra["run"] = self.identity
+        from services.trainer.tracking import Trackers
+
+        self.trackers = Trackers(cfg)
         if resumed and self.main:
             done = self.trainer.state.step
             # rows of a step that never reached its checkpoint are not durable: that step runs again
             keep_rows(cfg.output_dir / "trained_groups.jsonl", lambda row: row["step"] < done)
-            keep_rows(cfg.output_dir / "metrics.jsonl", lambda row: row["step"] <= done)
-            restore_metrics_row(cfg.output_dir / "metrics.jsonl", self.trainer.state.extra.get("metrics"), done)
+            self.trackers.rewind(done, self.trainer.state.extra.get("metrics"))
         self.prompts = load_prompts(cfg.data, question_field=cfg.question_field, answer_field=cfg.answer_field,
                                     answer_extract=cfg.answer_extract, max_row_bytes=cfg.max_row_bytes)  # fmt: skip
         if self.main:
-            tok = self.trainer.loaded.tokenizer
-            vocab = int(self.trainer.loaded.model.config.vocab_size)
-            self.collector = Collector(cfg, self.queue, self.prompts, tok, vocab, identity=self.identity)
+            t = self.trainer
+            self.collector = Collector(cfg, self.queue, self.prompts, t.tokenizer, t.vocab_size, identity=self.identity)
             from services.trainer.status import TrainerMetrics
 
             self.metrics = TrainerMetrics(self.status)
-        from services.trainer.tracking import Trackers
-
-        self.trackers = Trackers(cfg)
 
     def _connect(self) -> None:
         from services.trainer.lease import RunLease
@@ -151,7 +204,7 @@ class Driver:
         seen = {info.worker_id for info in found.values()}
         live = registered_infos(self._redis(self.registry.live_workers, "reading worker heartbeats"))
         found.update({wid: info for wid, info in live.items() if wid not in seen})
-        check_agreement(self.cfg.trainer_side(getattr(getattr(self.trainer, "loaded", None), "spec", None)), found)
+        check_agreement(self.cfg.trainer_side(self.trainer.spec), found)
         log.info("start-up check: %d services agree (%s)", len(found), ", ".join(found) or "none seen yet")
 
     # ------------------------------------------------------------------ the loop
@@ -166,8 +219,7 @@ class Driver:
         """
         from shared.queue import with_reconnect
 
-        solo = getattr(getattr(getattr(self, "trainer", None), "accelerator", None), "num_processes", 1) == 1
-        stop = self.stop if solo or not in_step else None
+        stop = self.stop if self.solo or not in_step else None
         return with_reconnect(fn, what=what, deadline_s=self.cfg.redis.reconnect_s, stop=stop)
 
     def _check_lease(self) -> None:
@@ -221,55 +273,56 @@ class Driver:
         """Collect (main process), train (every process), checkpoint, publish, acknowledge: one RL step; None when a
         stop came while it waited for groups (nothing trained, nothing acknowledged: a resume collects them again).
 
-        Only the main process talks to Redis; the others get the step's batch by broadcast, so a multi-GPU or
+        Only the main process talks to Redis; the others get the step's `StepBatch` by broadcast, so a multi-GPU or
         multi-node trainer is one consumer, not one per rank.
         """
         t0 = time.monotonic()
         step, version = self.trainer.state.step, self.trainer.state.policy_version
-        batch: list[Group] = []
+        groups: list[Group] = []
         payload = None
         if self.main:
             collected = self._collect_step()
-            payload = "" if collected is None else self._payload(collected)
-            batch = collected or []
+            payload = "" if collected is None else self.step_batch(collected).model_dump_json()
+            groups = collected or []
         text = broadcast_text(self.trainer.accelerator, payload)
         if not text:  # every rank stops together
-            self.waiting = "stopped"
+            self.phase = TrainerPhase.stopped
             return None
-        groups, rewards, correct, extra, components = decode_batch(text)
         t1 = time.monotonic()
-        self.waiting = "training"
+        self.phase, self.waiting = TrainerPhase.training, ""
         with self._collecting_meanwhile():
-            metrics = self.trainer.rl_step(groups, rewards, extra["rollouts"], correct, write=False,
-                                           components=components, reward_weights=self.cfg.reward_weights)  # fmt: skip
+            metrics = self.trainer.rl_step(StepBatch.model_validate_json(text))
         t2 = time.monotonic()
-        state = self.trainer.state
-        if self.main:  # only the main process writes the checkpoint; read after training (refills moved the cursor)
-            state.data_cursor = self.collector.cursor
-            state.extra["collector"] = self.collector.resume_record(batch)
         metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1)
-        state.extra["metrics"] = metrics  # a crash between the checkpoint and the metrics row loses no row
-        if self.main:
-            self._check_lease()
-            self._record_trained(step, version, batch)
-        self.waiting = "checkpointing"
-        path = self.trainer.save()
-        if self.main:
-            self._check_lease()  # a trainer replaced while it saved must not publish its version over the new one's
-            self._after_checkpoint(path, batch)
-        self.trainer.accelerator.wait_for_everyone()
+        self._checkpoint(step, version, groups, metrics)
         metrics["time_checkpoint_s"] = time.monotonic() - t2
         if self.main:
             self._check_lease()
-            with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
             self.trackers.log(metrics)
             timings = {"wait": t1 - t0, "train": t2 - t1, "checkpoint": metrics["time_checkpoint_s"]}
-            staleness = [version - m.rollout.policy_version for g in batch for m in g.samples.values()]
+            staleness = [version - m.rollout.policy_version for g in groups for m in g.samples.values()]
             self.metrics.observe_step(timings, staleness)
         self.history.append(metrics)
-        self.waiting = ""
+        self.phase = TrainerPhase.idle
         return metrics
+
+    def _checkpoint(self, step: int, version: int, groups: list[Group], metrics: dict) -> None:
+        """Save the trained step with its data cursor, buffer and metrics row (every process); then, main process,
+        publish its weights and acknowledge what it consumed."""
+        state = self.trainer.state
+        if self.main:  # only the main process writes the checkpoint; read after training (refills moved the cursor)
+            state.data_cursor = self.collector.cursor
+            state.extra["collector"] = self.collector.resume_record(groups)
+        state.extra["metrics"] = metrics  # a crash between the checkpoint and the metrics row loses no row
+        if self.main:
+            self._check_lease()
+            self._record_trained(step, version, groups)
+        self.phase = TrainerPhase.checkpointing
+        path = self.trainer.save()
+        if self.main:
+            self._check_lease()  # a trainer replaced while it saved must not publish its version over the new one's
+            self._after_checkpoint(path, groups)
+        self.trainer.accelerator.wait_for_everyone()
 
     @contextlib.contextmanager
     def _collecting_meanwhile(self):
@@ -330,12 +383,13 @@ class Driver:
         None when a stop (SIGTERM) comes first: it is honoured within one poll, not after `step_timeout_s`."""
         c, state = self.collector, self.trainer.state
         step, version = state.step, state.policy_version
-        deadline = time.monotonic() + self.cfg.step_timeout_s
+        give_up_at = time.monotonic() + self.cfg.step_timeout_s
         last_log = 0.0
+        self.phase = TrainerPhase.collecting
         self._redis(lambda: c.admit(step, version), "enqueueing tasks")
-        while len(c.kept_groups()) < self.cfg.prompts_per_step and time.monotonic() < deadline and not c.exhausted():
+        while len(c.kept_groups()) < self.cfg.prompts_per_step and time.monotonic() < give_up_at and not c.exhausted():
             if self.stop.is_set():
-                log.info("step %d: stopped while %s; the last checkpoint stands", step, self.waiting or "collecting")
+                log.info("step %d: stopped while %s; the last checkpoint stands", step, self.waiting or self.phase)
                 return None
             # a trainer replaced while it stalled must not read (and so hide) entries meant for its successor
             self._redis(self.lease.check, "renewing the trainer lease")
@@ -370,49 +424,43 @@ class Driver:
 
     # ------------------------------------------------------------------ the step's batch
 
-    def _payload(self, batch: list[Group]) -> str:
-        """The batch's rollouts, rewards, accuracy verdicts and the step's collection metrics, as JSON for the
-        broadcast (every rank trains on the same batch)."""
-        c, size = self.collector, self.cfg.rollout.group_size
-        groups, rewards, correct, components = [], [], [], []
-        for g in batch:
-            ordered = [g.samples[i] for i in range(size)]
-            groups.append([m.rollout.model_dump(mode="json") for m in ordered])
-            rewards.append([m.score.total for m in ordered])
-            components.append([m.score.components for m in ordered])
-            needs = self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0
-            if needs and any("accuracy" not in m.score.components for m in ordered):
-                raise RuntimeError(
-                    "loss.floor_correct / nll_coef: the reward service sent no accuracy component; weigh it"
-                )
-            correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
-        rollouts = rollout_metrics([m for g in c.completed for m in g.samples.values()])
-        rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale",
-                                                                         "tpf_filtered")})  # fmt: skip
-        rollouts.update(
-            groups_enqueued=c.enqueued, groups_buffered=len(c.kept_groups()) - len(batch), samples_in_flight=c.in_flight(),
-            groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
+    def step_batch(self, groups: list[Group]) -> StepBatch:
+        """The step's `StepBatch`: each group's samples in sample order with their scores, and the step's collection
+        metrics (every rank trains on the same batch)."""
+        size = self.cfg.rollout.group_size
+        return StepBatch(
+            groups=[[step_sample(g.samples[i]) for i in range(size)] for g in groups],
+            reward_weights=self.cfg.reward_weights,
+            metrics=self._collection_metrics(groups),
+        )
+
+    def _collection_metrics(self, groups: list[Group]) -> dict[str, float]:
+        """What the collection saw since the run started: rollout statistics, drops and redispatches, busy shares."""
+        c = self.collector
+        out = rollout_metrics([m for g in c.completed for m in g.samples.values()])
+        out.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale", "tpf_filtered")})
+        out.update(
+            groups_enqueued=c.enqueued, groups_buffered=len(c.kept_groups()) - len(groups),
+            samples_in_flight=c.in_flight(), groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
             samples_resampled_dead=c.counts["resampled_dead"], groups_dead_lettered=c.counts["dead_lettered"],
             samples_foreign=c.counts["foreign"], samples_reward_mismatch=c.counts["reward_mismatch"],
             groups_redispatched=c.counts["redispatched"], redis_values_skipped=sum(self.registry.skipped.values()),
             **self._redis(self._worker_busy, "reading worker heartbeats"),
         )  # fmt: skip
-        return json.dumps({
-            "groups": groups, "rewards": rewards, "correct": correct, "components": components,
-            "extra": {"rollouts": rollouts},
-        })  # fmt: skip
+        return out
 
     def _worker_busy(self) -> dict[str, float]:
         """Each kind's busy fraction since the last step, from the workers' heartbeats (cumulative busy seconds)."""
-        now = {wid: w for wid, w in self.registry.live_workers().items() if "busy_s" in (w.get("info") or {})}
+        now = {wid: w for wid, w in self.registry.live_workers().items()
+               if w.info.busy_s is not None and w.info.up_s is not None}  # fmt: skip
         prev = self._busy_prev
-        self._busy_prev = {wid: (w["info"]["busy_s"], w["info"]["up_s"]) for wid, w in now.items()}
+        self._busy_prev = {wid: (w.info.busy_s, w.info.up_s) for wid, w in now.items()}
         out: dict[str, list[float]] = {}
         for wid, w in now.items():
             if wid in prev:
-                busy, up = w["info"]["busy_s"] - prev[wid][0], w["info"]["up_s"] - prev[wid][1]
+                busy, up = w.info.busy_s - prev[wid][0], w.info.up_s - prev[wid][1]
                 if up > 0:
-                    out.setdefault(w["kind"], []).append(min(1.0, max(0.0, busy / up)))
+                    out.setdefault(w.kind, []).append(min(1.0, max(0.0, busy / up)))
         return {f"busy_{kind}": sum(v) / len(v) for kind, v in out.items()}
 
     # ------------------------------------------------------------------ weights, audit, status
@@ -448,33 +496,29 @@ class Driver:
         with (self.cfg.output_dir / "trained_groups.jsonl").open("a") as f:
             for g in batch:
                 msgs = g.samples.values()
-                row = {"step": step, "prompt_index": g.prompt_index, "tag": g.tag, "trainer_version": version,
+                row = {"step": step, "prompt_index": g.prompt_index, "train_by": g.train_by, "trainer_version": version,
                        "task_ids": sorted(m.task.task_id for m in msgs),
                        "versions": sorted(m.rollout.policy_version for m in msgs)}  # fmt: skip
                 f.write(json.dumps(row) + "\n")
 
     def _write_status(self) -> None:
-        """The status as JSON at `Keys.trainer_status` (for `gtpo status`), kept a minute past the last write."""
+        """The status at `Keys.trainer_status` (for `gtpo status`), kept a minute past the last write."""
         try:
-            self.redis.set(self.keys.trainer_status, json.dumps({**self.status(), "ts": time.time()}), ex=60)
+            body = self.status().model_copy(update={"ts": time.time()}).model_dump_json()
+            self.redis.set(self.keys.trainer_status, body, ex=60)
         except Exception as e:  # a status page must never stop training
             log.warning("could not write the trainer status: %s", e)
 
-    def status(self) -> dict:
-        c = self.collector
-        return {
-            "run_id": self.cfg.run_id,
-            "run": self.identity,
-            "step": self.trainer.state.step,
-            "policy_version": self.trainer.state.policy_version,
-            "max_staleness": self.cfg.max_staleness,
-            "waiting": self.waiting,
-            **c.counts_now(),
-            "last": self.history[-1] if self.history else None,
-        }
+    def status(self) -> TrainerStatus:
+        return TrainerStatus(
+            run_id=self.cfg.run_id, run=self.identity, step=self.trainer.state.step,
+            policy_version=self.trainer.state.policy_version, max_staleness=self.cfg.max_staleness,
+            phase=self.phase, waiting=self.waiting or str(self.phase), **self.collector.counts_now(),
+            last=self.history[-1] if self.history else None,
+        )  # fmt: skip
 
     def ready(self) -> str | None:
-        return "starting" if self.waiting == "starting" else None
+        return "starting" if self.phase == TrainerPhase.starting else None
 
 
 def new_identity(run_id: str) -> str:
@@ -496,34 +540,11 @@ def broadcast_text(accelerator, text: str | None) -> str:
     return box[0]
 
 
-def decode_batch(text: str) -> tuple[list[list], list[list[float]], list[list[bool]], dict, list[list[dict]]]:
-    """Rollouts, rewards, accuracy verdicts, the step's extra values and the raw reward components (grouped like
-    the rewards)."""
-    from shared.contracts import Rollout
-
-    data = json.loads(text)
-    groups = [[Rollout.model_validate(r) for r in g] for g in data["groups"]]
-    return groups, data["rewards"], data["correct"], data["extra"], data["components"]
-
-
-def keep_rows(path: Path, keep) -> None:
-    """Rewrite a JSONL file with only the rows `keep(row)` accepts (atomically)."""
-    if not path.exists():
-        return
-    rows = [x for x in path.read_text().splitlines() if x.strip() and keep(json.loads(x))]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def restore_metrics_row(path: Path, row: dict | None, step: int) -> None:
-    """Append the checkpointed step's metrics row if a crash came between its checkpoint and its row."""
-    if not row or step == 0:
-        return
-    steps = {json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()} if path.exists() else set()
-    if step not in steps:
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+def step_sample(m: ScoredMessage) -> StepSample:
+    """One scored sample as the learner takes it; its verdict is None when the reward service scored no accuracy."""
+    acc = m.score.components.get("accuracy")
+    return StepSample(rollout=m.rollout, reward=m.score.total, components=m.score.components,
+                      correct=None if acc is None else acc >= 1.0)  # fmt: skip
 
 
 def rollout_metrics(msgs: list[ScoredMessage]) -> dict[str, float]:
@@ -545,9 +566,7 @@ def install_signals(driver: Driver) -> None:
     Redis, for a service's /info) ends within a poll; then the trainer exits 0."""
 
     def handler(signum, frame):
-        log.info(
-            "signal %d: stopping (step %d: %s)", signum, driver.trainer.state.step, driver.waiting or "between steps"
-        )
+        log.info("signal %d: stopping (step %d: %s)", signum, driver.trainer.state.step, driver.waiting or driver.phase)
         driver.stop.set()
 
     signal.signal(signal.SIGTERM, handler)

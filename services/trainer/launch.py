@@ -321,6 +321,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _processes(spec, nproc_per_node: int | None):
+    """`spec` with this node's process count (the flag's, else the scheduler's, else one per GPU), and whether it
+    runs on CPU; `typer.Exit` when the node cannot run that many."""
+    gpus = cuda_device_count()
+    nproc = nproc_per_node or spec.nproc_per_node or max(gpus, 1)
+    spec = replace(spec, nproc_per_node=nproc)
+    cpu = gpus == 0
+    if cpu and spec.nnodes * nproc > 1:
+        raise _fail(f"{spec.nnodes * nproc} processes requested but this node has no GPU; on CPU run one process")
+    if gpus and nproc > gpus:
+        raise _fail(f"{nproc} processes per node requested but this node has {gpus} GPU(s)")
+    return spec, cpu
+
+
 def _load_settings(given: dict):
     """The launch's settings (defaults < `GTPO_LAUNCH__*` < the flags given) and the run's RLConfig, loaded here and
     not in every process accelerate starts: a bad config fails once, before any rendezvous."""
@@ -376,14 +390,7 @@ def launch_command(
         acc = find_accelerate_config(opts.accelerate_config)
     except LaunchError as e:
         raise _fail(str(e)) from e
-    gpus = cuda_device_count()
-    nproc = opts.nproc_per_node or spec.nproc_per_node or max(gpus, 1)
-    spec = replace(spec, nproc_per_node=nproc)
-    cpu = gpus == 0
-    if cpu and spec.nnodes * nproc > 1:
-        raise _fail(f"{spec.nnodes * nproc} processes requested but this node has no GPU; on CPU run one process")
-    if gpus and nproc > gpus:
-        raise _fail(f"{nproc} processes per node requested but this node has {gpus} GPU(s)")
+    spec, cpu = _processes(spec, opts.nproc_per_node)
     if resume and fresh:
         raise _fail("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
     argv = build_accelerate_argv(spec, accelerate_config=acc, train_config=config, resume=resume, fresh=fresh,

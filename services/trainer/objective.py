@@ -224,17 +224,8 @@ def token_weights(
     >>> token_weights(resp, rnd, "dipo", n_responses=2, n_tokens=4, max_len=3, block_size=4).tolist()
     [0.0625, 0.0625, 0.125, 0.125]
     """
-    for name, value in (("n_responses", n_responses), ("n_tokens", n_tokens), ("max_len", max_len)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if response_index.dim() != 1 or response_index.shape != round_index.shape:
-        raise ValueError(
-            f"response_index and round_index must be (T,) of the same shape, got "
-            f"{tuple(response_index.shape)} and {tuple(round_index.shape)}"
-        )
+    _check_counts(response_index, round_index, n_responses, n_tokens, max_len)
     t = response_index.shape[0]
-    if t > n_tokens:
-        raise ValueError(f"n_tokens ({n_tokens}) is the global count and cannot be below the {t} tokens given here")
     device = response_index.device
     if mode == "token":
         return torch.full((t,), 1.0 / n_tokens, device=device)
@@ -250,6 +241,23 @@ def token_weights(
         per_response = n_responses * (block_size if mode == "dipo" else 1)
         return 1.0 / (counts[inverse].float() * per_response)
     raise ValueError(f"mode must be 'token', 'step', 'dipo' or 'length', got {mode!r}")
+
+
+def _check_counts(response_index: Tensor, round_index: Tensor, n_responses: int, n_tokens: int, max_len: int) -> None:
+    """Raise ValueError for counts `token_weights` cannot normalise by, or indices of different shapes."""
+    for name, value in (("n_responses", n_responses), ("n_tokens", n_tokens), ("max_len", max_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if response_index.dim() != 1 or response_index.shape != round_index.shape:
+        raise ValueError(
+            f"response_index and round_index must be (T,) of the same shape, got "
+            f"{tuple(response_index.shape)} and {tuple(round_index.shape)}"
+        )
+    if response_index.shape[0] > n_tokens:
+        raise ValueError(
+            f"n_tokens ({n_tokens}) is the global count and cannot be below the {response_index.shape[0]} tokens "
+            "given here"
+        )
 
 
 def correct_nll(logp: Tensor, correct: Tensor, n_correct_tokens: int) -> Tensor:
@@ -309,19 +317,7 @@ def gtpo_loss(
         outside_kept_tokens (-inf under pi_theta or pi_prox: dropped from the loss, ratio 1 and not clipped in the
         means) and ref_outside_kept_tokens (-inf under the reference only: its KL term dropped).
     """
-    shape = logp.shape
-    named_inputs = (("prox_logp", prox_logp), ("adv", adv), ("weights", weights), ("ref_logp", ref_logp),
-                    ("behav_logp", behav_logp))  # fmt: skip
-    for name, x in named_inputs:
-        if x is not None and x.shape != shape:
-            raise ValueError(f"{name} must have the shape of logp {tuple(shape)}, got {tuple(x.shape)}")
-    if cfg.beta > 0 and ref_logp is None:
-        raise ValueError(f"ref_logp is required when beta > 0 (beta={cfg.beta})")
-    if (cfg.objective == "decoupled") != (behav_logp is not None):
-        raise ValueError(
-            f"behav_logp: the decoupled objective needs it and only it uses it (objective={cfg.objective})"
-        )
-
+    _check_loss_inputs(logp, prox_logp, adv, weights, cfg, ref_logp, behav_logp)
     # At least fp32: the ratio of two bf16 log-probs is too coarse for a clip range of 0.2.
     dtype = torch.promote_types(logp.dtype, torch.float32)
     logp, prox_logp, adv, weights = (x.to(dtype) for x in (logp, prox_logp, adv, weights))
@@ -337,39 +333,64 @@ def gtpo_loss(
     if behav_logp is not None:
         iw = importance_weights(prox_logp, behav_logp.to(dtype), cfg.tis_cap)  # exactly 0 where pi_prox drops it
         per_token = per_token * iw
-    kl = None
-    ref_outside = torch.zeros_like(outside)
-    if cfg.beta > 0:
-        ref_logp = ref_logp.to(dtype)
-        # a token the reference's kept set drops has an infinite KL term: dropped rather than an infinite loss
-        ref_outside = ~torch.isfinite(ref_logp) & ~outside
-        kl = k3_kl(safe_logp, torch.where(outside | ref_outside, safe_logp.detach(), ref_logp))
+    kl, ref_outside = _kl_term(safe_logp, ref_logp, outside) if cfg.beta > 0 else (None, torch.zeros_like(outside))
+    if kl is not None:
         per_token = per_token + cfg.beta * kl
     per_token = torch.where(outside, torch.zeros_like(per_token), per_token)
     clipped = clipped & ~outside
     loss = (weights * per_token).sum()
-
     with torch.no_grad():
-        n = logp.shape[0]
-        if n == 0:
-            # A rank may get a shard with no targets; its metrics must still be finite.
-            metrics = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "kl": 0.0, "iw_mean": 1.0, "adv_mean": 0.0,
-                       "outside_kept_tokens": 0.0, "ref_outside_kept_tokens": 0.0}  # fmt: skip
-        else:
-            named = {
-                "loss": loss.detach(),
-                "clip_frac": clipped.float().mean(),
-                "ratio_mean": _ratio(safe_logp, safe_prox, cfg.log_ratio_clamp).mean(),
-                "kl": kl.mean() if kl is not None else loss.new_zeros(()),
-                "iw_mean": iw.mean() if iw is not None else loss.new_ones(()),
-                "adv_mean": adv.mean(),
-                "outside_kept_tokens": outside.sum().to(dtype),
-                "ref_outside_kept_tokens": ref_outside.sum().to(dtype),
-            }
-            values = torch.stack(list(named.values())).tolist()  # one device sync for all metrics
-            metrics = dict(zip(named, values, strict=True))
-        metrics["tokens"] = float(n)
+        ratio = _ratio(safe_logp, safe_prox, cfg.log_ratio_clamp)
+        metrics = _loss_metrics(loss, clipped, ratio, kl, iw, adv, outside, ref_outside)
     return loss, metrics
+
+
+def _kl_term(safe_logp: Tensor, ref_logp: Tensor, outside: Tensor) -> tuple[Tensor, Tensor]:
+    """(T,) k3 KL to the reference, and (T,) where only the reference's kept set drops the token: a token whose
+    KL term would be infinite, dropped (its term 0) rather than an infinite loss."""
+    ref_logp = ref_logp.to(safe_logp.dtype)
+    ref_outside = ~torch.isfinite(ref_logp) & ~outside
+    return k3_kl(safe_logp, torch.where(outside | ref_outside, safe_logp.detach(), ref_logp)), ref_outside
+
+
+def _check_loss_inputs(logp, prox_logp, adv, weights, cfg: LossConfig, ref_logp, behav_logp) -> None:
+    """Raise ValueError unless every input of `gtpo_loss` has logp's shape and the objective's inputs are given."""
+    shape = logp.shape
+    named_inputs = (("prox_logp", prox_logp), ("adv", adv), ("weights", weights), ("ref_logp", ref_logp),
+                    ("behav_logp", behav_logp))  # fmt: skip
+    for name, x in named_inputs:
+        if x is not None and x.shape != shape:
+            raise ValueError(f"{name} must have the shape of logp {tuple(shape)}, got {tuple(x.shape)}")
+    if cfg.beta > 0 and ref_logp is None:
+        raise ValueError(f"ref_logp is required when beta > 0 (beta={cfg.beta})")
+    if (cfg.objective == "decoupled") != (behav_logp is not None):
+        raise ValueError(
+            f"behav_logp: the decoupled objective needs it and only it uses it (objective={cfg.objective})"
+        )
+
+
+def _loss_metrics(loss, clipped, ratio, kl, iw, adv, outside, ref_outside) -> dict[str, float]:
+    """`gtpo_loss`'s metrics over a shard's (T,) tokens as python floats (plain means, counts as floats)."""
+    n = adv.shape[0]
+    if n == 0:
+        # A rank may get a shard with no targets; its metrics must still be finite.
+        metrics = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "kl": 0.0, "iw_mean": 1.0, "adv_mean": 0.0,
+                   "outside_kept_tokens": 0.0, "ref_outside_kept_tokens": 0.0}  # fmt: skip
+    else:
+        named = {
+            "loss": loss.detach(),
+            "clip_frac": clipped.float().mean(),
+            "ratio_mean": ratio.mean(),
+            "kl": kl.mean() if kl is not None else loss.new_zeros(()),
+            "iw_mean": iw.mean() if iw is not None else loss.new_ones(()),
+            "adv_mean": adv.mean(),
+            "outside_kept_tokens": outside.sum().to(adv.dtype),
+            "ref_outside_kept_tokens": ref_outside.sum().to(adv.dtype),
+        }
+        values = torch.stack(list(named.values())).tolist()  # one device sync for all metrics
+        metrics = dict(zip(named, values, strict=True))
+    metrics["tokens"] = float(n)
+    return metrics
 
 
 # --- behaviour diagnostics: how far the sampling policy was from pi_prox ------------------------------------------

@@ -152,11 +152,11 @@ def run_sft(cfg, *, resume: bool = False, fresh: bool = False, progress: bool = 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from services.trainer.tracking import Trackers
-    from services.trainer.trainer import GTPOTrainer, step_generator
+    from services.trainer.trainer import Learner, step_generator
 
     if resume and fresh:
         raise ValueError("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
-    trainer = GTPOTrainer(cfg)
+    trainer = Learner(cfg)
     if fresh:
         trainer.start_fresh()
     if resume:

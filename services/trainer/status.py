@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+from shared.contracts import TrainerStatus
 
 PHASES = ("wait", "train", "checkpoint")
 """A step's phases: waiting for scored groups, training, checkpoint + publish + acknowledge."""
@@ -17,7 +20,7 @@ class TrainerMetrics:
     """The Prometheus registry of one trainer: step-phase and staleness histograms, and gauges read from the
     driver's status at scrape time."""
 
-    def __init__(self, status) -> None:
+    def __init__(self, status: Callable[[], TrainerStatus]) -> None:
         self.registry = CollectorRegistry()
         self.phase_seconds = Histogram(
             "gtpo_trainer_phase_seconds", "seconds per RL step in each phase", ["phase"], registry=self.registry,
@@ -40,7 +43,7 @@ class TrainerMetrics:
 class _StatusGauges:
     """A custom collector: the driver's status as gauges, fresh at every scrape."""
 
-    def __init__(self, status) -> None:
+    def __init__(self, status: Callable[[], TrainerStatus]) -> None:
         self.status = status
 
     def describe(self):
@@ -49,8 +52,8 @@ class _StatusGauges:
     def collect(self):
         s = self.status()
         for name in ("step", "policy_version", "groups_buffered", "samples_in_flight", "groups_open"):
-            yield GaugeMetricFamily(f"gtpo_trainer_{name}", name.replace("_", " "), value=float(s.get(name) or 0))
-        for k, v in (s.get("last") or {}).items():
+            yield GaugeMetricFamily(f"gtpo_trainer_{name}", name.replace("_", " "), value=float(getattr(s, name)))
+        for k, v in (s.last or {}).items():
             if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("time", "step"):
                 yield GaugeMetricFamily(f"gtpo_trainer_last_{k}", f"last step's {k}", value=float(v))
 
@@ -71,11 +74,11 @@ def json_safe(value):
     return value
 
 
-def create_app(status, ready, metrics: TrainerMetrics):
+def create_app(status: Callable[[], TrainerStatus], ready, metrics: TrainerMetrics):
     """The trainer's FastAPI app.
 
     Args:
-        status: () -> dict, what `/status` shows.
+        status: what `/status` shows.
         ready: () -> None when the trainer is collecting or training, else why not.
         metrics: its Prometheus registry.
     """
@@ -89,7 +92,7 @@ def create_app(status, ready, metrics: TrainerMetrics):
 
     @app.get("/status")
     def get_status() -> dict:
-        return json_safe(status())
+        return json_safe(status().model_dump(mode="python"))
 
     @app.get("/metrics")
     def get_metrics():

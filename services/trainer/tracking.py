@@ -6,8 +6,10 @@ tracker whose package is missing is a `TrackerError` naming the extra that insta
 `output_dir/wandb/` (offline with `WANDB_MODE=offline`), MLflow to `output_dir/mlruns/` unless
 `MLFLOW_TRACKING_URI` says otherwise; trackio keeps its local database where trackio keeps it.
 
-Every row written to `metrics.jsonl` is logged to every tracker at its `step`, and the resolved config (secrets as
-stars, Redis URLs without passwords) is the run's hyper-parameters, flattened to dotted keys.
+`Trackers` is the one writer of `metrics.jsonl` (main process): every row the training loops log goes there and
+to every tracker at its `step`, and the resolved config (secrets as stars, Redis URLs without passwords) is the
+run's hyper-parameters, flattened to dotted keys. The loops own the step (the RL row is complete only after its
+checkpoint), so the learner only computes a row and never writes one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+"""One JSON row per step in the run's output folder."""
 
 # tracker -> (module that must import, pip extra that installs it)
 REQUIREMENTS: dict[str, tuple[str, str]] = {
@@ -98,6 +103,10 @@ class Trackers:
     """
 
     def __init__(self, cfg) -> None:
+        from accelerate import PartialState
+
+        self.main = PartialState().is_main_process
+        self.path = Path(cfg.output_dir) / METRICS_FILE
         names = list(dict.fromkeys(cfg.log_with))
         check_installed(names)
         self.trackers = build(names, Path(cfg.output_dir), cfg.tracker_project, run_name(cfg))
@@ -107,10 +116,26 @@ class Trackers:
             t.store_init_configuration(config)
 
     def log(self, metrics: Mapping[str, Any]) -> None:
-        """One metrics row (it carries its `step`) to every tracker."""
+        """One metrics row (it carries its `step`) to `metrics.jsonl` and every tracker."""
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(dict(metrics)) + "\n")
         values = scalars(metrics)
         for t in self.trackers:
             t.log(values, step=int(metrics["step"]))
+
+    def rewind(self, step: int, row: Mapping[str, Any] | None) -> None:
+        """On resume from the checkpoint of `step`: drop the rows of later steps (never made durable) and put back
+        the checkpointed step's `row` if a crash came between its checkpoint and its row (main process)."""
+        if not self.main:
+            return
+        keep_rows(self.path, lambda r: r["step"] <= step)
+        if not row or step == 0:
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        if step not in {json.loads(x)["step"] for x in lines if x.strip()}:
+            with self.path.open("a") as f:
+                f.write(json.dumps(dict(row)) + "\n")
 
     def close(self) -> None:
         for t in self.trackers:
@@ -121,3 +146,13 @@ class Trackers:
 def run_name(cfg) -> str:
     """The run's name in the trackers: `run_id` for RL, else the output folder's name."""
     return getattr(cfg, "run_id", None) or Path(cfg.output_dir).name
+
+
+def keep_rows(path: Path, keep) -> None:
+    """Rewrite a JSONL file with only the rows `keep(row)` accepts (atomically)."""
+    if not path.exists():
+        return
+    rows = [x for x in path.read_text().splitlines() if x.strip() and keep(json.loads(x))]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(path)

@@ -1,4 +1,4 @@
-"""The GTPO / SFT trainer: Accelerate, explicit gradient accumulation, checkpoints, exact resume.
+"""The learner (SFT and GTPO steps): Accelerate, explicit gradient accumulation, checkpoints, exact resume.
 
 One ``step`` (an RL step or an SFT step) makes exactly ``updates_per_step * passes`` optimizer updates (a step with
 fewer responses than ``updates_per_step`` makes one update per response and pass). Within an
@@ -15,11 +15,10 @@ uninterrupted one would have, without depending on saved RNG state.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +60,7 @@ from services.trainer.objective import (
 )
 from services.trainer.policy import TokenLogProbs
 from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, forward_rounds
-from shared.contracts import Rollout
+from shared.contracts import Rollout, StepBatch
 from shared.model import LoadedModel, load_model
 from shared.sampling import MIN_TEMPERATURE
 
@@ -123,8 +122,9 @@ def split_even(n: int, parts: int) -> list[range]:
     return out
 
 
-class GTPOTrainer:
-    """Owns the policy, the optimizer and the checkpoints; knows nothing of queues or rewards."""
+class Learner:
+    """The learner of both SFT (`sft_step`) and GTPO (`rl_step`): owns the policy, the optimizer and the
+    checkpoints; knows nothing of queues or rewards, and writes no metrics row (the training loop does)."""
 
     def __init__(self, cfg: CommonConfig, accelerator=None):
         self.cfg = cfg
@@ -197,6 +197,19 @@ class GTPOTrainer:
         return self.accelerator.unwrap_model(self.policy)
 
     @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.loaded.model.config.vocab_size)
+
+    @property
+    def spec(self):
+        """The model's DiffusionSpec (block size, mask token id)."""
+        return self.loaded.spec
+
+    @property
     def rank(self) -> int:
         return self.accelerator.process_index
 
@@ -206,90 +219,93 @@ class GTPOTrainer:
 
     # ------------------------------------------------------------------ RL
 
-    def rl_step(
-        self,
-        groups: Sequence[Sequence[Rollout]],
-        rewards: Sequence[Sequence[float]],
-        extra: dict | None = None,
-        correct: Sequence[Sequence[bool]] | None = None,
-        *,
-        write: bool = True,
-        components: Sequence[Sequence[Mapping[str, float]]] | None = None,
-        reward_weights: Mapping[str, float] | None = None,
-    ) -> dict[str, float]:
-        """One GTPO step on prompt groups with their rewards; returns metrics (same on every rank) with `extra`.
+    def rl_step(self, batch: StepBatch) -> dict[str, float]:
+        """One GTPO step on a batch of scored prompt groups; returns its metrics row (the same on every rank), the
+        batch's own `metrics` included. The caller writes the row (`Trackers.log`) once the step is durable.
 
-        `correct` (grouped like `rewards`) is each response's accuracy verdict; `loss.floor_correct` needs it.
-        `components` (grouped alike: each response's raw `ScoreResult.components`) and the `reward_weights` they
-        were scored with are what `loss.reward_norm: per_component` normalises instead of the totals.
-        Each rollout's `policy_version` is the version that sampled it: a sample from an older version than the
-        trainer's makes the step recompute pi_prox (design.md section 7).
+        Each sample's `correct` verdict is what `loss.floor_correct` and `loss.nll_coef` need; its `components`,
+        with the batch's `reward_weights`, are what `loss.reward_norm: per_component` normalises instead of the
+        totals. Each rollout's `policy_version` is the version that sampled it: a sample from an older version
+        than the trainer's makes the step recompute pi_prox (design.md section 7).
         """
-        if len(groups) != len(rewards) or any(len(g) != len(r) for g, r in zip(groups, rewards, strict=True)):
-            raise ValueError("rewards: need one reward per rollout, grouped like the rollouts")
-        if self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0:
-            if correct is None or [len(c) for c in correct] != [len(r) for r in rewards]:
-                raise ValueError(
-                    "loss.floor_correct / nll_coef: need one accuracy verdict per rollout, grouped like the rewards"
-                )
-        check_sampled(groups)
-        if self.cfg.loss.objective == "decoupled":
-            check_behaviour_logprobs(groups)
+        groups = [[s.rollout for s in g] for g in batch.groups]
+        rewards = [[s.reward for s in g] for g in batch.groups]
+        self._check_batch(batch, groups)
         lag_mean, lag_max = staleness([[r.policy_version for r in g] for g in groups], self.state.policy_version)
         same = identical_groups([[r.token_ids for r in g] for g in groups])
         if same and self.accelerator.is_main_process:
             log.warning("step %d: %d of %d groups have all their samples identical (groups %s): does the decoder "
                         "ignore the temperature or the per-sample seed?", self.state.step + 1, len(same),
                         len(groups), same[:10])  # fmt: skip
-        # every group given is trained: which groups are worth training (dynamic sampling) is decided once, where
-        # groups are collected and refilled (services.trainer.collect); a zero-variance group has advantage 0
-        _, stats = filter_groups([list(map(float, r)) for r in rewards])  # refuses non-finite rewards
-        per_component = self.cfg.loss.reward_norm == "per_component"
-        if per_component:
-            names, table = component_table(rewards, components, reward_weights)
-            w = [float(reward_weights[n]) for n in names]
-            _, stats = filter_component_groups(table, w)
-        items: list[WorkItem] = []
-        returns: list[float] = []  # the value model's outcome reward of each item
-        gen = step_generator(self.cfg.seed, self.state.step, 0)  # the baselines' masks: the same on every rank
-        for i, (group, rew) in enumerate(zip(groups, rewards, strict=True)):
-            if not group:
-                continue
-            if per_component:
-                comp = torch.tensor([table[i]], dtype=torch.float64)
-                adv = component_advantages(comp, torch.tensor(w, dtype=torch.float64), self.cfg.loss.advantage)
-            else:
-                adv = group_advantages(torch.tensor([list(rew)], dtype=torch.float64), self.cfg.loss.advantage)
-            if self.cfg.loss.floor_correct:
-                adv = floor_correct(adv, torch.tensor([list(correct[i])], dtype=torch.bool))
-            adv = adv[0]
-            right = list(correct[i]) if correct is not None else [False] * len(group)
-            for rollout, a, ok, raw in zip(group, adv.tolist(), right, rew, strict=True):
-                items.append(self._rl_item(rollout, a, ok, gen))
-                returns.append(a if self.cfg.value is None or self.cfg.value.reward == "group" else float(raw))
-        extra_metrics = {"adv_var": value_model.token_variance(
-            [torch.full((it.trajectory.target_count,), it.advantage) for it in items])}  # fmt: skip
-        if self.critic is not None and items:
-            maps = [r.step_map for g in groups for r in g]
-            extra_metrics |= value_model.critic_step(self, items, maps, returns)
-            extra_metrics["adv_var_group"] = extra_metrics["adv_var"]  # the group baseline alone, same samples
-            extra_metrics["adv_var"] = value_model.token_variance([it.token_advantages for it in items])
+        items, returns, stats = self._rl_items(batch, rewards)
+        extra_metrics = self._value_metrics(items, groups, returns)
         # pi_prox is the weights at the start of the step: with one update, that is the weights being trained, so a
         # stale sample needs no extra forward (pi_prox = pi_theta.detach() to the bit); several updates recompute it
         metrics = self._train_items(items, rl=True)
         metrics.update(extra_metrics)
         flat = [x for r in rewards for x in r]
         metrics.update(
-            reward_mean=sum(flat) / max(1, len(flat)),
-            groups=stats.groups,
-            groups_kept=stats.kept,
-            groups_dropped=stats.dropped,
-            groups_identical=len(same),
-            staleness_mean=lag_mean,
-            staleness_max=lag_max,
-        )
-        metrics.update(extra or {})
-        return self._finish_step(metrics, write=write)
+            reward_mean=sum(flat) / max(1, len(flat)), groups=stats.groups, groups_kept=stats.kept,
+            groups_dropped=stats.dropped, groups_identical=len(same), staleness_mean=lag_mean, staleness_max=lag_max,
+        )  # fmt: skip
+        metrics.update(batch.metrics)
+        return self._finish_step(metrics)
+
+    def _check_batch(self, batch: StepBatch, groups: list[list[Rollout]]) -> None:
+        """Raise ValueError for a batch this configuration cannot train (a missing verdict, a greedy rollout, no
+        behaviour log-probs for the decoupled objective)."""
+        if self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0:
+            if any(s.correct is None for g in batch.groups for s in g):
+                raise ValueError(
+                    "loss.floor_correct / nll_coef: need one accuracy verdict per rollout (the reward service "
+                    "must weigh an accuracy component)"
+                )
+        check_sampled(groups)
+        if self.cfg.loss.objective == "decoupled":
+            check_behaviour_logprobs(groups)
+
+    def _value_metrics(self, items: list[WorkItem], groups: list[list[Rollout]], returns: list[float]) -> dict:
+        """`adv_var`; with the value model, its step (the items' token advantages become GAE's) and its metrics."""
+        out = {"adv_var": value_model.token_variance(
+            [torch.full((it.trajectory.target_count,), it.advantage) for it in items])}  # fmt: skip
+        if self.critic is not None and items:
+            out |= value_model.critic_step(self, items, [r.step_map for g in groups for r in g], returns)
+            out["adv_var_group"] = out["adv_var"]  # the group baseline alone, same samples
+            out["adv_var"] = value_model.token_variance([it.token_advantages for it in items])
+        return out
+
+    def _rl_items(self, batch: StepBatch, rewards: list[list[float]]) -> tuple[list[WorkItem], list[float], object]:
+        """Every response of the batch with its advantage, the value model's outcome return of each, and the groups'
+        keep / drop counts.
+
+        Every group given is trained: which groups are worth training (dynamic sampling) is decided once, where
+        groups are collected and refilled (services.trainer.collect); a zero-variance group has advantage 0.
+        """
+        _, stats = filter_groups([list(map(float, r)) for r in rewards])  # refuses non-finite rewards
+        loss = self.cfg.loss
+        if per_component := loss.reward_norm == "per_component":
+            components = [[s.components for s in g] for g in batch.groups]
+            names, table = component_table(rewards, components, batch.reward_weights)
+            w = [float(batch.reward_weights[n]) for n in names]
+            _, stats = filter_component_groups(table, w)
+        items: list[WorkItem] = []
+        returns: list[float] = []
+        gen = step_generator(self.cfg.seed, self.state.step, 0)  # the baselines' masks: the same on every rank
+        raw_returns = self.cfg.value is not None and self.cfg.value.reward != "group"
+        for i, group in enumerate(batch.groups):
+            if not group:
+                continue
+            if per_component:
+                comp = torch.tensor([table[i]], dtype=torch.float64)
+                adv = component_advantages(comp, torch.tensor(w, dtype=torch.float64), loss.advantage)
+            else:
+                adv = group_advantages(torch.tensor([rewards[i]], dtype=torch.float64), loss.advantage)
+            if loss.floor_correct:
+                adv = floor_correct(adv, torch.tensor([[bool(s.correct) for s in group]], dtype=torch.bool))
+            for s, a in zip(group, adv[0].tolist(), strict=True):
+                items.append(self._rl_item(s.rollout, a, bool(s.correct), gen))
+                returns.append(float(s.reward) if raw_returns else a)
+        return items, returns, stats
 
     def _rl_item(self, rollout: Rollout, advantage: float, correct: bool, gen: torch.Generator) -> WorkItem:
         """A rollout's work item under ``loss.estimator``; a baseline's copies have no engine log-probs."""
@@ -416,11 +432,11 @@ class GTPOTrainer:
     def _forward_batch(self, trajs: list[Trajectory], rounds: range | None) -> tuple[TrainBatch, bool]:
         """The batch of one forward, and whether it is a stand-in: when none of `trajs` has a round in `rounds`,
         one copy of the first trajectory, whose results the caller discards (every rank still joins)."""
-        mask_id, layout = self.loaded.spec.mask_token_id, self.cfg.layout
-        batch = build_batch(trajs, mask_id, layout, rounds=rounds)
+        mask_id = self.loaded.spec.mask_token_id
+        batch = build_batch(trajs, mask_id, rounds=rounds)
         stand_in = batch.input_ids.shape[0] == 0
         if stand_in:
-            batch = build_batch(trajs[:1], mask_id, layout, rounds=range(1) if trajs[0].rounds else None)
+            batch = build_batch(trajs[:1], mask_id, rounds=range(1) if trajs[0].rounds else None)
         return batch.to(self.accelerator.device), stand_in
 
     def _micro_loss(
@@ -527,13 +543,11 @@ class GTPOTrainer:
 
     # ------------------------------------------------------------------ state
 
-    def _finish_step(self, metrics: dict[str, float], *, write: bool = True) -> dict[str, float]:
+    def _finish_step(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Count the step; the metrics row gets its `step` and `time` (the training loop writes it)."""
         self.state.step += 1
         metrics["step"] = self.state.step
         metrics["time"] = time.time()
-        if write and self.accelerator.is_main_process:
-            with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
         return metrics
 
     @property

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from shared.contracts import Rollout
-from shared.masks import generation_start, packed_layout, per_round_layout
+from shared.masks import Layout, generation_start, packed_layout
 from shared.sampling import settings_tensors
 
 
@@ -188,28 +188,26 @@ def forward_rounds(n_rounds: int, copies_per_forward: int | None) -> list[range]
     return [range(i, min(i + c, n_rounds)) for i in range(0, max(1, n_rounds), c)]
 
 
-def _rows_for(traj: Trajectory, mask_id: int, layout: str, rounds: range | None = None):
-    """(layout, global round index per copy) rows of one trajectory, over ``rounds`` only (None: all rounds)."""
-    chosen = list(range(len(traj.rounds)) if rounds is None else rounds)
-    chosen = [r for r in chosen if r < len(traj.rounds)]
-    noisy = {
-        r: torch.where(traj.rounds[r].masked, torch.full_like(traj.clean_ids, mask_id), traj.clean_ids) for r in chosen
-    }
-    if layout == "packed":
-        if not chosen and rounds is not None:
-            return []  # a later forward this trajectory has no round for (without a selection: its clean row)
-        blocks = [traj.rounds[r].blocks for r in chosen]
-        lay = packed_layout(traj.clean_ids, [noisy[r] for r in chosen], traj.prompt_len, traj.block_size, blocks)
-        return [(lay, chosen)]
-    if layout == "per_round":
-        return [(per_round_layout(traj.clean_ids, noisy[r], traj.prompt_len, traj.block_size), [r]) for r in chosen]
-    raise ValueError(f"layout: must be 'packed' or 'per_round', got {layout!r}")
+def packed_rows(traj: Trajectory, mask_id: int, rounds: range | None = None) -> list[tuple[Layout, list[int]]]:
+    """The packed row of one trajectory over ``rounds`` only (None: all rounds), with the global round index of
+    each of its copies; no row when a selection holds none of its rounds."""
+    chosen = [r for r in (range(len(traj.rounds)) if rounds is None else rounds) if r < len(traj.rounds)]
+    if not chosen and rounds is not None:
+        return []  # a later forward this trajectory has no round for (without a selection: its clean row)
+    noisy = [noisy_copy(traj, r, mask_id) for r in chosen]
+    blocks = [traj.rounds[r].blocks for r in chosen]
+    return [(packed_layout(traj.clean_ids, noisy, traj.prompt_len, traj.block_size, blocks), chosen)]
+
+
+def noisy_copy(traj: Trajectory, r: int, mask_id: int) -> Tensor:
+    """(T,) the sequence in the state of round `r`: masked where not yet unmasked."""
+    return torch.where(traj.rounds[r].masked, torch.full_like(traj.clean_ids, mask_id), traj.clean_ids)
 
 
 def build_batch(
-    trajectories: list[Trajectory], mask_id: int, layout: str = "packed", pad_id: int = 0, rounds: range | None = None
+    trajectories: list[Trajectory], mask_id: int, pad_id: int = 0, rounds: range | None = None
 ) -> TrainBatch:
-    """Lay out trajectories as padded rows: one row per response (packed) or per (response, round).
+    """Lay out trajectories as padded packed rows, one per response.
 
     ``rounds`` keeps only those rounds of every trajectory (one forward of ``copies_per_forward``; see
     :func:`forward_rounds`): a packed row is then ``[clean | the copies of those rounds]``, ``round_index`` stays
@@ -217,21 +215,36 @@ def build_batch(
     the forwards of one micro-batch together hold every target once. A trajectory with none of those rounds gives
     no row; with no row at all the batch has zero rows.
     """
+    return assemble_batch(trajectories, [packed_rows(t, mask_id, rounds) for t in trajectories], pad_id)
+
+
+def assemble_batch(
+    trajectories: list[Trajectory], rows_of: list[list[tuple[Layout, list[int]]]], pad_id: int = 0
+) -> TrainBatch:
+    """The padded batch of every trajectory's rows (`rows_of[i]`: trajectory i's (layout, round of each copy))."""
     if len({t.block_size for t in trajectories}) > 1:
         raise ValueError("trajectories: one batch needs one block size")
     rows, tgt_rows = [], []
-    for resp, traj in enumerate(trajectories):
-        for lay, round_ids in _rows_for(traj, mask_id, layout, rounds):
-            tgt = []
-            for copy_no, r in enumerate(round_ids, start=1):
-                rnd = traj.rounds[r]
-                # the targets of round r sit in copy `copy_no` at their clean positions
-                in_copy = (lay.copy_ids == copy_no) & rnd.targets[lay.position_ids]
-                for idx in in_copy.nonzero().squeeze(1).tolist():
-                    pos = int(lay.position_ids[idx])
-                    tgt.append((idx, int(traj.clean_ids[pos]), resp, r, pos - traj.prompt_len))
+    for resp, (traj, own) in enumerate(zip(trajectories, rows_of, strict=True)):
+        for lay, round_ids in own:
             rows.append(lay)
-            tgt_rows.append(tgt)
+            tgt_rows.append(_targets(traj, lay, round_ids, resp))
+    return _pad(trajectories, rows, tgt_rows, pad_id)
+
+
+def _targets(traj: Trajectory, lay: Layout, round_ids: list[int], resp: int) -> list[tuple[int, ...]]:
+    """(index in the row, target id, response, round, token index) of each target of one row."""
+    tgt = []
+    for copy_no, r in enumerate(round_ids, start=1):
+        # the targets of round r sit in copy `copy_no` at their clean positions
+        in_copy = (lay.copy_ids == copy_no) & traj.rounds[r].targets[lay.position_ids]
+        for idx in in_copy.nonzero().squeeze(1).tolist():
+            pos = int(lay.position_ids[idx])
+            tgt.append((idx, int(traj.clean_ids[pos]), resp, r, pos - traj.prompt_len))
+    return tgt
+
+
+def _pad(trajectories: list[Trajectory], rows: list[Layout], tgt_rows: list[list[tuple]], pad_id: int) -> TrainBatch:
     width = max((len(lay) for lay in rows), default=0)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)

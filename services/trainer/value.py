@@ -121,7 +121,7 @@ def critic_step(trainer, items: list, step_maps: list[Sequence[int]], rewards: l
     values and the head's gradient are summed over ranks, so every rank ends with the same advantages and head.
 
     Args:
-        trainer: the GTPOTrainer (its policy, micro-batching and accelerator).
+        trainer: the Learner (its policy, micro-batching and accelerator).
         items: the step's work items (exact trajectories), in order.
         step_maps: each item's rollout step map (one step per response token).
         rewards: each item's return r (the group advantage or the raw reward, per ``ValueConfig.reward``).

@@ -18,8 +18,8 @@ from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import OptimConfig, TrainerConfig
 from services.trainer.objective import LossConfig
 from services.trainer.sharding import full_state_dict
-from services.trainer.trainer import GTPOTrainer
-from shared.contracts import GenerationRequest, SamplingParams
+from services.trainer.trainer import Learner
+from shared.contracts import GenerationRequest, SamplingParams, StepBatch
 from shared.model import load_model
 
 
@@ -62,13 +62,13 @@ def main() -> None:
         model=model_dir, output_dir=out.parent / f"{out.stem}-run", micro_batch_size=micro, loss=loss,
         optim=OptimConfig(lr=1e-4, max_grad_norm=1.0),  # Adam's first step is lr * sign(g): keep fp noise small
     )  # fmt: skip
-    trainer = GTPOTrainer(cfg)
+    trainer = Learner(cfg)
     if objective == "decoupled":
         trainer.state.policy_version = 2
         groups = shifted_behaviour(groups)
         # 11 responses: on 2 ranks one gets 6 and the other 5, so its last micro-batch (of 1) is empty
         groups[-1], rewards[-1] = groups[-1][1:], rewards[-1][1:]
-    m = trainer.rl_step(groups, rewards)
+    m = trainer.rl_step(StepBatch.of(groups, rewards))
     print(f"rank {trainer.rank}/{trainer.world} sharding {trainer.sharding} loss {m['loss']:.6f}"
           f" tokens {m['tokens']}", flush=True)  # fmt: skip
     state = full_state_dict(trainer.accelerator, trainer.policy, trainer.unwrapped.lm)  # collective under FSDP

@@ -278,14 +278,7 @@ class TorchEngine(Engine):
         has then taken every step of the block, so its uniforms are row ``s`` of the block's.
         """
         dev, b, n = block_pos.device, block_pos.shape[1], len(rows)
-        cur = torch.full((n, b), self.spec.mask_token_id, device=dev, dtype=torch.long)
-        masked = torch.ones((n, b), device=dev, dtype=torch.bool)
-        if t == 0:
-            for i, row in enumerate(rows):
-                tail = row.prompt[len(row.prompt) // b * b :]
-                if tail:
-                    cur[i, : len(tail)] = torch.tensor(tail, device=dev, dtype=torch.long)
-                    masked[i, : len(tail)] = False
+        cur, masked = self._fresh_block(rows, t, block_pos)
         uniforms = torch.stack([block_uniforms(r.generator, b) for r in rows]).to(dev)  # (n, B steps, B)
         steps = torch.zeros((n, b), device=dev, dtype=torch.long)
         logps = torch.zeros((n, b), device=dev, dtype=torch.float32)
@@ -333,6 +326,20 @@ class TorchEngine(Engine):
             n_need = int(need.sum())  # the step's one host sync
             s += 1
         return cur, steps, logps
+
+    def _fresh_block(self, rows, t: int, block_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """The block before its first step: (n, B) ids, all masks but the prompt tail given in the first block
+        (t == 0), and (n, B) whether each position is still masked."""
+        dev, b, n = block_pos.device, block_pos.shape[1], len(rows)
+        cur = torch.full((n, b), self.spec.mask_token_id, device=dev, dtype=torch.long)
+        masked = torch.ones((n, b), device=dev, dtype=torch.bool)
+        if t == 0:
+            for i, row in enumerate(rows):
+                tail = row.prompt[len(row.prompt) // b * b :]
+                if tail:
+                    cur[i, : len(tail)] = torch.tensor(tail, device=dev, dtype=torch.long)
+                    masked[i, : len(tail)] = False
+        return cur, masked
 
     def _prefill(self, rows: list[Row], full_blocks: Tensor, b: int, cache) -> tuple[Tensor, Tensor]:
         """Cache the prompts' whole blocks, left-padded by whole blocks. Returns key positions and validity (N, L)."""
