@@ -41,7 +41,7 @@ def test_generate_rejects_bad_sampling_value_naming_the_field(tiny_dir):
 
 def test_generate_rejects_missing_model_dir(tmp_path):
     res = runner.invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"])
-    assert res.exit_code == 2 and "--model" in res.output
+    assert res.exit_code == 2 and "model:" in res.output
 
 
 def test_generate_prompts_are_encoded_like_every_other_caller(tiny_dir, tiny):

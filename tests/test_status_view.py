@@ -93,4 +93,4 @@ def test_watch_redraws_what_changes(redis_url, redis_client, job):
 
 def test_status_without_a_redis_url_is_one_line():
     res = CliRunner().invoke(app, ["status"], env={"REDIS_URL": ""})
-    assert res.exit_code == 2 and "--redis-url: not set" in res.output
+    assert res.exit_code == 2 and "redis_url: not set" in res.output
