@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import Rollout, SamplingParams
-from shared.model import load_model
-from shared.tiny import init_tiny
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import Rollout, SamplingParams
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 B = 4
 

@@ -21,7 +21,7 @@ if [[ "$ENGINES" == *lmdeploy* ]] && ! python -c "import lmdeploy" 2>/dev/null; 
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 MODEL=${MODEL:-$OUT/tiny}
-[[ -e "$MODEL/config.json" ]] || python -c "from shared.tiny import init_tiny; init_tiny('$MODEL', seed=0)"
+[[ -e "$MODEL/config.json" ]] || python -c "from shared.model.tiny import init_tiny; init_tiny('$MODEL', seed=0)"
 python - "$OUT/questions.jsonl" <<'PY'
 import json, sys
 rows = [{"question": f"{a}+{b}=", "ground_truth_answer": str(a + b)} for a in range(1, 5) for b in range(1, 5)]

@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
+from services.demo.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
 from services.status_view import TIMEOUT_S
-from shared.contracts import SamplingParams
+from shared.contracts.wire import SamplingParams
 from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
 
@@ -81,8 +81,8 @@ def init_model(
     if dry_run:
         raise _dry_run({"preset": preset, "out": out, "seed": seed, "force": force})
 
-    from shared.model import count_parameters, load_model
-    from shared.tiny import init_tiny, init_tiny_sdar
+    from shared.model.sdar import count_parameters, load_model
+    from shared.model.tiny import init_tiny, init_tiny_sdar
 
     # tiny: the demo's CPU model; tiny-sdar: head size LMDeploy's GPU kernels accept (GPU checks)
     path = (init_tiny if preset == "tiny" else init_tiny_sdar)(out, seed=seed)
@@ -123,7 +123,7 @@ def generate(
     """
     from pydantic import ValidationError
 
-    from shared.contracts import SamplingParams, describe_validation_error
+    from shared.contracts.wire import SamplingParams, describe_validation_error
 
     try:
         params = SamplingParams(
@@ -146,7 +146,7 @@ def generate(
                         "json": as_json})  # fmt: skip
 
     from services.rollout.engines.torch_engine import TorchEngine
-    from shared.contracts import GenerationRequest
+    from shared.contracts.wire import GenerationRequest
 
     engine = TorchEngine.from_pretrained(model, device=device)
     tok = engine.tokenizer
@@ -186,7 +186,7 @@ def _experiment(command: str, model, config: Path | None, args: list[str], dry_r
     Args:
         siblings: the other trainer commands' configs, whose GTPO_* variables this command leaves alone.
     """
-    from shared.config import ConfigError, dump_config, load_config
+    from shared.config.loader import ConfigError, dump_config, load_config
 
     try:
         cfg = load_config(model, config, args, environ=environ, siblings=siblings)
@@ -217,8 +217,8 @@ def sft(
     from services.trainer.config import RLConfig, SFTConfig
 
     cfg = _experiment("sft", SFTConfig, config, list(ctx.args), dry_run, siblings=(RLConfig,))
-    from services.trainer.checkpoint import CheckpointError
-    from services.trainer.sft import DataError, run_sft
+    from services.trainer.learner.checkpoint import CheckpointError
+    from services.trainer.learner.sft import DataError, run_sft
 
     if resume and fresh:
         raise _fail("sft", "--resume and --fresh: choose one (continue the run, or start it again at step 0)")
@@ -244,7 +244,7 @@ def serve_cmd(
 
     Example: gtpo serve rollout model=runs/tiny port=8001 --worker
     """
-    from shared.config import ConfigError, load_config
+    from shared.config.loader import ConfigError, load_config
 
     overrides = list(ctx.args) + (["worker=true"] if worker else [])
     if service == "rollout":
@@ -291,11 +291,11 @@ def train_cmd(
     cfg = _experiment("train", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
     import logging
 
-    from services.trainer.driver import run_rl
+    from services.trainer.orchestrator.driver import run_rl
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from services.trainer.lease import LeaseHeld, LeaseLost
-    from shared.queue import RedisUnavailable
+    from services.trainer.orchestrator.lease import LeaseHeld, LeaseLost
+    from shared.queues.queue import RedisUnavailable
 
     try:
         history = run_rl(cfg, resume=resume, fresh=fresh)
@@ -330,8 +330,8 @@ def up_cmd(
     from services.trainer.config import RLConfig, SFTConfig
 
     cfg = _experiment("up", RLConfig, config, list(ctx.args), dry_run, siblings=(SFTConfig,))
-    from services.launcher import run_stack
-    from shared.agreement import AgreementError
+    from services.stack import run_stack
+    from shared.contracts.agreement import AgreementError
 
     if resume and fresh:
         raise _fail("up", "--resume and --fresh: choose one (continue the run, or start it again at step 0)")
@@ -356,7 +356,7 @@ def status_cmd(
 ) -> None:
     """Queue depths, each live worker (kind, busy / idle, weights version, last heartbeat), the trainer's step,
     policy version and last step's timings, and the weight versions; --watch keeps it live (Ctrl-C ends it)."""
-    from shared.settings import RedisConfig, redact_url
+    from shared.config.settings import RedisConfig, redact_url
 
     if not redis_url:
         raise _fail("status", "--redis-url: not set and REDIS_URL is empty (gtpo up prints the URL it uses)")
@@ -443,8 +443,8 @@ def eval_cmd(
         raise _fail("eval", "DATASET: missing (or give --compare A.json B.json)")
     from pydantic import ValidationError
 
-    from services.evaluate import evaluate_cards, load_rows
-    from shared.config import describe_error
+    from services.eval.evaluate import evaluate_cards, load_rows
+    from shared.config.loader import describe_error
 
     try:
         template.format(question="")
@@ -502,7 +502,7 @@ def _resolve_protocol(protocol: str | None, k: int | None, given: dict, aup_thre
     Raises:
         ValueError, pydantic.ValidationError: naming the flag or setting.
     """
-    from services.eval_protocols import apply_overrides, custom, get_protocol, sweep
+    from services.eval.protocols import apply_overrides, custom, get_protocol, sweep
 
     if protocol is None:
         proto = custom(k or 4, SamplingParams(**{"max_new_tokens": 512, **{a: v for a, v in given.items() if v is not None}}))
@@ -535,7 +535,7 @@ def _fmt(v) -> str:
 def _print_eval(dataset: str, proto, runs: list) -> dict:
     """One column per (engine, decoding); accuracies with their 95% interval; engine parity when two engines ran
     (returned per decoding)."""
-    from services.eval_card import ACCURACIES, parity
+    from services.eval.card import ACCURACIES, parity
 
     table = Table(title=f"gtpo eval {dataset} (protocol {proto.name}, k={proto.k})")
     table.add_column("metric")
@@ -567,7 +567,7 @@ def _print_eval(dataset: str, proto, runs: list) -> dict:
 
 def _print_aup(runs: list) -> None:
     """AUP over the threshold sweep, per engine: the (tokens per forward, avg@k %) point of each decoding."""
-    from services.eval_metrics import aup
+    from services.eval.metrics import aup
 
     for engine in dict.fromkeys(r.engine for r in runs):
         points = [(r.card.metrics["tokens_per_forward"], 100 * r.card.metrics["avg_at_k"]) for r in runs
@@ -578,7 +578,7 @@ def _print_aup(runs: list) -> None:
 
 def _compare_cards(a_path: Path, b_path: Path, force: bool) -> None:
     """`gtpo eval --compare A B`: B - A per metric with its paired interval; refuses cards with different settings."""
-    from services.eval_card import EvalCard, compare_cards, setting_differences
+    from services.eval.card import EvalCard, compare_cards, setting_differences
 
     try:
         a, b = EvalCard.read(a_path), EvalCard.read(b_path)
@@ -632,8 +632,8 @@ def demo_cmd(
 
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
-    from services.demo import DemoConfig, ReuseError, run_demo
-    from shared.tasks import TaskError
+    from services.demo.pipeline import DemoConfig, ReuseError, run_demo
+    from services.demo.tasks import TaskError
 
     overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}",
                  f"overlap={str(overlap).lower()}", f"reuse={str(reuse).lower()}"]  # fmt: skip
@@ -656,7 +656,7 @@ def merge_lora_cmd(
     """Merge a LoRA adapter into its base and write an SDAR checkpoint that transformers and LMDeploy load."""
     if dry_run:
         raise _dry_run({"checkpoint": checkpoint, "out": out, "base": base})
-    from services.trainer.lora import AdapterError, merge_lora
+    from services.trainer.learner.lora import AdapterError, merge_lora
 
     try:
         path = merge_lora(checkpoint, out, base)
@@ -672,7 +672,7 @@ def _run_memory_settings(config: Path | None, accelerate_config: Path | None, se
             raise _fail("plan-memory", "--accelerate-config: needs --config (the run it launches)")
         return {}, None
     from services.trainer.config import RLConfig
-    from shared.config import ConfigError, load_config, read_yaml
+    from shared.config.loader import ConfigError, load_config, read_yaml
 
     try:
         run = load_config(RLConfig, config, [], environ={})
@@ -702,7 +702,7 @@ def plan_memory_cmd(
     docs/models/sdar-8b-chat prompt_len=1024 gen_len=8192 gpus=8 zero=3 checkpointing=true; or plan the run a
     config launches: gtpo plan-memory docs/models/sdar-8b-chat --config recipes/dirl-dipo/rl.yaml
     --accelerate-config recipes/dirl-dipo/accelerate.yaml prompt_len=1024"""
-    from services.trainer.memory_plan import (
+    from services.trainer.learner.memory_plan import (
         GIB,
         MemorySettings,
         ModelShape,

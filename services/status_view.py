@@ -82,9 +82,9 @@ def read_snapshot(redis, namespace: str) -> Snapshot:
     """
     import redis as redis_lib
 
-    from shared.contracts import WeightsVersion
-    from shared.keys import Keys
-    from shared.queue import Queue
+    from shared.contracts.wire import WeightsVersion
+    from shared.queues.keys import Keys
+    from shared.queues.queue import Queue
 
     keys, queue, invalid = Keys(namespace), Queue(redis, Keys(namespace)), []
 
@@ -136,7 +136,7 @@ def _text(value: bytes | str) -> str:
 
 def held_entries(snap: Snapshot, worker_id: str, kind: str) -> int:
     """Entries of its stream delivered to `worker_id` and not yet handed on (0 for a kind without a stream)."""
-    from shared.keys import Keys
+    from shared.queues.keys import Keys
 
     stream = getattr(Keys(snap.namespace), STREAM_OF.get(kind, ""), None)
     groups = (snap.depths.get(stream) or {}).get("groups", {}) if stream else {}
@@ -176,7 +176,7 @@ def render(snap: Snapshot):
     from rich.console import Group
     from rich.table import Table
 
-    from shared.keys import Keys
+    from shared.queues.keys import Keys
 
     keys = Keys(snap.namespace)
     queues = Table(title=f"queues ({snap.namespace})")
@@ -223,7 +223,7 @@ def read(redis, redis_url: str, namespace: str, timeout_s: float = TIMEOUT_S) ->
     """`read_snapshot`, with whatever stops Redis from answering as one `StatusError` naming the URL."""
     import redis as redis_lib
 
-    from shared.settings import redact_url
+    from shared.config.settings import redact_url
 
     try:
         return read_snapshot(redis, namespace)
@@ -242,7 +242,7 @@ def show(redis_url: str, namespace: str, console, *, watch: bool = False, interv
         StatusError: Redis could not be read (the first time, with `watch`: later failures show in the view,
             and the next redraw tries again).
     """
-    from shared.queue import connect
+    from shared.queues.queue import connect
 
     redis = connect(redis_url, socket_timeout=timeout_s, retries=0)
     view = render(read(redis, redis_url, namespace, timeout_s))

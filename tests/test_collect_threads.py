@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from test_collect import _answer, _collector
 
-from services.trainer.driver import Driver
-from services.trainer.status import TrainerMetrics, create_app
+from services.trainer.orchestrator.driver import Driver
+from services.trainer.orchestrator.status_server import TrainerMetrics, create_app
 
 pytestmark = pytest.mark.redis
 

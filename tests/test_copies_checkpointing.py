@@ -9,11 +9,17 @@ import torch
 
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import OptimConfig, TrainerConfig
-from services.trainer.objective import LossConfig
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import GTPOTrainer
-from services.trainer.trajectory import Trajectory, build_batch, forward_rounds, rollout_trajectory, trajectory_rounds
-from shared.contracts import GenerationRequest, SamplingParams
+from services.trainer.learner.objective import LossConfig
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trainer import GTPOTrainer
+from services.trainer.learner.trajectory import (
+    Trajectory,
+    build_batch,
+    forward_rounds,
+    rollout_trajectory,
+    trajectory_rounds,
+)
+from shared.contracts.wire import GenerationRequest, SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -107,7 +113,7 @@ def test_c_changes_the_forward_lengths_as_the_memory_model_says(trajs):
 
 
 def test_checkpointing_gives_the_same_gradients(tiny_dir):
-    from shared.model import load_model
+    from shared.model.sdar import load_model
 
     clean = torch.arange(40, 80)
     traj = Trajectory(clean, 7, 33, 4, trajectory_rounds(7, [1 + (i % 4) for i in range(33)], 33, 4))
@@ -124,8 +130,8 @@ def test_checkpointing_gives_the_same_gradients(tiny_dir):
 
 def test_checkpointing_recomputes_dropout_with_the_same_masks(tmp_path):
     """With dropout on, the recomputed forward must draw the masks of the first one (RNG restored)."""
-    from shared.model import load_model
-    from shared.tiny import init_tiny
+    from shared.model.sdar import load_model
+    from shared.model.tiny import init_tiny
 
     model_dir = init_tiny(tmp_path / "dropout", seed=0, attention_dropout=0.5)
     clean = torch.arange(40, 80)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from services.rollout.engines import GenerationCancelled, create_engine
-from shared.contracts import MAX_ID, GenerationRequest, Rollout, SamplingParams
+from shared.contracts.wire import MAX_ID, GenerationRequest, Rollout, SamplingParams
 from shared.prompts import denoising_steps
 
 try:
@@ -70,7 +70,7 @@ class FakeAsyncEngine:
         return SimpleNamespace(session=session, inputs={"input_ids": list(input_ids)}, gen_config=gc)
 
     async def generate(self, req, stream_response=True):
-        from services.rollout.engines import lmdeploy_sim as lp
+        from oracles import lmdeploy_sim as lp
 
         bc, gc = self.backend_config, req.gen_config
         self.requests.append(req)
@@ -120,7 +120,7 @@ def torch_sim_model(loaded):
     so a preempted sequence that re-prefills the same state draws the same row again.
     """
     from services.rollout.engines.sampling import block_uniforms, sample_block
-    from shared.masks import block_causal_mask, to_additive
+    from shared.model.masks import block_causal_mask, to_additive
 
     b = loaded.spec.block_size
     dtype = next(loaded.model.parameters()).dtype
@@ -156,7 +156,7 @@ def engine(fake, tiny_dir):
 
 def expected(prompt, rollout, *, extra_stops=()):
     """The reference trajectory for one rollout: the fake model decoded by our own rules."""
-    from services.rollout.engines import lmdeploy_sim as lp
+    from oracles import lmdeploy_sim as lp
 
     p = rollout.params
     cfg = lp.SimConfig(
@@ -333,7 +333,7 @@ def test_weight_versions_load_in_place_with_lmdeploys_loader(engine, fake, tiny_
 
 @needs_lmdeploy
 def test_weights_with_another_spec_are_refused(engine, tmp_path):
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     other = init_tiny(tmp_path / "b8", block_size=8)
     with pytest.raises(ValueError, match="weights"):

@@ -17,14 +17,14 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from services.rollout.engines.torch_engine import TorchEngine
-from services.trainer import lora
 from services.trainer.config import LoraSettings, OptimConfig, SFTConfig, TrainerConfig
-from services.trainer.objective import LossConfig
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import GTPOTrainer
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams
-from shared.model import load_model
+from services.trainer.learner import lora
+from services.trainer.learner.objective import LossConfig
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trainer import GTPOTrainer
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import GenerationRequest, SamplingParams
+from shared.model.sdar import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -125,7 +125,7 @@ def _losses(history) -> list[float]:
 
 
 def test_sft_interrupted_and_resumed_equals_uninterrupted(tiny_dir, tmp_path):
-    from services.trainer.sft import run_sft
+    from services.trainer.learner.sft import run_sft
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "response": str(2 * a)}) + "\n" for a in range(30)))
@@ -273,7 +273,7 @@ def test_a_version_that_cannot_be_applied_is_an_error(tiny_dir, tmp_path):
     from services.rollout.app import create_app
     from services.rollout.engines.lmdeploy_engine import LMDeployEngine
     from services.rollout.settings import RolloutSettings
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     root = tmp_path / "root"
     shutil.copytree(tiny_dir, root / "v0")

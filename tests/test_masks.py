@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from shared.masks import (
+from shared.model.masks import (
     block_causal_mask,
     flex_block_mask,
     generation_start,

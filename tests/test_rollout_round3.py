@@ -23,13 +23,13 @@ from safetensors.torch import load_file, save_file
 from services.rollout.app import create_app
 from services.rollout.engines.torch_engine import TorchEngine
 from services.rollout.settings import RolloutSettings
-from services.trainer import lora
 from services.trainer.config import LoraSettings
-from shared.agreement import AgreementError, TrainerSide, check_agreement, refusals, registered_infos
-from shared.contracts import RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
-from shared.model import load_model
-from shared.queue import Codec, Queue, WeightRegistry
-from shared.settings import RedisConfig
+from services.trainer.learner import lora
+from shared.config.settings import RedisConfig
+from shared.contracts.agreement import AgreementError, TrainerSide, check_agreement, refusals, registered_infos
+from shared.contracts.wire import RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
+from shared.model.sdar import load_model
+from shared.queues.queue import Codec, Queue, WeightRegistry
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -129,7 +129,7 @@ def test_a_version_outside_the_root_is_refused_and_reported(root, tiny, tiny_dir
         # the trainer, waiting for rollouts of v1, says it loudly (and in its status line)
         from types import SimpleNamespace
 
-        from services.trainer.driver import Driver
+        from services.trainer.orchestrator.driver import Driver
 
         driver = SimpleNamespace(registry=registry, waiting="waiting for 4 groups", stop=threading.Event(),
                                  cfg=SimpleNamespace(redis=SimpleNamespace(reconnect_s=5.0)))  # fmt: skip
@@ -258,10 +258,10 @@ def test_a_worker_started_while_redis_is_down_reports_it_and_becomes_ready_once_
 
     import httpx
 
-    from shared.keys import Keys
     from shared.process import free_port
-    from shared.queue import connect
-    from shared.redis_server import EmbeddedRedis
+    from shared.queues.keys import Keys
+    from shared.queues.queue import connect
+    from shared.queues.redis_server import EmbeddedRedis
 
     ports: set[int] = set()
     redis_port, http_port = free_port(ports), free_port(ports)

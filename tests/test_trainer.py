@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer.config import OptimConfig, SFTConfig, TrainerConfig
-from services.trainer.objective import LossConfig, group_advantages
-from services.trainer.sft import random_mask_item
-from services.trainer.trainer import GTPOTrainer, step_generator
-from shared.masks import per_round_layout, to_additive
+from services.trainer.learner.objective import LossConfig, group_advantages
+from services.trainer.learner.sft import random_mask_item
+from services.trainer.learner.trainer import GTPOTrainer, step_generator
+from shared.model.masks import per_round_layout, to_additive
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -212,7 +212,7 @@ def test_sigkill_then_resume_continues_exactly(tiny_dir, tmp_path):
 def test_gtpo_learns_a_reward_the_model_can_reach(tiny_dir, tmp_path):
     """The whole loop learns: engine rollouts -> rewards -> GTPO steps raise the share of even token ids."""
     from services.rollout.engines.torch_engine import TorchEngine
-    from shared.contracts import GenerationRequest, SamplingParams
+    from shared.contracts.wire import GenerationRequest, SamplingParams
 
     trainer = _trainer(tiny_dir, tmp_path, micro_batch_size=64)
     engine = TorchEngine(trainer.loaded)  # the live policy: each step samples from the updated weights

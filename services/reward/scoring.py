@@ -14,7 +14,7 @@ from typing import Protocol
 
 from services.reward.rewards import NEEDS_VERDICT, REWARDS, extract_last_boxed, is_truncated
 from services.reward.verify import Verdict
-from shared.contracts import Rollout, ScoreItem, ScoreResult, ScoreStatus
+from shared.contracts.wire import Rollout, ScoreItem, ScoreResult, ScoreStatus
 from shared.prompts import denoising_steps
 
 MAX_WEIGHT = 1e6

@@ -54,7 +54,7 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any
 
-from shared.contracts import ScoreStatus
+from shared.contracts.wire import ScoreStatus
 from shared.process import set_parent_death_signal
 
 log = logging.getLogger(__name__)

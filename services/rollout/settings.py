@@ -8,9 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.contracts import ServiceInfo, WorkerKind
-from shared.prompts import MAX_PROMPT_TOKENS
-from shared.settings import (
+from shared.config.settings import (
     HEARTBEAT_TTL_S,
     BearerToken,
     HeartbeatTtl,
@@ -18,6 +16,8 @@ from shared.settings import (
     ServiceSettings,
     default_worker_id,
 )
+from shared.contracts.wire import ServiceInfo, WorkerKind
+from shared.prompts import MAX_PROMPT_TOKENS
 
 
 class RolloutSettings(ServiceSettings):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fits
-from services.trainer.lora import BASE_FILE as ADAPTER_BASE
+from services.trainer.learner.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fits
+from services.trainer.learner.lora import BASE_FILE as ADAPTER_BASE
 from shared.http import confine
 
 MAX_ENTRIES = 4096

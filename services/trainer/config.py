@@ -7,11 +7,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from shared.agreement import TrainerSide
-from shared.contracts import MIN_TEMPERATURE, SamplingParams
+from shared.config.settings import BearerToken, RedisConfig, default_reward_weights
+from shared.contracts.agreement import TrainerSide
+from shared.contracts.wire import MIN_TEMPERATURE, SamplingParams
 from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE
-from shared.settings import BearerToken, RedisConfig, default_reward_weights
 
 
 def _tracker_list(value):
@@ -20,7 +20,7 @@ def _tracker_list(value):
 
 
 def _trackers_installed(names: list[str]) -> list[str]:
-    from services.trainer.tracking import check_installed
+    from services.trainer.learner.tracking import check_installed
 
     check_installed(names)  # at load time: `gtpo up` fails before it starts any process
     return list(dict.fromkeys(names))
@@ -35,7 +35,7 @@ TrackerNames = Annotated[
     BeforeValidator(_tracker_list),
     AfterValidator(_trackers_installed),
 ]
-"""Experiment trackers by name (services/trainer/tracking.py)."""
+"""Experiment trackers by name (services/trainer/learner/tracking.py)."""
 
 
 class LossConfig(BaseModel):
@@ -208,7 +208,7 @@ class SFTConfig(TrainerConfig):
 
 
 _SAMPLING = SamplingParams.model_fields
-"""The engines' sampling defaults (shared/contracts.py), which the RL sampling starts from too."""
+"""The engines' sampling defaults (shared/contracts/wire.py), which the RL sampling starts from too."""
 
 
 class RolloutSampling(BaseModel):
@@ -313,7 +313,7 @@ class RLConfig(TrainerConfig):
     )
 
     def trainer_side(self, spec=None) -> TrainerSide:
-        """This run's side of the start-up agreement check (shared/agreement.py).
+        """This run's side of the start-up agreement check (shared/contracts/agreement.py).
 
         Args:
             spec: the model's DiffusionSpec; None where it is not loaded (`gtpo up`, a simulated trainer).

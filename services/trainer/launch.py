@@ -348,7 +348,7 @@ def launch_command(
     gtpo launch --config run.yaml --accelerate-config deploy/accelerate/zero2.yaml --resume
     """
     from services.trainer.config import RLConfig, SFTConfig
-    from shared.config import ConfigError, load_config
+    from shared.config.loader import ConfigError, load_config
 
     try:  # here, not in every process accelerate starts: a bad config fails once, before any rendezvous
         load_config(RLConfig, config, overrides or [], siblings=(SFTConfig,))

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.contracts import GenerationRequest, Rollout
+from shared.contracts.wire import GenerationRequest, Rollout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from shared.model import DiffusionSpec
+    from shared.model.sdar import DiffusionSpec
 
 
 class GenerationCancelled(Exception):

@@ -21,7 +21,7 @@ How LMDeploy is driven:
   runs in this process; otherwise it rebuilds the engine.
 * Behaviour log-probs (``logprobs=True``) are offered at any temperature with top-k 0 and top-p 1: there the
   recorder's value is log p(token) under the policy that sampled it, the shared transform's
-  (``shared.sampling``, see `lmdeploy_patch` and `check_logprob_settings`); a top-k or top-p is refused, naming it.
+  (``shared.model.sampling``, see `lmdeploy_patch` and `check_logprob_settings`); a top-k or top-p is refused, naming it.
   LMDeploy's own dLLM log-probs are not used (they are known to be wrong).
 * Cancellation: the ``cancel`` event is polled every ``CANCEL_POLL_S`` while LMDeploy decodes; when set, the
   request tasks are cancelled (LMDeploy ends their sessions) and ``GenerationCancelled`` is raised.
@@ -50,9 +50,9 @@ from services.rollout.engines.rows import (
     expand_rows,
     raise_if_cancelled,
 )
-from services.trainer.lora import is_adapter_dir
-from shared.contracts import MIN_TEMPERATURE, GenerationRequest, Rollout, SamplingParams, Strategy
-from shared.model import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
+from services.trainer.learner.lora import is_adapter_dir
+from shared.contracts.wire import MIN_TEMPERATURE, GenerationRequest, Rollout, SamplingParams, Strategy
+from shared.model.sdar import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def check_logprob_settings(p: SamplingParams) -> None:
     The recorder takes log softmax(logits)[token] of the logits LMDeploy hands ``post_sampling``: its logits
     processors have divided them by the temperature (the unmasking confidence is p under softmax(logits / T), as in
     the torch engine), but top-k and top-p are applied later, inside its sampler. So any temperature is exact
-    (``shared.sampling.sampling_log_probs`` at (T, 0, 1)); a top-k or top-p would be recorded as if unfiltered, and
+    (``shared.model.sampling.sampling_log_probs`` at (T, 0, 1)); a top-k or top-p would be recorded as if unfiltered, and
     LMDeploy's own filters differ from the shared transform at the boundary anyway (top-k keeps exactly k by rank,
     top-p drops where the mass before exceeds p, strictly).
     """
@@ -244,7 +244,7 @@ class LMDeployEngine(Engine):
             raise ValueError(f"max_batch_size: must be >= 1, got {self._opts.max_batch_size}")
         self._info = patch.apply_patch(allow_untested=self._opts.allow_untested_lmdeploy)
         if self._opts.self_check:
-            from services.rollout.engines.lmdeploy_sim import self_check
+            from oracles.lmdeploy_sim import self_check
 
             self_check()
         self._path = Path(model_path)

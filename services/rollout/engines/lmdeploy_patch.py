@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from services.rollout.engines.sampling import cut_response
-from shared.model import rope_parameters
+from shared.model.sdar import rope_parameters
 
 log = logging.getLogger(__name__)
 

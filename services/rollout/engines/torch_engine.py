@@ -34,9 +34,9 @@ from services.rollout.engines.rows import (
     raise_if_cancelled,
 )
 from services.rollout.engines.sampling import block_uniforms, cut_response, sample_block, select_unmask, strategy_codes
-from shared.contracts import GenerationRequest, Rollout
-from shared.masks import square_mask, to_additive
-from shared.model import DiffusionSpec, LoadedModel, load_model, nonfinite_tensor
+from shared.contracts.wire import GenerationRequest, Rollout
+from shared.model.masks import square_mask, to_additive
+from shared.model.sdar import DiffusionSpec, LoadedModel, load_model, nonfinite_tensor
 
 
 @dataclass
@@ -153,9 +153,9 @@ class TorchEngine(Engine):
         return next(self.model.parameters()).device
 
     def load_weights(self, path: str | Path, version: int) -> None:
-        """A full SDAR checkpoint replaces the model; a LoRA adapter folder (``services.trainer.lora``) is applied
+        """A full SDAR checkpoint replaces the model; a LoRA adapter folder (``services.trainer.learner.lora``) is applied
         to the served base in place, only its tensors copied (``adapter_bytes``)."""
-        from services.trainer.lora import AdapterSlot, is_adapter_dir
+        from services.trainer.learner.lora import AdapterSlot, is_adapter_dir
 
         if is_adapter_dir(path):
             if self._adapter is None:

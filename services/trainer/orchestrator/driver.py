@@ -1,0 +1,565 @@
+"""`gtpo train`: the round driver. Per step: admit and collect scored groups (`collect`), train (every process),
+checkpoint, publish the next weights version (`weights`), acknowledge what the step consumed.
+
+With `max_staleness` k >= 1 the collection runs ahead of training by up to k steps (design.md section 7), so the
+rollout workers generate while the trainer trains; k = 0 is the synchronous loop.
+
+Exactly-once training of groups rests on four facts:
+
+* task ids are ``run:tag:prompt:sample`` and publishing is idempotent, so a resumed run re-enqueues nothing new;
+* every enqueued group is in a Redis ledger until the step that trains (or drops) it is checkpointed;
+* scored messages are acknowledged only after that checkpoint; a trainer killed before it gets them back (its own
+  pending entries, read first on restart) and trains them once;
+* the checkpoint holds the step, the data cursor and the groups the step trained, so a resumed run continues with
+  the same prompts and never trains a group twice.
+
+One trainer drives a namespace at a time (`lease`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from services.trainer.config import RLConfig
+from services.trainer.orchestrator.collect import Collector, Group, Prompt
+from shared.contracts.wire import ScoredMessage, WeightsVersion
+from shared.prompts import tokens_per_step
+
+log = logging.getLogger("gtpo.trainer")
+
+PREFETCH_PERIOD_S = 0.25
+"""How often scored groups are read (and dropped ones refilled) while the trainer trains, with k >= 1."""
+INFO_WAIT_S = 60.0
+"""How long the start-up check waits for each of `rollout_urls` to answer `GET /info` (it may still be loading)."""
+
+
+def load_prompts(source, **columns) -> list[Prompt]:
+    """The RL prompts of a data source (shared/data.py); `columns`: question_field, answer_field, answer_extract,
+    max_row_bytes."""
+    from shared.data import load_qa
+
+    return [Prompt(r["question"], r["ground_truth_answer"]) for r in load_qa(source, **columns)]
+
+
+class Driver:
+    """Owns the loop; the trainer owns the maths, the collector owns the queues.
+
+    Args:
+        cfg: the run.
+        resume: continue from the latest checkpoint under `cfg.output_dir`.
+        fresh: start at step 0 even where an earlier run wrote to `cfg.output_dir` (its files are moved aside).
+        trainer: the trainer to drive (default: a `GTPOTrainer` of `cfg`; the async benchmark passes a simulated
+            one).
+    """
+
+    def __init__(self, cfg: RLConfig, *, resume: bool = False, fresh: bool = False, trainer=None) -> None:
+        from accelerate import PartialState
+
+        self.cfg = cfg
+        self.main = PartialState().is_main_process
+        self.stop = threading.Event()
+        self.waiting = "starting"
+        self.history: list[dict] = []
+        self._busy_prev: dict[str, tuple[float, float]] = {}  # worker -> (busy_s, up_s) at the last step
+        self.lease = None
+        if resume and fresh:
+            raise ValueError("--resume and --fresh: choose one (continue the run, or start it again at step 0)")
+        if self.main:  # one consumer per trainer, however many processes train
+            self._connect()  # the lease first: nothing in the output folder is touched while another trainer runs
+            if fresh:
+                self._check_fresh_namespace()
+        if trainer is None:
+            from services.trainer.learner.trainer import GTPOTrainer
+
+            trainer = GTPOTrainer(cfg)
+        self.trainer = trainer
+        if fresh:
+            self.trainer.start_fresh()
+        resumed = resume and self.trainer.resume()
+        # what names this run's weight versions, kept by every checkpoint: a version number alone names weights
+        # of any run that ever used the namespace
+        self.identity: str = self.trainer.state.extra.get("run") or new_identity(cfg.run_id)
+        self.trainer.state.extra["run"] = self.identity
+        if resumed and self.main:
+            done = self.trainer.state.step
+            # rows of a step that never reached its checkpoint are not durable: that step runs again
+            keep_rows(cfg.output_dir / "trained_groups.jsonl", lambda row: row["step"] < done)
+            keep_rows(cfg.output_dir / "metrics.jsonl", lambda row: row["step"] <= done)
+            restore_metrics_row(cfg.output_dir / "metrics.jsonl", self.trainer.state.extra.get("metrics"), done)
+        self.prompts = load_prompts(cfg.data, question_field=cfg.question_field, answer_field=cfg.answer_field,
+                                    answer_extract=cfg.answer_extract, max_row_bytes=cfg.max_row_bytes)  # fmt: skip
+        if self.main:
+            tok = self.trainer.loaded.tokenizer
+            vocab = int(self.trainer.loaded.model.config.vocab_size)
+            self.collector = Collector(cfg, self.queue, self.prompts, tok, vocab, identity=self.identity)
+            from services.trainer.orchestrator.status_server import TrainerMetrics
+
+            self.metrics = TrainerMetrics(self.status)
+        from services.trainer.learner.tracking import Trackers
+
+        self.trackers = Trackers(cfg)
+
+    def _connect(self) -> None:
+        from services.trainer.orchestrator.lease import RunLease
+        from shared.queues.keys import Keys
+        from shared.queues.queue import Queue, WeightRegistry, connect
+
+        rc = self.cfg.redis
+        self.keys = Keys(rc.namespace)
+        self.redis = connect(rc.resolved_url())
+        self.queue = Queue(self.redis, self.keys, codec=rc.codec, claim_idle_ms=rc.claim_idle_ms,
+                           max_deliveries=rc.max_deliveries)  # fmt: skip
+        self.registry = WeightRegistry(self.redis, self.keys)
+        self.lease = RunLease(self.redis, self.keys.trainer_lease, self.cfg.run_id, self.cfg.output_dir,
+                              ttl_s=self.cfg.lease_ttl_s)  # fmt: skip
+        self._redis(self.lease.acquire, "taking the trainer lease")
+        self.lease.start_renewing(on_lost=self.stop.set)
+
+    def _check_fresh_namespace(self) -> None:
+        """`--fresh` needs a namespace no earlier run trained in: its workers would keep serving that run's newer
+        weights (checked before anything is moved aside)."""
+        cur = self.registry.current()
+        if cur is not None and cur.version > 0:
+            raise ValueError(
+                f"--fresh: redis.namespace {self.cfg.redis.namespace!r} already serves weights v{cur.version} of an "
+                "earlier run: use a new namespace (or delete that one's keys) for a fresh run"
+            )
+
+    def check_agreement(self) -> None:
+        """Before the first step: the rollout services of `rollout_urls` (`GET /info`) and the workers registered in
+        Redis (their heartbeats) agree with this trainer (shared/contracts/agreement.py); one that does not answer is logged
+        and left unchecked.
+
+        Raises:
+            AgreementError: every mismatch, naming both values.
+        """
+        from shared.contracts.agreement import ServiceUnreachable, check_agreement, fetch_info, registered_infos
+
+        found = {}
+        for url in self.cfg.rollout_urls:
+            try:
+                # a SIGTERM ends the wait for a service still loading
+                found[url] = fetch_info(url, INFO_WAIT_S, alive=lambda: not self.stop.is_set())
+            except ServiceUnreachable as e:
+                log.warning("%s", e)
+        seen = {info.worker_id for info in found.values()}
+        live = registered_infos(self._redis(self.registry.live_workers, "reading worker heartbeats"))
+        found.update({wid: info for wid, info in live.items() if wid not in seen})
+        check_agreement(self.cfg.trainer_side(getattr(getattr(self.trainer, "loaded", None), "spec", None)), found)
+        log.info("start-up check: %d services agree (%s)", len(found), ", ".join(found) or "none seen yet")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _redis(self, fn, what: str, *, in_step: bool = False):
+        """`fn()` (Redis work, safe to repeat) through a Redis restart: retried with backoff for `redis.reconnect_s`,
+        then `RedisUnavailable`; `StopRequested` at once when a stop comes meanwhile.
+
+        Args:
+            in_step: called after the step's batch went to every rank: with several processes a stop does not cut
+                the wait short there (the other ranks are in the step's collectives and would hang).
+        """
+        from shared.queues.queue import with_reconnect
+
+        solo = getattr(getattr(getattr(self, "trainer", None), "accelerator", None), "num_processes", 1) == 1
+        stop = self.stop if solo or not in_step else None
+        return with_reconnect(fn, what=what, deadline_s=self.cfg.redis.reconnect_s, stop=stop)
+
+    def _check_lease(self) -> None:
+        """`lease.check()` (after the batch went out) through a Redis restart (renewing is idempotent; `LeaseLost`
+        is not retried)."""
+        self._redis(self.lease.check, "renewing the trainer lease", in_step=True)
+
+    def run(self) -> list[dict]:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from shared.queues.queue import StopRequested
+
+        state = self.trainer.state
+        try:
+            if self.main:
+                self.check_agreement()
+                saved = state.extra.get("collector") if state.step > 0 else None
+                self._redis(lambda: self.collector.start(state.step, state.data_cursor, saved), "rebuilding the buffer")
+                self._redis(self._publish_current, "publishing weights")
+            cols = (
+                TextColumn("gtpo"),
+                BarColumn(),
+                TextColumn("step {task.completed}/{task.total} {task.fields[info]}"),
+            )
+            with Progress(*cols, TimeElapsedColumn(), disable=not self.main) as bar:
+                task = bar.add_task("rl", total=self.cfg.steps, completed=state.step, info="")
+                # the main process decides when to stop, so every rank stops after the same step
+                while (
+                    state.step < self.cfg.steps
+                    and broadcast_text(self.trainer.accelerator, str(self.stop.is_set())) == "False"
+                ):
+                    metrics = self.one_step()
+                    if metrics is None:  # stopped while waiting for groups: nothing of the step was trained
+                        break
+                    bar.update(task, completed=state.step, info=f"reward {metrics.get('reward_mean', 0):.3f}")
+        except StopRequested as e:  # stopped while Redis was away: the last checkpoint stands, as after a crash
+            log.info("%s", e)
+        finally:
+            self.trackers.close()
+            if self.lease is not None and not self.lease.lost.is_set():
+                self.lease.release()
+        if self.lease is not None and self.lease.lost.is_set():
+            from services.trainer.orchestrator.lease import LeaseLost
+
+            raise LeaseLost("the trainer lease was taken over by another trainer; stopped without writing")
+        if self.stop.is_set():
+            log.info("stopped by signal after step %d (its checkpoint is the last one)", state.step)
+        return self.history
+
+    def one_step(self) -> dict | None:
+        """Collect (main process), train (every process), checkpoint, publish, acknowledge: one RL step; None when a
+        stop came while it waited for groups (nothing trained, nothing acknowledged: a resume collects them again).
+
+        Only the main process talks to Redis; the others get the step's batch by broadcast, so a multi-GPU or
+        multi-node trainer is one consumer, not one per rank.
+        """
+        t0 = time.monotonic()
+        step, version = self.trainer.state.step, self.trainer.state.policy_version
+        batch: list[Group] = []
+        payload = None
+        if self.main:
+            collected = self._collect_step()
+            payload = "" if collected is None else self._payload(collected)
+            batch = collected or []
+        text = broadcast_text(self.trainer.accelerator, payload)
+        if not text:  # every rank stops together
+            self.waiting = "stopped"
+            return None
+        groups, rewards, correct, extra, components = decode_batch(text)
+        t1 = time.monotonic()
+        self.waiting = "training"
+        with self._collecting_meanwhile():
+            metrics = self.trainer.rl_step(groups, rewards, extra["rollouts"], correct, write=False,
+                                           components=components, reward_weights=self.cfg.reward_weights)  # fmt: skip
+        t2 = time.monotonic()
+        state = self.trainer.state
+        if self.main:  # only the main process writes the checkpoint; read after training (refills moved the cursor)
+            state.data_cursor = self.collector.cursor
+            state.extra["collector"] = self.collector.resume_record(batch)
+        metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1)
+        state.extra["metrics"] = metrics  # a crash between the checkpoint and the metrics row loses no row
+        if self.main:
+            self._check_lease()
+            self._record_trained(step, version, batch)
+        self.waiting = "checkpointing"
+        path = self.trainer.save()
+        if self.main:
+            self._check_lease()  # a trainer replaced while it saved must not publish its version over the new one's
+            self._after_checkpoint(path, batch)
+        self.trainer.accelerator.wait_for_everyone()
+        metrics["time_checkpoint_s"] = time.monotonic() - t2
+        if self.main:
+            self._check_lease()
+            with (self.cfg.output_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            self.trackers.log(metrics)
+            timings = {"wait": t1 - t0, "train": t2 - t1, "checkpoint": metrics["time_checkpoint_s"]}
+            staleness = [version - m.rollout.policy_version for g in batch for m in g.samples.values()]
+            self.metrics.observe_step(timings, staleness)
+        self.history.append(metrics)
+        self.waiting = ""
+        return metrics
+
+    @contextlib.contextmanager
+    def _collecting_meanwhile(self):
+        """With k >= 1, keep reading scored groups and refilling dropped ones while the trainer trains (main process,
+        a background thread), so the next step finds its groups complete instead of waiting for refills.
+
+        The trainer's version does not change until the checkpoint, so admission stays within the bound; the
+        step's own batch still counts in the window, so nothing is admitted that could only expire. k = 0 is the
+        synchronous loop: nothing runs meanwhile.
+        """
+        if not (self.main and self.cfg.max_staleness > 0):
+            yield
+            return
+        from shared.queues.queue import TRANSIENT_ERRORS
+
+        c, state, done = self.collector, self.trainer.state, threading.Event()
+        step, version, errors = state.step, state.policy_version, []
+
+        def loop() -> None:
+            # a few reads a second: enough to refill drops in time, little enough not to slow the training thread
+            while not done.wait(PREFETCH_PERIOD_S) and not self.lease.lost.is_set():
+                try:
+                    c.poll(step, version, block_ms=0)
+                    c.admit(step, version)
+                except TRANSIENT_ERRORS as e:  # Redis away: the loop after training reconnects
+                    log.warning("collecting while training: %s", e)
+                    done.wait(1.0)
+                except Exception as e:
+                    errors.append(e)
+                    return
+
+        thread = threading.Thread(target=loop, name="collect-while-training", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _after_checkpoint(self, path: Path, batch: list[Group]) -> None:
+        from services.trainer.learner.checkpoint import list_checkpoints
+        from services.trainer.orchestrator.publish import prune
+
+        state = self.trainer.state
+        # absolute: a worker resolves a relative path against its own checkpoint root, not the trainer's folder
+        version = WeightsVersion(version=state.policy_version, path=str(self.trainer.weights_path(path).resolve()),
+                                 step=state.step, run=self.identity)  # fmt: skip
+        self._redis(lambda: self._publish(version), "publishing weights", in_step=True)
+        self._redis(lambda: self.collector.finish_step(batch, state.step), "acknowledging the step", in_step=True)
+        keep = set(list_checkpoints(self.trainer.checkpoint_root)[-self.cfg.keep_last :])
+        self._redis(lambda: prune(self.registry, self.trainer.checkpoint_root, keep), "pruning weights", in_step=True)
+        self._write_status()
+
+    def _collect_step(self) -> list[Group] | None:
+        """Admit and collect until `prompts_per_step` groups are complete and kept (or the budget / time runs out);
+        None when a stop (SIGTERM) comes first: it is honoured within one poll, not after `step_timeout_s`."""
+        c, state = self.collector, self.trainer.state
+        step, version = state.step, state.policy_version
+        deadline = time.monotonic() + self.cfg.step_timeout_s
+        last_log = 0.0
+        self._redis(lambda: c.admit(step, version), "enqueueing tasks")
+        while len(c.kept_groups()) < self.cfg.prompts_per_step and time.monotonic() < deadline and not c.exhausted():
+            if self.stop.is_set():
+                log.info("step %d: stopped while %s; the last checkpoint stands", step, self.waiting or "collecting")
+                return None
+            # a trainer replaced while it stalled must not read (and so hide) entries meant for its successor
+            self._redis(self.lease.check, "renewing the trainer lease")
+            self._redis(lambda: c.poll(step, version), "collecting scored rollouts")
+            self._redis(lambda: c.admit(step, version), "enqueueing refills")
+            missing = self.cfg.prompts_per_step - len(c.kept_groups())
+            self.waiting = f"waiting for {max(0, missing)} groups, {c.in_flight()} samples in flight"
+            if time.monotonic() - last_log > 10:
+                log.info("step %d: %s", step, self.waiting)
+                self._warn_refusals(step, version)
+                self._write_status()
+                last_log = time.monotonic()
+        batch = c.batch()
+        if len(batch) < self.cfg.prompts_per_step:
+            log.warning("step %d: training on %d of %d groups (%s)", step, len(batch), self.cfg.prompts_per_step,
+                        "budget spent" if c.exhausted() else "timeout")  # fmt: skip
+        return batch
+
+    def _warn_refusals(self, step: int, version: int) -> None:
+        """Say loudly which rollout workers refused the published version: they will never make its rollouts."""
+        from shared.contracts.agreement import refusals
+
+        try:
+            lines = refusals(self._redis(self.registry.live_workers, "reading heartbeats"), version)
+        except ValueError as e:  # a heartbeat that is no JSON: the check is skipped, the step goes on
+            log.warning("step %d: cannot read the workers' heartbeats (%s)", step, e)
+            return
+        for line in lines:
+            log.error("step %d: %s; it makes no rollouts of this version", step, line)
+        if lines:
+            self.waiting += f"; {len(lines)} rollout workers refused weights v{version} (see the log)"
+
+    # ------------------------------------------------------------------ the step's batch
+
+    def _payload(self, batch: list[Group]) -> str:
+        """The batch's rollouts, rewards, accuracy verdicts and the step's collection metrics, as JSON for the
+        broadcast (every rank trains on the same batch)."""
+        c, size = self.collector, self.cfg.rollout.group_size
+        groups, rewards, correct, components = [], [], [], []
+        for g in batch:
+            ordered = [g.samples[i] for i in range(size)]
+            groups.append([m.rollout.model_dump(mode="json") for m in ordered])
+            rewards.append([m.score.total for m in ordered])
+            components.append([m.score.components for m in ordered])
+            needs = self.cfg.loss.floor_correct or self.cfg.loss.nll_coef > 0
+            if needs and any("accuracy" not in m.score.components for m in ordered):
+                raise RuntimeError(
+                    "loss.floor_correct / nll_coef: the reward service sent no accuracy component; weigh it"
+                )
+            correct.append([m.score.components.get("accuracy", 0.0) >= 1.0 for m in ordered])
+        rollouts = rollout_metrics([m for g in c.completed for m in g.samples.values()])
+        rollouts.update({f"dropped_{k}": c.counts[k] for k in ("zero_variance", "reward_error", "stale",
+                                                                         "tpf_filtered")})  # fmt: skip
+        rollouts.update(
+            groups_enqueued=c.enqueued, groups_buffered=len(c.kept_groups()) - len(batch), samples_in_flight=c.in_flight(),
+            groups_expired=c.counts["expired"], samples_rejected=c.counts["rejected"],
+            samples_resampled_dead=c.counts["resampled_dead"], groups_dead_lettered=c.counts["dead_lettered"],
+            samples_foreign=c.counts["foreign"], samples_reward_mismatch=c.counts["reward_mismatch"],
+            groups_redispatched=c.counts["redispatched"], redis_values_skipped=sum(self.registry.skipped.values()),
+            **self._redis(self._worker_busy, "reading worker heartbeats"),
+        )  # fmt: skip
+        return json.dumps({
+            "groups": groups, "rewards": rewards, "correct": correct, "components": components,
+            "extra": {"rollouts": rollouts},
+        })  # fmt: skip
+
+    def _worker_busy(self) -> dict[str, float]:
+        """Each kind's busy fraction since the last step, from the workers' heartbeats (cumulative busy seconds)."""
+        now = {wid: w for wid, w in self.registry.live_workers().items() if "busy_s" in (w.get("info") or {})}
+        prev = self._busy_prev
+        self._busy_prev = {wid: (w["info"]["busy_s"], w["info"]["up_s"]) for wid, w in now.items()}
+        out: dict[str, list[float]] = {}
+        for wid, w in now.items():
+            if wid in prev:
+                busy, up = w["info"]["busy_s"] - prev[wid][0], w["info"]["up_s"] - prev[wid][1]
+                if up > 0:
+                    out.setdefault(w["kind"], []).append(min(1.0, max(0.0, busy / up)))
+        return {f"busy_{kind}": sum(v) / len(v) for kind, v in out.items()}
+
+    # ------------------------------------------------------------------ weights, audit, status
+
+    def _publish_current(self) -> None:
+        """Make the trainer's weights the ones rollout workers serve (on start and on resume)."""
+        from services.trainer.learner.checkpoint import checkpoint_dir
+
+        # the checkpoint the trainer resumed from (not `latest`, which may lag behind it after a crash)
+        ckpt = checkpoint_dir(self.trainer.checkpoint_root, self.trainer.state.step)
+        path = self.trainer.weights_path(ckpt) if self.trainer.state.step > 0 and ckpt.is_dir() else self.cfg.model
+        version = WeightsVersion(version=self.trainer.state.policy_version, path=str(Path(path).resolve()),
+                                 step=self.trainer.state.step, run=self.identity)  # fmt: skip
+        cur = self.registry.current()
+        if cur is not None and cur.version > version.version:
+            # workers would keep serving those newer weights and every sample would come from a policy this trainer
+            # never had
+            raise ValueError(
+                f"redis.namespace: {self.cfg.redis.namespace!r} already serves weights v{cur.version} ({cur.path}), "
+                f"newer than this trainer's v{version.version}: continue that run with --resume, or use a new namespace"
+            )
+        if cur is None or cur.version < version.version or cur.run != version.run:
+            self._publish(version)
+
+    def _publish(self, version: WeightsVersion) -> None:
+        from services.trainer.orchestrator.publish import publish
+
+        publish(self.registry, version, self.cfg.rollout_urls, self.cfg.api_token)
+
+    def _record_trained(self, step: int, version: int, batch: list[Group]) -> None:
+        """Append the step's trained groups, trained at policy `version`, to trained_groups.jsonl (the audit trail;
+        a resume drops the rows of steps that never reached their checkpoint)."""
+        with (self.cfg.output_dir / "trained_groups.jsonl").open("a") as f:
+            for g in batch:
+                msgs = g.samples.values()
+                row = {"step": step, "prompt_index": g.prompt_index, "tag": g.tag, "trainer_version": version,
+                       "task_ids": sorted(m.task.task_id for m in msgs),
+                       "versions": sorted(m.rollout.policy_version for m in msgs)}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+
+    def _write_status(self) -> None:
+        """The status as JSON at `Keys.trainer_status` (for `gtpo status`), kept a minute past the last write."""
+        try:
+            self.redis.set(self.keys.trainer_status, json.dumps({**self.status(), "ts": time.time()}), ex=60)
+        except Exception as e:  # a status page must never stop training
+            log.warning("could not write the trainer status: %s", e)
+
+    def status(self) -> dict:
+        c = self.collector
+        return {
+            "run_id": self.cfg.run_id,
+            "run": self.identity,
+            "step": self.trainer.state.step,
+            "policy_version": self.trainer.state.policy_version,
+            "max_staleness": self.cfg.max_staleness,
+            "waiting": self.waiting,
+            **c.counts_now(),
+            "last": self.history[-1] if self.history else None,
+        }
+
+    def ready(self) -> str | None:
+        return "starting" if self.waiting == "starting" else None
+
+
+def new_identity(run_id: str) -> str:
+    """A fresh run's identity: its name and 12 random hex digits (two runs of one name never share it)."""
+    import secrets
+
+    return f"{run_id}.{secrets.token_hex(6)}"
+
+
+def broadcast_text(accelerator, text: str | None) -> str:
+    """The main process's text on every process (a no-op with one process)."""
+    if accelerator.num_processes == 1:
+        assert text is not None
+        return text
+    from accelerate.utils import broadcast_object_list
+
+    box = [text]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def decode_batch(text: str) -> tuple[list[list], list[list[float]], list[list[bool]], dict, list[list[dict]]]:
+    """Rollouts, rewards, accuracy verdicts, the step's extra values and the raw reward components (grouped like
+    the rewards)."""
+    from shared.contracts.wire import Rollout
+
+    data = json.loads(text)
+    groups = [[Rollout.model_validate(r) for r in g] for g in data["groups"]]
+    return groups, data["rewards"], data["correct"], data["extra"], data["components"]
+
+
+def keep_rows(path: Path, keep) -> None:
+    """Rewrite a JSONL file with only the rows `keep(row)` accepts (atomically)."""
+    if not path.exists():
+        return
+    rows = [x for x in path.read_text().splitlines() if x.strip() and keep(json.loads(x))]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def restore_metrics_row(path: Path, row: dict | None, step: int) -> None:
+    """Append the checkpointed step's metrics row if a crash came between its checkpoint and its row."""
+    if not row or step == 0:
+        return
+    steps = {json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()} if path.exists() else set()
+    if step not in steps:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def rollout_metrics(msgs: list[ScoredMessage]) -> dict[str, float]:
+    """Accuracy, tokens per denoising step, length and truncation over the collected samples."""
+    if not msgs:
+        return {}
+    n = len(msgs)
+    return {
+        "accuracy": sum(m.score.components.get("accuracy", 0.0) for m in msgs) / n,
+        "tokens_per_step": sum(tokens_per_step(len(m.rollout.token_ids), m.rollout.step_map) for m in msgs) / n,
+        "response_length": sum(len(m.rollout.token_ids) for m in msgs) / n,
+        "truncated": sum(m.rollout.finish_reason == "length" for m in msgs) / n,
+        "reward_errors": sum(m.score.status != "ok" for m in msgs),
+    }
+
+
+def install_signals(driver: Driver) -> None:
+    """SIGTERM and SIGINT (Ctrl-C): a step that is training finishes and is checkpointed; a wait (for groups, for
+    Redis, for a service's /info) ends within a poll; then the trainer exits 0."""
+
+    def handler(signum, frame):
+        log.info(
+            "signal %d: stopping (step %d: %s)", signum, driver.trainer.state.step, driver.waiting or "between steps"
+        )
+        driver.stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_rl(cfg: RLConfig, *, resume: bool = False, fresh: bool = False) -> list[dict]:
+    """`gtpo train`: build the driver, serve its status, run until `cfg.steps` (or SIGTERM / SIGINT)."""
+    from services.trainer.orchestrator.status_server import create_app, start_server
+
+    driver = Driver(cfg, resume=resume, fresh=fresh)
+    install_signals(driver)
+    if cfg.health_port is not None and driver.main:
+        start_server(create_app(driver.status, driver.ready, driver.metrics), cfg.health_port)
+    return driver.run()
