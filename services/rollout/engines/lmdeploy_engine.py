@@ -50,8 +50,8 @@ from services.rollout.engines.rows import (
     expand_rows,
     raise_if_cancelled,
 )
-from services.trainer.learner.lora import is_adapter_dir
 from shared.contracts.wire import MIN_TEMPERATURE, GenerationRequest, Rollout, SamplingParams, Strategy
+from shared.model.adapter import is_adapter_dir
 from shared.model.sdar import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
 
 log = logging.getLogger(__name__)

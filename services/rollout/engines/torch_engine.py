@@ -153,9 +153,9 @@ class TorchEngine(Engine):
         return next(self.model.parameters()).device
 
     def load_weights(self, path: str | Path, version: int) -> None:
-        """A full SDAR checkpoint replaces the model; a LoRA adapter folder (``services.trainer.learner.lora``) is applied
+        """A full SDAR checkpoint replaces the model; a LoRA adapter folder (``shared.model.adapter``) is applied
         to the served base in place, only its tensors copied (``adapter_bytes``)."""
-        from services.trainer.learner.lora import AdapterSlot, is_adapter_dir
+        from shared.model.adapter import AdapterSlot, is_adapter_dir
 
         if is_adapter_dir(path):
             if self._adapter is None:
