@@ -1,6 +1,6 @@
 """A CPU driver of LMDeploy's real dLLM scheduler classes, with a fake model, and an independent reference decoder:
-what the step-map recorder (`lmdeploy_patch`) is checked against, at service start (:func:`self_check`) and in
-the tests.
+what the step-map recorder (`lmdeploy_patch`) is checked against, by the tests and
+`scripts/gpu_check.py` (:func:`self_check`).
 
 The driver (:func:`simulate`) runs LMDeploy's scheduler, sequence, unmasking, stopping and sampling-input code as
 the engine loop does, through prefill, decode, preemption (random and KV-pool pressure), eviction + re-prefill and

@@ -127,7 +127,6 @@ class LMDeployOptions:
     eager_mode: bool = False
     enable_metrics: bool = False
     paging_block_size: int = 64
-    self_check: bool = True
     allow_untested_lmdeploy: bool = False
 
 
@@ -243,10 +242,6 @@ class LMDeployEngine(Engine):
         if self._opts.max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be >= 1, got {self._opts.max_batch_size}")
         self._info = patch.apply_patch(allow_untested=self._opts.allow_untested_lmdeploy)
-        if self._opts.self_check:
-            from oracles.lmdeploy_sim import self_check
-
-            self_check()
         self._path = Path(model_path)
         self._raw = read_config(self._path)
         self._tokenizer = load_tokenizer(self._path)
@@ -276,7 +271,7 @@ class LMDeployEngine(Engine):
 
         Raises:
             LMDeployNotInstalledError: LMDeploy is missing (names the extra to install).
-            RuntimeError: untested LMDeploy version or changed internals, failed self-check, no CUDA.
+            RuntimeError: untested LMDeploy version or changed internals, no CUDA.
             ValueError: a device other than CUDA, or engine settings the recorder cannot support.
         """
         patch.import_lmdeploy()
