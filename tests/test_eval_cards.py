@@ -1,13 +1,16 @@
-"""Eval cards on the tiny model: `gtpo eval --engines torch,reference` writes one card per engine and decoding, the
+"""Eval cards on the tiny model: `gtpo eval --engines torch,reference` (the naive
+decoder, tests/oracles/naive.py, registered as an engine) writes one card per engine and decoding, the
 engines agree token for token (greedy and sampled, same seeds), a card survives a round trip, and `--compare` pairs two cards or refuses
 (exit 2, naming the settings) when they differ in more than the model."""
 
 import json
 
 import pytest
+from oracles.naive import NaiveEngine
 from typer.testing import CliRunner
 
 from services.cli import app
+from services.eval import evaluate
 from services.eval.card import EvalCard, compare_cards, parity, setting_differences
 
 QUESTIONS = [("1+1=", "2"), ("2+3=", "5"), ("7-4=", "3")]
@@ -26,8 +29,10 @@ def cards(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cards")
     data = tmp / "d.jsonl"
     data.write_text("".join(json.dumps({"question": q, "ground_truth_answer": a}) + "\n" for q, a in QUESTIONS))
-    res = gtpo("eval", data, "--model", tiny_dir, "--raw", "--template", "{question}", "--engines", "torch,reference",
-               "--protocol", "trado", "--max-new-tokens", "8", "--k", "2", "--seed", "7", "--out", tmp / "g.json")  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:  # the naive decoder is a test oracle, not an engine gtpo ships
+        mp.setitem(evaluate.ENGINES, "reference", lambda model, torch_engine: NaiveEngine(torch_engine._loaded))
+        res = gtpo("eval", data, "--model", tiny_dir, "--raw", "--template", "{question}", "--engines", "torch,reference",
+                   "--protocol", "trado", "--max-new-tokens", "8", "--k", "2", "--seed", "7", "--out", tmp / "g.json")  # fmt: skip
     assert res.exit_code == 0, res.output
     return {"torch": tmp / "g.torch.static.json", "reference": tmp / "g.reference.static.json", "out": res.output,
             "torch_sampled": tmp / "g.torch.dynamic.json", "reference_sampled": tmp / "g.reference.dynamic.json",

@@ -10,8 +10,10 @@ and math-verify pool as the reward service, so eval and reward never disagree.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.contracts.wire import GenerationRequest, Rollout, SamplingParams, ScoreStatus
 from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt
@@ -125,27 +127,6 @@ def timed_generate(engine, prompts: list[list[int]], params: SamplingParams) -> 
     return Generated(groups, seconds, sum(len(r.token_ids) for g in groups for r in g), forwards)
 
 
-class ReferenceEngine:
-    """The naive recompute decoder (tests/oracles/naive.py) behind the engine interface eval uses: the
-    parity baseline for `--engines torch,reference`."""
-
-    name = "reference"
-
-    def __init__(self, loaded) -> None:
-        from services.rollout.engines.torch_engine import DecodeStats
-
-        self.loaded, self.stats = loaded, DecodeStats()
-
-    @property
-    def tokenizer(self):
-        return self.loaded.tokenizer
-
-    def generate(self, requests: list[GenerationRequest]) -> list[list[Rollout]]:
-        from oracles.naive import naive_generate
-
-        return naive_generate(self.loaded, requests, self.stats)
-
-
 def score_questions(rows: list[dict], groups: list[list[Rollout]], pool) -> tuple[list, int]:
     """Every sample checked (its last `\\boxed{}` against the reference, with the reward service's scoring).
 
@@ -247,9 +228,20 @@ class CardRun:
     result: EvalResult
 
 
-ENGINE_NAMES = ("torch", "reference", "lmdeploy")
-"""In-process engines `--engines` accepts: the KV-cached torch engine, the naive recompute decoder and (GPU, the
-`lmdeploy` extra) LMDeploy."""
+def _torch_engine(model: str | Path, torch_engine):
+    return torch_engine
+
+
+def _lmdeploy_engine(model: str | Path, torch_engine):
+    from services.rollout.engines import create_engine
+
+    return create_engine("lmdeploy", model)
+
+
+ENGINES: dict[str, Callable[[str | Path, Any], Any]] = {"torch": _torch_engine, "lmdeploy": _lmdeploy_engine}
+"""In-process engines `--engines` accepts, by name -> builder(checkpoint, the torch engine loaded for its tokenizer):
+the KV-cached torch engine and (GPU, the `lmdeploy` extra) LMDeploy. The naive recompute decoder is a test oracle
+(tests/oracles/naive.py): tests/test_eval_cards.py adds it here as `reference` for the parity check."""
 
 
 def evaluate_cards(
@@ -273,7 +265,7 @@ def evaluate_cards(
 
     Args:
         protocol: a `services.eval.protocols.Protocol` (settings already overridden by explicit flags).
-        engines: in-process engine names (ENGINE_NAMES); ignored with `rollout_url` (the service's engine).
+        engines: in-process engine names (ENGINES); ignored with `rollout_url` (the service's engine).
         dataset: the data source as given (recorded, and hashed when it is a file).
         extra_settings: further settings to record (answer columns, limit).
         max_prompt_tokens: a longer prompt is refused before any generation, naming its row and `question_field`.
@@ -283,9 +275,9 @@ def evaluate_cards(
 
     if model is None and rollout_url is None:
         raise ValueError("model: give a checkpoint directory or a rollout service URL")
-    bad = [e for e in engines if e not in ENGINE_NAMES]
+    bad = [e for e in engines if e not in ENGINES]
     if bad or not engines:
-        raise ValueError(f"--engines: a comma-separated list of {', '.join(ENGINE_NAMES)}, got {','.join(engines)!r}")
+        raise ValueError(f"--engines: a comma-separated list of {', '.join(ENGINES)}, got {','.join(engines)!r}")
     built: dict[str, object] = {}
     if rollout_url is not None:
         tok = load_tokenizer(model) if model is not None else None
@@ -296,12 +288,7 @@ def evaluate_cards(
 
         torch_engine = TorchEngine.from_pretrained(model, max_batch_size=64)
         for name in engines:
-            if name == "lmdeploy":
-                from services.rollout.engines import create_engine
-
-                built[name] = create_engine("lmdeploy", model)
-            else:
-                built[name] = torch_engine if name == "torch" else ReferenceEngine(torch_engine._loaded)
+            built[name] = ENGINES[name](model, torch_engine)
         tok = torch_engine.tokenizer
     prompts = [encode_prompt(tok, template.format(question=r["question"]), chat=chat) for r in rows]
     check_prompts(prompts, max_prompt_tokens, question_field)

@@ -78,4 +78,21 @@ def naive_generate(loaded: LoadedModel, requests: list[GenerationRequest], stats
     return out
 
 
-__all__ = ["naive_decode", "naive_generate"]
+class NaiveEngine:
+    """`naive_generate` behind the engine interface `gtpo eval` uses: the parity baseline tests/test_eval_cards.py
+    registers as the `reference` engine."""
+
+    name = "reference"
+
+    def __init__(self, loaded) -> None:
+        self.loaded, self.stats = loaded, DecodeStats()
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Rollout]]:
+        return naive_generate(self.loaded, requests, self.stats)
+
+
+__all__ = ["NaiveEngine", "naive_decode", "naive_generate"]
