@@ -17,7 +17,8 @@ from services.demo.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
 from services.status_view import TIMEOUT_S
 from shared.contracts.wire import SamplingParams
 from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
-from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt, tokens_per_step
+from shared.model.step_map import denoising_steps, tokens_per_step
+from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, encode_prompt
 
 app = typer.Typer(
     name="gtpo",

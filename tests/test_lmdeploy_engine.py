@@ -23,7 +23,7 @@ import torch
 
 from services.rollout.engines import GenerationCancelled, create_engine
 from shared.contracts.wire import MAX_ID, GenerationRequest, Rollout, SamplingParams
-from shared.prompts import denoising_steps
+from shared.model.step_map import denoising_steps
 
 try:
     import lmdeploy  # noqa: F401

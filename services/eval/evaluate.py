@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.contracts.wire import GenerationRequest, Rollout, SamplingParams, ScoreStatus
-from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, denoising_steps, encode_prompt
+from shared.model.step_map import denoising_steps
+from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, encode_prompt
 
 # Named benchmarks: hub datasets in the RL datasets' format ({question, ground_truth_answer}), as the GTPO and DiRL
 # repositories publish them. Loading them needs network access and the `datasets` package.

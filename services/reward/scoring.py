@@ -15,7 +15,7 @@ from typing import Protocol
 from services.reward.rewards import NEEDS_VERDICT, REWARDS, extract_last_boxed, is_truncated
 from services.reward.verify import Verdict
 from shared.contracts.wire import Rollout, ScoreItem, ScoreResult, ScoreStatus
-from shared.prompts import denoising_steps
+from shared.model.step_map import denoising_steps
 
 MAX_WEIGHT = 1e6
 """|weight| above this is refused: every component is within [-1, 1], so totals stay finite."""

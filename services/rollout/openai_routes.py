@@ -33,7 +33,8 @@ from shared.contracts.openai_api import (
 )
 from shared.contracts.wire import GenerationRequest, Rollout, SamplingParams, brief_error
 from shared.http import until_disconnected
-from shared.prompts import encode_prompt, tokens_per_step
+from shared.model.step_map import tokens_per_step
+from shared.prompts import encode_prompt
 
 router = APIRouter()
 STARTED = int(time.time())

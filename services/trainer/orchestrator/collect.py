@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from services.trainer.config import RLConfig
 from services.trainer.learner.objective import filter_component_groups, filter_groups
 from shared.contracts.wire import SamplingParams, ScoredMessage, TaskMessage, same_rewards
-from shared.prompts import encode_prompt, tokens_per_step
+from shared.model.step_map import tokens_per_step
+from shared.prompts import encode_prompt
 
 log = logging.getLogger("gtpo.trainer")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from services.trainer.config import RLConfig
 from services.trainer.orchestrator.collect import Collector, Group, Prompt
 from shared.contracts.wire import ScoredMessage, WeightsVersion
-from shared.prompts import tokens_per_step
+from shared.model.step_map import tokens_per_step
 
 log = logging.getLogger("gtpo.trainer")
 
