@@ -171,7 +171,7 @@ def expected(prompt, rollout, *, extra_stops=()):
 
 
 def assert_contract(r: Rollout, prompt: list[int]) -> None:
-    """What every engine's rollout satisfies (design.md section 2)."""
+    """What every engine's rollout satisfies (docs/design.md section 2)."""
     p = r.params
     b, stops = p.block_size, set(p.stop_token_ids)
     assert r.prompt_ids == prompt and len(r.step_map) == len(r.token_ids) and min(r.step_map) >= 1

@@ -1,4 +1,4 @@
-"""Answer checking with math-verify in a killable process pool (design.md section 4; anchors_rl_systems.md 4.5).
+"""Answer checking with math-verify in a killable process pool (docs/design.md section 4; anchors_rl_systems.md 4.5).
 
 Why processes, and why our own pool:
 

@@ -1,4 +1,4 @@
-"""Settings blocks shared by the services (design.md section 5): each service's BaseSettings nests these."""
+"""Settings blocks shared by the services (docs/design.md section 5): each service's BaseSettings nests these."""
 
 from __future__ import annotations
 

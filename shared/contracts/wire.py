@@ -1,4 +1,4 @@
-"""Wire contracts shared by every producer and consumer (design.md section 2).
+"""Wire contracts shared by every producer and consumer (docs/design.md section 2).
 
 Pure pydantic: importing this module never imports torch.
 """
@@ -101,7 +101,7 @@ class GenerationRequest(BaseModel):
 
 
 class Rollout(BaseModel):
-    """One sampled response with its trajectory (design.md section 2).
+    """One sampled response with its trajectory (docs/design.md section 2).
 
     `step_map[i]` is the 1-based denoising step (global over the response) at which `token_ids[i]` was
     unmasked. `tail_ids` / `tail_steps` are the positions of the last block after the cut (stop token or

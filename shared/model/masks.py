@@ -1,4 +1,4 @@
-"""Block-diffusion attention masks and training layouts (design.md sections 2 and 3).
+"""Block-diffusion attention masks and training layouts (docs/design.md sections 2 and 3).
 
 Every layout here is described per token by two integers:
 

@@ -1,4 +1,4 @@
-"""The SDAR model adapter: SDAR checkpoints <-> `transformers.Qwen3ForCausalLM` (design.md section 2).
+"""The SDAR model adapter: SDAR checkpoints <-> `transformers.Qwen3ForCausalLM` (docs/design.md section 2).
 
 SDAR is Qwen3 with a block-causal mask and un-shifted logits; its weights use Qwen3's parameter names, so
 loading is a config translation (`model_type` "sdar" -> a `Qwen3Config` plus a `DiffusionSpec`) and saving

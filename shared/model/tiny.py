@@ -1,4 +1,4 @@
-"""The offline `tiny` preset: a byte-level tokenizer with a mask token and a small Qwen3 config (design.md section 2).
+"""The offline `tiny` preset: a byte-level tokenizer with a mask token and a small Qwen3 config (docs/design.md section 2).
 
 Nothing is downloaded: the tokenizer is built with the `tokenizers` library and the weights are random.
 """

@@ -1,4 +1,4 @@
-"""Every Redis key name the services use, in one place (design.md section 4).
+"""Every Redis key name the services use, in one place (docs/design.md section 4).
 
 All keys live under ``{namespace}:``. The braces are a Redis Cluster hash tag: every key of one namespace maps
 to the same slot, so the Lua scripts in `shared.queues.queue` (which touch a stream, an idempotency key and sometimes a

@@ -1,4 +1,4 @@
-"""The Redis layer of the services: work streams, weights registry, liveness (design.md section 4).
+"""The Redis layer of the services: work streams, weights registry, liveness (docs/design.md section 4).
 
 Delivery is at least once. Every stream has one consumer group; a consumer reads entries with XREADGROUP,
 and an entry stays pending until acked. An entry whose consumer died (idle past `claim_idle_ms`) is claimed

@@ -23,7 +23,7 @@ class GenerationCancelled(Exception):
 class Engine(ABC):
     """Generates rollouts with step maps and swaps weights between policy versions.
 
-    Contract (design.md section 2): blocks aligned to absolute positions from the first prompt token, the
+    Contract (docs/design.md section 2): blocks aligned to absolute positions from the first prompt token, the
     step map 1-based and global over the response, the last block's tail recorded, per-request seeds
     (same seed, same output, whatever the batch).
     """

@@ -1,6 +1,6 @@
 """The `lmdeploy` rollout engine: LMDeploy's dLLM PyTorch engine (GPU nodes) behind the `Engine` interface.
 
-Rollouts carry the same contract as the torch engine's (design.md section 2): step maps come from our
+Rollouts carry the same contract as the torch engine's (docs/design.md section 2): step maps come from our
 runtime patch of LMDeploy's scheduler (`lmdeploy_patch`), the response is cut at the first stop token by us,
 and the rest of the last block is the tail.
 

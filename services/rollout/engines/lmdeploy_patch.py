@@ -2,7 +2,7 @@
 
 Upstream LMDeploy (<= 0.18.0) returns token ids but not the step at which each token was unmasked. The
 scheduler-side sequence (`SchedulerSequenceDLLM`) sees every forward's post-unmasking mask, in order, in the
-process that owns the engine loop, so the step map is recorded there (design.md section 2):
+process that owns the engine loop, so the step map is recorded there (docs/design.md section 2):
 
 * ``_update_token_ids_inputs`` (a new message): the step buffer restarts (positions before the message keep
   their values, the message's own positions are 0 = not generated) and the per-sequence counter resets.

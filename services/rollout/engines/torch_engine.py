@@ -1,6 +1,6 @@
 """The torch reference engine: batched block-diffusion decoding with a KV cache, on CPU or CUDA.
 
-Per block of B tokens (design.md section 2): start it as masks (the prompt tail is given), forward it against the
+Per block of B tokens (docs/design.md section 2): start it as masks (the prompt tail is given), forward it against the
 cached earlier blocks, sample every masked position, unmask by strategy, repeat until the block is clean. The KV
 of a block's denoising forwards is cropped right away; the clean block is committed by the first forward of the
 next block, which carries it along ([clean block k | masked block k+1], 2B queries), so committing costs no

@@ -1,4 +1,4 @@
-"""Trainer checkpoints without pickle (design.md section 3 "State", section 4 "Security").
+"""Trainer checkpoints without pickle (docs/design.md section 6, state and resume; section 4, security).
 
 A checkpoint is one directory `<root>/step-XXXXXXXX/`:
 

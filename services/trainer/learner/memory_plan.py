@@ -4,8 +4,8 @@
 fp32 (mixed precision autocasts the matmuls), AdamW state in fp32, gradients set to None after each update, the
 packed forward of one response [clean | c noisy copies] (P + L(1 + c) tokens), the LM head only at the targets.
 
-Activations are counted per decoder layer and token from what autograd keeps in a Qwen3 / SDAR layer (design.md
-section 5's packed layout does not change the layer). The fp32 count was checked against the resident memory
+Activations are counted per decoder layer and token from what autograd keeps in a Qwen3 / SDAR layer (docs/design.md
+section 3's packed layout does not change the layer). The fp32 count was checked against the resident memory
 that `bench/memory.py` measures on CPU (README "Memory" gives the agreement); the bf16 counts follow the same
 tensors at their autocast dtypes and are not calibrated on a GPU.
 """

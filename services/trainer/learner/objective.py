@@ -1,4 +1,4 @@
-"""The GTPO objective as pure tensor functions (design.md section 3; reference sections 4.4, 5.5, 6 and 11).
+"""The GTPO objective as pure tensor functions (docs/design.md section 3; reference sections 4.4, 5.5, 6 and 11).
 
 Everything here works on the flat list of a batch's *target tokens*: the T tokens that some round of some
 response unmasked. Padding and non-target positions never reach these functions, so no mask is needed.
@@ -7,7 +7,7 @@ Normalisation is expressed as per-token weights ``w`` with ``loss = sum_t w_t * 
 global counts over the whole optimizer batch, so each data-parallel rank can compute its own part and the parts
 add up to the same loss however the responses are split across ranks (see ``token_weights``).
 
-Three policies per token (design.md section 7): pi_behav, the engine's distribution when it unmasked the token
+Three policies per token (docs/design.md section 7): pi_behav, the engine's distribution when it unmasked the token
 (``Rollout.logprobs``); pi_prox, the trainer's weights at the start of the step's first update (the clip anchor,
 no gradient); pi_theta, the weights being trained. The standard objective assumes pi_behav = pi_prox (on-policy,
 engine == trainer); the decoupled one (AReaL) corrects for the difference with a truncated importance weight.

@@ -1,10 +1,10 @@
-"""SFT data and objectives: SDAR's random masking and trace-SFT from step maps (design.md section 3).
+"""SFT data and objectives: SDAR's random masking and trace-SFT from step maps (docs/design.md section 3).
 
 Random masking (SDAR): per response a mask rate t ~ U(eps, 1); each response token is masked with probability t
 (at least one); the loss is the log-loss at masked positions weighted 1/t, normalised by the response tokens of
 the batch. The response ends with the end token and the rest of its last block is filled with the end token,
 maskable and trained: left as clean padding it would tell the model the answer's length, which it does not know at
-decode time (design.md section 6).
+decode time (docs/design.md section 3).
 """
 
 from __future__ import annotations

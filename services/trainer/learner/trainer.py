@@ -211,7 +211,7 @@ class GTPOTrainer:
         `components` (grouped alike: each response's raw `ScoreResult.components`) and the `reward_weights` they
         were scored with are what `loss.reward_norm: per_component` normalises instead of the totals.
         Each rollout's `policy_version` is the version that sampled it: a sample from an older version than the
-        trainer's makes the step recompute pi_prox (design.md section 7).
+        trainer's makes the step recompute pi_prox (docs/design.md section 7).
         """
         if len(groups) != len(rewards) or any(len(g) != len(r) for g, r in zip(groups, rewards, strict=True)):
             raise ValueError("rewards: need one reward per rollout, grouped like the rollouts")

@@ -1,4 +1,4 @@
-"""From a rollout's trajectory to training sequences (design.md section 3).
+"""From a rollout's trajectory to training sequences (docs/design.md section 3).
 
 A rollout gives token ids and, per token, the denoising step that unmasked it. Per block, sort the block's distinct
 steps; round r of the block is its r-th step (or its r-th group of ``shrink`` steps). The targets of round r are

@@ -1,4 +1,4 @@
-"""Collection for the round driver (design.md section 7): admission, the buffer of scored groups, staleness, refills.
+"""Collection for the round driver (docs/design.md section 7): admission, the buffer of scored groups, staleness, refills.
 
 A prompt group is enqueued while the trainer is at step s with the tag s + k (k = `max_staleness`): it must be
 trained at step s + k at the latest, and may be trained earlier. Its samples are generated with the weights of

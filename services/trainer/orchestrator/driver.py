@@ -1,7 +1,7 @@
 """`gtpo train`: the round driver. Per step: admit and collect scored groups (`collect`), train (every process),
 checkpoint, publish the next weights version (`weights`), acknowledge what the step consumed.
 
-With `max_staleness` k >= 1 the collection runs ahead of training by up to k steps (design.md section 7), so the
+With `max_staleness` k >= 1 the collection runs ahead of training by up to k steps (docs/design.md section 7), so the
 rollout workers generate while the trainer trains; k = 0 is the synchronous loop.
 
 Exactly-once training of groups rests on four facts:
