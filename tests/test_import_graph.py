@@ -165,8 +165,8 @@ def missing_imports() -> list[str]:
 
 
 def test_every_import_names_a_module_and_a_name_that_exist():
-    """A stale path after a move (`from shared.contracts import X` once `shared/contracts/` is a package) fails
-    here, not at run time in a late import."""
+    """A stale path after a move (a name imported from a module that became a package, such as the old contracts
+    module) fails here, not at run time in a late import."""
     assert missing_imports() == []
 
 
