@@ -46,7 +46,8 @@ def test_sdar_8b_has_its_published_size():
 
 def test_lora_count_matches_peft(tiny_dir):
     from services.trainer.config import LoraSettings
-    from services.trainer.learner.lora import adapter_parameters, apply_lora
+    from services.trainer.learner.lora import apply_lora
+    from shared.model.adapter import adapter_parameters
     from shared.model.sdar import load_model
 
     loaded = load_model(tiny_dir)
