@@ -142,18 +142,32 @@ def top_level_names(path: Path) -> set[str]:
     return names
 
 
+def importable() -> dict[str, Path]:
+    """The project's modules, and the test oracles as the tests and benches import them (`oracles.*`)."""
+    oracles = {module_name(p).removeprefix("tests."): p for p in sorted((REPO / "tests" / "oracles").rglob("*.py"))}
+    return {**project_modules(), **oracles}
+
+
+def importers() -> dict[str, Path]:
+    """Every Python file that imports the project: its modules, and the tests, benches and scripts."""
+    others = {
+        str(p.relative_to(REPO)): p for d in ("tests", "bench", "scripts") for p in sorted((REPO / d).rglob("*.py"))
+    }
+    return {**project_modules(), **others}
+
+
 def missing_imports() -> list[str]:
     """`from M import N` of the project where M is no module, or N is neither a submodule of M nor bound in M."""
-    mods = project_modules()
+    mods, tops = importable(), PACKAGES + ("oracles",)
     out = []
-    for name, path in mods.items():
+    for name, path in importers().items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 out += [f"{name}: import {a.name}" for a in node.names
-                        if a.name.split(".")[0] in PACKAGES and a.name not in mods]  # fmt: skip
+                        if a.name.split(".")[0] in tops and a.name not in mods]  # fmt: skip
             elif isinstance(node, ast.ImportFrom):
                 mod = _absolute(node, name, path.name == "__init__.py")
-                if mod.split(".")[0] not in PACKAGES:
+                if mod.split(".")[0] not in tops:
                     continue
                 if mod not in mods:
                     out.append(f"{name}: from {mod} (no such module)")
@@ -166,7 +180,7 @@ def missing_imports() -> list[str]:
 
 def test_every_import_names_a_module_and_a_name_that_exist():
     """A stale path after a move (a name imported from a module that became a package, such as the old contracts
-    module) fails here, not at run time in a late import."""
+    module) fails here, not at run time in a late import; in the tests, benches and scripts too."""
     assert missing_imports() == []
 
 
