@@ -89,11 +89,11 @@ def trainer_config(setup: Setup, arm: str, model: Path, out: Path, seed: int):
 
 def prepare_seed(setup: Setup, seed: int, out: Path) -> tuple[Path, list[dict], list[dict]]:
     """The seed's task files and SFT checkpoint (reused when already there); returns (SFT model, train, test)."""
-    from services.trainer.checkpoint import checkpoint_name
+    from services.demo.tasks import TaskSpec, write_task
     from services.trainer.config import OptimConfig, SFTConfig
-    from services.trainer.sft import run_sft
-    from shared.tasks import TaskSpec, write_task
-    from shared.tiny import init_tiny
+    from services.trainer.learner.checkpoint import checkpoint_name
+    from services.trainer.learner.sft import run_sft
+    from shared.model.tiny import init_tiny
 
     spec = TaskSpec(max_operand=setup.max_operand, ops=setup.ops, seed=seed, boxed_rate=setup.boxed_rate)
     data = write_task(out / "data", spec, setup.n_train, setup.n_test)
@@ -111,7 +111,7 @@ def prepare_seed(setup: Setup, seed: int, out: Path) -> tuple[Path, list[dict], 
 
 def generate(engine, tokenizer, rows: list[dict], n: int, max_new_tokens: int, seed: int):
     """n samples per row (T=1, the demo's dynamic decoding), seeded per (seed, row)."""
-    from shared.contracts import GenerationRequest, SamplingParams
+    from shared.contracts.wire import GenerationRequest, SamplingParams
     from shared.prompts import encode_prompt
 
     reqs = [GenerationRequest(prompt_ids=encode_prompt(tokenizer, r["question"], chat=False),
@@ -122,7 +122,7 @@ def generate(engine, tokenizer, rows: list[dict], n: int, max_new_tokens: int, s
 
 def held_out(engine, tokenizer, rows: list[dict], setup: Setup, pool, seed: int) -> dict:
     """Held-out metrics of the engine's current weights, with each question's accuracy and boxed / correct counts."""
-    from services.evaluate import result_of, score_questions
+    from services.eval.evaluate import result_of, score_questions
 
     questions, errors = score_questions(rows, generate(engine, tokenizer, rows, setup.eval_k, setup.max_new_tokens,
                                                        seed=10_000 + seed), pool)  # fmt: skip
@@ -136,10 +136,10 @@ def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[d
     """One RL run from the SFT checkpoint; returns its per-step metrics and final held-out evaluation."""
     import torch
 
-    from services.evaluate import score_questions
+    from services.eval.evaluate import score_questions
     from services.rollout.engines.torch_engine import TorchEngine
-    from services.trainer.trainer import Learner
-    from shared.contracts import StepBatch
+    from services.trainer.learner.trainer import Learner
+    from shared.contracts.wire import StepBatch
 
     torch.manual_seed(seed)
     trainer = Learner(trainer_config(setup, arm, model, out, seed))
@@ -166,7 +166,7 @@ def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[d
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per arm over its seeds: held-out accuracy with a bootstrap interval over (seed, question), boxed accuracy,
     speed and variance figures (see the module docstring)."""
-    from services.eval_metrics import bootstrap_ci
+    from services.eval.metrics import bootstrap_ci
 
     out: dict[str, dict] = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):

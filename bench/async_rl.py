@@ -2,7 +2,7 @@
 
     python bench/async_rl.py [--workers 4,16,64] [--k 0,1,2,4] [--steps 8] [--time-scale 400] [--quick]
 
-Real: the round driver (`services.trainer.driver.Driver`: admission, the buffer, the ledger, staleness checks,
+Real: the round driver (`services.trainer.orchestrator.driver.Driver`: admission, the buffer, the ledger, staleness checks,
 acknowledgements, weights publishing and pruning), Redis ($REDIS_URL, a fresh namespace per configuration, else an
 embedded server), the `RolloutWorker` loop (one thread per worker, `task_batch=1`: a worker is one decoding slot)
 and `RewardWorker`s scoring with a real `VerifierPool`. Simulated: the engine (a task sleeps for its response's
@@ -53,9 +53,9 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 from services.rollout.host import Loaded, Served
-from services.trainer.checkpoint import TrainerState
-from services.trainer.collect import parse_task_id
-from shared.contracts import GenerationRequest, Rollout, StepBatch
+from services.trainer.learner.checkpoint import TrainerState
+from services.trainer.orchestrator.collect import parse_task_id
+from shared.contracts.wire import GenerationRequest, Rollout, StepBatch
 
 BLOCK = 4
 """Block size of the simulated decoder; it unmasks two tokens per denoising step."""
@@ -239,7 +239,7 @@ class SoloAccelerator:
 
 
 class SimTrainer:
-    """A `services.trainer.driver.DrivenLearner`: a step sleeps for its tokens, a checkpoint is a small folder.
+    """A `services.trainer.orchestrator.driver.DrivenLearner`: a step sleeps for its tokens, a checkpoint is a small folder.
 
     Args:
         output_dir: the run's folder (checkpoints go under it).
@@ -417,7 +417,7 @@ class Bench:
         from services.reward.worker import RewardWorker
         from services.rollout.settings import RolloutSettings
         from services.rollout.worker import RolloutWorker
-        from services.trainer.driver import Driver
+        from services.trainer.orchestrator.driver import Driver
 
         namespace = f"bench-async-{uuid.uuid4().hex[:8]}-w{workers}-k{k}"
         tm = self.tm.for_workers(workers)
@@ -470,8 +470,8 @@ class Bench:
 
 def delete_namespace(url: str, namespace: str) -> None:
     """UNLINK every key of the namespace (SCAN, never FLUSHALL: the server may be shared)."""
-    from shared.keys import Keys
-    from shared.queue import connect
+    from shared.queues.keys import Keys
+    from shared.queues.queue import connect
 
     client = connect(url)
     try:
@@ -570,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from services.reward.verify import VerifierPool
-    from shared.redis_server import redis_url_or_embedded
-    from shared.tiny import build_tiny_tokenizer
+    from shared.model.tiny import build_tiny_tokenizer
+    from shared.queues.redis_server import redis_url_or_embedded
 
     lengths = Lengths(args.median_tokens, args.sigma, args.max_new_tokens)
     batch = args.prompts_per_step * args.group_size

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from services.rollout.engines.naive import naive_generate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+
+from services.rollout.engines.reference import naive_generate
 from services.rollout.engines.torch_engine import DecodeStats, TorchEngine
-from shared.contracts import GenerationRequest, SamplingParams
-from shared.model import load_model
-from shared.tiny import init_tiny
+from shared.contracts.wire import GenerationRequest, SamplingParams
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 
 def _requests(batch: int, prompt_len: int, new_tokens: int) -> list[GenerationRequest]:

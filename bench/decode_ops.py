@@ -22,8 +22,8 @@ from decode_step import _requests
 from oracles.engine_reference import ReferenceEngine
 
 from services.rollout.engines.torch_engine import DecodeStats, TorchEngine
-from shared.model import load_model
-from shared.tiny import init_tiny
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 
 class _CountOps(TorchDispatchMode):

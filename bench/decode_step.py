@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from oracles.engine_reference import ReferenceEngine
 
-from services.rollout.engines.naive import naive_generate
+from services.rollout.engines.reference import naive_generate
 from services.rollout.engines.torch_engine import DecodeStats, TorchEngine
-from shared.contracts import GenerationRequest, SamplingParams
-from shared.model import load_model
-from shared.tiny import init_tiny
+from shared.contracts.wire import GenerationRequest, SamplingParams
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 
 def _requests(batch: int, prompt_len: int, new_tokens: int) -> list[GenerationRequest]:

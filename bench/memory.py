@@ -97,8 +97,8 @@ def conf_name(conf: dict) -> str:
 def measure(job: dict) -> dict:
     """Run one configuration in this process (the child) and return its measurements."""
     from services.trainer.config import LoraSettings, TrainerConfig
-    from services.trainer.trainer import Learner
-    from shared.contracts import StepBatch
+    from services.trainer.learner.trainer import Learner
+    from shared.contracts.wire import StepBatch
 
     torch.set_num_threads(job["threads"])
     cuda = job["device"] == "cuda"
@@ -142,7 +142,7 @@ def measure(job: dict) -> dict:
 
 def forward_kept(trainer, group, meter: Meter) -> tuple[int, int]:
     """(bytes the largest forward keeps for its backward, gradient bytes after that backward)."""
-    from services.trainer.trajectory import forward_rounds, rollout_trajectory
+    from services.trainer.learner.trajectory import forward_rounds, rollout_trajectory
 
     traj = rollout_trajectory(group[0])
     c = trainer.cfg.copies_per_forward
@@ -161,7 +161,7 @@ def forward_kept(trainer, group, meter: Meter) -> tuple[int, int]:
 
 def planned(a: dict, row: dict) -> dict:
     """`gtpo plan-memory`'s estimate for a measured configuration (CPU: fp32, sdpa; CUDA: bf16, flex)."""
-    from services.trainer.memory_plan import MemorySettings, ModelShape, plan
+    from services.trainer.learner.memory_plan import MemorySettings, ModelShape, plan
 
     shape = ModelShape.from_config(model_overrides(a))
     s = MemorySettings(prompt_len=a["prompt"], gen_len=a["gen"], block_size=a["block"], copies_per_forward=row["c"],
@@ -258,7 +258,7 @@ def main() -> None:
 def run_all(a: argparse.Namespace) -> None:
     from rich.progress import track
 
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     args = {k: v for k, v in vars(a).items() if k not in ("out", "replan", "child", "only")}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(a.threads)}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from shared.contracts import (
+from shared.contracts.wire import (
     Rollout,
     RolloutMessage,
     SamplingParams,
@@ -33,9 +33,9 @@ from shared.contracts import (
     ScoreResult,
     TaskMessage,
 )
-from shared.keys import Keys
-from shared.queue import Codec, Queue, connect
-from shared.redis_server import EmbeddedRedis
+from shared.queues.keys import Keys
+from shared.queues.queue import Codec, Queue, connect
+from shared.queues.redis_server import EmbeddedRedis
 
 PROMPT_LEN = 256
 BLOCK = 4

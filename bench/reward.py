@@ -111,7 +111,7 @@ def timed(fn: Callable[[], list[Verdict]]) -> tuple[float, list[Verdict]]:
 def code_jobs(n: int) -> list[tuple[str, str]]:
     """`n` (program, tests) jobs cycling over the reference problems' right and wrong solutions."""
     from shared.code_data import code_rows
-    from shared.code_tests import extract_program
+    from shared.contracts.code_tests import extract_program
     from shared.data import read_jsonl
 
     data = Path(__file__).resolve().parents[1] / "tests" / "data" / "code"

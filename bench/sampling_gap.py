@@ -4,7 +4,7 @@
 
 The torch engine samples with logprobs on and records each token's log-prob under its sampling distribution.
 The trainer then computes the same tokens' log-probs on the same weights two ways: the old one (temperature 1
-over the whole vocabulary, what ``TokenLogProbs`` did before ``shared.sampling``) and the new one (each sample's
+over the whole vocabulary, what ``TokenLogProbs`` did before ``shared.model.sampling``) and the new one (each sample's
 own settings through the shared transform). Per token, gap = trainer - engine and w = exp(gap) is the importance
 weight pi_prox / pi_behav the decoupled objective would apply on-policy (it should be 1). The table shows, per
 model and way, the mean and max |gap| and the spread of w (mean, std, min, max, share outside DiRL's clip range
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from services.rollout.engines.torch_engine import TorchEngine
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams
-from shared.model import load_model
-from shared.tiny import init_tiny
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import GenerationRequest, SamplingParams
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 DIRL = {"temperature": 1.0, "top_k": 50}
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from services.evaluate import load_rows
+from services.eval.evaluate import load_rows
 from services.rollout.engines.torch_engine import DecodeStats, TorchEngine
-from shared.contracts import GenerationRequest, SamplingParams
-from shared.prompts import encode_prompt, tokens_per_step
+from shared.contracts.wire import GenerationRequest, SamplingParams
+from shared.model.step_map import tokens_per_step
+from shared.prompts import encode_prompt
 
 
 def _requests(engine: TorchEngine, rows: list[dict], template: str, chat: bool, params: SamplingParams):

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from oracles.per_round import per_round_batch
 
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import Rollout, SamplingParams
-from shared.model import load_model
-from shared.tiny import init_tiny
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import Rollout, SamplingParams
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 B = 4
 

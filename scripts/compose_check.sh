@@ -242,9 +242,9 @@ EOF
 
 WORKERS_PY='
 import json, os
-from shared.keys import Keys
-from shared.queue import WeightRegistry, connect
-from shared.settings import RedisConfig
+from shared.queues.keys import Keys
+from shared.queues.queue import WeightRegistry, connect
+from shared.config.settings import RedisConfig
 reg = WeightRegistry(connect(os.environ["REDIS_URL"]), Keys(RedisConfig().namespace))
 cur = reg.current()
 print(json.dumps({"current": cur and cur.version, "step": cur and cur.step,

@@ -29,14 +29,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+
 from scripts.check_report import Report, finish
-from services.rollout.engines.naive import naive_generate
+from services.rollout.engines.reference import naive_generate
 from services.rollout.engines.torch_engine import TorchEngine
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams, StepBatch
-from shared.model import load_model
-from shared.tiny import init_tiny
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import GenerationRequest, SamplingParams, StepBatch
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracles.per_round import per_round_batch
@@ -161,7 +163,7 @@ def run(args) -> Report:
 
     # learn: the trainer's CUDA defaults (bf16 autocast, flex) learn a reachable reward
     from services.trainer.config import OptimConfig, TrainerConfig
-    from services.trainer.trainer import Learner
+    from services.trainer.learner.trainer import Learner
 
     t = time.monotonic()
     attention = "auto" if flex_ok or dev != "cuda" else "sdpa"

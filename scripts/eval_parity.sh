@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh prepare          # here, with PyPI (LMDeploy wheels into build/gpu_wheels)
 #   bash scripts/gpu_check.sh; bash scripts/eval_parity.sh   # one call on the GPU box, build/gpu_wheels carried:
 #                                              # gpu_check installs LMDeploy's dependencies and unpacks it
-#   ENGINES=torch,reference bash scripts/eval_parity.sh   # the CPU variant (what tests/test_eval_cards.py checks)
+#   (the CPU variant, torch against the naive decoder oracle, is tests/test_eval_cards.py)
 #
 # Builds the tiny checkpoint (or uses $MODEL) and a small arithmetic file, runs `gtpo eval --engines $ENGINES
 # --temperature 0` and leaves the two eval cards and <name>.parity.json (per-question agreement) in $OUT.
@@ -21,7 +21,7 @@ if [[ "$ENGINES" == *lmdeploy* ]] && ! python -c "import lmdeploy" 2>/dev/null; 
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 MODEL=${MODEL:-$OUT/tiny}
-[[ -e "$MODEL/config.json" ]] || python -c "from shared.tiny import init_tiny; init_tiny('$MODEL', seed=0)"
+[[ -e "$MODEL/config.json" ]] || python -c "from shared.model.tiny import init_tiny; init_tiny('$MODEL', seed=0)"
 python - "$OUT/questions.jsonl" <<'PY'
 import json, sys
 rows = [{"question": f"{a}+{b}=", "ground_truth_answer": str(a + b)} for a in range(1, 5) for b in range(1, 5)]

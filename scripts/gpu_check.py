@@ -26,16 +26,19 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+
+from oracles import lmdeploy_sim
+
 from scripts.check_report import Report, finish
 from services.rollout.engines import lmdeploy_patch as lp
-from services.rollout.engines import lmdeploy_sim
 from services.rollout.engines.lmdeploy_engine import LMDeployEngine, LMDeployOptions
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams
-from shared.masks import square_mask, to_additive
-from shared.model import load_model, save_model
-from shared.tiny import init_tiny_sdar
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import GenerationRequest, SamplingParams
+from shared.model.masks import square_mask, to_additive
+from shared.model.sdar import load_model, save_model
+from shared.model.tiny import init_tiny_sdar
 
 B = 4
 PROMPT_LENGTHS = [8, 9, 11, 4, 5, 7, 12, 15]  # len % 4 = 0, 1, 3, 0, 1, 3, 0, 3

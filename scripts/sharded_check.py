@@ -93,7 +93,7 @@ def check(config: str, gpus: int, work: Path, model: Path, data: Path) -> dict:
 def main() -> None:
     import torch
 
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "build/sharded_check_out")))

@@ -13,10 +13,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
+from services.demo.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
 from services.status_view import TIMEOUT_S
-from shared.contracts import SamplingParams
-from shared.prompts import denoising_steps, encode_prompt, tokens_per_step
+from shared.contracts.wire import SamplingParams
+from shared.model.step_map import denoising_steps, tokens_per_step
+from shared.prompts import encode_prompt
 
 app = typer.Typer(
     name="gtpo",
@@ -50,7 +51,7 @@ def _flag(key: str, value) -> str:
 
 def _show(cfg) -> typer.Exit:
     """--dry-run: the resolved settings as YAML (secrets redacted), and exit 0."""
-    from shared.config import dump_config
+    from shared.config.loader import dump_config
 
     typer.echo(dump_config(cfg))
     return typer.Exit(0)
@@ -81,8 +82,8 @@ def init_model(
     if dry_run:
         raise _show(cfg)
     preset, out = cfg.preset, cfg.out
-    from shared.model import count_parameters, load_model
-    from shared.tiny import init_tiny, init_tiny_sdar
+    from shared.model.sdar import count_parameters, load_model
+    from shared.model.tiny import init_tiny, init_tiny_sdar
 
     # tiny: the demo's CPU model; tiny-sdar: head size LMDeploy's GPU kernels accept (GPU checks)
     path = (init_tiny if preset == "tiny" else init_tiny_sdar)(out, seed=cfg.seed)
@@ -133,7 +134,7 @@ def generate(
     params, prompt, chat = cfg.params, cfg.prompt, cfg.chat
 
     from services.rollout.engines.torch_engine import TorchEngine
-    from shared.contracts import GenerationRequest
+    from shared.contracts.wire import GenerationRequest
 
     engine = TorchEngine.from_pretrained(cfg.model, device=cfg.device)
     tok = engine.tokenizer
@@ -170,7 +171,7 @@ def _show_rollout(prompt: str, r, tokenizer) -> None:
 def _experiment(command: str, model, config: Path | None, args: list[str], dry_run: bool, *, environ=None):
     """Load a command's settings (defaults < YAML < its GTPO_<COMMAND>__* variables < key=value); with --dry-run
     print them and exit."""
-    from shared.config import ConfigError, dump_config, load_config
+    from shared.config.loader import ConfigError, dump_config, load_config
 
     try:
         cfg = load_config(model, config, args, environ=environ)
@@ -201,8 +202,8 @@ def sft(
     from services.trainer.config import SFTConfig
 
     cfg = _experiment("sft", SFTConfig, config, list(ctx.args), dry_run)
-    from services.trainer.checkpoint import CheckpointError
-    from services.trainer.sft import DataError, run_sft
+    from services.trainer.learner.checkpoint import CheckpointError
+    from services.trainer.learner.sft import DataError, run_sft
 
     if resume and fresh:
         raise _fail("sft", "--resume and --fresh: choose one (continue the run, or start it again at step 0)")
@@ -228,7 +229,7 @@ def serve_cmd(
 
     Example: gtpo serve rollout model=runs/tiny port=8001 --worker
     """
-    from shared.config import ConfigError, load_config
+    from shared.config.loader import ConfigError, load_config
 
     overrides = list(ctx.args) + (["worker=true"] if worker else [])
     if service == "rollout":
@@ -274,11 +275,11 @@ def train_cmd(
     cfg = _experiment("train", RLConfig, config, list(ctx.args), dry_run)
     import logging
 
-    from services.trainer.driver import run_rl
+    from services.trainer.orchestrator.driver import run_rl
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from services.trainer.lease import LeaseHeld, LeaseLost
-    from shared.queue import RedisUnavailable
+    from services.trainer.orchestrator.lease import LeaseHeld, LeaseLost
+    from shared.queues.queue import RedisUnavailable
 
     try:
         history = run_rl(cfg, resume=resume, fresh=fresh)
@@ -313,8 +314,8 @@ def up_cmd(
     from services.trainer.config import RLConfig
 
     cfg = _experiment("up", RLConfig, config, list(ctx.args), dry_run)
-    from services.launcher import run_stack
-    from shared.agreement import AgreementError
+    from services.stack import run_stack
+    from shared.contracts.agreement import AgreementError
 
     if resume and fresh:
         raise _fail("up", "--resume and --fresh: choose one (continue the run, or start it again at step 0)")
@@ -455,7 +456,7 @@ def _eval(
 
 def _run_eval(cfg, proto) -> None:
     """Evaluate with the resolved settings `cfg` and protocol; write the cards (and the engine parity)."""
-    from services.evaluate import evaluate_cards, load_rows
+    from services.eval.evaluate import evaluate_cards, load_rows
 
     dataset, model, limit, out = cfg.dataset, cfg.model, cfg.limit, cfg.out
     question_field, answer_field, answer_extract = cfg.question_field, cfg.answer_field, cfg.answer_extract
@@ -500,7 +501,7 @@ def _eval_settings(dataset: str | None, dry_run: bool, sampling: dict, **flags):
     from pydantic import ValidationError
 
     from services.command_settings import EvalSettings
-    from shared.config import describe_error
+    from shared.config.loader import describe_error
 
     given = {k: v for k, v in sampling.items() if v is not None}
     cfg = _command_settings("eval", EvalSettings, {"dataset": dataset, **flags, "sampling": given or None})
@@ -534,7 +535,7 @@ def _resolve_protocol(protocol: str | None, k: int | None, given: dict, aup_thre
     Raises:
         ValueError, pydantic.ValidationError: naming the setting.
     """
-    from services.eval_protocols import apply_overrides, custom, get_protocol, sweep
+    from services.eval.protocols import apply_overrides, custom, get_protocol, sweep
 
     if protocol is None:
         proto = custom(k or 4, SamplingParams(**{"max_new_tokens": 512, **given}))
@@ -561,7 +562,7 @@ def _fmt(v) -> str:
 def _print_eval(dataset: str, proto, runs: list) -> dict:
     """One column per (engine, decoding); accuracies with their 95% interval; engine parity when two engines ran
     (returned per decoding)."""
-    from services.eval_card import ACCURACIES, parity
+    from services.eval.card import ACCURACIES, parity
 
     table = Table(title=f"gtpo eval {dataset} (protocol {proto.name}, k={proto.k})")
     table.add_column("metric")
@@ -593,7 +594,7 @@ def _print_eval(dataset: str, proto, runs: list) -> dict:
 
 def _print_aup(runs: list) -> None:
     """AUP over the threshold sweep, per engine: the (tokens per forward, avg@k %) point of each decoding."""
-    from services.eval_metrics import aup
+    from services.eval.metrics import aup
 
     for engine in dict.fromkeys(r.engine for r in runs):
         points = [(r.card.metrics["tokens_per_forward"], 100 * r.card.metrics["avg_at_k"]) for r in runs
@@ -604,7 +605,7 @@ def _print_aup(runs: list) -> None:
 
 def _compare_cards(a_path: Path, b_path: Path, force: bool) -> None:
     """`gtpo eval --compare A B`: B - A per metric with its paired interval; refuses cards with different settings."""
-    from services.eval_card import EvalCard, compare_cards, setting_differences
+    from services.eval.card import EvalCard, compare_cards, setting_differences
 
     try:
         a, b = EvalCard.read(a_path), EvalCard.read(b_path)
@@ -661,9 +662,9 @@ def demo_cmd(
 
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
-    from services.code_task import CodeTaskError
-    from services.demo import DemoConfig, ReuseError, run_demo
-    from shared.tasks import TaskError
+    from services.demo.code_task import CodeTaskError
+    from services.demo.pipeline import DemoConfig, ReuseError, run_demo
+    from services.demo.tasks import TaskError
 
     overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}",
                  f"overlap={str(overlap).lower()}", f"reuse={str(reuse).lower()}"]  # fmt: skip
@@ -692,7 +693,7 @@ def merge_lora_cmd(
     cfg = _command_settings("merge-lora", MergeLoraSettings, {"checkpoint": checkpoint, "out": out, "base": base},
                             dry_run)  # fmt: skip
     checkpoint, out, base = cfg.checkpoint, cfg.out, cfg.base
-    from services.trainer.lora import AdapterError, merge_lora
+    from services.trainer.learner.lora import AdapterError, merge_lora
 
     try:
         path = merge_lora(checkpoint, out, base)
@@ -708,7 +709,7 @@ def _run_memory_settings(config: Path | None, accelerate_config: Path | None, se
             raise _fail("plan-memory", "--accelerate-config: needs --config (the run it launches)")
         return {}, None
     from services.trainer.config import RLConfig
-    from shared.config import ConfigError, load_config, read_yaml
+    from shared.config.loader import ConfigError, load_config, read_yaml
 
     try:
         run = load_config(RLConfig, config, [], environ={})
@@ -738,7 +739,7 @@ def plan_memory_cmd(
     docs/models/sdar-8b-chat prompt_len=1024 gen_len=8192 gpus=8 zero=3 checkpointing=true; or plan the run a
     config launches: gtpo plan-memory docs/models/sdar-8b-chat --config recipes/dirl-dipo/rl.yaml
     --accelerate-config recipes/dirl-dipo/accelerate.yaml prompt_len=1024"""
-    from services.trainer.memory_plan import (
+    from services.trainer.learner.memory_plan import (
         GIB,
         MemorySettings,
         ModelShape,
@@ -790,7 +791,7 @@ def _check_planner_names(args: list[str], planner_name) -> None:
 
 def _print_plan(model, s, asked, fits, budget: int, gpu_gib: float, show: int) -> None:
     """`gtpo plan-memory`'s tables: the asked settings' memory parts and peak, then the settings that fit."""
-    from services.trainer.memory_plan import GIB
+    from services.trainer.learner.memory_plan import GIB
 
     lora = f"LoRA r={s.lora_r}" if s.lora_r else "full"
     console.print(f"{model}: P={s.prompt_len} L={s.gen_len} R={s.r} c={s.c} x{s.micro_batch_size}, {s.gpus} "

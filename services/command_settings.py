@@ -1,5 +1,5 @@
 """The settings of the commands that are neither a trainer run nor a service: `gtpo init-model`, `generate`, `status`,
-`eval`, `merge-lora` and `launch`. Each goes through the one loader (shared/config.py): its defaults < `GTPO_<COMMAND>__*`
+`eval` and `merge-lora` (`launch`'s are in services/trainer/launch.py). Each goes through the one loader (shared/config/loader.py): its defaults < `GTPO_<COMMAND>__*`
 variables < its flags, and `--dry-run` prints what that resolved to. Pure pydantic: importing this loads no model.
 """
 
@@ -11,12 +11,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_serializer, model_validator
 
 from services.status_view import TIMEOUT_S
-from services.trainer.launch import DEFAULT_ACCELERATE_CONFIG
-from shared.config import CommandConfig, command_prefix
-from shared.contracts import SamplingParams
+from shared.config.loader import CommandConfig, command_prefix
+from shared.config.settings import DEFAULT_NAMESPACE, RedisUrl
+from shared.contracts.wire import SamplingParams
 from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE
-from shared.settings import DEFAULT_NAMESPACE, RedisUrl
 
 
 class InitModelSettings(CommandConfig):
@@ -109,18 +108,3 @@ class MergeLoraSettings(CommandConfig):
     checkpoint: Path = Field(description="a trainer checkpoint (with adapter/) or a LoRA adapter folder")
     out: Path = Field(description="folder for the merged SDAR-layout checkpoint")
     base: Path | None = Field(None, description="the base model; None = the adapter's own record")
-
-
-class LaunchSettings(CommandConfig):
-    """`gtpo launch`: `gtpo train` under `accelerate launch` on this node (`GTPO_LAUNCH__NPROC_PER_NODE=8`); the run
-    itself is the RLConfig of `config` (`GTPO_TRAIN__*`)."""
-
-    env_prefix: ClassVar[str | None] = command_prefix("launch")
-
-    config: Path = Field(description="RL run config (YAML) that each process passes to gtpo train")
-    overrides: list[str] = Field(default_factory=list, description="key=value overrides for gtpo train")
-    accelerate_config: Path = Field(DEFAULT_ACCELERATE_CONFIG, description="deploy/accelerate/*.yaml")
-    resume: bool = False
-    fresh: bool = False
-    nproc_per_node: int | None = Field(None, ge=1, description="default: the scheduler's, else the node's GPUs")
-    rendezvous_timeout: float = Field(900.0, ge=0, description="seconds a worker waits for the main node's address")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.contracts import TrainerStatus, WorkerHeartbeat
+from shared.contracts.wire import TrainerStatus, WorkerHeartbeat
 
 STREAM_OF = {"rollout": "tasks", "reward": "rollouts"}
 """The stream each worker kind consumes (its pending entries there are the work it holds)."""
@@ -56,9 +56,9 @@ def read_snapshot(redis, namespace: str) -> Snapshot:
     """
     import redis as redis_lib
 
-    from shared.contracts import WeightsVersion
-    from shared.keys import Keys
-    from shared.queue import Queue
+    from shared.contracts.wire import WeightsVersion
+    from shared.queues.keys import Keys
+    from shared.queues.queue import Queue
 
     keys, queue, invalid = Keys(namespace), Queue(redis, Keys(namespace)), []
 
@@ -110,7 +110,7 @@ def _text(value: bytes | str) -> str:
 
 def held_entries(snap: Snapshot, worker_id: str, kind: str) -> int:
     """Entries of its stream delivered to `worker_id` and not yet handed on (0 for a kind without a stream)."""
-    from shared.keys import Keys
+    from shared.queues.keys import Keys
 
     stream = getattr(Keys(snap.namespace), STREAM_OF.get(kind, ""), None)
     groups = (snap.depths.get(stream) or {}).get("groups", {}) if stream else {}
@@ -149,7 +149,7 @@ def render(snap: Snapshot):
     from rich.console import Group
     from rich.table import Table
 
-    from shared.keys import Keys
+    from shared.queues.keys import Keys
 
     keys = Keys(snap.namespace)
     queues = Table(title=f"queues ({snap.namespace})")
@@ -196,7 +196,7 @@ def read(redis, redis_url: str, namespace: str, timeout_s: float = TIMEOUT_S) ->
     """`read_snapshot`, with whatever stops Redis from answering as one `StatusError` naming the URL."""
     import redis as redis_lib
 
-    from shared.settings import redact_url
+    from shared.config.settings import redact_url
 
     try:
         return read_snapshot(redis, namespace)
@@ -215,7 +215,7 @@ def show(redis_url: str, namespace: str, console, *, watch: bool = False, interv
         StatusError: Redis could not be read (the first time, with `watch`: later failures show in the view,
             and the next redraw tries again).
     """
-    from shared.queue import connect
+    from shared.queues.queue import connect
 
     redis = connect(redis_url, socket_timeout=timeout_s, retries=0)
     view = render(read(redis, redis_url, namespace, timeout_s))

@@ -1,5 +1,5 @@
 """Column mapping for code datasets: rows become `{question, ground_truth_answer}` with the answer a `CodeTests`
-JSON object (shared/code_tests.py), so code data travels through the same data layer, tasks and reward items as
+JSON object (shared/contracts/code_tests.py), so code data travels through the same data layer, tasks and reward items as
 maths, and the reward service's `code` reward reads the tests back from the reference.
 
 Formats (`code_format`):
@@ -25,16 +25,15 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from shared.code_tests import CodeTests, StdioCase
-from shared.contracts import ScoreItem
-from shared.data import DataError
+from shared.contracts.code_tests import CodeTests, StdioCase
+from shared.contracts.wire import ScoreItem
 
 REFERENCE_CHARS = next(m.max_length for m in ScoreItem.model_fields["reference"].metadata if hasattr(m, "max_length"))
 """The contract's cap on a reference (`ScoreItem.reference`): a row whose tests are longer cannot be scored."""
 CodeFormat = Literal["humaneval", "mbpp", "livecodebench", "trace", "primeintellect"]
 
 
-class CodeDataError(DataError):
+class CodeDataError(ValueError):
     """A code row cannot be turned into tests; the message names the source, the row and the column."""
 
 

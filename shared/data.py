@@ -320,8 +320,11 @@ def load_qa(
     dataset with their tests as the answer (`shared.code_data.code_rows`; the column fields are then unused)."""
     rows = read_rows(source, default_split=default_split, max_row_bytes=max_row_bytes)
     if code_format is not None:
-        from shared.code_data import code_rows
+        from shared.code_data import CodeDataError, code_rows
 
-        return code_rows(rows, str(source), code_format)  # type: ignore[arg-type]  # code_rows checks the name
+        try:  # one error type for every data problem (code_data does not import this module: no cycle)
+            return code_rows(rows, str(source), code_format)  # type: ignore[arg-type]  # code_rows checks the name
+        except CodeDataError as e:
+            raise DataError(str(e)) from None
     return map_columns(rows, source, question_field=question_field, answer_field=answer_field,
                        answer_extract=answer_extract)  # fmt: skip

@@ -1,5 +1,5 @@
-"""Prompt text -> token ids, and what a rollout's step map says: one definition for the CLI, the services, SFT and
-evaluation (they must agree, or the trainer trains on prompts the engines never see)."""
+"""Prompt text -> token ids: one definition for the CLI, the services, SFT and evaluation (they must agree, or the
+trainer trains on prompts the engines never see). What a step map says is shared/model/step_map.py."""
 
 from __future__ import annotations
 
@@ -29,22 +29,3 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict[str, str]], *, chat: bo
         # transformers 5 returns a BatchEncoding, 4.x a plain list
         return list(out["input_ids"] if hasattr(out, "keys") else out)
     return list(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
-
-
-def denoising_steps(step_map: Sequence[int]) -> int:
-    """Forwards that unmasked at least one response token: the distinct values of the step map (DiRL's speed
-    denominator). The tail after a stop is not counted.
-
-    >>> denoising_steps([1, 1, 2, 3, 3, 3])
-    3
-    """
-    return len(set(step_map))
-
-
-def tokens_per_step(token_count: int, step_map: Sequence[int]) -> float:
-    """Response tokens per denoising forward (1.0 for one token a step; higher is faster).
-
-    >>> tokens_per_step(6, [1, 1, 2, 3, 3, 3])
-    2.0
-    """
-    return token_count / max(1, denoising_steps(step_map))

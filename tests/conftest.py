@@ -12,14 +12,14 @@ SDAR_8B = REPO.parent / "shared" / "data" / "sdar-8b-chat"
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from shared.model import load_model
+    from shared.model.sdar import load_model
 
     return load_model(tiny_dir)
 
@@ -30,7 +30,7 @@ def peaky(tiny_dir):
     several tokens in one step (random weights alone give one token per step)."""
     import torch
 
-    from shared.model import load_model
+    from shared.model.sdar import load_model
 
     loaded = load_model(tiny_dir)
     with torch.no_grad():
@@ -44,7 +44,7 @@ def sharp(tiny_dir):
     number of rounds varies. Per module: a module may change its weights."""
     import torch
 
-    from shared.model import load_model
+    from shared.model.sdar import load_model
 
     loaded = load_model(tiny_dir)
     with torch.no_grad():

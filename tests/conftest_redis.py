@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.keys import Keys
-from shared.queue import connect
-from shared.redis_server import EmbeddedRedis
+from shared.queues.keys import Keys
+from shared.queues.queue import connect
+from shared.queues.redis_server import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A client as the services build it (`shared.queue.connect`)."""
+    """A client as the services build it (`shared.queues.queue.connect`)."""
     client = connect(redis_url)
     yield client
     client.close()

@@ -52,7 +52,7 @@ def outlives(pid: int, wait_s: float) -> bool:
 def run_gtpo_up(cfg, redis_url: str, timeout_s: float = 300) -> None:
     """Write `cfg` (an RLConfig) next to its run and run `gtpo up` on it to the end; fails with the tails of its
     output and of every service log unless it exits 0."""
-    from shared.config import dump_config
+    from shared.config.loader import dump_config
 
     cfg_file = cfg.output_dir.parent / "run.yaml"
     cfg_file.write_text(dump_config(cfg))

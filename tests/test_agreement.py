@@ -14,18 +14,18 @@ from types import SimpleNamespace
 import pytest
 import uvicorn
 
-from services.launcher import Managed, check_services
 from services.reward.app import create_app as reward_app
 from services.reward.settings import RewardSettings
 from services.rollout.app import create_app as rollout_app
 from services.rollout.engines.torch_engine import TorchEngine
 from services.rollout.settings import RolloutSettings
+from services.stack import Managed, check_services
 from services.trainer.config import RLConfig
-from services.trainer.driver import Driver
-from shared.agreement import AgreementError, TrainerSide, check_agreement, fetch_info, registered_infos
-from shared.contracts import ServiceInfo
-from shared.queue import WeightRegistry
-from shared.settings import RedisConfig
+from services.trainer.orchestrator.driver import Driver
+from shared.config.settings import RedisConfig
+from shared.contracts.agreement import AgreementError, TrainerSide, check_agreement, fetch_info, registered_infos
+from shared.contracts.wire import ServiceInfo
+from shared.queues.queue import WeightRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,6 +171,6 @@ def test_gtpo_up_stops_before_the_trainer_when_a_service_refuses_its_settings(ti
 def test_doctests():
     import doctest
 
-    import shared.agreement
+    import shared.contracts.agreement
 
-    assert doctest.testmod(shared.agreement).failed == 0
+    assert doctest.testmod(shared.contracts.agreement).failed == 0

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from services.cli import app
-from shared.contracts import WeightsVersion
+from shared.contracts.wire import WeightsVersion
 
 TOKEN = "s3cr3t-tok"
 BAD = [f"{TOKEN} ", f" {TOKEN}", f"{TOKEN}\n", f"{TOKEN}\x7f", "tök"]
@@ -62,7 +62,7 @@ def test_a_good_token_is_kept_and_hidden(run_yaml):
 def test_the_trainer_log_never_shows_the_token(caplog):
     """Whatever reaches the push (a token built past the settings), the HTTP library's complaint that quotes the
     header is logged without it."""
-    from services.trainer.weights import push_weights
+    from services.trainer.orchestrator.publish import push_weights
 
     version = WeightsVersion(version=1, path="/ckpt/step-1/model", step=1)
     with socket.socket() as listener, caplog.at_level(logging.WARNING, logger="gtpo.trainer"):

@@ -15,8 +15,8 @@ import pytest
 import redis
 from test_services_e2e import Stack, _assert_exactly_once, _config, _trained, _wait
 
-from services.launcher import plan
-from shared.keys import Keys
+from services.stack import plan
+from shared.queues.keys import Keys
 
 pytestmark = pytest.mark.redis
 
@@ -30,7 +30,7 @@ class AsyncStack(Stack):
     def __init__(self, cfg, url: str, rollout_workers: int = 2, reward_workers: int = 2):
         super().__init__(cfg, url, rollout_workers)
         self.workers, self.trainer, trainer_cfg, _ = plan(cfg, self.run, rollout_workers, reward_workers, resume=False)
-        from shared.config import dump_config
+        from shared.config.loader import dump_config
 
         self.cfg_path.write_text(dump_config(trainer_cfg))
 
@@ -51,7 +51,7 @@ def _assert_within_bound(run: Path, k: int) -> list[int]:
 
 def test_k0_repeats_the_recorded_synchronous_run(tmp_path, redis_url):
     """Same seed, same tasks, same trained groups and the same metrics as the driver before asynchronous GTPO."""
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     rec = json.loads(RECORDED.read_text())
     c = rec["config"]
@@ -176,7 +176,7 @@ def test_a_stalled_trainer_loses_its_lease_and_stops_without_writing(tmp_path, t
         _wait(lambda: r.get(keys.trainer_lease) is None, 30, "the stalled trainer's lease to expire")
         run2 = tmp_path / "run2"
         shutil.copytree(cfg.output_dir, run2, ignore=shutil.ignore_patterns("logs", "trainer.lock"))
-        from shared.config import dump_config
+        from shared.config.loader import dump_config
 
         (run2 / "run.yaml").write_text(dump_config(cfg.model_copy(update={"output_dir": run2})))
         log2 = (run2 / "trainer2.log").open("wb")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.trainer.baselines import (
+from services.trainer.config import OptimConfig, TrainerConfig
+from services.trainer.learner.baselines import (
     EstimatorTrajectory,
     check_estimator,
     combine_targets,
@@ -16,13 +17,18 @@ from services.trainer.baselines import (
     random_mask_trajectory,
     target_weights,
 )
-from services.trainer.config import OptimConfig, TrainerConfig
-from services.trainer.objective import LossConfig, group_advantages, gtpo_loss
-from services.trainer.trainer import Learner, step_generator
-from services.trainer.trajectory import TrainBatch, Trajectory, build_batch, rollout_trajectory, trajectory_rounds
-from shared.contracts import StepBatch
-from shared.masks import to_additive
-from shared.model import load_model
+from services.trainer.learner.objective import LossConfig, group_advantages, gtpo_loss
+from services.trainer.learner.trainer import Learner, step_generator
+from services.trainer.learner.trajectory import (
+    TrainBatch,
+    Trajectory,
+    build_batch,
+    rollout_trajectory,
+    trajectory_rounds,
+)
+from shared.contracts.wire import StepBatch
+from shared.model.masks import to_additive
+from shared.model.sdar import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))

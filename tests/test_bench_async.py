@@ -23,13 +23,13 @@ from bench.async_rl import (
     table,
     with_ratios,
 )
-from shared.contracts import GenerationRequest, SamplingParams
+from shared.contracts.wire import GenerationRequest, SamplingParams
 
 
 @pytest.mark.redis
 def test_one_tiny_configuration_trains_every_group_once_within_the_bound(redis_url, tmp_path):
     from services.reward.verify import VerifierPool
-    from shared.tiny import build_tiny_tokenizer
+    from shared.model.tiny import build_tiny_tokenizer
 
     tm = TimeModel(Lengths(64, 0.7, 256), rollout_s_per_token=1.0, train_s_per_token=0.05, scale=1250.0)
     with VerifierPool(workers=1, timeout_s=5.0) as pool:

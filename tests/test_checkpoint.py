@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import services.trainer.checkpoint as ckpt_module
-from services.trainer.checkpoint import (
+import services.trainer.learner.checkpoint as ckpt_module
+from services.trainer.learner.checkpoint import (
     CheckpointError,
     TrainerState,
     checkpoint_dir,
@@ -27,8 +27,8 @@ from services.trainer.checkpoint import (
     optimizer_to_tensors,
     save_checkpoint,
 )
-from shared.model import load_model
-from shared.tiny import init_tiny
+from shared.model.sdar import load_model
+from shared.model.tiny import init_tiny
 
 VOCAB = 256  # byte tokens of the tiny tokenizer
 

@@ -8,7 +8,7 @@ import sys
 from typer.testing import CliRunner
 
 from services.cli import app
-from shared.model import DiffusionSpec, load_model
+from shared.model.sdar import DiffusionSpec, load_model
 
 runner = CliRunner()
 

@@ -6,9 +6,9 @@ from math import comb
 
 import pytest
 
-from services.code_eval import mean_pass_at_k, pass_at_k
+from services.eval.code import mean_pass_at_k, pass_at_k
 from shared.code_data import CodeDataError, code_rows
-from shared.code_tests import CodeTests, extract_program, is_code_reference, load_tests, outputs_match
+from shared.contracts.code_tests import CodeTests, extract_program, is_code_reference, load_tests, outputs_match
 from shared.data import load_qa
 
 
@@ -94,7 +94,7 @@ def test_pass_at_k_by_hand():
         pass_at_k(3, 1, 4)
 
 
-@pytest.mark.parametrize("module", ["services.code_eval", "shared.code_tests", "services.reward.code"])
+@pytest.mark.parametrize("module", ["services.eval.code", "shared.contracts.code_tests", "services.reward.code"])
 def test_doctests_pass(module):
     import doctest
     import importlib
@@ -104,9 +104,9 @@ def test_doctests_pass(module):
 
 def test_eval_scores_code_rows_with_the_code_reward(tmp_path):
     """`gtpo eval`'s scoring: code references go to the sandbox, a sample is correct when every test passes."""
-    from services.evaluate import score_questions
+    from services.eval.evaluate import score_questions
     from services.reward.verify import VerifierPool
-    from shared.contracts import Rollout, SamplingParams
+    from shared.contracts.wire import Rollout, SamplingParams
 
     rows = code_rows([{"text": "t", "test_list": ["assert g(2) == 4", "assert g(3) == 9"]}], "mb", "mbpp")
 

@@ -25,8 +25,8 @@ from fastapi.testclient import TestClient
 from services.reward.code import CodeRunner
 from services.reward.sandbox import BASE_UID, available
 from shared.code_data import code_rows
-from shared.code_tests import CodeTests, StdioCase
-from shared.contracts import ScoreStatus
+from shared.contracts.code_tests import CodeTests, StdioCase
+from shared.contracts.wire import ScoreStatus
 from shared.data import read_jsonl
 
 BACKENDS = [b for b in ("bwrap", "unshare") if available(b)]
@@ -248,7 +248,7 @@ def reference_items(fmt: str) -> list[tuple[str, str, str, float]]:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_reference_solutions_are_scored_item_by_item(fmt):
     from services.reward.scoring import check_programs
-    from shared.contracts import ScoreItem
+    from shared.contracts.wire import ScoreItem
 
     items = reference_items(fmt)
     assert len(items) >= 24

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from services.code_task import CodeTaskError, CodeTaskSpec, make_code_splits, write_code_task
+from services.demo.code_task import CodeTaskError, CodeTaskSpec, make_code_splits, write_code_task
 from services.reward.code import CodeRunner
 from services.reward.sandbox import available
 from services.reward.scoring import check_programs
-from shared.code_tests import load_tests
-from shared.contracts import ScoreItem, ScoreStatus
+from shared.contracts.code_tests import load_tests
+from shared.contracts.wire import ScoreItem, ScoreStatus
 
 BACKEND = next((b for b in ("bwrap", "unshare") if available(b)), "insecure")
 

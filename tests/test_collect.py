@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from services.trainer.collect import MAX_ATTEMPTS, Collector, Prompt, parse_task_id
 from services.trainer.config import RLConfig
-from shared.contracts import Rollout, ScoredMessage, ScoreResult, TaskMessage
-from shared.queue import Queue
-from shared.settings import default_reward_weights
+from services.trainer.orchestrator.collect import MAX_ATTEMPTS, Collector, Prompt, parse_task_id
+from shared.config.settings import default_reward_weights
+from shared.contracts.wire import Rollout, ScoredMessage, ScoreResult, TaskMessage
+from shared.queues.queue import Queue
 
 pytestmark = pytest.mark.redis
 

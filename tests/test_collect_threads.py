@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from test_collect import _answer, _collector
 
-from services.trainer.driver import Driver
-from services.trainer.status import TrainerMetrics, create_app
-from shared.contracts import TrainerPhase
+from services.trainer.orchestrator.driver import Driver
+from services.trainer.orchestrator.status_server import TrainerMetrics, create_app
+from shared.contracts.wire import TrainerPhase
 
 pytestmark = pytest.mark.redis
 

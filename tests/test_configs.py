@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from services.trainer.config import SFTConfig, TrainerConfig
-from shared.config import ConfigError, dump_config, load_config
+from shared.config.loader import ConfigError, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def test_an_sft_config_refuses_the_rl_settings_naming_the_field(tmp_path):
 
 def test_the_rl_sampling_is_sampling_params_and_each_task_request_comes_from_it():
     from services.trainer.config import RLConfig, RolloutSampling
-    from shared.contracts import SamplingParams, Strategy
+    from shared.contracts.wire import SamplingParams, Strategy
 
     r = load_config(RLConfig, None, [*RL_ARGS, "rollout.top_k=5", "rollout.block_size=8"], environ={}).rollout
     assert isinstance(r, SamplingParams) and (r.top_k, r.block_size, r.group_size) == (5, 8, 8)
@@ -251,8 +251,8 @@ def test_a_yaml_token_of_the_wrong_type_is_refused_without_showing_it(tmp_path):
 def test_redact_url_hides_passwords_only():
     import doctest
 
-    import shared.settings as settings_module
-    from shared.settings import RedisConfig, redact_url
+    import shared.config.settings as settings_module
+    from shared.config.settings import RedisConfig, redact_url
 
     assert doctest.testmod(settings_module).failed == 0
     assert redact_url("redis://user@h:1/0") == "redis://user@h:1/0"  # a user name alone is not a secret
@@ -263,8 +263,8 @@ def test_redact_url_hides_passwords_only():
 def test_bearer_token_refuses_what_a_header_cannot_carry_without_quoting_it():
     from pydantic import BaseModel, ValidationError
 
-    from shared.config import describe_error
-    from shared.settings import BearerToken
+    from shared.config.loader import describe_error
+    from shared.config.settings import BearerToken
 
     class Service(BaseModel):
         api_token: BearerToken | None = None
@@ -281,7 +281,7 @@ def test_bearer_token_refuses_what_a_header_cannot_carry_without_quoting_it():
 def test_doctests():
     import doctest
 
-    import shared.config as config_module
+    import shared.config.loader as config_module
 
     assert doctest.testmod(config_module).failed == 0
 
@@ -291,6 +291,6 @@ def test_the_trainer_config_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, services.trainer.config, shared.config; print('torch' in sys.modules)"
+    code = "import sys, services.trainer.config, shared.config.loader; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,11 +9,17 @@ import torch
 
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import OptimConfig, TrainerConfig
-from services.trainer.objective import LossConfig
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import Learner
-from services.trainer.trajectory import Trajectory, build_batch, forward_rounds, rollout_trajectory, trajectory_rounds
-from shared.contracts import GenerationRequest, SamplingParams, StepBatch
+from services.trainer.learner.objective import LossConfig
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trainer import Learner
+from services.trainer.learner.trajectory import (
+    Trajectory,
+    build_batch,
+    forward_rounds,
+    rollout_trajectory,
+    trajectory_rounds,
+)
+from shared.contracts.wire import GenerationRequest, SamplingParams, StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -108,7 +114,7 @@ def test_c_changes_the_forward_lengths_as_the_memory_model_says(trajs):
 
 
 def test_checkpointing_gives_the_same_gradients(tiny_dir):
-    from shared.model import load_model
+    from shared.model.sdar import load_model
 
     clean = torch.arange(40, 80)
     traj = Trajectory(clean, 7, 33, 4, trajectory_rounds(7, [1 + (i % 4) for i in range(33)], 33, 4))
@@ -125,8 +131,8 @@ def test_checkpointing_gives_the_same_gradients(tiny_dir):
 
 def test_checkpointing_recomputes_dropout_with_the_same_masks(tmp_path):
     """With dropout on, the recomputed forward must draw the masks of the first one (RNG restored)."""
-    from shared.model import load_model
-    from shared.tiny import init_tiny
+    from shared.model.sdar import load_model
+    from shared.model.tiny import init_tiny
 
     model_dir = init_tiny(tmp_path / "dropout", seed=0, attention_dropout=0.5)
     clean = torch.arange(40, 80)
@@ -174,7 +180,7 @@ def test_trainer_updates_agree_for_c_and_checkpointing(tiny_dir, tmp_path, group
     grads, losses = {}, {}
     for name, kw in settings.items():
         if name == "per_round":
-            monkeypatch.setattr("services.trainer.trainer.build_batch", per_round_batch)
+            monkeypatch.setattr("services.trainer.learner.trainer.build_batch", per_round_batch)
         trainer = _trainer(
             tiny_dir, tmp_path / name, micro_batch_size=2, updates_per_step=2, loss=LossConfig(norm=norm), **kw
         )

@@ -7,9 +7,9 @@ import json
 import pytest
 
 import shared.data as data_mod
-from services.evaluate import load_rows
+from services.eval.evaluate import load_rows
 from services.trainer.config import RLConfig, SFTConfig
-from services.trainer.driver import load_prompts
+from services.trainer.orchestrator.driver import load_prompts
 from shared.data import DataError, load_qa, parse_hub, read_rows
 
 MATH_ROWS = [
@@ -95,7 +95,7 @@ def test_a_save_to_disk_folder_and_its_splits(tmp_path):
 
 
 def test_rl_and_sft_configs_take_every_kind_of_source(tmp_path, tiny):
-    from services.trainer.sft import prepare_rows
+    from services.trainer.learner.sft import prepare_rows
 
     one, _ = _save_to_disk(tmp_path)
     # a Path still works (configs built in code when `data` was a Path), and so does hf: text, byte for byte

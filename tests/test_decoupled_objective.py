@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from services.trainer.objective import (
+from services.trainer.learner.objective import (
     LossConfig,
     behaviour_metrics,
     behaviour_sums,

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer.config import OptimConfig, TrainerConfig
-from services.trainer.objective import LossConfig, group_advantages
-from services.trainer.trainer import Learner
-from shared.contracts import StepBatch
+from services.trainer.learner.objective import LossConfig, group_advantages
+from services.trainer.learner.trainer import Learner
+from shared.contracts.wire import StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))

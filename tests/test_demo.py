@@ -8,10 +8,10 @@ import sys
 import pytest
 import yaml
 
-from services.evaluate import evaluate, load_rows
-from services.plots import PANELS, read_metrics, rl_figure
-from shared.contracts import SamplingParams
-from shared.tasks import TaskSpec, make_splits, sft_row, write_task
+from services.demo.plots import PANELS, read_metrics, rl_figure
+from services.demo.tasks import TaskSpec, make_splits, sft_row, write_task
+from services.eval.evaluate import evaluate, load_rows
+from shared.contracts.wire import SamplingParams
 
 
 def test_task_splits_are_disjoint_deterministic_and_in_the_rl_format(tmp_path):

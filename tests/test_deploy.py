@@ -466,7 +466,7 @@ def test_secret_references_are_the_env_example_keys(overlay):
 
 def test_run_configs_parse():
     from services.trainer.config import RLConfig
-    from shared.config import load_config
+    from shared.config.loader import load_config
 
     assert (K8S / "base" / "run.yaml").read_text() == RUN_YAML.read_text()
     for path in [RUN_YAML, *sorted(K8S.rglob("run.yaml"))]:
@@ -790,7 +790,7 @@ class LocalPods:
     at a local password-protected server, each HTTP port moved to a free one."""
 
     def __init__(self, tmp: Path) -> None:
-        from shared.redis_server import _default_binary
+        from shared.queues.redis_server import _default_binary
 
         self.tmp, self.data, self.config = tmp, tmp / "data", tmp / "config"
         self.config.mkdir()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from services.rollout.engines import create_engine
-from services.rollout.engines.naive import naive_generate
+from services.rollout.engines.reference import naive_generate
 from services.rollout.engines.torch_engine import TorchEngine
-from shared.contracts import GenerationRequest, Rollout, SamplingParams, Strategy
+from shared.contracts.wire import GenerationRequest, Rollout, SamplingParams, Strategy
 
 B = 4
 

@@ -10,7 +10,7 @@ import pytest
 from services.rollout.engines import GenerationCancelled
 from services.rollout.engines.sampling import MIN_TEMPERATURE
 from services.rollout.engines.torch_engine import TorchEngine
-from shared.contracts import MAX_ID, GenerationRequest, Rollout, SamplingParams
+from shared.contracts.wire import MAX_ID, GenerationRequest, Rollout, SamplingParams
 
 B = 4
 

@@ -7,7 +7,7 @@ import torch
 from oracles.engine_reference import ReferenceEngine
 
 from services.rollout.engines.torch_engine import TorchEngine
-from shared.contracts import GenerationRequest, SamplingParams
+from shared.contracts.wire import GenerationRequest, SamplingParams
 
 B = 4
 

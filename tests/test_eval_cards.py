@@ -1,4 +1,5 @@
-"""Eval cards on the tiny model: `gtpo eval --engines torch,reference` writes one card per engine and decoding, the
+"""Eval cards on the tiny model: `gtpo eval --engines torch,reference` (the naive
+decoder, services/rollout/engines/reference.py) writes one card per engine and decoding, the
 engines agree token for token (greedy and sampled, same seeds), a card survives a round trip, and `--compare` pairs two cards or refuses
 (exit 2, naming the settings) when they differ in more than the model."""
 
@@ -8,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.eval_card import EvalCard, compare_cards, parity, setting_differences
+from services.eval.card import EvalCard, compare_cards, parity, setting_differences
 
 QUESTIONS = [("1+1=", "2"), ("2+3=", "5"), ("7-4=", "3")]
 
@@ -123,8 +124,8 @@ def test_eval_without_a_dataset_or_with_a_bad_protocol_names_the_field(tmp_path)
 def test_the_demo_tables_read_intervals_from_the_cards(cards, tmp_path):
     from rich.console import Console
 
-    from services.demo import _table
-    from services.evaluate import result_of
+    from services.demo.pipeline import _table
+    from services.eval.evaluate import result_of
 
     base = EvalCard.read(cards["torch"])
     after = with_results(base, [[True, True], [False, False], [True, True]])

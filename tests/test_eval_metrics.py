@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.eval_metrics import aup, aup_weight, bootstrap_ci, paired_bootstrap_ci, percentile
-from services.eval_protocols import PROTOCOLS, apply_overrides, get_protocol, protocol_table
+from services.eval.metrics import aup, aup_weight, bootstrap_ci, paired_bootstrap_ci, percentile
+from services.eval.protocols import PROTOCOLS, apply_overrides, get_protocol, protocol_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_explicit_flags_override_one_setting_and_bad_ones_name_the_field():
 def test_the_docs_and_readme_hold_the_protocol_table_the_code_uses():
     table = protocol_table()
     for doc in (REPO / "docs" / "evaluation.md", REPO / "README.md"):
-        assert table in doc.read_text(), f"{doc.name}: regenerate with services.eval_protocols.protocol_table()"
+        assert table in doc.read_text(), f"{doc.name}: regenerate with services.eval.protocols.protocol_table()"
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -126,7 +126,7 @@ def test_aup_on_hand_derived_curves():
 
 
 def test_an_aup_sweep_decodes_once_per_threshold():
-    from services.eval_protocols import sweep
+    from services.eval.protocols import sweep
 
     p = sweep(get_protocol("lightningrl"), [0.9, 0.5])
     assert [d.name for d in p.decodings] == ["greedy@0.9", "greedy@0.5"]

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from services.rollout.engines import GenerationCancelled, create_engine
-from shared.contracts import MAX_ID, GenerationRequest, Rollout, SamplingParams
-from shared.prompts import denoising_steps
+from shared.contracts.wire import MAX_ID, GenerationRequest, Rollout, SamplingParams
+from shared.model.step_map import denoising_steps
 
 try:
     import lmdeploy  # noqa: F401
@@ -70,7 +70,7 @@ class FakeAsyncEngine:
         return SimpleNamespace(session=session, inputs={"input_ids": list(input_ids)}, gen_config=gc)
 
     async def generate(self, req, stream_response=True):
-        from services.rollout.engines import lmdeploy_sim as lp
+        from oracles import lmdeploy_sim as lp
 
         bc, gc = self.backend_config, req.gen_config
         self.requests.append(req)
@@ -121,7 +121,7 @@ def torch_sim_model(loaded):
     so a preempted sequence that re-prefills the same state draws the same row again.
     """
     from services.rollout.engines.sampling import block_uniforms, sample_block
-    from shared.masks import block_causal_mask, to_additive
+    from shared.model.masks import block_causal_mask, to_additive
 
     b = loaded.spec.block_size
     dtype = next(loaded.model.parameters()).dtype
@@ -157,7 +157,7 @@ def engine(fake, tiny_dir):
 
 def expected(prompt, rollout, *, extra_stops=()):
     """The reference trajectory for one rollout: the fake model decoded by our own rules."""
-    from services.rollout.engines import lmdeploy_sim as lp
+    from oracles import lmdeploy_sim as lp
 
     p = rollout.params
     cfg = lp.SimConfig(
@@ -173,7 +173,7 @@ def expected(prompt, rollout, *, extra_stops=()):
 
 
 def assert_contract(r: Rollout, prompt: list[int]) -> None:
-    """What every engine's rollout satisfies (design.md section 2)."""
+    """What every engine's rollout satisfies (docs/design.md section 2)."""
     p = r.params
     b, stops = p.block_size, set(p.stop_token_ids)
     assert r.prompt_ids == prompt and len(r.step_map) == len(r.token_ids) and min(r.step_map) >= 1
@@ -335,7 +335,7 @@ def test_weight_versions_load_in_place_with_lmdeploys_loader(engine, fake, tiny_
 
 @needs_lmdeploy
 def test_weights_with_another_spec_are_refused(engine, tmp_path):
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     other = init_tiny(tmp_path / "b8", block_size=8)
     with pytest.raises(ValueError, match="weights"):

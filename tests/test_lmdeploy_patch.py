@@ -20,8 +20,9 @@ except ImportError:
         ) from None
     pytest.skip("lmdeploy is not installed (docs/lmdeploy.md: CPU install for tests)", allow_module_level=True)
 
+from oracles import lmdeploy_sim as sim
+
 from services.rollout.engines import lmdeploy_patch as lp
-from services.rollout.engines import lmdeploy_sim as sim
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -255,7 +256,7 @@ def test_sampling_rows_are_sequence_major_with_a_seed_per_position():
 def test_mask_id_comes_from_config_json(tmp_path):
     from lmdeploy.pytorch.config import ModelConfig
 
-    from shared.tiny import init_tiny_sdar
+    from shared.model.tiny import init_tiny_sdar
 
     path = init_tiny_sdar(tmp_path / "tiny-sdar")
     cfg = ModelConfig.from_pretrained(str(path))
@@ -278,7 +279,7 @@ def test_rotary_settings_come_from_sdar_rope_theta(tmp_path, theta, scaling, emb
     from lmdeploy.pytorch.config import ModelConfig
     from lmdeploy.pytorch.nn.rotary_embedding import build_rotary_params, get_rope_theta
 
-    from shared.tiny import init_tiny_sdar
+    from shared.model.tiny import init_tiny_sdar
 
     path = init_tiny_sdar(tmp_path / "tiny-sdar", rope_theta=theta)
     raw = json.loads((path / "config.json").read_text())

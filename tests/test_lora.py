@@ -17,14 +17,15 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from services.rollout.engines.torch_engine import TorchEngine
-from services.trainer import lora
 from services.trainer.config import LoraSettings, OptimConfig, SFTConfig, TrainerConfig
-from services.trainer.objective import LossConfig
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import Learner
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams, StepBatch
-from shared.model import load_model
+from services.trainer.learner import lora
+from services.trainer.learner.objective import LossConfig
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trainer import Learner
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import GenerationRequest, SamplingParams, StepBatch
+from shared.model import adapter
+from shared.model.sdar import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -48,7 +49,7 @@ def _randomise(peft_model, seed: int = 0, std: float = 0.05) -> None:
     """Non-zero adapter weights (lora_B starts at 0, which would make every comparison trivially the base)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora.adapter_parameters(peft_model).values():
+        for p in adapter.adapter_parameters(peft_model).values():
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -71,7 +72,7 @@ def test_settings_are_checked_naming_the_field(tiny_dir, tmp_path):
         LoraSettings(r=0)
     with pytest.raises(ValidationError, match="target_modules"):
         LoraSettings(target_modules=[])
-    with pytest.raises(lora.AdapterError, match="lora.target_modules.*qkv"):
+    with pytest.raises(adapter.AdapterError, match="lora.target_modules.*qkv"):
         _trainer(tiny_dir, tmp_path, lora=LoraSettings(target_modules=["qkv"]))
 
 
@@ -106,13 +107,13 @@ def test_checkpoint_holds_the_adapter_in_peft_layout(tiny_dir, tmp_path, groups)
     t = _trainer(tiny_dir, tmp_path / "run")
     t.rl_step(StepBatch.of(*groups))
     ckpt = t.save()
-    folder = ckpt / lora.ADAPTER_DIR
-    assert {lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS, lora.BASE_FILE} <= {p.name for p in folder.iterdir()}
+    folder = ckpt / adapter.ADAPTER_DIR
+    assert {adapter.ADAPTER_CONFIG, adapter.ADAPTER_WEIGHTS, adapter.BASE_FILE} <= {p.name for p in folder.iterdir()}
     assert not (ckpt / "model").exists() and t.weights_path(ckpt) == folder
-    assert json.loads((folder / lora.ADAPTER_CONFIG).read_text())["r"] == LORA.r
+    assert json.loads((folder / adapter.ADAPTER_CONFIG).read_text())["r"] == LORA.r
     opt = load_file(ckpt / "optimizer.safetensors")
     assert sum(v.numel() for k, v in opt.items() if k.endswith("exp_avg")) == sum(
-        v.numel() for v in load_file(folder / lora.ADAPTER_WEIGHTS).values()
+        v.numel() for v in load_file(folder / adapter.ADAPTER_WEIGHTS).values()
     )
     # peft's own loader reads the folder and computes what the trainer's model computes
     reloaded = PeftModel.from_pretrained(load_model(tiny_dir).model, str(folder)).eval()
@@ -125,7 +126,7 @@ def _losses(history) -> list[float]:
 
 
 def test_sft_interrupted_and_resumed_equals_uninterrupted(tiny_dir, tmp_path):
-    from services.trainer.sft import run_sft
+    from services.trainer.learner.sft import run_sft
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "response": str(2 * a)}) + "\n" for a in range(30)))
@@ -143,7 +144,7 @@ def test_sft_interrupted_and_resumed_equals_uninterrupted(tiny_dir, tmp_path):
     first = run_sft(SFTConfig(output_dir=tmp_path / "b", steps=2, **base), progress=False)
     rest = run_sft(SFTConfig(output_dir=tmp_path / "b", steps=4, **base), resume=True, progress=False)
     assert len(rest) == 2 and _losses(first + rest) == _losses(straight)  # exact: same floats
-    a, b = (load_file(tmp_path / r / "checkpoints" / "step-00000004" / "adapter" / lora.ADAPTER_WEIGHTS) for r in "ab")
+    a, b = (load_file(tmp_path / r / "checkpoints" / "step-00000004" / "adapter" / adapter.ADAPTER_WEIGHTS) for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     oa, ob = (load_file(tmp_path / r / "checkpoints" / "step-00000004" / "optimizer.safetensors") for r in "ab")
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
@@ -163,7 +164,7 @@ def test_rl_interrupted_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, gro
     assert resumed.resume() and resumed.state.step == 2
     resumed_losses.append(resumed.rl_step(StepBatch.of(*groups))["loss"])
     assert resumed_losses == losses
-    a, b = lora.adapter_parameters(straight.peft), lora.adapter_parameters(resumed.peft)
+    a, b = adapter.adapter_parameters(straight.peft), adapter.adapter_parameters(resumed.peft)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -194,7 +195,7 @@ def test_publish_merged_writes_sdar_weights_next_to_the_adapter(tiny_dir, tmp_pa
     t = _trainer(tiny_dir, tmp_path / "run", lora=LoraSettings(r=4, publish="merged"))
     _randomise(t.peft)
     ckpt = t.save()
-    assert t.weights_path(ckpt) == ckpt / "model" and (ckpt / lora.ADAPTER_DIR / lora.ADAPTER_WEIGHTS).is_file()
+    assert t.weights_path(ckpt) == ckpt / "model" and (ckpt / adapter.ADAPTER_DIR / adapter.ADAPTER_WEIGHTS).is_file()
     t.unwrapped.eval()
     assert (_logits(load_model(ckpt / "model").model, IDS) - _logits(t.peft, IDS)).abs().max() <= 1e-5
 
@@ -223,9 +224,9 @@ def test_torch_engine_applies_adapter_versions_in_place(tiny_dir, tmp_path):
     engine.load_weights(v1, 1)
     engine.load_weights(v2, 2)
     # the base tensors never moved; only the adapter's bytes were copied
-    kept = {lora.base_key(n): p.data_ptr() for n, p in engine.model.named_parameters() if lora.base_key(n)}
+    kept = {adapter.base_key(n): p.data_ptr() for n, p in engine.model.named_parameters() if adapter.base_key(n)}
     assert kept == base_ptrs
-    tensors = load_file(v2 / lora.ADAPTER_WEIGHTS)
+    tensors = load_file(v2 / adapter.ADAPTER_WEIGHTS)
     assert engine.adapter_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
     full = sum(p.numel() * p.element_size() for p in load_model(tiny_dir).model.parameters())
     assert engine.adapter_bytes < full / 10
@@ -273,7 +274,7 @@ def test_a_version_that_cannot_be_applied_is_an_error(tiny_dir, tmp_path):
     from services.rollout.app import create_app
     from services.rollout.engines.lmdeploy_engine import LMDeployEngine
     from services.rollout.settings import RolloutSettings
-    from shared.tiny import init_tiny
+    from shared.model.tiny import init_tiny
 
     root = tmp_path / "root"
     shutil.copytree(tiny_dir, root / "v0")
@@ -282,12 +283,12 @@ def test_a_version_that_cannot_be_applied_is_an_error(tiny_dir, tmp_path):
     wider = _adapter_version(tiny_dir, root / "wider", seed=1, settings=LoraSettings(r=8))
     nobase = root / "nobase"
     shutil.copytree(good, nobase)
-    (nobase / lora.BASE_FILE).unlink()
+    (nobase / adapter.BASE_FILE).unlink()
     bent = root / "bent"
     shutil.copytree(good, bent)
-    t = load_file(good / lora.ADAPTER_WEIGHTS)
+    t = load_file(good / adapter.ADAPTER_WEIGHTS)
     key = next(k for k in t if "q_proj.lora_A" in k)
-    save_file({**t, key: t[key][:, :-1].contiguous()}, bent / lora.ADAPTER_WEIGHTS)
+    save_file({**t, key: t[key][:, :-1].contiguous()}, bent / adapter.ADAPTER_WEIGHTS)
     settings = RolloutSettings(model=root / "v0", checkpoint_root=root, api_token="t")
     auth = {"Authorization": "Bearer t"}
     body = {"prompt_ids": [[5, 6, 7]], "params": {"seed": 3, "max_new_tokens": 8, "stop_token_ids": []}}
@@ -296,7 +297,7 @@ def test_a_version_that_cannot_be_applied_is_an_error(tiny_dir, tmp_path):
         def push(path, version):
             return c.post("/v1/weights", json={"version": version, "path": str(path)}, headers=auth)
 
-        for folder, needle in [(other, "another base"), (nobase, lora.BASE_FILE), (bent, "q_proj")]:
+        for folder, needle in [(other, "another base"), (nobase, adapter.BASE_FILE), (bent, "q_proj")]:
             r = push(folder, 1)
             assert r.status_code == 422 and needle in r.json()["detail"], r.text
         assert push(good, 1).status_code == 200

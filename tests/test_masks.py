@@ -5,7 +5,7 @@ import warnings
 import torch
 from oracles.per_round import per_round_layout
 
-from shared.masks import (
+from shared.model.masks import (
     block_causal_mask,
     flex_block_mask,
     generation_start,

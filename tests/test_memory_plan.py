@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.trainer.memory_plan import (
+from services.trainer.learner.memory_plan import (
     GIB,
     MemorySettings,
     ModelShape,
@@ -46,8 +46,9 @@ def test_sdar_8b_has_its_published_size():
 
 def test_lora_count_matches_peft(tiny_dir):
     from services.trainer.config import LoraSettings
-    from services.trainer.lora import adapter_parameters, apply_lora
-    from shared.model import load_model
+    from services.trainer.learner.lora import apply_lora
+    from shared.model.adapter import adapter_parameters
+    from shared.model.sdar import load_model
 
     loaded = load_model(tiny_dir)
     settings = LoraSettings(r=4, target_modules=["q_proj", "down_proj"])

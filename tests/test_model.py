@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from shared.model import (
+from shared.model.sdar import (
     DiffusionSpec,
     count_parameters,
     load_model,
@@ -20,7 +20,7 @@ from shared.model import (
     save_model,
     translate_config,
 )
-from shared.tiny import TINY_SPECIAL_TOKENS, build_tiny_tokenizer, init_tiny, tiny_config
+from shared.model.tiny import TINY_SPECIAL_TOKENS, build_tiny_tokenizer, init_tiny, tiny_config
 
 SDAR_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/sdar-8b-chat"
 SDAR_MASK_ID = 151669
@@ -135,7 +135,7 @@ def test_translate_rejects_other_model_types():
 
 
 def test_translate_defaults_block_size_with_warning(caplog):
-    with caplog.at_level("WARNING", logger="shared.model"):
+    with caplog.at_level("WARNING", logger="shared.model.sdar"):
         _, spec = translate_config({"model_type": "qwen3", "vocab_size": 64, "mask_token_id": 3}, default_block_size=8)
     assert spec == DiffusionSpec(block_size=8, mask_token_id=3)
     assert "block_size" in caplog.text
@@ -281,8 +281,8 @@ def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_values(
 
     from safetensors.torch import load_file, save_file
 
-    from shared.model import load_model
-    from shared.tiny import init_tiny
+    from shared.model.sdar import load_model
+    from shared.model.tiny import init_tiny
 
     src = init_tiny(tmp_path / "tiny", seed=0)
     broken = tmp_path / "broken"

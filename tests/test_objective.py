@@ -6,7 +6,7 @@ import pydantic
 import pytest
 import torch
 
-from services.trainer.objective import (
+from services.trainer.learner.objective import (
     LossConfig,
     clipped_surrogate,
     filter_groups,

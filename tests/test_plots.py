@@ -1,6 +1,6 @@
 """The timing plot's legend must tell its series apart (issue 33, item 10)."""
 
-from services.plots import timing_figure
+from services.demo.plots import timing_figure
 
 ROWS = [
     {"step": s, "time_wait_s": 1.0 + s, "time_train_s": 2.0, "time_checkpoint_s": 0.5, "staleness_mean": 0.5,

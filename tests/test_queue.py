@@ -8,10 +8,10 @@ import time
 import pytest
 import redis
 
-from shared.contracts import HeartbeatInfo, Rollout, RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
-from shared.keys import Keys
-from shared.queue import Codec, Queue, WeightRegistry, connect, with_reconnect
-from shared.redis_server import EmbeddedRedis
+from shared.contracts.wire import HeartbeatInfo, Rollout, RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
+from shared.queues.keys import Keys
+from shared.queues.queue import Codec, Queue, WeightRegistry, connect, with_reconnect
+from shared.queues.redis_server import EmbeddedRedis
 
 GROUP = "rollout-workers"
 

@@ -10,11 +10,11 @@ import torch
 
 from services.reward.scoring import score_items
 from services.reward.verify import Verdict
-from services.trainer.collect import group_tokens_per_step, verdict_of
 from services.trainer.config import LossConfig, OptimConfig, RLConfig, TrainerConfig
-from services.trainer.objective import correct_nll, token_weights
-from services.trainer.trainer import Learner
-from shared.contracts import ScoreItem, StepBatch
+from services.trainer.learner.objective import correct_nll, token_weights
+from services.trainer.learner.trainer import Learner
+from services.trainer.orchestrator.collect import group_tokens_per_step, verdict_of
+from shared.contracts.wire import ScoreItem, StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -155,10 +155,10 @@ def test_zero_truncated_scores_every_component_of_a_truncated_response_zero():
 
 def test_zero_truncated_reaches_the_reward_workers_gtpo_up_starts(tmp_path):
     from services.reward.settings import RewardSettings
-    from shared.config import load_config
+    from shared.config.loader import load_config
 
     cfg = RLConfig(model=tmp_path, output_dir=tmp_path, data="x.jsonl", zero_truncated=True)
-    arg = f"zero_truncated={cfg.zero_truncated}"  # what services/launcher.py passes
+    arg = f"zero_truncated={cfg.zero_truncated}"  # what services/stack.py passes
     assert load_config(RewardSettings, None, [arg], environ={}).zero_truncated is True
     assert "zero_truncated={cfg.zero_truncated}" in (REPO / "services" / "launcher.py").read_text()
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.trainer.config import RLConfig, SFTConfig
-from services.trainer.memory_plan import GIB, MemorySettings, ModelShape, plan, settings_from_run
-from shared.config import load_config, read_yaml
+from services.trainer.learner.memory_plan import GIB, MemorySettings, ModelShape, plan, settings_from_run
+from shared.config.loader import load_config, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from services.trainer.checkpoint import (
+from services.trainer.config import SFTConfig
+from services.trainer.learner.checkpoint import (
     MANIFEST_FILE,
     CheckpointError,
     CheckpointMissing,
     checkpoint_problems,
     load_checkpoint,
 )
-from services.trainer.config import SFTConfig
-from services.trainer.sft import run_sft
+from services.trainer.learner.sft import run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 

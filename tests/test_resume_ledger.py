@@ -12,7 +12,7 @@ from test_async_driver import DECOUPLED, AsyncStack
 from test_collect import _answer, _collector, _tasks
 from test_services_e2e import _assert_exactly_once, _config, _trained, _wait
 
-from shared.redis_server import EmbeddedRedis
+from shared.queues.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.redis
 

@@ -10,7 +10,7 @@ from services.reward import rewards, scoring, verify
 from services.reward.rewards import REWARDS, cosfn, extract_last_boxed
 from services.reward.scoring import score_items
 from services.reward.verify import Verdict
-from shared.contracts import ScoreItem
+from shared.contracts.wire import ScoreItem
 
 
 def item(response: str = "", **kw) -> ScoreItem:

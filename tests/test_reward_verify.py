@@ -18,7 +18,7 @@ from services.reward.verify import (
     nesting_depth,
     verify_inline,
 )
-from shared.contracts import ScoreItem
+from shared.contracts.wire import ScoreItem
 
 TIMEOUT_S = 0.75
 # a result may arrive one pool-loop turn and one process kill after the limit; 2 busy CPU cores add jitter

@@ -8,9 +8,9 @@ from services.reward.scoring import item_from_rollout
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
 from services.reward.worker import RewardWorker
-from shared.contracts import Rollout, RolloutMessage, SamplingParams, ScoredMessage, ScoreItem, TaskMessage
-from shared.queue import Queue
-from shared.settings import RedisConfig
+from shared.config.settings import RedisConfig
+from shared.contracts.wire import Rollout, RolloutMessage, SamplingParams, ScoredMessage, ScoreItem, TaskMessage
+from shared.queues.queue import Queue
 
 
 @pytest.fixture(scope="module")

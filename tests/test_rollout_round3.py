@@ -23,13 +23,14 @@ from safetensors.torch import load_file, save_file
 from services.rollout.app import create_app
 from services.rollout.engines.torch_engine import TorchEngine
 from services.rollout.settings import RolloutSettings
-from services.trainer import lora
 from services.trainer.config import LoraSettings
-from shared.agreement import AgreementError, TrainerSide, check_agreement, refusals, registered_infos
-from shared.contracts import RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
-from shared.model import load_model
-from shared.queue import Codec, Queue, WeightRegistry
-from shared.settings import RedisConfig
+from services.trainer.learner import lora
+from shared.config.settings import RedisConfig
+from shared.contracts.agreement import AgreementError, TrainerSide, check_agreement, refusals, registered_infos
+from shared.contracts.wire import RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
+from shared.model import adapter as adapter_format
+from shared.model.sdar import load_model
+from shared.queues.queue import Codec, Queue, WeightRegistry
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -129,7 +130,7 @@ def test_a_version_outside_the_root_is_refused_and_reported(root, tiny, tiny_dir
         # the trainer, waiting for rollouts of v1, says it loudly (and in its status line)
         from types import SimpleNamespace
 
-        from services.trainer.driver import Driver
+        from services.trainer.orchestrator.driver import Driver
 
         driver = SimpleNamespace(registry=registry, waiting="waiting for 4 groups", stop=threading.Event(), solo=True,
                                  cfg=SimpleNamespace(redis=SimpleNamespace(reconnect_s=5.0)))  # fmt: skip
@@ -167,7 +168,7 @@ def adapter(tiny_dir, out: Path, seed: int) -> Path:
     model = lora.apply_lora(base.model, LoraSettings(r=4, alpha=8))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora.adapter_parameters(model).values():
+        for p in adapter_format.adapter_parameters(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return lora.save_adapter(model, out, base.spec)
 
@@ -176,8 +177,8 @@ def test_a_first_adapter_that_does_not_fit_its_layers_is_rolled_back(client, roo
     good = adapter(tiny_dir, root / "ad-good", seed=1)
     liar = root / "ad-liar"  # its config says r=8, its tensors are r=4: refused only once the layers are injected
     shutil.copytree(good, liar, dirs_exist_ok=True)
-    config = json.loads((liar / lora.ADAPTER_CONFIG).read_text())
-    (liar / lora.ADAPTER_CONFIG).write_text(json.dumps({**config, "r": 8, "lora_alpha": 16}))
+    config = json.loads((liar / adapter_format.ADAPTER_CONFIG).read_text())
+    (liar / adapter_format.ADAPTER_CONFIG).write_text(json.dumps({**config, "r": 8, "lora_alpha": 16}))
     before = sample(client)
     r = push(client, liar, 1)
     assert r.status_code == 422 and "wrong shape" in r.json()["detail"], r.text
@@ -211,10 +212,10 @@ def test_non_finite_adapter_weights_are_refused_naming_the_tensor(client, root, 
     good = adapter(tiny_dir, root / "ad-ok", seed=2)
     bad = root / "ad-nan"
     shutil.copytree(good, bad, dirs_exist_ok=True)
-    t = load_file(bad / lora.ADAPTER_WEIGHTS)
+    t = load_file(bad / adapter_format.ADAPTER_WEIGHTS)
     key = sorted(t)[0]
     t[key][0, 0] = float("nan")
-    save_file(t, bad / lora.ADAPTER_WEIGHTS)
+    save_file(t, bad / adapter_format.ADAPTER_WEIGHTS)
     before = sample(client)
     r = push(client, bad, 1)
     assert r.status_code == 422 and key in r.json()["detail"], r.text
@@ -258,10 +259,10 @@ def test_a_worker_started_while_redis_is_down_reports_it_and_becomes_ready_once_
 
     import httpx
 
-    from shared.keys import Keys
     from shared.process import free_port
-    from shared.queue import connect
-    from shared.redis_server import EmbeddedRedis
+    from shared.queues.keys import Keys
+    from shared.queues.queue import connect
+    from shared.queues.redis_server import EmbeddedRedis
 
     ports: set[int] = set()
     redis_port, http_port = free_port(ports), free_port(ports)

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from services.rollout.app import create_app
 from services.rollout.engines.torch_engine import TorchEngine
 from services.rollout.settings import RolloutSettings
-from shared.contracts import GenerateResponse
+from shared.contracts.wire import GenerateResponse
 
 TOKEN = "s3cret"
 
@@ -101,7 +101,7 @@ import schemathesis  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from shared.tiny import init_tiny  # noqa: E402
+from shared.model.tiny import init_tiny  # noqa: E402
 
 # schemathesis runs the app's lifespan itself (which loads the model), so the app is built at collection time from a
 # small checkpoint; generation is capped so fuzzed sizes stay fast

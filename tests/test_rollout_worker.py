@@ -12,9 +12,9 @@ from services.rollout.engines.torch_engine import TorchEngine
 from services.rollout.host import EngineHost, RolloutMetrics
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import RolloutWorker
-from shared.contracts import RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
-from shared.queue import Codec
-from shared.settings import RedisConfig
+from shared.config.settings import RedisConfig
+from shared.contracts.wire import RolloutMessage, SamplingParams, TaskMessage, WeightsVersion
+from shared.queues.queue import Codec
 
 LIMITS = {"max_prompt_tokens": 16, "max_new_tokens": 8}
 

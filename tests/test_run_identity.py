@@ -18,14 +18,14 @@ import time
 import pytest
 from conftest_redis import delete_namespace
 
-from services.launcher import plan
-from services.trainer.collect import Collector
+from services.stack import plan
 from services.trainer.config import RLConfig
-from services.trainer.driver import load_prompts, new_identity
-from services.trainer.weights import publish
-from shared.agreement import AgreementError, check_agreement, registered_infos
-from shared.contracts import Rollout, RolloutMessage, ScoredMessage, ScoreResult, WeightsVersion
-from shared.queue import Queue, WeightRegistry
+from services.trainer.orchestrator.collect import Collector
+from services.trainer.orchestrator.driver import load_prompts, new_identity
+from services.trainer.orchestrator.publish import publish
+from shared.contracts.agreement import AgreementError, check_agreement, registered_infos
+from shared.contracts.wire import Rollout, RolloutMessage, ScoredMessage, ScoreResult, WeightsVersion
+from shared.queues.queue import Queue, WeightRegistry
 
 pytestmark = pytest.mark.redis
 

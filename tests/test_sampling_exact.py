@@ -10,12 +10,12 @@ import torch
 
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import LossConfig, OptimConfig, RolloutSampling, TrainerConfig
-from services.trainer.objective import gtpo_loss
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trainer import Learner
-from services.trainer.trajectory import build_batch, rollout_trajectory
-from shared.contracts import GenerationRequest, SamplingParams, StepBatch
-from shared.sampling import sampling_log_probs, settings_tensors
+from services.trainer.learner.objective import gtpo_loss
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trainer import Learner
+from services.trainer.learner.trajectory import build_batch, rollout_trajectory
+from shared.contracts.wire import GenerationRequest, SamplingParams, StepBatch
+from shared.model.sampling import sampling_log_probs, settings_tensors
 
 INF = float("-inf")
 DIRL = {"temperature": 1.0, "top_k": 50}
@@ -135,7 +135,7 @@ def test_on_policy_decoupled_step_is_the_standard_step_bit_for_bit(tiny_dir, tmp
 
 
 def _model(tiny_dir):
-    from shared.model import load_model
+    from shared.model.sdar import load_model
 
     return load_model(tiny_dir)
 

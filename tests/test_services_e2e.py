@@ -11,10 +11,10 @@ import pytest
 import redis
 from procs import run_gtpo_up
 
-from services.launcher import plan
+from services.stack import plan
 from services.trainer.config import RLConfig
-from shared.config import dump_config
-from shared.keys import Keys
+from shared.config.loader import dump_config
+from shared.queues.keys import Keys
 
 pytestmark = pytest.mark.redis
 
@@ -183,9 +183,9 @@ def test_redis_restart_mid_run(tmp_path, tiny_dir, embedded_redis):
 
 
 def test_a_group_decodes_at_spread_thresholds(tmp_path, tiny_dir, tiny, redis_client, redis_ns):
-    from services.trainer.collect import Collector
-    from services.trainer.driver import load_prompts
-    from shared.queue import Queue
+    from services.trainer.orchestrator.collect import Collector
+    from services.trainer.orchestrator.driver import load_prompts
+    from shared.queues.queue import Queue
 
     def collector(**over) -> Collector:
         cfg = _config(tmp_path, tiny_dir, redis_ns.namespace, **over)

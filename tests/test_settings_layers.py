@@ -6,7 +6,7 @@ import pytest
 from services.reward.settings import RewardSettings
 from services.rollout.settings import RolloutSettings
 from services.trainer.config import RLConfig
-from shared.config import ConfigError, load_config
+from shared.config.loader import ConfigError, load_config
 
 REQUIRED = {RLConfig: ["model=m", "output_dir=o", "data=d.json"], RolloutSettings: ["model=m"], RewardSettings: []}
 PREFIX = {RLConfig: "GTPO_TRAIN__", RolloutSettings: "GTPO_ROLLOUT__", RewardSettings: "GTPO_REWARD__"}

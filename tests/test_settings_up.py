@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.launcher import plan, redis_arguments
+from services.stack import plan, redis_arguments
 from services.trainer.config import RLConfig
-from shared.config import dump_config
-from shared.settings import RedisConfig
+from shared.config.loader import dump_config
+from shared.config.settings import RedisConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN, PASSWORD = "tok-abc #def", "hunter2pw"

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-import services.trainer.sft as sft_mod
-import services.trainer.trajectory as traj_mod
-from services.trainer.sft import (
+import services.trainer.learner.sft as sft_mod
+import services.trainer.learner.trajectory as traj_mod
+from services.trainer.learner.sft import (
     DataError,
     batch_indices,
     encode_example,
@@ -16,7 +16,7 @@ from services.trainer.sft import (
     random_mask_item,
     trace_item,
 )
-from services.trainer.trainer import step_generator
+from services.trainer.learner.trainer import step_generator
 from shared.data import read_jsonl
 
 
@@ -75,7 +75,7 @@ def test_batch_indices_are_epochs_of_permutations_and_pure():
 
 def test_trace_rows_round_trip_a_rollout(tiny):
     from services.rollout.engines.torch_engine import TorchEngine
-    from shared.contracts import GenerationRequest, SamplingParams
+    from shared.contracts.wire import GenerationRequest, SamplingParams
 
     ((r,),) = TorchEngine(tiny).generate(
         [GenerationRequest(prompt_ids=[5, 6, 7], params=SamplingParams(seed=1, max_new_tokens=6))]

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.trainer import sharding
-from services.trainer.checkpoint import CheckpointError, latest_checkpoint
+from services.trainer.learner import sharding
+from services.trainer.learner.checkpoint import CheckpointError, latest_checkpoint
 from shared.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,15 +12,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from services.demo import SPEED_METHODS, DemoConfig, rl_config, speed_arm
+from services.demo.pipeline import SPEED_METHODS, DemoConfig, rl_config, speed_arm
 from services.reward.app import create_app
 from services.reward.rewards import NEEDS_VERDICT, REWARDS, speed_gated
 from services.reward.scoring import item_from_rollout, score_items
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
-from services.trainer.collect import verdict_of
 from services.trainer.config import LossConfig, OptimConfig, TrainerConfig
-from services.trainer.objective import (
+from services.trainer.learner.objective import (
     component_advantages,
     component_table,
     filter_component_groups,
@@ -28,8 +27,9 @@ from services.trainer.objective import (
     floor_correct,
     group_advantages,
 )
-from services.trainer.trainer import Learner
-from shared.contracts import SamplingParams, ScoredMessage, ScoreItem, StepBatch, TaskMessage
+from services.trainer.learner.trainer import Learner
+from services.trainer.orchestrator.collect import verdict_of
+from shared.contracts.wire import SamplingParams, ScoredMessage, ScoreItem, StepBatch, TaskMessage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from rl_step import fixed_groups

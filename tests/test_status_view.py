@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.status_view import read_snapshot, show, worker_rows
-from shared.contracts import SamplingParams, TaskMessage, WeightsVersion
-from shared.queue import WeightRegistry
-from shared.settings import RedisConfig
-from shared.worker import StreamWorker
+from shared.config.settings import RedisConfig
+from shared.contracts.wire import SamplingParams, TaskMessage, WeightsVersion
+from shared.queues.queue import WeightRegistry
+from shared.queues.worker import StreamWorker
 
 pytestmark = pytest.mark.redis
 

@@ -9,11 +9,11 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from services.trainer.collect import Group
 from services.trainer.config import TrainerConfig
-from services.trainer.driver import step_sample
-from services.trainer.tracking import Trackers
-from shared.contracts import (
+from services.trainer.learner.tracking import Trackers
+from services.trainer.orchestrator.collect import Group
+from services.trainer.orchestrator.driver import step_sample
+from shared.contracts.wire import (
     GroupRecord,
     HeartbeatInfo,
     Rollout,

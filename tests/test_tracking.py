@@ -13,9 +13,9 @@ import pytest
 import yaml
 from procs import run_gtpo_up
 
-import services.trainer.tracking as tracking
+import services.trainer.learner.tracking as tracking
 from services.trainer.config import RLConfig, SFTConfig
-from services.trainer.tracking import flatten, scalars
+from services.trainer.learner.tracking import flatten, scalars
 
 
 def test_doctests():
@@ -55,7 +55,7 @@ def _sft_data(tmp_path: Path) -> Path:
 
 
 def test_sft_writes_tensorboard_events_with_every_metric_and_the_config(tmp_path, tiny_dir):
-    from services.trainer.sft import run_sft
+    from services.trainer.learner.sft import run_sft
 
     cfg = SFTConfig(model=tiny_dir, output_dir=tmp_path / "sft", data=_sft_data(tmp_path), steps=3, batch_size=4,
                     save_every=3, chat_template=False, log_with="tensorboard")  # fmt: skip
@@ -99,7 +99,7 @@ def test_hyperparameters_never_hold_a_secret():
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_wandb_offline_writes_its_run_folder(tmp_path, tiny_dir, monkeypatch):
-    from services.trainer.sft import run_sft
+    from services.trainer.learner.sft import run_sft
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

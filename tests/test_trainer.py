@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer.config import OptimConfig, SFTConfig, TrainerConfig
-from services.trainer.objective import LossConfig, group_advantages
-from services.trainer.sft import random_mask_item
-from services.trainer.trainer import Learner, step_generator
-from shared.contracts import StepBatch
-from shared.masks import to_additive
+from services.trainer.learner.objective import LossConfig, group_advantages
+from services.trainer.learner.sft import random_mask_item
+from services.trainer.learner.trainer import Learner, step_generator
+from shared.contracts.wire import StepBatch
+from shared.model.masks import to_additive
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -214,7 +214,7 @@ def test_sigkill_then_resume_continues_exactly(tiny_dir, tmp_path):
 def test_gtpo_learns_a_reward_the_model_can_reach(tiny_dir, tmp_path):
     """The whole loop learns: engine rollouts -> rewards -> GTPO steps raise the share of even token ids."""
     from services.rollout.engines.torch_engine import TorchEngine
-    from shared.contracts import GenerationRequest, SamplingParams
+    from shared.contracts.wire import GenerationRequest, SamplingParams
 
     trainer = _trainer(tiny_dir, tmp_path, micro_batch_size=64)
     engine = TorchEngine(trainer.loaded)  # the live policy: each step samples from the updated weights

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from test_services_e2e import _config, _trained
 
-from shared.config import dump_config
-from shared.contracts import Rollout, ScoredMessage, ScoreResult, TaskMessage
-from shared.keys import Keys
-from shared.queue import TRANSIENT_ERRORS, Queue, connect
+from shared.config.loader import dump_config
+from shared.contracts.wire import Rollout, ScoredMessage, ScoreResult, TaskMessage
+from shared.queues.keys import Keys
+from shared.queues.queue import TRANSIENT_ERRORS, Queue, connect
 
 pytestmark = pytest.mark.redis
 
@@ -174,8 +174,8 @@ def test_sigterm_while_waiting_for_groups_exits_at_once(tmp_path, tiny_dir, redi
 def test_live_workers_skips_every_kind_of_bad_heartbeat(redis_client, redis_ns, caplog):
     """Non-JSON, JSON of the wrong shape, a negative version, a hash at the key: each skipped, counted and named
     once in the log; the good heartbeat still reads."""
-    from shared.contracts import HeartbeatInfo
-    from shared.queue import WeightRegistry
+    from shared.contracts.wire import HeartbeatInfo
+    from shared.queues.queue import WeightRegistry
 
     reg = WeightRegistry(redis_client, redis_ns)
     reg.heartbeat("rollout", "good", 3, info=HeartbeatInfo(busy_s=1.0, up_s=2.0, host="h"))
@@ -200,7 +200,7 @@ def test_live_workers_skips_every_kind_of_bad_heartbeat(redis_client, redis_ns, 
 
 
 def test_lease_with_garbage_at_its_key_is_taken_not_fatal(redis_client, redis_ns, tmp_path):
-    from services.trainer.lease import RunLease
+    from services.trainer.orchestrator.lease import RunLease
 
     redis_client.set(redis_ns.trainer_lease, b"garbage")
     lease = RunLease(redis_client, redis_ns.trainer_lease, "run", tmp_path, ttl_s=5)
@@ -215,7 +215,7 @@ def test_lease_with_garbage_at_its_key_is_taken_not_fatal(redis_client, redis_ns
 def test_with_reconnect_stops_on_request_and_names_what_after_its_deadline():
     import redis
 
-    from shared.queue import RedisUnavailable, StopRequested, with_reconnect
+    from shared.queues.queue import RedisUnavailable, StopRequested, with_reconnect
 
     def down() -> int:
         raise redis.ConnectionError("refused")
@@ -231,8 +231,8 @@ def test_with_reconnect_stops_on_request_and_names_what_after_its_deadline():
 def test_garbage_in_the_weights_registry_is_skipped_and_replaced(redis_client, redis_ns):
     """What the trainer reads of the registry at start-up and after every checkpoint: garbage at the current key and
     in the version table is skipped and counted; the trainer's next publish replaces it."""
-    from shared.contracts import WeightsVersion
-    from shared.queue import WeightRegistry
+    from shared.contracts.wire import WeightsVersion
+    from shared.queues.queue import WeightRegistry
 
     reg = WeightRegistry(redis_client, redis_ns)
     redis_client.set(redis_ns.weights_current, b"\x00garbage")

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.trainer.status import TrainerMetrics, create_app
-from shared.contracts import TrainerStatus
+from services.trainer.orchestrator.status_server import TrainerMetrics, create_app
+from shared.contracts.wire import TrainerStatus
 
 
 def _app(last: dict | None, ready_reason: str | None = None):

@@ -5,9 +5,9 @@ import torch
 from oracles.per_round import per_round_batch
 
 from services.rollout.engines.torch_engine import TorchEngine
-from services.trainer.policy import TokenLogProbs
-from services.trainer.trajectory import block_rounds, build_batch, rollout_trajectory, trajectory_rounds
-from shared.contracts import GenerationRequest, SamplingParams
+from services.trainer.learner.policy import TokenLogProbs
+from services.trainer.learner.trajectory import block_rounds, build_batch, rollout_trajectory, trajectory_rounds
+from shared.contracts.wire import GenerationRequest, SamplingParams
 
 
 def _set(mask: torch.Tensor) -> set[int]:
@@ -53,7 +53,7 @@ def test_every_response_token_is_a_target_exactly_once_and_tail_never():
 
 
 def test_packed_batch_layout_by_hand():
-    from services.trainer.trajectory import Trajectory
+    from services.trainer.learner.trajectory import Trajectory
 
     clean = torch.tensor([10, 11, 12, 20, 21, 22, 23, 24, 25, 26])
     traj = Trajectory(clean, 3, 6, 4, trajectory_rounds(3, STEPS, 6, 4))

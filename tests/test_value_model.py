@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from services.trainer.config import OptimConfig, TrainerConfig, ValueConfig
-from services.trainer.memory_plan import FP32, MemorySettings, ModelShape, plan
-from services.trainer.trainer import Learner
-from services.trainer.value import Critic, gae, step_indices, token_variance
-from shared.contracts import StepBatch
+from services.trainer.learner.memory_plan import FP32, MemorySettings, ModelShape, plan
+from services.trainer.learner.trainer import Learner
+from services.trainer.learner.value import Critic, gae, step_indices, token_variance
+from shared.contracts.wire import StepBatch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))

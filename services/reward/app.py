@@ -1,4 +1,4 @@
-"""The reward service's FastAPI app: `create_app(settings)` and `serve(settings)` (design.md section 4).
+"""The reward service's FastAPI app: `create_app(settings)` and `serve(settings)` (docs/design.md section 4).
 
 The verifier pool lives for the app's lifespan: started (and warmed) before the first request, closed after
 the last. Run it with `python -m services.reward` (settings from `GTPO_REWARD_*`).

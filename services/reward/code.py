@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.reward.sandbox import REPORT_FD, Limits, RunResult, Sandbox, pick_backend
-from shared.code_tests import CodeTests, load_tests, outputs_match
-from shared.contracts import ScoreStatus
+from shared.contracts.code_tests import CodeTests, load_tests, outputs_match
+from shared.contracts.wire import ScoreStatus
 
 HARNESS = (Path(__file__).parent / "code_harness.py").read_text()
 SLACK_S = 2.0

@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from services.reward.verify import VerifierPool
-from shared.contracts import ScoreResult, ScoreStatus
+from shared.contracts.wire import ScoreResult, ScoreStatus
 
 
 class _PoolCollector(Collector):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from shared.answers import BOXED as _BOXED
 from shared.answers import extract_last_boxed
-from shared.contracts import ScoreItem
+from shared.contracts.wire import ScoreItem
 
 RewardFn = Callable[[ScoreItem, bool | None], float]
 

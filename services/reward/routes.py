@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.reward.deps import CodeDep, MetricsDep, PoolDep, SettingsDep
 from services.reward.scoring import check_weights, score_items
-from shared.contracts import ScoreRequest, ScoreResponse, ServiceInfo
+from shared.contracts.wire import ScoreRequest, ScoreResponse, ServiceInfo
 from shared.http import metrics_response
 
 router = APIRouter()

@@ -15,9 +15,9 @@ from typing import Protocol
 from services.reward.code import CodeVerdict
 from services.reward.rewards import NEEDS_CODE, NEEDS_VERDICT, REWARDS, extract_last_boxed, is_truncated
 from services.reward.verify import Verdict
-from shared.code_tests import extract_program, is_code_reference
-from shared.contracts import Rollout, ScoreItem, ScoreResult, ScoreStatus
-from shared.prompts import denoising_steps
+from shared.contracts.code_tests import extract_program, is_code_reference
+from shared.contracts.wire import Rollout, ScoreItem, ScoreResult, ScoreStatus
+from shared.model.step_map import denoising_steps
 
 MAX_WEIGHT = 1e6
 """|weight| above this is refused: every component is within [-1, 1], so totals stay finite."""

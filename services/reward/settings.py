@@ -8,9 +8,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.reward.scoring import REWARDS, check_weights
-from shared.config import command_prefix
-from shared.contracts import ServiceInfo, WorkerKind
-from shared.settings import (
+from shared.config.loader import command_prefix
+from shared.config.settings import (
     HEARTBEAT_TTL_S,
     HeartbeatTtl,
     RedisConfig,
@@ -18,6 +17,7 @@ from shared.settings import (
     default_reward_weights,
     default_worker_id,
 )
+from shared.contracts.wire import ServiceInfo, WorkerKind
 
 
 class RewardSettings(ServiceSettings):

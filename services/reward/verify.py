@@ -1,4 +1,4 @@
-"""Answer checking with math-verify in a killable process pool (design.md section 4; anchors_rl_systems.md 4.5).
+"""Answer checking with math-verify in a killable process pool (docs/design.md section 4; anchors_rl_systems.md 4.5).
 
 Why processes, and why our own pool:
 
@@ -54,7 +54,7 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any
 
-from shared.contracts import ScoreStatus
+from shared.contracts.wire import ScoreStatus
 from shared.process import set_parent_death_signal
 
 log = logging.getLogger(__name__)

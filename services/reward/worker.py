@@ -18,9 +18,9 @@ from services.reward.code import CodeRunner
 from services.reward.scoring import item_from_rollout, score_items
 from services.reward.settings import RewardSettings
 from services.reward.verify import VerifierPool
-from shared.contracts import RolloutMessage, ScoredMessage, ScoreItem, ServiceInfo, WorkerKind, brief_error
-from shared.queue import Delivery
-from shared.worker import StreamWorker
+from shared.contracts.wire import RolloutMessage, ScoredMessage, ScoreItem, ServiceInfo, WorkerKind, brief_error
+from shared.queues.queue import Delivery
+from shared.queues.worker import StreamWorker
 
 log = logging.getLogger("gtpo.reward.worker")
 

@@ -1,4 +1,4 @@
-"""The rollout service's FastAPI app: `create_app(settings)` and `serve(settings)` (design.md section 4).
+"""The rollout service's FastAPI app: `create_app(settings)` and `serve(settings)` (docs/design.md section 4).
 
 `POST /v1/generate`, `POST /v1/weights`, the OpenAI-compatible `/v1/models`, `/v1/completions` and
 `/v1/chat/completions` (openai_routes.py), `GET /info` (what the trainer's start-up check reads), `/health`, `/ready`,

@@ -18,7 +18,7 @@ from pathlib import Path
 from services.rollout.engines import Engine, GenerationCancelled
 from services.rollout.settings import RolloutSettings
 from services.rollout.weights import Served, WeightsError, check_move, checkpoint_folder, served_shapes
-from shared.contracts import GenerateRequest, GenerationRequest, Rollout, SamplingParams
+from shared.contracts.wire import GenerateRequest, GenerationRequest, Rollout, SamplingParams
 from shared.prompts import encode_prompt
 
 log = logging.getLogger("gtpo.rollout")

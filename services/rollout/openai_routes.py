@@ -1,5 +1,5 @@
 """OpenAI-compatible routes of the rollout service: `/v1/models`, `/v1/completions`, `/v1/chat/completions`
-(contracts in shared/openai_api.py). They decode through the same engine host, limits and error shapes as
+(contracts in shared/contracts/openai_api.py). They decode through the same engine host, limits and error shapes as
 `/v1/generate` (422 `{"detail": ...}` naming the field; 503 before the engine is loaded), so a standard harness can
 evaluate a gtpo-served model unchanged.
 """
@@ -17,9 +17,7 @@ from services.rollout.deps import HostDep, SettingsDep
 from services.rollout.engines import GenerationCancelled
 from services.rollout.host import request_error
 from services.rollout.routes import CLIENT_CLOSED
-from shared.contracts import GenerationRequest, Rollout, SamplingParams, brief_error
-from shared.http import until_disconnected
-from shared.openai_api import (
+from shared.contracts.openai_api import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -33,7 +31,10 @@ from shared.openai_api import (
     ModelList,
     Usage,
 )
-from shared.prompts import encode_prompt, tokens_per_step
+from shared.contracts.wire import GenerationRequest, Rollout, SamplingParams, brief_error
+from shared.http import until_disconnected
+from shared.model.step_map import tokens_per_step
+from shared.prompts import encode_prompt
 
 router = APIRouter()
 STARTED = int(time.time())

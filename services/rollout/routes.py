@@ -10,7 +10,7 @@ from services.rollout.deps import HostDep, MetricsDep, SettingsDep, check_token
 from services.rollout.engines import GenerationCancelled
 from services.rollout.host import prompt_ids_of
 from services.rollout.weights import WeightsError
-from shared.contracts import (
+from shared.contracts.wire import (
     GenerateRequest,
     GenerateResponse,
     GenerationRequest,

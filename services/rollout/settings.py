@@ -9,10 +9,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.config import command_prefix
-from shared.contracts import ServiceInfo, WorkerKind
-from shared.prompts import MAX_PROMPT_TOKENS
-from shared.settings import (
+from shared.config.loader import command_prefix
+from shared.config.settings import (
     HEARTBEAT_TTL_S,
     BearerToken,
     HeartbeatTtl,
@@ -20,6 +18,8 @@ from shared.settings import (
     ServiceSettings,
     default_worker_id,
 )
+from shared.contracts.wire import ServiceInfo, WorkerKind
+from shared.prompts import MAX_PROMPT_TOKENS
 
 
 class LMDeploySettings(BaseModel):
@@ -38,7 +38,6 @@ class LMDeploySettings(BaseModel):
     eager_mode: bool = Field(False, description="no CUDA graphs: slower decoding, faster start, less memory")
     enable_metrics: bool = Field(False, description="LMDeploy's own scheduler metrics")
     paging_block_size: int = Field(64, ge=1, description="KV page size when the dLLM block size divides it")
-    self_check: bool = Field(True, description="decode a known prompt at start and compare with the torch engine")
     allow_untested_lmdeploy: bool = Field(False, description="run an LMDeploy version the patch was not tested on")
 
 

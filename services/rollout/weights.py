@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fits
-from services.trainer.lora import BASE_FILE as ADAPTER_BASE
 from shared.http import confine
+from shared.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fits
+from shared.model.adapter import BASE_FILE as ADAPTER_BASE
 
 MAX_ENTRIES = 4096
 """Files in one checkpoint folder at most (a folder holds config, tokenizer and weight shards)."""
@@ -87,7 +87,7 @@ class Checkpoint:
     def mismatches(self, served: dict[str, tuple[int, ...]]) -> list[str]:
         """How this checkpoint does not fit a served one: tensors of another shape, tensors it lacks (a loader
         would initialise them at random without a word). An untied `lm_head.weight` is not needed by a tied one.
-        An adapter must fit the served base's linear layers (``lora.adapter_fits``)."""
+        An adapter must fit the served base's linear layers (``shared.model.adapter.adapter_fits``)."""
         if self.adapter:
             return adapter_fits(self.shapes, served) if served else []
         out = [

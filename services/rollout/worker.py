@@ -24,7 +24,7 @@ from services.rollout.engines import GenerationCancelled
 from services.rollout.host import EngineHost, request_error
 from services.rollout.settings import RolloutSettings
 from services.rollout.weights import WeightsError
-from shared.contracts import (
+from shared.contracts.wire import (
     GenerationRequest,
     HeartbeatInfo,
     Rollout,
@@ -36,8 +36,8 @@ from shared.contracts import (
     WorkerKind,
     brief_error,
 )
-from shared.queue import Delivery
-from shared.worker import StreamWorker
+from shared.queues.queue import Delivery
+from shared.queues.worker import StreamWorker
 
 log = logging.getLogger("gtpo.rollout.worker")
 

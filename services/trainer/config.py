@@ -7,12 +7,12 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from shared.agreement import TrainerSide
-from shared.config import ENV_PREFIX, CommandConfig, command_prefix
-from shared.contracts import MIN_TEMPERATURE, SamplingParams
+from shared.config.loader import ENV_PREFIX, CommandConfig, command_prefix
+from shared.config.settings import BearerToken, RedisConfig, default_reward_weights
+from shared.contracts.agreement import TrainerSide
+from shared.contracts.wire import MIN_TEMPERATURE, SamplingParams
 from shared.data import ANSWER_FIELD, MAX_ROW_BYTES, QUESTION_FIELD
 from shared.prompts import PROMPT_TEMPLATE
-from shared.settings import BearerToken, RedisConfig, default_reward_weights
 
 
 def _tracker_list(value):
@@ -21,7 +21,7 @@ def _tracker_list(value):
 
 
 def _trackers_installed(names: list[str]) -> list[str]:
-    from services.trainer.tracking import check_installed
+    from services.trainer.learner.tracking import check_installed
 
     check_installed(names)  # at load time: `gtpo up` fails before it starts any process
     return list(dict.fromkeys(names))
@@ -36,7 +36,7 @@ TrackerNames = Annotated[
     BeforeValidator(_tracker_list),
     AfterValidator(_trackers_installed),
 ]
-"""Experiment trackers by name (services/trainer/tracking.py)."""
+"""Experiment trackers by name (services/trainer/learner/tracking.py)."""
 
 
 class LossConfig(BaseModel):
@@ -88,7 +88,7 @@ class LossConfig(BaseModel):
     )
     estimator: Literal["gtpo", "tracerl_shrink", "random_mask", "coupled"] = Field(
         "gtpo",
-        description="how a token's log-prob is computed (services/trainer/baselines.py): gtpo = in the state it was "
+        description="how a token's log-prob is computed (services/trainer/learner/baselines.py): gtpo = in the state it was "
         "unmasked in (exact at shrink 1); tracerl_shrink = TraceRL's merged steps (shrink >= 2); random_mask = d1 / "
         "diffu-GRPO (response fully masked, prompt masked with prompt_mask); coupled = DiffuCoder's coupled-GRPO "
         "(complementary masks). Baselines for the ablation (bench/algorithms.py); only gtpo is exact",
@@ -148,7 +148,7 @@ class LoraSettings(BaseModel):
 
 
 class ValueConfig(BaseModel):
-    """TraceRL's value model (services/trainer/value.py): a critic over the denoising steps, GAE advantages."""
+    """TraceRL's value model (services/trainer/learner/value.py): a critic over the denoising steps, GAE advantages."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -378,7 +378,7 @@ class RLConfig(TrainerConfig):
     )
 
     def trainer_side(self, spec=None) -> TrainerSide:
-        """This run's side of the start-up agreement check (shared/agreement.py).
+        """This run's side of the start-up agreement check (shared/contracts/agreement.py).
 
         Args:
             spec: the model's DiffusionSpec; None where it is not loaded (`gtpo up`, a simulated trainer).

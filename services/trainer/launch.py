@@ -34,9 +34,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import typer
+from pydantic import Field
 
+from shared.config.loader import CommandConfig, command_prefix
 from shared.process import become_subreaper, die_with_parent
 
 DEFAULT_PORT = 29500
@@ -335,12 +338,26 @@ def _processes(spec, nproc_per_node: int | None):
     return spec, cpu
 
 
+class LaunchSettings(CommandConfig):
+    """`gtpo launch`: `gtpo train` under `accelerate launch` on this node (`GTPO_LAUNCH__NPROC_PER_NODE=8`); the run
+    itself is the RLConfig of `config` (`GTPO_TRAIN__*`)."""
+
+    env_prefix: ClassVar[str | None] = command_prefix("launch")
+
+    config: Path = Field(description="RL run config (YAML) that each process passes to gtpo train")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides for gtpo train")
+    accelerate_config: Path = Field(DEFAULT_ACCELERATE_CONFIG, description="deploy/accelerate/*.yaml")
+    resume: bool = False
+    fresh: bool = False
+    nproc_per_node: int | None = Field(None, ge=1, description="default: the scheduler's, else the node's GPUs")
+    rendezvous_timeout: float = Field(900.0, ge=0, description="seconds a worker waits for the main node's address")
+
+
 def _load_settings(given: dict):
     """The launch's settings (defaults < `GTPO_LAUNCH__*` < the flags given) and the run's RLConfig, loaded here and
     not in every process accelerate starts: a bad config fails once, before any rendezvous."""
-    from services.command_settings import LaunchSettings
     from services.trainer.config import RLConfig
-    from shared.config import ConfigError, load_config
+    from shared.config.loader import ConfigError, load_config
 
     args = [f"{k}={v if isinstance(v, (str, Path)) else json.dumps(v)}" for k, v in given.items() if v is not None]
     try:
@@ -379,7 +396,7 @@ def launch_command(
     Example (every node of a 2-node job runs the same command):
     gtpo launch --config run.yaml --accelerate-config deploy/accelerate/zero2.yaml --resume
     """
-    from shared.config import dump_config
+    from shared.config.loader import dump_config
 
     opts, run = _load_settings({"config": config, "overrides": overrides or None, "resume": resume, "fresh": fresh,
                                 "accelerate_config": accelerate_config, "nproc_per_node": nproc_per_node,

@@ -23,8 +23,8 @@ from services.rollout.engines.rows import (
 )
 from services.rollout.engines.sampling import block_uniforms, cut_response, sample_block, select_unmask, strategy_codes
 from services.rollout.engines.torch_engine import TorchEngine, cache_kwarg, select_cache_rows
-from shared.contracts import GenerationRequest, Rollout
-from shared.masks import attention_mask, square_mask, to_additive
+from shared.contracts.wire import GenerationRequest, Rollout
+from shared.model.masks import attention_mask, square_mask, to_additive
 
 
 class _RowParams:

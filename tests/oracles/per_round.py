@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from services.trainer.trajectory import TrainBatch, Trajectory, assemble_batch, noisy_copy
-from shared.masks import Layout, packed_layout
+from services.trainer.learner.trajectory import TrainBatch, Trajectory, assemble_batch, noisy_copy
+from shared.model.masks import Layout, packed_layout
 
 
 def per_round_layout(clean_ids: Tensor, noisy_ids: Tensor, prompt_len: int, block_size: int) -> Layout:
@@ -33,5 +33,5 @@ def per_round_rows(traj: Trajectory, mask_id: int, rounds: range | None = None) 
 
 
 def per_round_batch(trajectories: list[Trajectory], mask_id: int, pad_id: int = 0, rounds=None) -> TrainBatch:
-    """`services.trainer.trajectory.build_batch` with one row per (response, round) instead of one per response."""
+    """`services.trainer.learner.trajectory.build_batch` with one row per (response, round) instead of one per response."""
     return assemble_batch(trajectories, [per_round_rows(t, mask_id, rounds) for t in trajectories], pad_id)

@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 
 from services.rollout.engines.torch_engine import TorchEngine
 from services.trainer.config import OptimConfig, TrainerConfig
-from services.trainer.objective import LossConfig
-from services.trainer.sharding import full_state_dict
-from services.trainer.trainer import Learner
-from shared.contracts import GenerationRequest, SamplingParams, StepBatch
-from shared.model import load_model
+from services.trainer.learner.objective import LossConfig
+from services.trainer.learner.sharding import full_state_dict
+from services.trainer.learner.trainer import Learner
+from shared.contracts.wire import GenerationRequest, SamplingParams, StepBatch
+from shared.model.sdar import load_model
 
 
 def fixed_groups(model_dir: str, prompts: int = 3, n: int = 4):

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.contracts import GenerationRequest, Rollout
+from shared.contracts.wire import GenerationRequest, Rollout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from shared.model import DiffusionSpec
+    from shared.model.sdar import DiffusionSpec
 
 
 class GenerationCancelled(Exception):
@@ -23,7 +23,7 @@ class GenerationCancelled(Exception):
 class Engine(ABC):
     """Generates rollouts with step maps and swaps weights between policy versions.
 
-    Contract (design.md section 2): blocks aligned to absolute positions from the first prompt token, the
+    Contract (docs/design.md section 2): blocks aligned to absolute positions from the first prompt token, the
     step map 1-based and global over the response, the last block's tail recorded, per-request seeds
     (same seed, same output, whatever the batch).
     """

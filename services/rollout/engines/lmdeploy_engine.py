@@ -1,6 +1,6 @@
 """The `lmdeploy` rollout engine: LMDeploy's dLLM PyTorch engine (GPU nodes) behind the `Engine` interface.
 
-Rollouts carry the same contract as the torch engine's (design.md section 2): step maps come from our
+Rollouts carry the same contract as the torch engine's (docs/design.md section 2): step maps come from our
 runtime patch of LMDeploy's scheduler (`lmdeploy_patch`), the response is cut at the first stop token by us,
 and the rest of the last block is the tail.
 
@@ -21,7 +21,7 @@ How LMDeploy is driven:
   runs in this process; otherwise it rebuilds the engine.
 * Behaviour log-probs (``logprobs=True``) are offered at any temperature with top-k 0 and top-p 1: there the
   recorder's value is log p(token) under the policy that sampled it, the shared transform's
-  (``shared.sampling``, see `lmdeploy_patch` and `check_logprob_settings`); a top-k or top-p is refused, naming it.
+  (``shared.model.sampling``, see `lmdeploy_patch` and `check_logprob_settings`); a top-k or top-p is refused, naming it.
   LMDeploy's own dLLM log-probs are not used (they are known to be wrong).
 * Cancellation: the ``cancel`` event is polled every ``CANCEL_POLL_S`` while LMDeploy decodes; when set, the
   request tasks are cancelled (LMDeploy ends their sessions) and ``GenerationCancelled`` is raised.
@@ -51,9 +51,9 @@ from services.rollout.engines.rows import (
     raise_if_cancelled,
 )
 from services.rollout.settings import LMDeployOptions
-from services.trainer.lora import is_adapter_dir
-from shared.contracts import MIN_TEMPERATURE, GenerationRequest, Rollout, SamplingParams, Strategy
-from shared.model import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
+from shared.contracts.wire import MIN_TEMPERATURE, GenerationRequest, Rollout, SamplingParams, Strategy
+from shared.model.adapter import is_adapter_dir
+from shared.model.sdar import DiffusionSpec, load_tokenizer, nonfinite_in_files, read_config, translate_config
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def check_logprob_settings(p: SamplingParams) -> None:
     The recorder takes log softmax(logits)[token] of the logits LMDeploy hands ``post_sampling``: its logits
     processors have divided them by the temperature (the unmasking confidence is p under softmax(logits / T), as in
     the torch engine), but top-k and top-p are applied later, inside its sampler. So any temperature is exact
-    (``shared.sampling.sampling_log_probs`` at (T, 0, 1)); a top-k or top-p would be recorded as if unfiltered, and
+    (``shared.model.sampling.sampling_log_probs`` at (T, 0, 1)); a top-k or top-p would be recorded as if unfiltered, and
     LMDeploy's own filters differ from the shared transform at the boundary anyway (top-k keeps exactly k by rank,
     top-p drops where the mass before exceeds p, strictly).
     """
@@ -227,10 +227,6 @@ class LMDeployEngine(Engine):
         if self._opts.max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be >= 1, got {self._opts.max_batch_size}")
         self._info = patch.apply_patch(allow_untested=self._opts.allow_untested_lmdeploy)
-        if self._opts.self_check:
-            from services.rollout.engines.lmdeploy_sim import self_check
-
-            self_check()
         self._path = Path(model_path)
         self._raw = read_config(self._path)
         self._tokenizer = load_tokenizer(self._path)
@@ -261,7 +257,7 @@ class LMDeployEngine(Engine):
 
         Raises:
             LMDeployNotInstalledError: LMDeploy is missing (names the extra to install).
-            RuntimeError: untested LMDeploy version or changed internals, failed self-check, no CUDA.
+            RuntimeError: untested LMDeploy version or changed internals, no CUDA.
             ValueError: a device other than CUDA, or engine settings the recorder cannot support.
         """
         patch.import_lmdeploy()

@@ -2,7 +2,7 @@
 
 Upstream LMDeploy (<= 0.18.0) returns token ids but not the step at which each token was unmasked. The
 scheduler-side sequence (`SchedulerSequenceDLLM`) sees every forward's post-unmasking mask, in order, in the
-process that owns the engine loop, so the step map is recorded there (design.md section 2):
+process that owns the engine loop, so the step map is recorded there (docs/design.md section 2):
 
 * ``_update_token_ids_inputs`` (a new message): the step buffer restarts (positions before the message keep
   their values, the message's own positions are 0 = not generated) and the per-sequence counter resets.
@@ -37,8 +37,9 @@ re-lays the 1-D rows sequence-major and gives each block position its own seed, 
 together are independent draws, as the trainer's per-token log-probs assume.
 
 The patch refuses an untested LMDeploy version, changed internals, and configurations that move the
-scheduler out of this process. ``lmdeploy_sim.self_check`` drives LMDeploy's real scheduler classes on CPU with
-a fake model and compares the recorded step maps and log-probs with an independent reference decoder.
+scheduler out of this process. The test oracle ``tests/oracles/lmdeploy_sim.py`` drives LMDeploy's real
+scheduler classes on CPU with a fake model and compares the recorded step maps and log-probs with an independent
+reference decoder (tests/test_lmdeploy_patch.py, scripts/gpu_check.py); the pinned version passed it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from services.rollout.engines.sampling import cut_response
-from shared.model import rope_parameters
+from shared.model.sdar import rope_parameters
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def check_version(version: str, *, allow_untested: bool = False) -> None:
     msg = (
         f"lmdeploy {version} is untested with the step-map recorder (tested: {', '.join(sorted(TESTED_VERSIONS))}); "
         f"install a tested version ({INSTALL_HINT} pins it) or pass allow_untested_lmdeploy=True "
-        "after the CPU self-check and the GPU check pass"
+        "after tests/test_lmdeploy_*.py and the GPU check pass with it"
     )
     if not allow_untested:
         raise RuntimeError(msg)

@@ -15,8 +15,8 @@ import torch
 
 from services.rollout.engines.base import GenerationCancelled
 from services.rollout.engines.sampling import MIN_TEMPERATURE, derive_seed
-from shared.contracts import GenerationRequest, Rollout, SamplingParams
-from shared.model import DiffusionSpec
+from shared.contracts.wire import GenerationRequest, Rollout, SamplingParams
+from shared.model.sdar import DiffusionSpec
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Pure per-step decoding maths shared by every torch decoding path: sampling, confidence, unmask selection.
 
-The sampling distribution itself is :func:`shared.sampling.sampling_log_probs`, the trainer's too.
+The sampling distribution itself is :func:`shared.model.sampling.sampling_log_probs`, the trainer's too.
 
 Shapes: R rows (sequences being decoded), B positions in the current block, V vocabulary.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from shared.contracts import Strategy
-from shared.sampling import MIN_TEMPERATURE, sampling_log_probs
+from shared.contracts.wire import Strategy
+from shared.model.sampling import MIN_TEMPERATURE, sampling_log_probs
 
 __all__ = ["MIN_TEMPERATURE"]  # re-exported: the engines' greedy rule is the shared one
 

@@ -1,6 +1,6 @@
 """The torch reference engine: batched block-diffusion decoding with a KV cache, on CPU or CUDA.
 
-Per block of B tokens (design.md section 2): start it as masks (the prompt tail is given), forward it against the
+Per block of B tokens (docs/design.md section 2): start it as masks (the prompt tail is given), forward it against the
 cached earlier blocks, sample every masked position, unmask by strategy, repeat until the block is clean. The KV
 of a block's denoising forwards is cropped right away; the clean block is committed by the first forward of the
 next block, which carries it along ([clean block k | masked block k+1], 2B queries), so committing costs no
@@ -34,9 +34,9 @@ from services.rollout.engines.rows import (
     raise_if_cancelled,
 )
 from services.rollout.engines.sampling import block_uniforms, cut_response, sample_block, select_unmask, strategy_codes
-from shared.contracts import GenerationRequest, Rollout
-from shared.masks import square_mask, to_additive
-from shared.model import DiffusionSpec, LoadedModel, load_model, nonfinite_tensor
+from shared.contracts.wire import GenerationRequest, Rollout
+from shared.model.masks import square_mask, to_additive
+from shared.model.sdar import DiffusionSpec, LoadedModel, load_model, nonfinite_tensor
 
 
 @dataclass
@@ -153,9 +153,9 @@ class TorchEngine(Engine):
         return next(self.model.parameters()).device
 
     def load_weights(self, path: str | Path, version: int) -> None:
-        """A full SDAR checkpoint replaces the model; a LoRA adapter folder (``services.trainer.lora``) is applied
+        """A full SDAR checkpoint replaces the model; a LoRA adapter folder (``shared.model.adapter``) is applied
         to the served base in place, only its tensors copied (``adapter_bytes``)."""
-        from services.trainer.lora import AdapterSlot, is_adapter_dir
+        from shared.model.adapter import AdapterSlot, is_adapter_dir
 
         if is_adapter_dir(path):
             if self._adapter is None:

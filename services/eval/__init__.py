@@ -1,0 +1,1 @@
+"""`gtpo eval`: protocols, metrics with intervals, eval cards, and the in-process or remote evaluation run."""

@@ -1,0 +1,1 @@
+"""Redis: key names, the queue layer (streams, weight registry), the stream worker loop, an embedded server."""
