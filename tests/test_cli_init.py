@@ -39,7 +39,7 @@ def test_init_model_unknown_preset(tmp_path):
     result = runner.invoke(app, ["init-model", "huge", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "huge" in result.output
-    assert "allowed presets: tiny" in result.output
+    assert "preset:" in result.output and "tiny" in result.output
     assert not (tmp_path / "x").exists()
 
 

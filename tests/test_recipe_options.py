@@ -160,7 +160,7 @@ def test_zero_truncated_reaches_the_reward_workers_gtpo_up_starts(tmp_path):
     cfg = RLConfig(model=tmp_path, output_dir=tmp_path, data="x.jsonl", zero_truncated=True)
     arg = f"zero_truncated={cfg.zero_truncated}"  # what services/stack.py passes
     assert load_config(RewardSettings, None, [arg], environ={}).zero_truncated is True
-    assert "zero_truncated={cfg.zero_truncated}" in (REPO / "services" / "launcher.py").read_text()
+    assert "zero_truncated={cfg.zero_truncated}" in (REPO / "services" / "stack.py").read_text()
 
 
 # --- LightningRL: prompt filter by tokens per step --------------------------------------------------------------------
