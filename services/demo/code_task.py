@@ -10,7 +10,6 @@ everything is a pure function of the seed. Rows use the RL datasets' format (`qu
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,13 +80,7 @@ def sft_row(task_row: dict, fenced: bool = True) -> dict:
 
 def write_code_task(out: str | Path, spec: CodeTaskSpec, n_train: int = 4000, n_test: int = 200) -> dict[str, Path]:
     """Write train.json, test.json (RL / eval format, tests in the reference) and sft.jsonl; returns their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from services.demo.tasks import write_splits
+
     train, test = make_code_splits(spec, n_train, n_test)
-    paths = {"train": out / "train.json", "test": out / "test.json", "sft": out / "sft.jsonl"}
-    strip = lambda rows: [{k: r[k] for k in ("question", "ground_truth_answer")} for r in rows]  # noqa: E731
-    paths["train"].write_text(json.dumps(strip(train), indent=0))
-    paths["test"].write_text(json.dumps(strip(test), indent=0))
-    rng = random.Random(spec.seed + 1)
-    paths["sft"].write_text("".join(json.dumps(sft_row(r, rng.random() < spec.fence_rate)) + "\n" for r in train))
-    return paths
+    return write_splits(out, train, test, sft_row, spec.seed, spec.fence_rate, keys=("question", "ground_truth_answer"))

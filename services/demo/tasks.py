@@ -113,12 +113,20 @@ def sft_row(row: dict, boxed: bool = True) -> dict:
 
 def write_task(out: str | Path, spec: TaskSpec, n_train: int = 4000, n_test: int = 200) -> dict[str, Path]:
     """Write train.json, test.json (RL / eval format) and sft.jsonl; returns their paths."""
+    train, test = make_splits(spec, n_train, n_test)
+    return write_splits(out, train, test, sft_row, spec.seed, spec.boxed_rate)
+
+
+def write_splits(out: str | Path, train: list[dict], test: list[dict], sft_row, seed: int, rate: float,
+                 keys: tuple[str, ...] | None = None) -> dict[str, Path]:  # fmt: skip
+    """Write train.json and test.json (their `keys`, or whole rows) and sft.jsonl: each train row as
+    `sft_row(row, formatted)`, formatted with probability `rate` (a draw seeded by `seed + 1`); returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = make_splits(spec, n_train, n_test)
     paths = {"train": out / "train.json", "test": out / "test.json", "sft": out / "sft.jsonl"}
-    paths["train"].write_text(json.dumps(train, indent=0))
-    paths["test"].write_text(json.dumps(test, indent=0))
-    rng = random.Random(spec.seed + 1)
-    paths["sft"].write_text("".join(json.dumps(sft_row(r, rng.random() < spec.boxed_rate)) + "\n" for r in train))
+    pick = (lambda rows: rows) if keys is None else (lambda rows: [{k: r[k] for k in keys} for r in rows])
+    paths["train"].write_text(json.dumps(pick(train), indent=0))
+    paths["test"].write_text(json.dumps(pick(test), indent=0))
+    rng = random.Random(seed + 1)
+    paths["sft"].write_text("".join(json.dumps(sft_row(r, rng.random() < rate)) + "\n" for r in train))
     return paths
