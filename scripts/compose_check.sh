@@ -248,7 +248,7 @@ from shared.config.settings import RedisConfig
 reg = WeightRegistry(connect(os.environ["REDIS_URL"]), Keys(RedisConfig().namespace))
 cur = reg.current()
 print(json.dumps({"current": cur and cur.version, "step": cur and cur.step,
-                  "rollout": {k: w["version"] for k, w in reg.live_workers("rollout").items()}}))
+                  "rollout": {k: w.version for k, w in reg.live_workers("rollout").items()}}))
 '
 check_workers() {  # $1 rollout workers, each serving the current (last) weights version
     local deadline=$((SECONDS + 120)) out=""
