@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from services.trainer.config import TrainerConfig
 from services.trainer.learner.tracking import Trackers
 from services.trainer.orchestrator.collect import Group
-from services.trainer.orchestrator.driver import step_sample
+from services.trainer.orchestrator.driver import rollout_metrics, step_sample
 from shared.contracts.wire import (
     GroupRecord,
     HeartbeatInfo,
@@ -82,6 +82,18 @@ def test_a_sample_without_an_accuracy_component_has_no_verdict():
     assert step_sample(scored({"format": 1.0})).correct is None
     assert step_sample(scored({"accuracy": 1.0})).correct is True
     assert step_sample(scored({"accuracy": 0.5})).correct is False
+    # a code run's verdict is its tests: all passed is correct, a fraction is not
+    assert step_sample(scored({"code": 1.0, "format": 1.0})).correct is True
+    assert step_sample(scored({"code": 0.6})).correct is False
+
+
+def test_a_code_runs_accuracy_metric_is_the_share_of_tests_passed():
+    task = TaskMessage(task_id="r:0:0:0", run_id="r", train_by=0, prompt_index=0, sample_index=0, group_size=1,
+                       prompt_ids=[1, 2], params=SamplingParams(), policy_version=0)  # fmt: skip
+    msgs = [ScoredMessage(task=task, rollout=_rollout(), score=ScoreResult(id="x", total=c, components={"code": c},
+                                                                           status="ok"))  # fmt: skip
+            for c in (1.0, 0.5, 0.0, 0.5)]  # fmt: skip
+    assert rollout_metrics(msgs)["accuracy"] == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------- heartbeat

@@ -540,9 +540,18 @@ def broadcast_text(accelerator, text: str | None) -> str:
     return box[0]
 
 
+CORRECTNESS = ("accuracy", "code")
+"""The reward components that say whether an answer is right: the maths verdict, the share of code tests passed."""
+
+
+def correctness(components: dict[str, float]) -> float | None:
+    """The sample's correctness score in [0, 1] (the first of `CORRECTNESS` it was scored with), or None."""
+    return next((components[k] for k in CORRECTNESS if k in components), None)
+
+
 def step_sample(m: ScoredMessage) -> StepSample:
-    """One scored sample as the learner takes it; its verdict is None when the reward service scored no accuracy."""
-    acc = m.score.components.get("accuracy")
+    """One scored sample as the learner takes it; its verdict is None when no correctness reward scored it."""
+    acc = correctness(m.score.components)
     return StepSample(rollout=m.rollout, reward=m.score.total, components=m.score.components,
                       correct=None if acc is None else acc >= 1.0)  # fmt: skip
 
@@ -553,7 +562,7 @@ def rollout_metrics(msgs: list[ScoredMessage]) -> dict[str, float]:
         return {}
     n = len(msgs)
     return {
-        "accuracy": sum(m.score.components.get("accuracy", 0.0) for m in msgs) / n,
+        "accuracy": sum(correctness(m.score.components) or 0.0 for m in msgs) / n,
         "tokens_per_step": sum(tokens_per_step(len(m.rollout.token_ids), m.rollout.step_map) for m in msgs) / n,
         "response_length": sum(len(m.rollout.token_ids) for m in msgs) / n,
         "truncated": sum(m.rollout.finish_reason == "length" for m in msgs) / n,
