@@ -102,7 +102,9 @@ def test_micro_batching_gives_the_same_update(tiny_dir, tmp_path, groups):
         trainer = _trainer(tiny_dir, tmp_path / str(micro), micro_batch_size=micro, optim=OptimConfig(lr=1e-4))
         trainer.rl_step(StepBatch.of(*groups))
         results.append(_params(trainer))
-    assert max((results[0][k] - results[1][k]).abs().max() for k in results[0]) <= 1e-6
+    # Adam's first step is lr * g / (|g| + eps): where a gradient is near 0, summation-order rounding (which differs
+    # with the thread count) moves it by a few percent of lr; a wrong normalisation moves it by about lr (1e-4)
+    assert max((results[0][k] - results[1][k]).abs().max() for k in results[0]) <= 5e-6
 
 
 def test_zero_variance_groups_get_no_gradient(tiny_dir, tmp_path, groups):
