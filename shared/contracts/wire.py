@@ -395,6 +395,8 @@ class WeightsVersion(BaseModel):
 
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class WeightsFile(BaseModel):
     """One file of a served weights version."""
 
