@@ -25,8 +25,6 @@ from shared.contracts.wire import WeightsFile, WeightsManifest, WeightsVersion
 
 log = logging.getLogger("gtpo.rollout")
 
-CHUNK = 1024 * 1024
-"""Bytes written at once."""
 PARTIAL = ".partial-"
 """Prefix of a folder being fetched (never loaded; removed on failure and when the worker starts)."""
 
@@ -103,8 +101,9 @@ def _fetch_file(client: httpx.Client, url: str, entry: WeightsFile, dest: Path, 
     with dest.open("wb") as out:
         for attempt in range(1, attempts + 1):
             try:
-                done = _stream(client, url, entry, out, h, done)
+                done = _stream(client, url, entry, out, h, out.tell())
             except (httpx.HTTPError, httpx.StreamError) as e:
+                done = out.tell()  # what was written (and hashed) before the break: the next attempt resumes there
                 why = f"{type(e).__name__}: {e}"
                 log.warning("weights %s: transfer broken at %d of %d bytes (%s), attempt %d/%d", entry.name, done,
                             entry.size, why, attempt, attempts)  # fmt: skip
@@ -127,7 +126,7 @@ def _stream(client: httpx.Client, url: str, entry: WeightsFile, out, h, done: in
         if r.status_code not in (200, 206) or (done and r.status_code != 206):
             raise FetchError(f"weights file {entry.name}: the trainer answered {r.status_code} "
                              f"({r.read()[:300]!r})")  # fmt: skip
-        for chunk in r.iter_bytes(CHUNK):
+        for chunk in r.iter_bytes():
             done += len(chunk)
             if done > entry.size:
                 raise FetchError(f"weights file {entry.name}: more than the manifest's {entry.size} bytes")
