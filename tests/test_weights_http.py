@@ -171,11 +171,10 @@ def test_a_stream_cut_every_time_is_refused_after_resuming_and_nothing_is_left(c
 SERVE = """
 import sys, time, uvicorn
 from fastapi import FastAPI
-from starlette.responses import FileResponse
-from services.trainer.orchestrator.weights_server import WeightStore, weights_router
+from services.trainer.orchestrator.weights_server import WeightStore, WeightsFileResponse, weights_router
 from shared.contracts.wire import WeightsVersion
 
-FileResponse.chunk_size = 64 * 1024
+WeightsFileResponse.chunk_size = 64 * 1024
 store = WeightStore()
 v = store.add(WeightsVersion(version=int(sys.argv[2]), path=sys.argv[1], run='r'), 'http://127.0.0.1:' + sys.argv[3])
 app = FastAPI()
