@@ -308,3 +308,28 @@ def test_a_prefetcher_retries_a_failed_version_only_after_its_pause(tmp_path):
         time.sleep(0.02)
     assert "unreachable" in p.failure(version)
     assert p.ready(version) is None and not p._running  # no new attempt within retry_s
+
+
+def test_a_lora_version_sends_the_adapter_only(trainer, tiny_dir, tiny, tmp_path):
+    from services.trainer.config import LoraSettings
+    from services.trainer.learner import lora
+    from shared.model import adapter
+    from shared.model.sdar import load_model
+
+    base = load_model(tiny_dir)
+    peft_model = lora.apply_lora(base.model, LoraSettings(r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at 0: draw it, or the adapter would change nothing
+        for p in adapter.adapter_parameters(peft_model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ckpt = tmp_path / "step-1"
+    lora.save_adapter(peft_model, ckpt / lora.ADAPTER_DIR, base.spec)
+    store, url = trainer
+    version = store.add(WeightsVersion(version=1, path=str(lora.published_weights(ckpt)), run="r"), url)
+    names = {f.name for f in store.lookup(1)[1].files}
+    assert names <= {adapter.ADAPTER_CONFIG, adapter.ADAPTER_WEIGHTS, adapter.BASE_FILE, "README.md"}, names
+    assert store.lookup(1)[1].total_bytes() < (tiny_dir / "model.safetensors").stat().st_size / 10
+    folder = fetch_version(version, tmp_path / "cache")
+    host = EngineHost(TorchEngine(load_model(tiny_dir)), RolloutMetrics(), start=tiny_dir)
+    host.load(folder, tmp_path / "cache", 1, "test", run="r")
+    assert host.served_version == 1 and host.engine.adapter_bytes > 0
