@@ -78,6 +78,15 @@ class RolloutSettings(ServiceSettings):
     weights_wait_s: float = Field(
         120.0, gt=0, description="how long a task waits for the weights version it needs before it is left pending"
     )
+    weights_cache: Path | None = Field(
+        None,
+        description="weights.transport=http: where fetched versions are kept (the served one and the newest); "
+        "None = <checkpoint root>/.weights-cache/<worker_id>",
+    )
+    weights_retry_s: float = Field(10.0, gt=0, description="after a failed weights fetch, try again this much later")
+    weights_fetch_timeout_s: float = Field(
+        60.0, gt=0, description="a weights transfer that sends nothing for this long is broken (then resumed)"
+    )
     heartbeat_ttl_s: HeartbeatTtl = HEARTBEAT_TTL_S
     redis: RedisConfig = Field(default_factory=RedisConfig)
     lmdeploy: LMDeploySettings = Field(
@@ -101,3 +110,8 @@ class RolloutSettings(ServiceSettings):
 
     def root(self) -> Path:
         return (self.checkpoint_root or self.model.parent).resolve()
+
+    def cache(self) -> Path:
+        """Where this worker keeps the versions it fetched over HTTP (its own folder: it deletes what it does not
+        serve)."""
+        return (self.weights_cache or self.root() / ".weights-cache" / self.worker_id).resolve()

@@ -17,10 +17,12 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from services.rollout.engines import GenerationCancelled
+from services.rollout.fetch import Prefetcher, collect_garbage
 from services.rollout.host import EngineHost, request_error
 from services.rollout.settings import RolloutSettings
 from services.rollout.weights import WeightsError
@@ -33,6 +35,7 @@ from shared.contracts.wire import (
     ServiceInfo,
     TaskMessage,
     WeightsRefusal,
+    WeightsVersion,
     WorkerKind,
     brief_error,
 )
@@ -83,6 +86,8 @@ class RolloutWorker(StreamWorker):
         """The registry's current version when this worker refused it (its heartbeat tells the trainer)."""
         self.bad_current: str | None = None
         """Why the registry's current-weights value breaks its contract, while it does (skipped, counted once)."""
+        self.prefetcher: Prefetcher | None = None
+        """weights.transport=http: fetches versions into the worker's cache (made at the first such version)."""
 
     def run(self, stop: threading.Event) -> None:
         self.stop = stop  # also the engine's cancel event: on shutdown a batch ends at its next block boundary
@@ -220,20 +225,44 @@ class RolloutWorker(StreamWorker):
         served, same_run = self.host.served_version, self.host.served_run == cur.run
         if served is not None and same_run and cur.version < served:
             return  # pushed over HTTP ahead of the registry
+        where = self._source(cur)
+        if where is None:
+            return  # being fetched while the old weights keep serving, or a failed fetch waiting for its retry
+        path, root = where
         self.handled = (cur.version, cur.path, cur.run)
-        root = self.settings.root()
         try:
-            done = self.host.load(cur.path, root, cur.version, "registry", rollback=not same_run, run=cur.run)
+            done = self.host.load(path, root, cur.version, "registry", rollback=not same_run, run=cur.run)
         except WeightsError as e:
             log.error("%s: cannot serve v%d from %s (checkpoint root %s), still serving v%s: %s",
-                      self.id, cur.version, cur.path, root, served, e)  # fmt: skip
+                      self.id, cur.version, path, root, served, e)  # fmt: skip
             self.refused = WeightsRefusal(version=cur.version, path=cur.path, root=str(root), reason=str(e)[:1000])
             self.heartbeat()
             return
         self.refused = None
         self.heartbeat()
+        if self.prefetcher is not None:  # the cache keeps the served version (the newest is being fetched meanwhile)
+            collect_garbage(self.prefetcher.cache, {Path(done.path)})
         how = f"in {done.seconds:.1f}s" if done.seconds else "(already served: pushed over HTTP first)"
         log.info("rollout worker %s loaded v%d of run %s from %s %s", self.id, cur.version, cur.run, done.path, how)
+
+    def _source(self, cur: WeightsVersion) -> tuple[str, Path] | None:
+        """(folder, root) to load `cur` from: the shared volume under the checkpoint root, or (weights.transport=
+        http) the worker's verified copy, fetched in the background; None until that copy is there. A failed fetch
+        shows in the heartbeat as a refusal until a version loads; it is retried after `weights_retry_s`."""
+        if cur.url is None:
+            return cur.path, self.settings.root()
+        if self.prefetcher is None:
+            s = self.settings
+            self.prefetcher = Prefetcher(s.cache(), s.api_token, s.weights_retry_s, s.weights_fetch_timeout_s)
+        folder = self.prefetcher.ready(cur)
+        if folder is not None:
+            return str(folder), self.prefetcher.cache
+        why = self.prefetcher.failure(cur)
+        if why is not None:
+            self.refused = WeightsRefusal(version=cur.version, path=cur.url, root=str(self.prefetcher.cache),
+                                          reason=f"fetch failed (retried every {self.settings.weights_retry_s:.0f} "
+                                          f"s): {why}"[:1000])  # fmt: skip
+        return None
 
     def _skip_bad_current(self, reason: str) -> None:
         if reason != self.bad_current:

@@ -319,6 +319,25 @@ class RolloutSampling(SamplingParams):
         return self
 
 
+class WeightsTransport(BaseModel):
+    """How rollout workers get each published weights version (docs/design.md section 7): `volume` = they read the
+    checkpoint folder from a volume they share with the trainer; `http` = the trainer serves the folder's files from
+    its HTTP server (`health_port`) and each worker fetches, verifies (size, sha256) and caches them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    transport: Literal["volume", "http"] = Field("volume", description="volume | http")
+    url: str | None = Field(
+        None,
+        max_length=2048,
+        description="transport=http: the trainer's base URL as rollout workers reach it; None = "
+        "http://127.0.0.1:<health_port> (one host)",
+    )
+
+    def base_url(self, health_port: int | None) -> str:
+        return self.url or f"http://127.0.0.1:{health_port}"
+
+
 class RLConfig(TrainerConfig):
     """`gtpo train` (and `gtpo up`, `gtpo launch`): GTPO rounds through the rollout and reward services over Redis.
     Environment: `GTPO_TRAIN__<KEY>`, e.g. `GTPO_TRAIN__ROLLOUT__GROUP_SIZE=16`."""
@@ -355,6 +374,9 @@ class RLConfig(TrainerConfig):
     rollout_urls: list[str] = Field(default_factory=list, description="also push new weights to these over HTTP")
     api_token: BearerToken | None = Field(None, description="bearer token for the rollout services' /v1/weights")
     health_port: int | None = Field(None, ge=0, le=65535, description="/health /status /metrics; None = off")
+    weights: WeightsTransport = Field(
+        default_factory=WeightsTransport, description="how rollout workers get each version: volume | http"
+    )
     reward_weights: dict[str, float] = Field(
         default_factory=default_reward_weights, description="`gtpo up`: the reward workers' weights"
     )
@@ -396,6 +418,12 @@ class RLConfig(TrainerConfig):
                 f"max_staleness: {self.max_staleness} needs loss.objective=decoupled (stale samples need the "
                 "importance weight pi_prox / pi_behav), got loss.objective=standard"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> RLConfig:
+        if self.weights.transport == "http" and not self.health_port:
+            raise ValueError("weights.transport: http serves the weights from the trainer's health_port; set it")
         return self
 
     @model_validator(mode="after")

@@ -383,6 +383,59 @@ class WeightsVersion(BaseModel):
         max_length=RUN_MAX,
         description="the identity of the run that published it: a version number names weights within one run only",
     )
+    url: str | None = Field(
+        None,
+        max_length=4096,
+        description="weights.transport=http: where its files are served (`{url}/manifest`, `{url}/files/{name}`); "
+        "None = read `path` from the shared volume",
+    )
+    digest: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="sha256 of its `WeightsManifest` (`WeightsManifest.digest`)"
+    )
+
+
+SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class WeightsFile(BaseModel):
+    """One file of a served weights version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z0-9._/-]+$", description="relative to the version folder"
+    )
+    size: int = Field(ge=0)
+    sha256: SHA256
+
+    @field_validator("name")
+    @classmethod
+    def _relative(cls, name: str) -> str:
+        # a worker writes the file under this name: no absolute path, no `.` or `..` part, no empty part
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise ValueError(f"name: {name!r} must be a relative path without '.', '..' or empty parts")
+        return name
+
+
+class WeightsManifest(BaseModel):
+    """`GET /v1/weights/{version}/manifest` on the trainer (weights.transport=http): every file of the version
+    folder, hashed once when the version is published. A worker verifies each file against it, and the manifest
+    against `WeightsVersion.digest`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(ge=0, le=MAX_SEED)
+    run: str | None = Field(None, max_length=RUN_MAX)
+    files: list[WeightsFile] = Field(min_length=1, max_length=4096)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of this manifest (what `WeightsVersion.digest` holds)."""
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 # --------------------------------------------------------------------------- rollout service (HTTP)

@@ -151,12 +151,16 @@ class Driver:
             self.trackers.rewind(done, self.trainer.state.extra.get("metrics"))
         self.prompts = load_prompts(cfg.data, question_field=cfg.question_field, answer_field=cfg.answer_field,
                                     answer_extract=cfg.answer_extract, max_row_bytes=cfg.max_row_bytes)  # fmt: skip
+        self.weight_store = None
         if self.main:
             t = self.trainer
             self.collector = Collector(cfg, self.queue, self.prompts, t.tokenizer, t.vocab_size, identity=self.identity)
             from services.trainer.orchestrator.status_server import TrainerMetrics
+            from services.trainer.orchestrator.weights_server import WeightStore
 
             self.metrics = TrainerMetrics(self.status)
+            # weights.transport=http: the versions this process serves over its HTTP server
+            self.weight_store = WeightStore() if cfg.weights.transport == "http" else None
 
     def _connect(self) -> None:
         from services.trainer.orchestrator.lease import RunLease
@@ -375,7 +379,10 @@ class Driver:
         self._redis(lambda: self._publish(version), "publishing weights", in_step=True)
         self._redis(lambda: self.collector.finish_step(batch, state.step), "acknowledging the step", in_step=True)
         keep = set(list_checkpoints(self.trainer.checkpoint_root)[-self.cfg.keep_last :])
-        self._redis(lambda: prune(self.registry, self.trainer.checkpoint_root, keep), "pruning weights", in_step=True)
+        gone = self._redis(lambda: prune(self.registry, self.trainer.checkpoint_root, keep), "pruning weights",
+                           in_step=True)  # fmt: skip
+        for v in gone if self.weight_store is not None else []:
+            self.weight_store.drop(v)
         self._write_status()
 
     def _collect_step(self) -> list[Group] | None:
@@ -484,11 +491,23 @@ class Driver:
             )
         if cur is None or cur.version < version.version or cur.run != version.run:
             self._publish(version)
+        else:  # published by this run before a restart: workers that have not fetched it yet fetch it from here
+            self._served(version)
 
     def _publish(self, version: WeightsVersion) -> None:
         from services.trainer.orchestrator.publish import publish
 
-        publish(self.registry, version, self.cfg.rollout_urls, self.cfg.api_token)
+        version = self._served(version)
+        # an HTTP push names a path on the trainer's disk: with transport http the rollout services have no such path
+        urls = [] if version.url is not None else self.cfg.rollout_urls
+        publish(self.registry, version, urls, self.cfg.api_token)
+
+    def _served(self, version: WeightsVersion) -> WeightsVersion:
+        """`version`, served by this process with its URL and manifest digest (weights.transport=http); as it is
+        with the shared volume."""
+        if self.weight_store is None:
+            return version
+        return self.weight_store.add(version, self.cfg.weights.base_url(self.cfg.health_port))
 
     def _record_trained(self, step: int, version: int, batch: list[Group]) -> None:
         """Append the step's trained groups, trained at policy `version`, to trained_groups.jsonl (the audit trail;
@@ -589,5 +608,6 @@ def run_rl(cfg: RLConfig, *, resume: bool = False, fresh: bool = False) -> list[
     driver = Driver(cfg, resume=resume, fresh=fresh)
     install_signals(driver)
     if cfg.health_port is not None and driver.main:
-        start_server(create_app(driver.status, driver.ready, driver.metrics), cfg.health_port)
+        app = create_app(driver.status, driver.ready, driver.metrics, weights=driver.weight_store, token=cfg.api_token)
+        start_server(app, cfg.health_port)
     return driver.run()

@@ -74,13 +74,15 @@ def json_safe(value):
     return value
 
 
-def create_app(status: Callable[[], TrainerStatus], ready, metrics: TrainerMetrics):
+def create_app(status: Callable[[], TrainerStatus], ready, metrics: TrainerMetrics, weights=None, token=None):
     """The trainer's FastAPI app.
 
     Args:
         status: what `/status` shows.
         ready: () -> None when the trainer is collecting or training, else why not.
         metrics: its Prometheus registry.
+        weights: weights.transport=http: the `WeightStore` whose versions `/v1/weights/...` serves; None = off.
+        token: the bearer token those routes require (the run's `api_token`); None = open, like `/status`.
     """
     from fastapi import FastAPI
 
@@ -98,6 +100,10 @@ def create_app(status: Callable[[], TrainerStatus], ready, metrics: TrainerMetri
     def get_metrics():
         return metrics_response(metrics.registry)
 
+    if weights is not None:
+        from services.trainer.orchestrator.weights_server import weights_router
+
+        app.include_router(weights_router(weights, token))
     return app
 
 
