@@ -22,7 +22,14 @@ from services.rollout.settings import RolloutSettings
 from services.rollout.worker import RolloutWorker
 from services.trainer.learner.objective import LossConfig, gtpo_loss, token_staleness, token_weights
 from shared.config.settings import RedisConfig
-from shared.contracts.wire import GenerationRequest, RolloutMessage, SamplingParams, StepBatch, TaskMessage, WeightsVersion
+from shared.contracts.wire import (
+    GenerationRequest,
+    RolloutMessage,
+    SamplingParams,
+    StepBatch,
+    TaskMessage,
+    WeightsVersion,
+)
 from shared.model.sdar import load_model
 from shared.queues.queue import Codec
 
