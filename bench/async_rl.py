@@ -431,8 +431,11 @@ class Bench:
     warmup: int = 1
     steps: int = 8
     seed: int = 0
-    swap_check_s: float = 2.5
-    """Simulated decoding seconds between two calls of the block hook (whole blocks)."""
+    swap_check_s: float = 10.0
+    """Simulated decoding seconds between two calls of the block hook (whole blocks; 16 blocks at 10 s). Coarser
+    than an engine's every block because every worker here is a thread of one process and each call reads Redis
+    under the GIL: at 2.5 s, 16 workers made ~2,700 reads a wall second and lost ~5 points of busy time to it. A
+    version is then picked up within 10 s of decoding, against steps of ~500-800 s."""
     data: Path = field(init=False)
     """The prompts as the driver reads them."""
     by_ids: dict[tuple[int, ...], Prompt] = field(init=False, default_factory=dict)
@@ -607,7 +610,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--k", type=parse_ints, default=[0, 1, 2, 4], help="max_staleness values, comma separated")
     ap.add_argument("--swap", type=parse_swap, default=[False, True],
                     help="rollout.swap_at_block settings, comma separated (off, on)")  # fmt: skip
-    ap.add_argument("--swap-check-s", type=float, default=2.5,
+    ap.add_argument("--swap-check-s", type=float, default=10.0,
                     help="simulated decoding seconds between two block-hook calls (rounded to whole blocks)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     ap.add_argument("--warmup", type=int, default=1, help="steps before measuring")
