@@ -166,7 +166,10 @@ def test_the_worker_loads_a_newer_version_between_two_blocks(worker, tmp_path):
     r = msg.rollout
     assert seen == [0, 1] and worker.swaps == 1 and worker.host.served_version == 1
     assert r.policy_version == 0 and r.policy_run == "r" and r.token_versions == [0] + [1] * 8
-    assert worker.host.metrics.weight_loads.labels("registry")._value.get() == 2  # v0 at the tick, v1 mid-batch
+    metrics = worker.host.metrics
+    assert metrics.weight_loads.labels("registry")._value.get() == 1  # v0, at the tick
+    assert metrics.weight_loads.labels("swap")._value.get() == 1  # v1, between two blocks
+    assert metrics.weight_load_seconds.labels("swap")._sum.get() > 0  # the pause of generation it cost
 
 
 def test_another_runs_version_is_never_swapped_in_mid_generation(worker, tmp_path):

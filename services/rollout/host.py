@@ -45,6 +45,10 @@ class RolloutMetrics:
         )
         self.version = Gauge("gtpo_rollout_policy_version", "loaded policy version", registry=self.registry)
         self.weight_loads = Counter("gtpo_rollout_weight_loads", "weight loads", ["source"], registry=self.registry)
+        self.weight_load_seconds = Histogram(
+            "gtpo_rollout_weight_load_seconds", "seconds per weight load, the engine held (generation paused)",
+            ["source"], registry=self.registry,
+        )  # fmt: skip
         self.weight_failures = Counter(
             "gtpo_rollout_weight_load_failures", "weight loads refused or failed", ["source"], registry=self.registry
         )
@@ -206,6 +210,7 @@ class EngineHost:
             raise
         self.metrics.version.set(version)
         self.metrics.weight_loads.labels(source).inc()
+        self.metrics.weight_load_seconds.labels(source).observe(time.perf_counter() - t0)
         log.info("loaded weights v%d from %s (%s)", version, folder, source)
         return Loaded(version, str(folder), time.perf_counter() - t0, before)
 

@@ -240,15 +240,16 @@ class RolloutWorker(StreamWorker):
             served = self.host.served_version
             if cur is None or served is None or cur.run != self.host.served_run or cur.version <= served:
                 return
-            self._serve(cur)  # a refused version is logged and reported there, the batch goes on with the old one
+            self._serve(cur, "swap")  # a refused version is logged and reported there; the batch goes on with the old
         except Exception as e:  # garbage at the key, Redis away: no reason to lose a batch; the next tick says it
             log.warning("%s: no weights swap between blocks: %s: %s", self.id, type(e).__name__, str(e)[:300])
             return
         if self.host.served_version == cur.version:
             self.swaps += 1
 
-    def _serve(self, cur: WeightsVersion) -> None:
-        """Load `cur` (the registry's current version) unless handled already or older than the served one."""
+    def _serve(self, cur: WeightsVersion, source: str = "registry") -> None:
+        """Load `cur` (the registry's current version) unless handled already or older than the served one; `source`
+        labels the load's metrics (`swap`: between two blocks, generation paused for its seconds)."""
         if (cur.version, cur.path, cur.run) == self.handled:
             return
         served, same_run = self.host.served_version, self.host.served_run == cur.run
@@ -257,7 +258,7 @@ class RolloutWorker(StreamWorker):
         self.handled = (cur.version, cur.path, cur.run)
         root = self.settings.root()
         try:
-            done = self.host.load(cur.path, root, cur.version, "registry", rollback=not same_run, run=cur.run)
+            done = self.host.load(cur.path, root, cur.version, source, rollback=not same_run, run=cur.run)
         except WeightsError as e:
             log.error("%s: cannot serve v%d from %s (checkpoint root %s), still serving v%s: %s",
                       self.id, cur.version, cur.path, root, served, e)  # fmt: skip
