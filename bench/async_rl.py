@@ -1,6 +1,6 @@
 """Asynchronous GTPO against the synchronous loop: steps/hour and busy fractions over workers x max_staleness.
 
-    python bench/async_rl.py [--workers 4,16,64] [--k 0,1,2,4] [--steps 8] [--time-scale 400] [--quick]
+    python bench/async_rl.py [--workers 4,16,64] [--k 0,1,2,4] [--swap off,on] [--steps 8] [--time-scale 400] [--quick]
 
 Real: the round driver (`services.trainer.orchestrator.driver.Driver`: admission, the buffer, the ledger, staleness checks,
 acknowledgements, weights publishing and pruning), Redis ($REDIS_URL, a fresh namespace per configuration, else an
@@ -17,6 +17,14 @@ the reward workers, which is not what is measured, weighs the same on each):
 * rollout: 1250 s for an 8192-token response (DiRL section 4.3: a step's rollout takes ~1.2-1.3 ks at 8K tokens,
   and a synchronous step waits for its longest response), i.e. 0.153 s per token of one sequence;
 * training: 167 s for a batch of mean-length responses (DiRL: ~167 s per step), proportional to the batch's tokens.
+
+In-flight updates (`--swap on`: `rollout.swap_at_block`, docs/design.md section 7): a simulated response sleeps in
+slices of whole blocks (`--swap-check-s` of simulated decoding each, cut on the absolute block grid) and calls the
+real worker's block hook between two slices, as the torch engine calls it between two blocks; the hook reads the
+registry (rate-limited by `swap_poll_ms`) and loads a newer version of the run, so the next slice's tokens carry it
+(`Rollout.token_versions`). Both settings sleep in the same slices, so the switch alone changes nothing of the
+timing; a weights load costs no simulated time either way. Staleness is reported per sample (the bound's view: a
+response's oldest token) and per token (`staleness_token_*`, computed by the trainer's `token_staleness`).
 
 Each configuration runs `--warmup` steps and then `--steps` measured ones. Steps/hour is in simulated time over the
 measured steps; the trainer's busy fraction is its time in `rl_step` over that window, a worker's is its time in
@@ -54,6 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from services.rollout.host import Loaded, Served
 from services.trainer.learner.checkpoint import TrainerState
+from services.trainer.learner.objective import token_staleness
 from services.trainer.orchestrator.collect import parse_task_id
 from shared.contracts.wire import GenerationRequest, Rollout, StepBatch
 
@@ -170,6 +179,19 @@ def step_map_for(prompt_len: int, n: int) -> list[int]:
     return steps
 
 
+def slice_ends(prompt_len: int, n: int, blocks: int) -> list[int]:
+    """Where the slices of a simulated response end (response token counts): after its first (partial) block, then
+    every `blocks` blocks of the absolute grid, then at its end.
+
+    >>> slice_ends(2, 11, 1)  # positions 2,3 | 4..7 | 8..11 | 12
+    [2, 6, 10, 11]
+    >>> slice_ends(4, 20, 2)
+    [8, 16, 20]
+    """
+    first = (-prompt_len) % BLOCK
+    return [e for e in range(first, n, BLOCK * blocks) if e > 0] + [n]
+
+
 def sim_rollout(req: GenerationRequest, prompt: Prompt, version: int, lengths: Lengths) -> Rollout:
     """The rollout the simulated policy returns for one request: its length and correctness follow from the
     request's seed (so a task always gets the same answer), the text is what the reward service verifies."""
@@ -197,8 +219,11 @@ class SimHost:
         stop: set to end a sleep early (the bench is shutting down).
     """
 
-    def __init__(self, prompts: dict[tuple[int, ...], Prompt], tm: TimeModel, stop: threading.Event) -> None:
-        self.prompts, self.tm, self.stop = prompts, tm, stop
+    def __init__(
+        self, prompts: dict[tuple[int, ...], Prompt], tm: TimeModel, stop: threading.Event, slice_blocks: int = 1
+    ) -> None:
+        """`slice_blocks`: blocks decoded between two calls of the block hook (see the module docstring)."""
+        self.prompts, self.tm, self.stop, self.slice_blocks = prompts, tm, stop, slice_blocks
         self.version: int | None = None
         self.served_run: str | None = None
         self.spans: list[tuple[float, float]] = []
@@ -213,16 +238,33 @@ class SimHost:
         before, self.version, self.served_run = self.version, version, run
         return Loaded(version, str(path), 0.0, None if before is None else Served(before, str(path)))
 
-    def generate(self, requests: list[GenerationRequest], source: str, cancel=None) -> list[list[Rollout]]:
+    def generate(
+        self, requests: list[GenerationRequest], source: str, cancel=None, at_block=None
+    ) -> list[list[Rollout]]:
         start = time.monotonic()
         out = []
         for req in requests:
             rollout = sim_rollout(req, self.prompts[tuple(req.prompt_ids)], self.version or 0, self.tm.lengths)
             rollout.policy_run = self.served_run
-            self.stop.wait(self.tm.wall(len(rollout.token_ids) * self.tm.rollout_s_per_token))
+            versions = self.decode(len(req.prompt_ids), len(rollout.token_ids), at_block)
+            if at_block is not None:  # validated: versions change only where a block starts
+                rollout = Rollout.model_validate({**rollout.model_dump(), "token_versions": versions})
             out.append([rollout])
         self.spans.append((start, time.monotonic()))
         return out
+
+    def decode(self, prompt_len: int, n: int, at_block) -> list[int]:
+        """Sleep for `n` tokens' decoding in slices of whole blocks, calling `at_block` between two slices (it may
+        load a newer version). Returns the version of each token. Sleeps to absolute deadlines, so slicing adds no
+        time."""
+        t0, per_token = time.monotonic(), self.tm.wall(self.tm.rollout_s_per_token)
+        versions: list[int] = []
+        for end in slice_ends(prompt_len, n, self.slice_blocks):
+            if versions and at_block is not None:
+                at_block()
+            versions += [self.version or 0] * (end - len(versions))
+            self.stop.wait(max(0.0, t0 + end * per_token - time.monotonic()))
+        return versions
 
 
 # --------------------------------------------------------------------------- the simulated trainer
@@ -271,8 +313,11 @@ class SimTrainer:
         tokens = sum(len(s.rollout.token_ids) for g in batch.groups for s in g)
         time.sleep(self.tm.wall(tokens * self.tm.train_s_per_token))
         flat = [s.reward for g in batch.groups for s in g]
+        lag_mean, lag_max = token_staleness([s.rollout.versions() for g in batch.groups for s in g],
+                                            self.state.policy_version)  # fmt: skip
         metrics = {"loss": 0.0, "tokens": tokens, "updates": 1 if tokens else 0, "groups": len(batch.groups),
-                   "reward_mean": sum(flat) / max(1, len(flat)), **batch.metrics}  # fmt: skip
+                   "reward_mean": sum(flat) / max(1, len(flat)), "staleness_token_mean": lag_mean,
+                   "staleness_token_max": lag_max, **batch.metrics}  # fmt: skip
         self.state.step += 1
         metrics.update(step=self.state.step, time=time.time())
         self.spans.append((start, time.monotonic()))
@@ -361,6 +406,10 @@ class Row:
     problems: list[str] = field(default_factory=list)
     ratio: float | None = None
     ideal: float | None = None
+    swap: bool = False
+    """rollout.swap_at_block"""
+    token_staleness_mean: float = 0.0
+    token_staleness_max: int = 0
 
 
 # --------------------------------------------------------------------------- one configuration
@@ -382,6 +431,11 @@ class Bench:
     warmup: int = 1
     steps: int = 8
     seed: int = 0
+    swap_check_s: float = 10.0
+    """Simulated decoding seconds between two calls of the block hook (whole blocks; 16 blocks at 10 s). Coarser
+    than an engine's every block because every worker here is a thread of one process and each call reads Redis
+    under the GIL: at 2.5 s, 16 workers made ~2,700 reads a wall second and lost ~5 points of busy time to it. A
+    version is then picked up within 10 s of decoding, against steps of ~500-800 s."""
     data: Path = field(init=False)
     """The prompts as the driver reads them."""
     by_ids: dict[tuple[int, ...], Prompt] = field(init=False, default_factory=dict)
@@ -411,7 +465,7 @@ class Bench:
             "redis": {"url": self.redis_url, "namespace": namespace},
         })  # fmt: skip
 
-    def run(self, workers: int, k: int) -> Row:
+    def run(self, workers: int, k: int, swap: bool = False) -> Row:
         """Run one configuration to its last step; the figures over the measured steps."""
         from services.reward.settings import RewardSettings
         from services.reward.worker import RewardWorker
@@ -419,18 +473,21 @@ class Bench:
         from services.rollout.worker import RolloutWorker
         from services.trainer.orchestrator.driver import Driver
 
-        namespace = f"bench-async-{uuid.uuid4().hex[:8]}-w{workers}-k{k}"
+        namespace = f"bench-async-{uuid.uuid4().hex[:8]}-w{workers}-k{k}" + ("-swap" if swap else "")
         tm = self.tm.for_workers(workers)
         out = self.root / namespace
         (out / "start").mkdir(parents=True)
         cfg = self.config(k, out, namespace)
         stop = threading.Event()
-        hosts = [SimHost(self.by_ids, tm, stop) for _ in range(workers)]
+        blocks = max(1, round(self.swap_check_s / (BLOCK * tm.rollout_s_per_token)))
+        hosts = [SimHost(self.by_ids, tm, stop, blocks) for _ in range(workers)]
+        poll_ms = int(tm.wall(blocks * BLOCK * tm.rollout_s_per_token) * 500)  # half a slice: never skips a check
         threads = []
         try:
             for i, host in enumerate(hosts):
                 settings = RolloutSettings(model=out / "start", checkpoint_root=out, worker_id=f"rollout-{i}",
-                                           task_batch=1, redis=cfg.redis)  # fmt: skip
+                                           task_batch=1, redis=cfg.redis, swap_at_block=swap,
+                                           swap_poll_ms=poll_ms)  # fmt: skip
                 threads.append(RolloutWorker(host, settings).start(stop))
             for i in range(self.reward_workers):
                 settings = RewardSettings(worker_id=f"reward-{i}", weights={"accuracy": 1.0}, redis=cfg.redis)
@@ -444,7 +501,7 @@ class Bench:
                 t.join(timeout=10)
             delete_namespace(self.redis_url, namespace)
         rows = [json.loads(x) for x in (out / "trained_groups.jsonl").read_text().splitlines() if x.strip()]
-        return self.measure(workers, k, trainer, hosts, history, rows)
+        return replace(self.measure(workers, k, trainer, hosts, history, rows), swap=swap)
 
     def measure(self, workers: int, k: int, trainer: SimTrainer, hosts: list[SimHost], history, rows) -> Row:
         t0, t1 = trainer.spans[self.warmup - 1][1], trainer.spans[-1][1]
@@ -455,6 +512,7 @@ class Bench:
         problems = found["problems"] + ([f"steps {short} trained fewer than {self.prompts_per_step} groups"]
                                         if short else [])  # fmt: skip
         reward = [m["busy_reward"] for m in window if "busy_reward" in m]
+        tokens = max(1, sum(m["tokens"] for m in window))
         return Row(
             workers=workers, k=k, steps=len(measured), scale=trainer.tm.scale,
             steps_per_hour=len(measured) / trainer.tm.scale / (t1 - t0) * 3600,
@@ -465,6 +523,8 @@ class Bench:
             groups_expired=sum(int(m.get("groups_expired", 0)) for m in window),
             samples_stale=sum(int(m.get("dropped_stale", 0)) for m in window),
             groups_trained=found["groups"], exactly_once=not problems, problems=problems,
+            token_staleness_mean=sum(m["staleness_token_mean"] * m["tokens"] for m in window) / tokens,
+            token_staleness_max=max((m["staleness_token_max"] for m in window), default=0),
         )  # fmt: skip
 
 
@@ -483,8 +543,9 @@ def delete_namespace(url: str, namespace: str) -> None:
 
 
 def with_ratios(rows: list[Row], tm: TimeModel, tasks: int) -> list[Row]:
-    """Fill each row's ratio to k = 0 at its worker count and the ideal ratio of perfect overlap."""
-    base = {r.workers: r.steps_per_hour for r in rows if r.k == 0}
+    """Fill each row's ratio to k = 0 without in-flight updates (the synchronous loop) at its worker count, and the
+    ideal ratio of perfect overlap."""
+    base = {r.workers: r.steps_per_hour for r in rows if r.k == 0 and not r.swap}
     ideal = {w: ideal_ratio(tm, w, tasks) for w in {r.workers for r in rows}}
     for r in rows:
         r.ratio = r.steps_per_hour / base[r.workers] if r.workers in base else None
@@ -499,15 +560,16 @@ def table(rows: list[Row]):
     from rich.table import Table
 
     t = Table(title="async GTPO: simulated engine and trainer, real driver / Redis / reward workers")
-    for name in ("workers", "k", "steps/h", "x k=0", "ideal x", "trainer busy", "worker busy", "reward busy",
-                 "stale max", "expired", "exactly once"):  # fmt: skip
+    for name in ("workers", "k", "swap", "steps/h", "x k=0", "ideal x", "trainer busy", "worker busy", "reward busy",
+                 "stale mean", "stale max", "tok stale mean", "tok stale max", "expired", "exactly once"):  # fmt: skip
         t.add_column(name, justify="right")
     for r in rows:
         t.add_row(
-            str(r.workers), str(r.k), f"{r.steps_per_hour:.2f}", "-" if r.ratio is None else f"{r.ratio:.2f}",
-            f"{r.ideal:.2f}", f"{r.trainer_busy:.0%}", f"{r.worker_busy:.0%}",
-            "-" if r.reward_busy is None else f"{r.reward_busy:.0%}", str(r.staleness_max), str(r.groups_expired),
-            "yes" if r.exactly_once else "NO",
+            str(r.workers), str(r.k), "on" if r.swap else "off", f"{r.steps_per_hour:.2f}",
+            "-" if r.ratio is None else f"{r.ratio:.2f}", f"{r.ideal:.2f}", f"{r.trainer_busy:.0%}",
+            f"{r.worker_busy:.0%}", "-" if r.reward_busy is None else f"{r.reward_busy:.0%}",
+            f"{r.staleness_mean:.2f}", str(r.staleness_max), f"{r.token_staleness_mean:.2f}",
+            str(r.token_staleness_max), str(r.groups_expired), "yes" if r.exactly_once else "NO",
         )  # fmt: skip
     return t
 
@@ -522,7 +584,7 @@ def describe(tm: TimeModel, args) -> str:
         f"{args.prompts_per_step} prompts x {args.group_size} samples per step; time scale {tm.scale:g}x at "
         f"{REF_WORKERS} workers (x {REF_WORKERS}/workers elsewhere); "
         f"{args.warmup} warm-up + {args.steps} measured steps; {args.reward_workers} reward workers, "
-        f"{args.verifiers} verifier processes"
+        f"{args.verifiers} verifier processes; block hook every {args.swap_check_s:g} simulated s of decoding"
     )
 
 
@@ -533,10 +595,23 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def parse_swap(text: str) -> list[bool]:
+    """`off,on` -> [False, True]."""
+    values = {"off": False, "on": True}
+    try:
+        return [values[x.strip()] for x in text.split(",") if x.strip()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated off / on, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=parse_ints, default=[4, 16, 64], help="rollout workers, comma separated")
     ap.add_argument("--k", type=parse_ints, default=[0, 1, 2, 4], help="max_staleness values, comma separated")
+    ap.add_argument("--swap", type=parse_swap, default=[False, True],
+                    help="rollout.swap_at_block settings, comma separated (off, on)")  # fmt: skip
+    ap.add_argument("--swap-check-s", type=float, default=10.0,
+                    help="simulated decoding seconds between two block-hook calls (rounded to whole blocks)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     ap.add_argument("--warmup", type=int, default=1, help="steps before measuring")
     ap.add_argument("--time-scale", type=float, default=400.0,
@@ -551,16 +626,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reward-workers", type=int, default=2)
     ap.add_argument("--verifiers", type=int, default=2, help="verifier processes of the shared pool")
     ap.add_argument("--json", type=Path, help="also write the rows and the settings here")
-    ap.add_argument("--quick", action="store_true", help="a tiny run: 4 and 16 workers, k 0 and 2, 2 steps")
+    ap.add_argument("--quick", action="store_true", help="a tiny run: 16 workers, k 0, 1, 2, swap off and on, 2 steps")
     args = ap.parse_args(argv)
     if args.quick:
-        args.workers, args.k, args.steps = [4, 16], [0, 2], 2
+        args.workers, args.k, args.swap, args.steps = [16], [0, 1, 2], [False, True], 2
     for name in ("steps", "warmup", "prompts_per_step", "group_size", "reward_workers", "verifiers"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: must be >= 1")
-    if not args.sigma > 0 or not args.time_scale > 0 or min(args.workers, default=0) < 1:
-        ap.error("--sigma, --time-scale and every --workers value must be > 0")
+    if not args.sigma > 0 or not args.time_scale > 0 or not args.swap_check_s > 0 or min(args.workers, default=0) < 1:
+        ap.error("--sigma, --time-scale, --swap-check-s and every --workers value must be > 0")
     return args
+
+
+def sweep_one(bench: Bench, console, workers: int, k: int, swap: bool) -> Row:
+    t = time.monotonic()
+    row = bench.run(workers, k, swap)
+    console.print(f"workers {workers:>3} k {k} swap {'on ' if swap else 'off'}: {row.steps_per_hour:.2f} steps/h, "
+                  f"trainer busy {row.trainer_busy:.0%}, worker busy {row.worker_busy:.0%}, token staleness mean "
+                  f"{row.token_staleness_mean:.2f} ({time.monotonic() - t:.0f} s)"
+                  + "".join(f"\n  {p}" for p in row.problems))  # fmt: skip
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -585,16 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pool.verify_many([("$\\boxed{2}$", "2")])  # spawned and warm before anything is timed
             bench = Bench(tm, url, pool, build_tiny_tokenizer(), make_prompts(512, seed=0), root,
-                          args.prompts_per_step, args.group_size, args.reward_workers, args.warmup, args.steps)  # fmt: skip
-            rows = []
-            for workers in args.workers:
-                for k in args.k:
-                    t = time.monotonic()
-                    row = bench.run(workers, k)
-                    rows.append(row)
-                    console.print(f"workers {workers:>3} k {k}: {row.steps_per_hour:.2f} steps/h, trainer busy "
-                                  f"{row.trainer_busy:.0%}, worker busy {row.worker_busy:.0%} "
-                                  f"({time.monotonic() - t:.0f} s)" + "".join(f"\n  {p}" for p in row.problems))  # fmt: skip
+                          args.prompts_per_step, args.group_size, args.reward_workers, args.warmup, args.steps,
+                          swap_check_s=args.swap_check_s)  # fmt: skip
+            rows = [sweep_one(bench, console, w, k, swap) for w in args.workers for k in args.k for swap in args.swap]
         finally:
             pool.close()
             if server is not None:

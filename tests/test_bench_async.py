@@ -5,6 +5,7 @@ model on hand-derived cases. No wall-clock assertion: the figures are only check
 import json
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -133,4 +134,30 @@ def test_the_table_has_one_row_per_configuration_with_its_ratio_to_k0():
     assert not math.isclose(rows[1].ideal, rows[3].ideal)  # more workers per step's tasks: more to overlap
     t = table(rows)
     assert t.row_count == 4
-    assert [c.header for c in t.columns][:4] == ["workers", "k", "steps/h", "x k=0"]
+    assert [c.header for c in t.columns][:5] == ["workers", "k", "swap", "steps/h", "x k=0"]
+
+
+def test_with_in_flight_updates_a_response_picks_up_the_new_version_at_its_next_slice_boundary():
+    """The simulated host calls the worker's block hook between slices of whole blocks; a load there gives the
+    rest of the response the new version (swap rows are compared with k = 0 without swap)."""
+    prompt = Prompt("q", "3", 0.5)
+    req = _request(3, 5, max_new_tokens=64)
+    host = SimHost({tuple(req.prompt_ids): prompt}, TimeModel(Lengths(40, 0.01, 64), 1.0, 0.0, 1e6),
+                   threading.Event(), slice_blocks=2)  # fmt: skip
+    host.load("/x", Path("/"), 5, "registry")
+    calls = []
+
+    def hook():
+        calls.append(host.served_version)
+        if len(calls) == 1:
+            host.load("/y", Path("/"), 6, "registry")
+
+    ((r,),) = host.generate([req], "queue", at_block=hook)
+    n = len(r.token_ids)
+    assert r.policy_version == 5 and r.token_versions == [5] * 3 + [6] * (n - 3)  # prompt 5: 3 tokens in block 1
+    assert len(calls) == len(range(3, n, 8))  # one call per slice boundary (every 2 blocks after the first)
+    ((plain,),) = host.generate([req], "queue")
+    assert plain.token_versions is None and plain.token_ids == r.token_ids
+    rows = with_ratios([_result(4, 0, 2.0), replace(_result(4, 0, 1.0), swap=True), replace(_result(4, 1, 3.0),
+                        swap=True)], TimeModel.from_step_times(Lengths(), 1250, 167, 64, 400), 64)  # fmt: skip
+    assert [r.ratio for r in rows] == [1.0, 0.5, 1.5]

@@ -2,7 +2,10 @@
 request obeys, cancellable generation, and weight loads that only move forward.
 
 The engine is not thread-safe: generation and weight loads take one lock; both run in worker threads, so the event
-loop keeps answering health checks during a long batch.
+loop keeps answering health checks during a long batch. The lock is reentrant for one reason: with
+`rollout.swap_at_block` the engine calls the worker's hook between two blocks on the generating thread, which
+already holds the lock, and the hook loads a newer version through the same `load` (its checks, metrics and
+`served`) as every other load; any other thread still waits for the whole batch.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,10 @@ class RolloutMetrics:
         )
         self.version = Gauge("gtpo_rollout_policy_version", "loaded policy version", registry=self.registry)
         self.weight_loads = Counter("gtpo_rollout_weight_loads", "weight loads", ["source"], registry=self.registry)
+        self.weight_load_seconds = Histogram(
+            "gtpo_rollout_weight_load_seconds", "seconds per weight load, the engine held (generation paused)",
+            ["source"], registry=self.registry,
+        )  # fmt: skip
         self.weight_failures = Counter(
             "gtpo_rollout_weight_load_failures", "weight loads refused or failed", ["source"], registry=self.registry
         )
@@ -106,7 +113,7 @@ class EngineHost:
     def __init__(self, engine: Engine, metrics: RolloutMetrics, start: Path | None = None) -> None:
         """`start`: the checkpoint the engine was built from, whose tensor shapes new versions must match."""
         self.engine, self.metrics = engine, metrics
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # reentrant: a load from the block hook runs inside `generate` (module doc)
         self.served: Served | None = None
         """(version, folder) of the last load; None = the start model, which is no published version."""
         self.shapes = served_shapes(start) if start is not None else {}
@@ -134,9 +141,14 @@ class EngineHost:
             self.lock.release()
 
     def generate(
-        self, requests: Sequence[GenerationRequest], source: str, cancel: threading.Event | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        source: str,
+        cancel: threading.Event | None = None,
+        at_block: Callable[[], None] | None = None,
     ) -> list[list[Rollout]]:
-        """Decode `requests` (``params.n`` rollouts each, in order).
+        """Decode `requests` (``params.n`` rollouts each, in order); `at_block` is called at every block boundary
+        after the first, holding the engine (`Engine.block_hook`): it may `load` a newer version.
 
         Raises:
             GenerationCancelled: `cancel` was set; the engine stopped at a block boundary and is free again.
@@ -145,8 +157,14 @@ class EngineHost:
         t0 = time.perf_counter()
         try:
             with self._engine(cancel) as engine:
-                out = engine.generate(requests, cancel=cancel)
-                run = self.served_run  # read under the lock: the run of the weights that generated them
+                if at_block is not None and not engine.supports_block_hook:
+                    raise RuntimeError(f"swap_at_block: the {engine.name} engine cannot swap weights between blocks")
+                run = self.served_run  # read under the lock: a block hook loads newer versions of this run only
+                engine.block_hook = at_block
+                try:
+                    out = engine.generate(requests, cancel=cancel)
+                finally:
+                    engine.block_hook = None
             for group in out:
                 for r in group:
                     r.policy_run = run
@@ -192,6 +210,7 @@ class EngineHost:
             raise
         self.metrics.version.set(version)
         self.metrics.weight_loads.labels(source).inc()
+        self.metrics.weight_load_seconds.labels(source).observe(time.perf_counter() - t0)
         log.info("loaded weights v%d from %s (%s)", version, folder, source)
         return Loaded(version, str(folder), time.perf_counter() - t0, before)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.config.loader import command_prefix
@@ -87,11 +87,29 @@ class RolloutSettings(ServiceSettings):
     weights_fetch_timeout_s: float = Field(
         60.0, gt=0, description="a weights transfer that sends nothing for this long is broken (then resumed)"
     )
+    swap_at_block: bool = Field(
+        False,
+        description="worker: load a newer version of the run mid-generation and continue every in-flight response "
+        "at its next block boundary with it (torch engine only; tokens record their version)",
+    )
+    swap_poll_ms: int = Field(
+        200, ge=0, description="swap_at_block: read the registry's current version at most this often (ms)"
+    )
     heartbeat_ttl_s: HeartbeatTtl = HEARTBEAT_TTL_S
     redis: RedisConfig = Field(default_factory=RedisConfig)
     lmdeploy: LMDeploySettings = Field(
         default_factory=LMDeploySettings, description="engine=lmdeploy: its engine-wide options (tp, dtype, KV cache)"
     )
+
+    @model_validator(mode="after")
+    def _check_swap(self) -> RolloutSettings:
+        if self.swap_at_block and self.engine == "lmdeploy":
+            raise ValueError(
+                "swap_at_block: not supported by engine=lmdeploy: its scheduler owns the batch across denoising steps "
+                "and a weights update needs the engine paused with no request running, so weights cannot change "
+                "between two blocks of an in-flight response; use engine=torch or swap_at_block=false"
+            )
+        return self
 
     def engine_options(self) -> dict[str, Any]:
         """The keyword arguments of `create_engine` for this service's engine (the `lmdeploy` section with lmdeploy)."""

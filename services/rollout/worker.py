@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -88,6 +88,10 @@ class RolloutWorker(StreamWorker):
         """Why the registry's current-weights value breaks its contract, while it does (skipped, counted once)."""
         self.prefetcher: Prefetcher | None = None
         """weights.transport=http: fetches versions into the worker's cache (made at the first such version)."""
+        self.next_swap_check = 0.0
+        """swap_at_block: monotonic time before which the block hook does not read the registry again."""
+        self.swaps = 0
+        """swap_at_block: versions loaded between two blocks of a running batch."""
 
     def run(self, stop: threading.Event) -> None:
         self.stop = stop  # also the engine's cancel event: on shutdown a batch ends at its next block boundary
@@ -170,7 +174,7 @@ class RolloutWorker(StreamWorker):
             return 0
         try:
             with self.busy():
-                out = self.host.generate([_request(d) for d in tasks], "queue", self.stop)
+                out = self.host.generate([_request(d) for d in tasks], "queue", self.stop, self.block_hook())
         except GenerationCancelled:
             return 0
         except Exception as e:
@@ -187,7 +191,7 @@ class RolloutWorker(StreamWorker):
             return 0
         try:
             with self.busy():
-                ((rollout,),) = self.host.generate([_request(d)], "queue", self.stop)
+                ((rollout,),) = self.host.generate([_request(d)], "queue", self.stop, self.block_hook())
         except GenerationCancelled:
             return 0
         except ValueError as e:  # the engine refuses this task (its ids, its settings): it always will
@@ -220,7 +224,37 @@ class RolloutWorker(StreamWorker):
             self._skip_bad_current(brief_error(e))
             return
         self.bad_current = None
-        if cur is None or (cur.version, cur.path, cur.run) == self.handled:
+        if cur is not None:
+            self._serve(cur)
+
+    def block_hook(self) -> Callable[[], None] | None:
+        """What the engine calls between two blocks of a batch: `swap_at_block`, else nothing."""
+        return self.swap_at_block if self.settings.swap_at_block else None
+
+    def swap_at_block(self) -> None:
+        """Between two blocks of a running batch: load the registry's current version if it is a newer one of the
+        served run (never another run's: a response does not change runs). Reads Redis at most once per
+        `swap_poll_ms`; a failure to read or load keeps the served weights (the next tick logs and reports it)."""
+        now = time.monotonic()
+        if now < self.next_swap_check:
+            return
+        self.next_swap_check = now + self.settings.swap_poll_ms / 1000
+        try:
+            cur = self.registry.current(strict=True)
+            served = self.host.served_version
+            if cur is None or served is None or cur.run != self.host.served_run or cur.version <= served:
+                return
+            self._serve(cur, "swap")  # a refused version is logged and reported there; the batch goes on with the old
+        except Exception as e:  # garbage at the key, Redis away: no reason to lose a batch; the next tick says it
+            log.warning("%s: no weights swap between blocks: %s: %s", self.id, type(e).__name__, str(e)[:300])
+            return
+        if self.host.served_version == cur.version:
+            self.swaps += 1
+
+    def _serve(self, cur: WeightsVersion, source: str = "registry") -> None:
+        """Load `cur` (the registry's current version) unless handled already or older than the served one; `source`
+        labels the load's metrics (`swap`: between two blocks, generation paused for its seconds)."""
+        if (cur.version, cur.path, cur.run) == self.handled:
             return
         served, same_run = self.host.served_version, self.host.served_run == cur.run
         if served is not None and same_run and cur.version < served:
@@ -231,7 +265,7 @@ class RolloutWorker(StreamWorker):
         path, root = where
         self.handled = (cur.version, cur.path, cur.run)
         try:
-            done = self.host.load(path, root, cur.version, "registry", rollback=not same_run, run=cur.run)
+            done = self.host.load(path, root, cur.version, source, rollback=not same_run, run=cur.run)
         except WeightsError as e:
             log.error("%s: cannot serve v%d from %s (checkpoint root %s), still serving v%s: %s",
                       self.id, cur.version, path, root, served, e)  # fmt: skip

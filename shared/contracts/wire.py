@@ -125,6 +125,11 @@ class Rollout(BaseModel):
     params: SamplingParams
     seed: int = Field(ge=0, le=MAX_SEED, description="the seed of this sample's generator (reproduces it)")
     logprobs: list[float] | None = None
+    token_versions: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
+        None,
+        description="per response token, the policy version whose weights sampled it (rollout.swap_at_block: a "
+        "response may span versions, changing only at block boundaries); None = every token is `policy_version`'s",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Rollout:
@@ -139,7 +144,16 @@ class Rollout(BaseModel):
         if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
             raise ValueError(f"logprobs: needs one value per token ({len(self.token_ids)}), got {len(self.logprobs)}")
         check_step_map(len(self.prompt_ids), self.step_map + self.tail_steps, self.params.block_size)
+        if self.token_versions is not None:
+            check_token_versions(len(self.prompt_ids), self.token_versions, len(self.token_ids),
+                                 self.params.block_size, self.policy_version)  # fmt: skip
         return self
+
+    def versions(self) -> list[int]:
+        """The version that sampled each response token (`token_versions`, else `policy_version` throughout)."""
+        if self.token_versions is not None:
+            return list(self.token_versions)
+        return [self.policy_version] * len(self.token_ids)
 
 
 def check_step_map(prompt_len: int, steps: list[int], block_size: int) -> None:
@@ -159,6 +173,31 @@ def check_step_map(prompt_len: int, steps: list[int], block_size: int) -> None:
         cur_min, cur_max = min(cur_min, s), max(cur_max, s)
         if cur_min <= prev_max:
             raise ValueError(f"step_map: block {b} has step {cur_min}, not after the previous block's {prev_max}")
+
+
+def check_token_versions(prompt_len: int, versions: list[int], n_tokens: int, block_size: int, start: int) -> None:
+    """Raise ValueError unless `versions` has one version per response token, starts at `start` (the rollout's
+    `policy_version`: the version it started with, its oldest), never decreases, and changes only where a block
+    starts (weights are swapped between blocks, never inside one).
+
+    >>> check_token_versions(2, [3, 3, 4, 4, 4, 4], 6, 4, 3)  # positions 2,3 | 4..7: the swap at position 4
+    >>> check_token_versions(2, [3, 4, 4], 3, 4, 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: token_versions: changes from v3 to v4 inside block 0 (response token 1)
+    """
+    if len(versions) != n_tokens:
+        raise ValueError(f"token_versions: needs one version per token ({n_tokens}), got {len(versions)}")
+    if versions and versions[0] != start:
+        raise ValueError(f"token_versions: starts at v{versions[0]}, the rollout's policy_version is v{start}")
+    for i in range(1, len(versions)):
+        if versions[i] == versions[i - 1]:
+            continue
+        if versions[i] < versions[i - 1]:
+            raise ValueError(f"token_versions: goes back from v{versions[i - 1]} to v{versions[i]} at token {i}")
+        if (prompt_len + i) % block_size:
+            raise ValueError(f"token_versions: changes from v{versions[i - 1]} to v{versions[i]} inside block "
+                             f"{(prompt_len + i) // block_size} (response token {i})")  # fmt: skip
 
 
 def describe_validation_error(err: ValidationError) -> str:

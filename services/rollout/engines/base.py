@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,14 @@ class Engine(ABC):
     """
 
     name: str = "engine"
+
+    supports_block_hook: bool = False
+    """Whether the engine calls `block_hook` between blocks (`rollout.swap_at_block`): an engine whose scheduler
+    owns the batch across steps (LMDeploy) cannot run a weights load between two blocks of a running batch."""
+
+    block_hook: Callable[[], None] | None = None
+    """Called on the generating thread at every block boundary after a row's first block, while the caller
+    (`EngineHost`) holds the engine: it may call `load_weights`, and the in-flight rows go on with the new weights."""
 
     @property
     @abstractmethod

@@ -36,6 +36,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    """The policy version that sampled each generated position (one per token, like ``tokens``)."""
     step: int = 0
 
 
@@ -95,8 +97,13 @@ def expand_rows(
     return rows
 
 
-def build_rollout(row: Row, length: int, reason: str, tokenizer, version: int) -> Rollout:
-    """Split a finished row into response (``length`` positions) and tail and wrap it in the wire contract."""
+def build_rollout(
+    row: Row, length: int, reason: str, tokenizer, version: int, *, per_token_versions: bool = False
+) -> Rollout:
+    """Split a finished row into response (``length`` positions) and tail and wrap it in the wire contract.
+
+    ``version`` is the version the row started with; ``per_token_versions`` records ``row.versions`` as the
+    rollout's ``token_versions`` (the engine swapped weights at block boundaries, or may have)."""
     text_ids = row.tokens[:length]
     if reason == "stop":
         text_ids = text_ids[:-1]
@@ -112,6 +119,7 @@ def build_rollout(row: Row, length: int, reason: str, tokenizer, version: int) -
         params=row.params,
         seed=row.seed,
         logprobs=row.logprobs[:length] if row.params.logprobs else None,
+        token_versions=row.versions[:length] if per_token_versions else None,
     )
 
 

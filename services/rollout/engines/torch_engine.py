@@ -9,6 +9,14 @@ forward of its own.
 Prompts of different lengths share a batch: each prompt is left-padded by whole blocks so that every row's first
 generation block lands on the same column, while positions (and so blocks) stay absolute per row. Each sample
 draws its uniforms from its own generator, so a request gives the same tokens in any batch.
+
+In-flight weight updates (``rollout.swap_at_block``, docs/design.md section 7): with a ``block_hook`` set, the engine
+calls it at every block boundary after the first block; the hook may load newer weights, and every in-flight row
+decodes its next block with them. The KV cache of earlier blocks stays as the older weights computed it, and the
+last clean block is committed by the first forward of the next block, so with the new weights: both are part of
+the behaviour policy that sampled the later tokens, and their recorded log-probs are those of that policy. Each
+row records the version of every token (``Rollout.token_versions``); ``policy_version`` is the version it started
+with.
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class TorchEngine(Engine):
     """Reference engine over transformers' Qwen3 with explicit block-diffusion masks."""
 
     name = "torch"
+    supports_block_hook = True
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, policy_version: int = 0):
         if max_batch_size < 1:
@@ -233,9 +242,11 @@ class TorchEngine(Engine):
         pending: tuple[Tensor, Tensor] | None = None  # the last clean block, committed by the next forward
         results: dict[int, Rollout] = {}
         offsets = torch.arange(b, device=dev)
-        t = 0
+        t, start_version, hook = 0, self._version, self.block_hook
         while order:
             raise_if_cancelled(cancel)  # a block boundary: every row's tokens so far are whole blocks
+            if hook is not None and t > 0:
+                hook()  # may load newer weights: every row decodes its next blocks with them (module docstring)
             block_pos = (full_blocks + t)[:, None] * b + offsets  # (n, B) absolute positions
             block_rows = [rows[i] for i in order]
             cur, steps, logps = self._denoise_block(
@@ -244,20 +255,7 @@ class TorchEngine(Engine):
             if pending is not None:
                 k_pos = torch.cat([k_pos, pending[1]], 1)
                 k_valid = torch.cat([k_valid, torch.ones_like(pending[1], dtype=torch.bool)], 1)
-            # one host copy per block for the whole batch, not one per row and field
-            cur_l, steps_l, logps_l = cur.tolist(), steps.tolist(), logps.tolist()
-            keep = []
-            for i, (ri, row) in enumerate(zip(order, block_rows, strict=True)):
-                n_given = len(row.prompt) % b if t == 0 else 0  # the prompt tail opens the first block
-                row.tokens += cur_l[i][n_given:]
-                row.steps += steps_l[i][n_given:]
-                row.logprobs += logps_l[i][n_given:]
-                length, reason = cut_response(row.tokens, row.params.max_new_tokens, row.params.stop_token_ids)
-                if reason:
-                    results[ri] = build_rollout(row, length, reason, self.tokenizer, self._version)
-                    self.stats.tokens += length
-                else:
-                    keep.append(i)
+            keep = self._absorb_block(block_rows, order, t, (cur, steps, logps), results, start_version, hook)
             if len(keep) < len(order) and keep:
                 idx = torch.tensor(keep, device=dev)
                 select_cache_rows(cache, idx)
@@ -267,6 +265,27 @@ class TorchEngine(Engine):
             pending = (cur, block_pos)
             t += 1
         return [results[i] for i in range(len(rows))]
+
+    def _absorb_block(self, rows, order, t, block, results, start_version, hook) -> list[int]:
+        """Append a clean block (tokens, steps, log-probs, each (n, B)) to its rows; the finished rows become
+        rollouts in ``results`` (by index into the chunk's rows). Returns the batch indices of the rows going on."""
+        # one host copy per block for the whole batch, not one per row and field
+        cur_l, steps_l, logps_l = (x.tolist() for x in block)
+        keep = []
+        for i, (ri, row) in enumerate(zip(order, rows, strict=True)):
+            n_given = len(row.prompt) % len(cur_l[i]) if t == 0 else 0  # the prompt tail opens the first block
+            row.tokens += cur_l[i][n_given:]
+            row.steps += steps_l[i][n_given:]
+            row.logprobs += logps_l[i][n_given:]
+            row.versions += [self._version] * (len(cur_l[i]) - n_given)
+            length, reason = cut_response(row.tokens, row.params.max_new_tokens, row.params.stop_token_ids)
+            if reason:
+                results[ri] = build_rollout(row, length, reason, self.tokenizer, start_version,
+                                            per_token_versions=hook is not None)  # fmt: skip
+                self.stats.tokens += length
+            else:
+                keep.append(i)
+        return keep
 
     def _denoise_block(self, rows, t, block_pos, params, counter, cache, k_pos, k_valid, pending):
         """Denoise one block of every row until it is clean; commits ``pending`` with the first forward.

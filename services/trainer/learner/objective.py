@@ -469,6 +469,25 @@ def staleness(versions: Sequence[Sequence[int]], current: int) -> tuple[float, i
     return sum(lags) / len(lags), max(lags)
 
 
+def token_staleness(versions: Sequence[Sequence[int]], current: int) -> tuple[float, int]:
+    """Mean and max over response tokens of current - the policy version that sampled the token.
+
+    With in-flight updates (`rollout.swap_at_block`) one response spans versions (`Rollout.versions()`), so its
+    tokens are fresher than its `policy_version` (the oldest, which the staleness bound applies to).
+
+    Args:
+        versions: per sample, the version of each of its response tokens.
+        current: the trainer's policy version.
+
+    >>> token_staleness([[2, 2, 3, 3], [3]], 3)
+    (0.4, 1)
+    """
+    lags = [current - v for sample in versions for v in sample]
+    if not lags:
+        return 0.0, 0
+    return sum(lags) / len(lags), max(lags)
+
+
 def identical_groups(token_ids: Sequence[Sequence[Sequence[int]]]) -> list[int]:
     """Indices of the groups of >= 2 samples whose token ids are all the same.
 

@@ -56,6 +56,7 @@ from services.trainer.learner.objective import (
     gtpo_loss,
     identical_groups,
     staleness,
+    token_staleness,
     token_weights,
 )
 from services.trainer.learner.policy import TokenLogProbs
@@ -226,12 +227,16 @@ class Learner:
         Each sample's `correct` verdict is what `loss.floor_correct` and `loss.nll_coef` need; its `components`,
         with the batch's `reward_weights`, are what `loss.reward_norm: per_component` normalises instead of the
         totals. Each rollout's `policy_version` is the version that sampled it: a sample from an older version
-        than the trainer's makes the step recompute pi_prox (design.md section 7).
+        than the trainer's makes the step recompute pi_prox (design.md section 7). With in-flight updates a rollout
+        spans versions (`Rollout.versions()`): `staleness_*` are per sample (its oldest token), `staleness_token_*`
+        per response token.
         """
         groups = [[s.rollout for s in g] for g in batch.groups]
         rewards = [[s.reward for s in g] for g in batch.groups]
         self._check_batch(batch, groups)
-        lag_mean, lag_max = staleness([[r.policy_version for r in g] for g in groups], self.state.policy_version)
+        now = self.state.policy_version
+        lag_mean, lag_max = staleness([[r.policy_version for r in g] for g in groups], now)
+        token_lag_mean, token_lag_max = token_staleness([r.versions() for g in groups for r in g], now)
         same = identical_groups([[r.token_ids for r in g] for g in groups])
         if same and self.accelerator.is_main_process:
             log.warning("step %d: %d of %d groups have all their samples identical (groups %s): does the decoder "
@@ -247,6 +252,7 @@ class Learner:
         metrics.update(
             reward_mean=sum(flat) / max(1, len(flat)), groups=stats.groups, groups_kept=stats.kept,
             groups_dropped=stats.dropped, groups_identical=len(same), staleness_mean=lag_mean, staleness_max=lag_max,
+            staleness_token_mean=token_lag_mean, staleness_token_max=token_lag_max,
         )  # fmt: skip
         metrics.update(batch.metrics)
         return self._finish_step(metrics)
