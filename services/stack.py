@@ -110,8 +110,11 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
     for i in range(rollout_workers):
         port = free_port(ports)
         urls.append(f"http://127.0.0.1:{port}")
+        # weights.transport=http: each worker's cache in the run's folder, not the default under `root` (the
+        # common ancestor of the model and the run, which other runs share and may not be writable)
+        cache = run_dir.resolve() / "weights-cache" / f"rollout-{i}"
         cmd = _gtpo("serve", "rollout", "--worker", f"model={cfg.model.resolve()}", f"checkpoint_root={root}",
-                    f"port={port}", f"worker_id=rollout-{i}", *common)  # fmt: skip
+                    f"port={port}", f"worker_id=rollout-{i}", f"weights_cache={cache}", *common)  # fmt: skip
         procs.append(Managed(f"rollout-{i}", cmd, logs / f"rollout-{i}.log", url=urls[-1]))
     for i in range(reward_workers):
         port = free_port(ports)
