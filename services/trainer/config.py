@@ -240,15 +240,15 @@ class TrainerConfig(CommonConfig):
         return self
 
 
-
-
 class SFTConfig(CommonConfig):
     """`gtpo sft`: SDAR's random-masking objective (rows with prompt/response or messages) and trace-SFT (rows that
     carry a rollout's `token_ids` and `step_map`). Environment: `GTPO_SFT__<KEY>`."""
 
     env_prefix: ClassVar[str | None] = command_prefix("sft")
     legacy_env_prefix: ClassVar[str | None] = ENV_PREFIX
-    foreign_fields: ClassVar[dict[str, str]] = dict.fromkeys(RL_STEP_FIELDS, "an RL setting (gtpo train): SFT has no policy loss, KL reference or passes")
+    foreign_fields: ClassVar[dict[str, str]] = dict.fromkeys(
+        RL_STEP_FIELDS, "an RL setting (gtpo train): SFT has no policy loss, KL reference or passes"
+    )
 
     sft_mask_eps: float = Field(1e-3, gt=0, lt=1, description="mask rate t ~ U(eps, 1) of the random-masking objective")
     data: DataSource = Field(
@@ -332,6 +332,12 @@ class WeightsTransport(BaseModel):
         max_length=2048,
         description="transport=http: the trainer's base URL as rollout workers reach it; None = "
         "http://127.0.0.1:<health_port> (one host)",
+    )
+    final_wait_s: float = Field(
+        60.0,
+        ge=0,
+        description="transport=http: after the last step, keep serving the last version until every live rollout "
+        "worker serves it, at most this long (a rollout service that outlives the run then has the final weights)",
     )
 
     def base_url(self, health_port: int | None) -> str:

@@ -259,6 +259,8 @@ class Driver:
                     if metrics is None:  # stopped while waiting for groups: nothing of the step was trained
                         break
                     bar.update(task, completed=state.step, info=f"reward {metrics.get('reward_mean', 0):.3f}")
+            if self.main and state.step >= self.cfg.steps:
+                self._redis(self._linger_for_fetches, "waiting for workers to fetch the last weights")
         except StopRequested as e:  # stopped while Redis was away: the last checkpoint stands, as after a crash
             log.info("%s", e)
         finally:
@@ -501,6 +503,24 @@ class Driver:
         # an HTTP push names a path on the trainer's disk: with transport http the rollout services have no such path
         urls = [] if version.url is not None else self.cfg.rollout_urls
         publish(self.registry, version, urls, self.cfg.api_token)
+
+    def _linger_for_fetches(self) -> None:
+        """weights.transport=http: the last version is served from this process only; keep serving it until every
+        live rollout worker serves it, at most `weights.final_wait_s`."""
+        cur = self.registry.current()
+        if self.weight_store is None or cur is None or cur.run != self.identity:
+            return
+        deadline = time.monotonic() + self.cfg.weights.final_wait_s
+        while not self.stop.is_set():
+            behind = sorted(i for i, w in self.registry.live_workers("rollout").items() if w.version != cur.version)
+            if not behind:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("stopping with rollout workers %s not serving the last weights v%d (weights.final_wait_s"
+                            " = %.0f s passed): they keep their version", ", ".join(behind), cur.version,
+                            self.cfg.weights.final_wait_s)  # fmt: skip
+                return
+            time.sleep(0.2)
 
     def _served(self, version: WeightsVersion) -> WeightsVersion:
         """`version`, served by this process with its URL and manifest digest (weights.transport=http); as it is
