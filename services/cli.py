@@ -651,6 +651,11 @@ def demo_cmd(
         help="also run GTPO with max_staleness=1 (rollout overlapping training) from the same SFT model, both GTPO "
         "arms on one thread per process, and report their RL wall times",
     ),
+    in_flight: bool = typer.Option(
+        False,
+        "--in-flight",
+        help="with --overlap: also GTPO k=1 with in-flight weight updates (rollout.swap_at_block), against both",
+    ),
     task: str = typer.Option(
         "math", "--task", help="math (word problems) | code (one-line functions, the sandboxed code reward)"
     ),
@@ -667,7 +672,8 @@ def demo_cmd(
     from services.demo.tasks import TaskError
 
     overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}",
-                 f"overlap={str(overlap).lower()}", f"reuse={str(reuse).lower()}"]  # fmt: skip
+                 f"overlap={str(overlap).lower()}", f"in_flight={str(in_flight).lower()}",
+                 f"reuse={str(reuse).lower()}"]  # fmt: skip
     if speed_method is not None:
         overrides.append(f"speed_method={speed_method}")
     if task == "code" and not any(a.startswith("max_new_tokens=") for a in ctx.args):

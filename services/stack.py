@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,10 @@ def redis_arguments(cfg: RLConfig) -> list[str]:
     return [f"redis.{k}={v}" for k, v in cfg.redis.model_dump(mode="json", exclude={"url"}).items()]
 
 
-def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int, resume: bool, fresh: bool = False):
-    """The processes of a stack (not started) and the trainer config they share.
+def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int, resume: bool, fresh: bool = False,
+         rollout_args: Sequence[str] = ()):  # fmt: skip
+    """The processes of a stack (not started) and the trainer config they share; `rollout_args` are key=value
+    settings of every rollout worker (e.g. `swap_at_block=true`).
 
     Secrets stay out of the commands and of the trainer's config file: the Redis URL and the API token reach
     every process through its environment (`run_stack`).
@@ -114,7 +117,7 @@ def plan(cfg: RLConfig, run_dir: Path, rollout_workers: int, reward_workers: int
         # common ancestor of the model and the run, which other runs share and may not be writable)
         cache = run_dir.resolve() / "weights-cache" / f"rollout-{i}"
         cmd = _gtpo("serve", "rollout", "--worker", f"model={cfg.model.resolve()}", f"checkpoint_root={root}",
-                    f"port={port}", f"worker_id=rollout-{i}", f"weights_cache={cache}", *common)  # fmt: skip
+                    f"port={port}", f"worker_id=rollout-{i}", f"weights_cache={cache}", *rollout_args, *common)  # fmt: skip
         procs.append(Managed(f"rollout-{i}", cmd, logs / f"rollout-{i}.log", url=urls[-1]))
     for i in range(reward_workers):
         port = free_port(ports)
@@ -139,11 +142,13 @@ def run_stack(
     resume: bool = False,
     fresh: bool = False,
     threads: int | None = None,
+    rollout_args: Sequence[str] = (),
 ) -> int:
     """Run the whole job locally; returns the trainer's exit code.
 
     Args:
         threads: CPU threads of each process's torch (OMP_NUM_THREADS); None = torch's default (every core).
+        rollout_args: key=value settings of every rollout worker (`gtpo serve rollout` arguments).
     """
     from rich.console import Console
 
@@ -169,7 +174,9 @@ def run_stack(
     env = {**os.environ, "REDIS_URL": url, "GTPO_TRAIN__API_TOKEN": token, "GTPO_ROLLOUT__API_TOKEN": token}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume, fresh)
+    workers, trainer, trainer_cfg, cfg_path = plan(
+        cfg, run_dir, rollout_workers, reward_workers, resume, fresh, rollout_args
+    )
     cfg_path.write_text(dump_config(trainer_cfg))
     source = "embedded" if embedded else "redis.url" if cfg.redis.url else "REDIS_URL"
     console.print(f"redis {redact_url(url)} ({source}), logs in {run_dir / 'logs'}")

@@ -73,3 +73,14 @@ def test_the_planned_trainer_resolves_the_same_run_with_its_secrets_from_the_env
     assert shown["api_token"] == "**********"  # set, from $GTPO_TRAIN__API_TOKEN
     ports = [a.removeprefix("port=") for p in workers if p.name.startswith("rollout") for a in p.cmd if "port=" in a]
     assert shown["rollout_urls"] == [f"http://127.0.0.1:{port}" for port in ports] and len(ports) == 2
+
+
+def test_rollout_arguments_reach_every_rollout_worker_and_no_other(stack, tmp_path):
+    """`run_stack(rollout_args=...)` (the demo's in-flight arm): each rollout worker resolves them, the reward
+    worker's command does not carry them."""
+    cfg, _, _, _, env = stack
+    workers, *_ = plan(cfg, cfg.output_dir, 2, 1, resume=False, rollout_args=["swap_at_block=true"])
+    rollouts = [p for p in workers if p.name.startswith("rollout")]
+    assert len(rollouts) == 2 and all("swap_at_block=true" in p.cmd for p in rollouts)
+    assert not any("swap_at_block=true" in p.cmd for p in workers if p.name.startswith("reward"))
+    assert yaml.safe_load(_dry_run(rollouts[0].cmd, env))["swap_at_block"] is True

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.demo.speed_methods import DEFAULT_SPEED_METHOD, SPEED_METHODS
 from services.eval.evaluate import EvalResult, evaluate, load_rows
@@ -87,9 +87,20 @@ class DemoConfig(BaseModel):
         description="also run GTPO with max_staleness=1 (rollout overlaps training) from the same SFT model; both "
         "GTPO arms then run their rollout worker and trainer on one thread each, so they share the same two cores",
     )
+    in_flight: bool = Field(
+        False,
+        description="with overlap: also run GTPO k=1 with in-flight weight updates (rollout.swap_at_block: a new "
+        "version is loaded between two blocks of the responses being generated)",
+    )
     log_with: TrackerNames = Field(
         default_factory=list, description="experiment trackers of the SFT and every GTPO run (e.g. tensorboard)"
     )
+
+    @model_validator(mode="after")
+    def _in_flight_needs_overlap(self) -> DemoConfig:
+        if self.in_flight and not self.overlap:
+            raise ValueError("in_flight: needs overlap (it is a third arm beside GTPO k=0 and k=1; add --overlap)")
+        return self
 
     @field_validator("speed_method")
     @classmethod
@@ -121,11 +132,13 @@ class Arm(NamedTuple):
     max_staleness: int = 0
     one_thread: bool = False
     reward_norm: str = "total"
+    swap_at_block: bool = False
 
     def settings(self) -> dict:
         """What the arm's training depends on beyond the demo's config (the reuse check)."""
         return {"weights": self.weights, "spread": self.spread, "floor_correct": self.floor_correct,
-                "max_staleness": self.max_staleness, "reward_norm": self.reward_norm}  # fmt: skip
+                "max_staleness": self.max_staleness, "reward_norm": self.reward_norm,
+                "swap_at_block": self.swap_at_block}  # fmt: skip
 
 
 def speed_arm(cfg: DemoConfig, method: str, out: Path) -> Arm:
@@ -209,6 +222,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     arms = {"gtpo": Arm("GTPO", out / "rl", reward, 0.0, one_thread=cfg.overlap)}
     if cfg.overlap:
         arms["gtpo_async"] = Arm("GTPO k=1", out / "rl_async", reward, 0.0, max_staleness=1, one_thread=True)
+    if cfg.overlap and cfg.in_flight:
+        arms["gtpo_inflight"] = Arm("GTPO k=1 in-flight", out / "rl_inflight", reward, 0.0, max_staleness=1,
+                                    one_thread=True, swap_at_block=True)  # fmt: skip
     for method in cfg.methods:
         arms[f"gtpo_{method}"] = speed_arm(cfg, method, out)
     stage("evaluate the SFT model")
@@ -282,6 +298,9 @@ def _report(cfg: DemoConfig, console, out: Path, results: dict, arms: dict, poin
         ratio = rl_seconds["gtpo"] / max(rl_seconds["gtpo_async"], 1e-9)
         console.print(f"RL wall time: k=0 {rl_seconds['gtpo']:.0f} s, k=1 {rl_seconds['gtpo_async']:.0f} s "
                       f"({ratio:.2f}x faster)")  # fmt: skip
+        if "gtpo_inflight" in rl_seconds:
+            ratio = rl_seconds["gtpo"] / max(rl_seconds["gtpo_inflight"], 1e-9)
+            console.print(f"RL wall time: k=1 in-flight {rl_seconds['gtpo_inflight']:.0f} s ({ratio:.2f}x k=0)")
     metrics = ", ".join(str(arm.run_dir / "metrics.jsonl") for arm in arms.values())
     console.print(f"plots: {', '.join(map(str, plots))}\nmetrics: {metrics}\nsummary: {out / 'summary.json'}")
 
@@ -387,7 +406,8 @@ def _gtpo(cfg: DemoConfig, sft_model: Path, train: Path, arm: Arm) -> Path:
     from services.trainer.learner.checkpoint import latest_checkpoint
 
     rl = rl_config(cfg, sft_model, train, arm)
-    code = run_stack(rl, threads=1 if arm.one_thread else None)
+    code = run_stack(rl, threads=1 if arm.one_thread else None,
+                     rollout_args=["swap_at_block=true"] if arm.swap_at_block else ())  # fmt: skip
     if code != 0:
         raise RuntimeError(f"the GTPO run failed (exit {code}); logs in {arm.run_dir / 'logs'}")
     ckpt = latest_checkpoint(arm.run_dir / "checkpoints")
@@ -421,6 +441,7 @@ def _print_table(
     console.print(_table(title, results, "sft", [("SFT", "sft"), ("GTPO", "gtpo")], cards))
     if "gtpo_async" in results:
         pair = [("GTPO k=0", "gtpo"), ("GTPO k=1", "gtpo_async")]
+        pair += [("GTPO k=1 in-flight", "gtpo_inflight")] if "gtpo_inflight" in results else []
         console.print(_table("rollout overlapping training (max_staleness=1) against k=0", results, "gtpo", pair,
                              cards))  # fmt: skip
     speed = [(arm.label, key) for key, arm in arms.items() if key.removeprefix("gtpo_") in SPEED_METHODS]
