@@ -174,9 +174,8 @@ def run_stack(
     env = {**os.environ, "REDIS_URL": url, "GTPO_TRAIN__API_TOKEN": token, "GTPO_ROLLOUT__API_TOKEN": token}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    workers, trainer, trainer_cfg, cfg_path = plan(
-        cfg, run_dir, rollout_workers, reward_workers, resume, fresh, rollout_args
-    )
+    workers, trainer, trainer_cfg, cfg_path = plan(cfg, run_dir, rollout_workers, reward_workers, resume, fresh,
+                                                   rollout_args)  # fmt: skip
     cfg_path.write_text(dump_config(trainer_cfg))
     source = "embedded" if embedded else "redis.url" if cfg.redis.url else "REDIS_URL"
     console.print(f"redis {redact_url(url)} ({source}), logs in {run_dir / 'logs'}")

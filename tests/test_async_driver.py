@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from test_services_e2e import Stack, _assert_exactly_once, _config, _trained, _wait
 
 from services.stack import plan
@@ -101,6 +102,11 @@ def test_k2_runs_ahead_within_the_bound_and_trains_once_through_sigkills(tmp_pat
         # the window ran ahead: the groups of the first k + 1 steps were all enqueued before step 0 was checkpointed
         first_ckpt_ms = int((ckpt / "step-00000001" / "trainer_state.json").stat().st_mtime * 1000)
         ahead = {f[b"id"].rsplit(b":", 1)[0] for _, f in r.xrange(keys.tasks, max=str(first_ckpt_ms))}
+        # the killed rollout worker's port is free now and another test's server may hold it: the resumed trainer's
+        # start-up check would rightly refuse that foreign service, so it lists the rollout service that is still up
+        run_yaml = yaml.safe_load(stack.cfg_path.read_text())
+        run_yaml["rollout_urls"] = [stack.worker("rollout-1").url]
+        stack.cfg_path.write_text(yaml.safe_dump(run_yaml))
         stack.trainer.cmd = [*stack.trainer.cmd, "--resume"]
         stack.trainer.start(stack.env)
         assert stack.wait_trainer(300) == 0, stack.logs()
