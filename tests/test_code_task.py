@@ -51,3 +51,12 @@ def test_reference_programs_pass_and_bare_or_wrong_ones_do_not():
         runner.close()
     assert all(v is not None and v.status == ScoreStatus.ok for v in got)
     assert [v.score for v in got] == [1.0, 0.0, 0.0] * len(test)
+
+
+def test_the_format_rate_of_a_code_sample_is_a_fenced_program():
+    from services.eval.evaluate import answer_in_format
+
+    assert answer_in_format("```python\nf=lambda x:x+1\n```", "code")
+    assert not answer_in_format("f=lambda x:x+1", "code")  # a bare line: no program for the reward either
+    assert not answer_in_format("```python\nf=lambda x:x+1\n```", "accuracy")  # maths wants a box
+    assert answer_in_format("so \\boxed{4}", "accuracy") and not answer_in_format("\\boxed{ }", "accuracy")

@@ -1,10 +1,10 @@
 """`gtpo eval`: k samples per question, scored with the reward service's own answer checking.
 
 Reports avg@k (mean accuracy over all samples), pass@k (questions with at least one correct sample), the boxed rate
-(samples with a final `\\boxed{}` answer, so a format gain can be told from an arithmetic one), mean response
-length, tokens per denoising step and the truncation rate, as a table and as JSON. Generation runs in-process (the
-torch engine) or against a running rollout service (`--rollout-url`); answers are checked with the same extraction
-and math-verify pool as the reward service, so eval and reward never disagree.
+(samples with a final `\\boxed{}` answer, for code a fenced program, so a format gain can be told from a correctness
+one), mean response length, tokens per denoising step and the truncation rate, as a table and as JSON. Generation
+runs in-process (the torch engine) or against a running rollout service (`--rollout-url`); answers are checked with
+the same extraction and math-verify pool as the reward service, so eval and reward never disagree.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.contracts.code_tests import is_code_reference
+from shared.contracts.code_tests import extract_program, is_code_reference
 from shared.contracts.wire import GenerationRequest, Rollout, SamplingParams, ScoreStatus
 from shared.model.step_map import denoising_steps
 from shared.prompts import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, encode_prompt
@@ -141,7 +141,6 @@ def score_questions(rows: list[dict], groups: list[list[Rollout]], pool) -> tupl
         (one `QuestionResult` per row, reward errors).
     """
     from services.eval.card import QuestionResult, SampleResult, sha256_text, sha256_tokens
-    from services.reward.rewards import extract_last_boxed
     from services.reward.scoring import item_from_rollout
 
     items = [item_from_rollout(f"{qi}:{si}", r, str(row["ground_truth_answer"]))
@@ -156,12 +155,22 @@ def score_questions(rows: list[dict], groups: list[list[Rollout]], pool) -> tupl
             errors += res.status != ScoreStatus.ok
             samples.append(SampleResult(
                 seed=r.seed, correct=res.status == ScoreStatus.ok and res.components.get(reward, 0.0) == 1.0,
-                boxed=bool((extract_last_boxed(r.text) or "").strip()), length=len(r.token_ids),
+                boxed=answer_in_format(r.text, reward), length=len(r.token_ids),
                 steps=denoising_steps(r.step_map), finish_reason=r.finish_reason,
                 tokens_sha256=sha256_tokens(r.token_ids), text=r.text[:2000],
             ))  # fmt: skip
         out.append(QuestionResult(index=qi, question_sha256=sha256_text(str(row["question"])), samples=samples))
     return out, errors
+
+
+def answer_in_format(text: str, reward: str) -> bool:
+    """The format half of a sample (`boxed_rate`): a non-empty final `\\boxed{}` for maths, a fenced program for code
+    (the reward service finds no program, and scores 0, without one)."""
+    from services.reward.rewards import extract_last_boxed
+
+    if reward == "code":
+        return extract_program(text) is not None
+    return bool((extract_last_boxed(text) or "").strip())
 
 
 def _score(items: list, reward: str, pool) -> list:
