@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,3 +62,21 @@ def run_gtpo_up(cfg, redis_url: str, timeout_s: float = 300) -> None:
                          timeout=timeout_s, capture_output=True, text=True)  # fmt: skip
     logs = "\n".join(p.read_text()[-2000:] for p in (cfg.output_dir / "logs").glob("*.log"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
+
+
+def serve_app(app, port: int = 0, wait_s: float = 60.0):
+    """An ASGI `app` served by uvicorn on 127.0.0.1 (`port` 0: a free one) in a daemon thread, once it listens.
+
+    Returns:
+        (the uvicorn server, its thread, the base URL).
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + wait_s
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"

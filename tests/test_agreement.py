@@ -7,12 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import uvicorn
+from procs import serve_app
 
 from services.reward.app import create_app as reward_app
 from services.reward.settings import RewardSettings
@@ -30,17 +29,6 @@ from shared.queues.queue import WeightRegistry
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _serve(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the service did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-
 @pytest.fixture(scope="module")
 def services(tiny_dir, tiny):
     """A rollout service (namespace run-a, msgpack) and a reward service (namespace run-a, json, weights
@@ -49,7 +37,7 @@ def services(tiny_dir, tiny):
     rollout = rollout_app(RolloutSettings(model=tiny_dir, worker_id="rollout-0", redis=redis), engine=TorchEngine(tiny))
     reward = reward_app(RewardSettings(workers=1, worker_id="reward-0", weights={"accuracy": 1.0, "format": 0.5},
                                        redis={**redis, "codec": "json"}))  # fmt: skip
-    running = [_serve(rollout), _serve(reward)]
+    running = [serve_app(rollout), serve_app(reward)]
     yield SimpleNamespace(rollout=running[0][2], reward=running[1][2], spec=tiny.spec)
     for server, thread, _ in running:
         server.should_exit = True

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
+from procs import serve_app
 from safetensors.torch import load_file, save_file
 
 from services.rollout.engines.torch_engine import TorchEngine
@@ -35,17 +35,6 @@ from shared.config.settings import RedisConfig
 from shared.contracts.wire import TrainerStatus, WeightsVersion
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _serve(app, port: int = 0):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
 def perturbed(src: Path, dest: Path, seed: int) -> Path:
@@ -75,7 +64,7 @@ def trainer(ckpts):
     store = WeightStore()
     app = FastAPI()
     app.include_router(weights_router(store, None))
-    server, thread, url = _serve(app)
+    server, thread, url = serve_app(app)
     yield store, url
     server.should_exit = True
     thread.join(10)
@@ -267,7 +256,7 @@ def test_the_rollout_worker_loads_a_version_published_over_http_acks_it_and_prun
 ):
     store, status = WeightStore(), lambda: TrainerStatus(run_id="r", step=0, policy_version=0)
     app = create_app(status, lambda: None, TrainerMetrics(status), weights=store)
-    server, thread, url = _serve(app)
+    server, thread, url = serve_app(app)
     root = tmp_path / "run"  # the trainer's layout: <checkpoint root>/<checkpoint>/model
     for v in (0, 1):
         shutil.copytree(ckpts / f"v{v}", root / f"step-{v}" / "model")
