@@ -163,6 +163,23 @@ def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[d
     return {"arm": arm, "seed": seed, "steps": steps, "eval": held_out(engine, tok, test, setup, pool, seed)}
 
 
+def cached_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[dict], out: Path, seed: int,
+               pool) -> dict:  # fmt: skip
+    """`run_arm`, or its record when `out` holds one made with the same setup (seeds aside): a run split over
+    processes (one `--seeds` each, same `--out`) is summarised by a last call naming every seed."""
+    record = out / "arm.json"
+    same = {k: v for k, v in asdict(setup).items() if k not in ("seeds", "arms", "threads")}
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("setup") == same:
+            print(f"seed {seed}: {ARMS[arm][0]} (finished: {record})", flush=True)
+            return saved["run"]
+    print(f"seed {seed}: {ARMS[arm][0]}", flush=True)
+    result = run_arm(setup, arm, model, train, test, out, seed, pool)
+    record.write_text(json.dumps({"setup": same, "run": result}))
+    return result
+
+
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per arm over its seeds: held-out accuracy with a bootstrap interval over (seed, question), boxed accuracy,
     speed and variance figures (see the module docstring)."""
@@ -247,8 +264,7 @@ def run(setup: Setup, out: Path) -> dict:
         for seed in setup.seeds:
             model, train, test = prepare_seed(setup, seed, out / f"seed{seed}")
             for arm in setup.arms:
-                print(f"seed {seed}: {ARMS[arm][0]}", flush=True)
-                runs.append(run_arm(setup, arm, model, train, test, out / f"seed{seed}" / arm, seed, pool))
+                runs.append(cached_arm(setup, arm, model, train, test, out / f"seed{seed}" / arm, seed, pool))
     summary = summarize(runs)
     (out / "results.json").write_text(json.dumps({"setup": asdict(setup), "summary": summary, "runs": runs}, indent=1))
     (out / "table.md").write_text(table(summary) + "\n")
@@ -262,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--arms", help=f"comma-separated arms of {', '.join(ARMS)} (default all)")
     p.add_argument("--rl-steps", type=int)
+    p.add_argument("--n-test", type=int, help="held-out questions (default 200)")
+    p.add_argument("--eval-k", type=int, help="samples per held-out question (default 8)")
+    p.add_argument("--threads", type=int, help="torch threads (default 2; 1 when running seeds as parallel processes)")
     p.add_argument("--out", type=Path, default=Path("runs/algorithms"))
     args = p.parse_args(argv)
     setup = Setup.quick() if args.quick else Setup()
@@ -272,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
         setup.arms = args.arms.split(",")
-    if args.rl_steps:
-        setup.rl_steps = args.rl_steps
+    for name in ("rl_steps", "n_test", "eval_k", "threads"):
+        if getattr(args, name):
+            setattr(setup, name, getattr(args, name))
     t0 = time.time()
     summary = run(setup, args.out)
     print(table(summary))

@@ -51,3 +51,24 @@ def test_one_arm_trains_and_evaluates_in_process(tiny_dir, tmp_path):
     (step,) = out["steps"]
     assert step["tokens"] > 0 and step["adv_var"] >= 0 and 0 <= step["reward_mean"] <= 1
     assert out["eval"]["questions"] == 2 and len(out["eval"]["per_question"]) == 2
+
+
+def test_a_finished_arm_is_read_back_only_under_the_same_setup(tmp_path, monkeypatch):
+    """Seeds run as parallel processes, then one call over every seed summarises: each arm's record is reused when
+    the setup matches (threads and the seed list aside) and run again when it does not."""
+    import bench.algorithms as alg
+
+    calls = []
+
+    def fake_run_arm(setup, arm, model, train, test, out, seed, pool):  # the record's contents, not a training run
+        calls.append((arm, seed, setup.rl_steps))
+        return _run(arm, seed, 1, 2, [0.5], 0.1, [1.0])
+
+    monkeypatch.setattr(alg, "run_arm", fake_run_arm)
+    out = tmp_path / "seed0" / "gtpo"
+    out.mkdir(parents=True)
+    first = alg.cached_arm(Setup(seeds=[0], threads=1), "gtpo", tmp_path, [], [], out, 0, None)
+    again = alg.cached_arm(Setup(seeds=[0, 1, 2], threads=2), "gtpo", tmp_path, [], [], out, 0, None)
+    assert again == first and calls == [("gtpo", 0, 60)]
+    alg.cached_arm(Setup(rl_steps=30), "gtpo", tmp_path, [], [], out, 0, None)  # another budget: run again
+    assert calls == [("gtpo", 0, 60), ("gtpo", 0, 30)]
