@@ -13,7 +13,7 @@ so the budget is equal by construction. Only ``loss.estimator`` / ``shrink`` / `
 
   gtpo         exact trajectory (shrink 1)           tracerl_s2 / tracerl_s4  TraceRL, steps merged by 2 / 4
   gtpo_value   gtpo + TraceRL's value model (GAE)    random_mask              d1 / diffu-GRPO
-  coupled      DiffuCoder's coupled-GRPO
+  coupled      DiffuCoder's coupled-GRPO                sft          the SFT checkpoint itself (0 RL steps)
 
 Reported per arm (mean over seeds): held-out avg@k with a 95% bootstrap interval over (seed, question) pairs,
 accuracy of the boxed answers (correct / boxed samples), eval tokens per denoising step, trained target tokens per
@@ -31,7 +31,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 ARMS: dict[str, tuple[str, dict]] = {
+    "sft": ("SFT (no RL)", {}),
     "gtpo": ("GTPO (exact)", {}),
     "gtpo_value": ("GTPO + value model", {"value": True}),
     "tracerl_s2": ("TraceRL shrink 2", {"loss": {"estimator": "tracerl_shrink"}, "shrink": 2}),
@@ -46,7 +47,7 @@ ARMS: dict[str, tuple[str, dict]] = {
     "random_mask": ("random-mask (d1)", {"loss": {"estimator": "random_mask"}}),
     "coupled": ("coupled (DiffuCoder)", {"loss": {"estimator": "coupled"}}),
 }
-"""key -> (label, what the arm changes in the TrainerConfig)."""
+"""key -> (label, what the arm changes in the TrainerConfig); `sft` is the SFT checkpoint evaluated (0 RL steps)."""
 
 
 @dataclass
@@ -175,7 +176,8 @@ def cached_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: lis
             print(f"seed {seed}: {ARMS[arm][0]} (finished: {record})", flush=True)
             return saved["run"]
     print(f"seed {seed}: {ARMS[arm][0]}", flush=True)
-    result = run_arm(setup, arm, model, train, test, out, seed, pool)
+    budget = replace(setup, rl_steps=0) if arm == "sft" else setup
+    result = run_arm(budget, arm, model, train, test, out, seed, pool)
     record.write_text(json.dumps({"setup": same, "run": result}))
     return result
 
@@ -193,6 +195,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
         boxed = sum(r["eval"]["boxed"] for r in mine)
         grad = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
         group_var = [s["adv_var_group"] for s in steps if s.get("adv_var_group") is not None]
+        mean = _mean_or_none
         out[arm] = {
             "label": ARMS[arm][0], "seeds": len(mine),
             "avg_at_k": statistics.fmean(per_q) if per_q else 0.0, "avg_at_k_ci": list(bootstrap_ci(per_q)),
@@ -200,15 +203,24 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
             "boxed_rate": statistics.fmean(r["eval"]["boxed_rate"] for r in mine),
             "boxed_accuracy": sum(r["eval"]["correct"] for r in mine) / boxed if boxed else 0.0,
             "eval_tokens_per_step": statistics.fmean(r["eval"]["tokens_per_step"] for r in mine),
-            "train_tokens_per_step": statistics.fmean(s["tokens"] for s in steps),
-            "train_s_per_step": statistics.fmean(s["train_s"] for s in steps),
-            "rl_s_per_step": statistics.fmean(s["generate_s"] + s["score_s"] + s["train_s"] for s in steps),
-            "adv_var": statistics.fmean(s["adv_var"] for s in steps),
-            "adv_var_group": statistics.fmean(group_var) if group_var else None,
-            "grad_norm_mean": statistics.fmean(grad) if grad else 0.0,
-            "grad_norm_var": statistics.pvariance(grad) if len(grad) > 1 else 0.0,
+            "train_tokens_per_step": mean([s["tokens"] for s in steps]),
+            "train_s_per_step": mean([s["train_s"] for s in steps]),
+            "rl_s_per_step": mean([s["generate_s"] + s["score_s"] + s["train_s"] for s in steps]),
+            "adv_var": mean([s["adv_var"] for s in steps]),
+            "adv_var_group": mean(group_var),
+            "grad_norm_mean": mean(grad),
+            "grad_norm_var": statistics.pvariance(grad) if len(grad) > 1 else None,
         }  # fmt: skip
     return out
+
+
+def _mean_or_none(xs: list[float]) -> float | None:
+    """The mean, or None for no values (the SFT row has no RL step)."""
+    return statistics.fmean(xs) if xs else None
+
+
+def _f(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def table(summary: dict[str, dict]) -> str:
@@ -221,8 +233,9 @@ def table(summary: dict[str, dict]) -> str:
         group = f" ({s['adv_var_group']:.3f})" if s["adv_var_group"] is not None else ""
         lines.append(f"| {s['label']} | {s['seeds']} | {100 * s['avg_at_k']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) "
                      f"| {100 * s['boxed_accuracy']:.1f} | {100 * s['boxed_rate']:.1f} | {s['eval_tokens_per_step']:.2f} "
-                     f"| {s['train_tokens_per_step']:.0f} | {s['train_s_per_step']:.2f} | {s['rl_s_per_step']:.2f} "
-                     f"| {s['adv_var']:.3f}{group} | {s['grad_norm_mean']:.3f} / {s['grad_norm_var']:.4f} |")  # fmt: skip
+                     f"| {_f(s['train_tokens_per_step'], '.0f')} | {_f(s['train_s_per_step'], '.2f')} "
+                     f"| {_f(s['rl_s_per_step'], '.2f')} | {_f(s['adv_var'], '.3f')}{group} "
+                     f"| {_f(s['grad_norm_mean'], '.3f')} / {_f(s['grad_norm_var'], '.4f')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -237,6 +250,8 @@ def plot(runs: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for arm in dict.fromkeys(r["arm"] for r in runs):
         mine = [r["steps"] for r in runs if r["arm"] == arm]
+        if not all(mine):  # the SFT row: no RL step to draw
+            continue
         for ax, (key, title) in zip(axes, keys, strict=True):
             n = min(len(s) for s in mine)
             ys = [statistics.fmean(s[i][key] or 0.0 for s in mine) for i in range(n)]

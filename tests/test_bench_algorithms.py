@@ -72,3 +72,15 @@ def test_a_finished_arm_is_read_back_only_under_the_same_setup(tmp_path, monkeyp
     assert again == first and calls == [("gtpo", 0, 60)]
     alg.cached_arm(Setup(rl_steps=30), "gtpo", tmp_path, [], [], out, 0, None)  # another budget: run again
     assert calls == [("gtpo", 0, 60), ("gtpo", 0, 30)]
+
+
+def test_the_sft_row_has_its_evaluation_and_no_step_figures(tmp_path):
+    from bench.algorithms import plot
+
+    runs = [_run("sft", 0, 1, 4, [0.25, 0.0], 0.0, []), _run("gtpo", 0, 2, 4, [0.5, 0.0], 0.1, [1.0, 2.0])]
+    s = summarize(runs)
+    assert s["sft"]["avg_at_k"] == pytest.approx(0.125) and s["sft"]["boxed_accuracy"] == pytest.approx(0.25)
+    assert s["sft"]["rl_s_per_step"] is None and s["sft"]["adv_var"] is None and s["sft"]["grad_norm_var"] is None
+    row = table(s).splitlines()[2]
+    assert row.startswith("| SFT (no RL) | 1 | 12.5 (") and row.endswith("| - | - | - | - | - / - |")
+    assert plot(runs, tmp_path / "c.png").exists()
