@@ -13,7 +13,7 @@ so the budget is equal by construction. Only ``loss.estimator`` / ``shrink`` / `
 
   gtpo         exact trajectory (shrink 1)           tracerl_s2 / tracerl_s4  TraceRL, steps merged by 2 / 4
   gtpo_value   gtpo + TraceRL's value model (GAE)    random_mask              d1 / diffu-GRPO
-  coupled      DiffuCoder's coupled-GRPO                sft          the SFT checkpoint itself (0 RL steps)
+  coupled      DiffuCoder's coupled-GRPO             sft                      the SFT checkpoint itself (0 RL steps)
 
 Reported per arm (mean over seeds): held-out avg@k with a 95% bootstrap interval over (seed, question) pairs,
 accuracy of the boxed answers (correct / boxed samples), eval tokens per denoising step, trained target tokens per
