@@ -136,7 +136,8 @@ def test_a_reward_worker_with_other_weights_is_refused_sample_by_sample(tmp_path
                               params=t.params.model_copy(update={"block_size": 4}), seed=0, logprobs=[-0.5, -0.5])  # fmt: skip
             c.queue.hand_off(redis_ns.tasks, redis_ns.rollout_group, d.entry_id, redis_ns.rollouts,
                              RolloutMessage(task=t, rollout=rollout, worker="probe"), t.task_id)  # fmt: skip
-        _until(lambda: c.poll(0, 0, block_ms=0) or c.counts["reward_mismatch"] >= 2, scorer, 120,
+        # poll until both scores are routed: the worker may hand them over one at a time
+        _until(lambda: c.poll(0, 0, block_ms=0) >= 0 and c.counts["reward_mismatch"] >= 2, scorer, 120,
                "the reward worker's scores")  # fmt: skip
         assert c.counts["reward_mismatch"] == 2 and c.batch() == [] and not any(g.samples for g in c.open_groups())
         reasons = {d["reason"] for d in c.queue.dead_letters()}
