@@ -29,6 +29,11 @@ ECHO_ITEMS = 20
 """... and at most this many items of a bad list or object."""
 
 
+def bearer_headers(token: SecretStr | None) -> dict[str, str]:
+    """The `Authorization` header a client sends to a route behind `require_token` (none without a token)."""
+    return {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+
+
 def require_token(request: Request, expected: SecretStr | None) -> None:
     """Refuse a mutating call without `Authorization: Bearer <token>`; with no token configured, refuse all."""
     if expected is None:

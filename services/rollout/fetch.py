@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from shared.contracts.wire import WeightsFile, WeightsManifest, WeightsVersion
+from shared.http import bearer_headers
 
 log = logging.getLogger("gtpo.rollout")
 
@@ -50,7 +51,7 @@ def fetch_version(version: WeightsVersion, cache: Path, token=None, timeout_s: f
         return final
     if version.url is None or version.digest is None:
         raise FetchError(f"weights v{version.version} names no URL and digest to fetch it from")
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+    headers = bearer_headers(token)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f"{PARTIAL}{final.name}-{uuid.uuid4().hex[:8]}"
     try:

@@ -405,6 +405,10 @@ def same_rewards(a: dict[str, float] | None, b: dict[str, float] | None) -> bool
     return {k: v for k, v in a.items() if v != 0} == {k: v for k, v in b.items() if v != 0}
 
 
+SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""A sha256 digest as lowercase hex."""
+
+
 class WeightsVersion(BaseModel):
     """What the trainer publishes after each update: rollout workers load `path` and acknowledge `version`."""
 
@@ -428,12 +432,7 @@ class WeightsVersion(BaseModel):
         description="weights.transport=http: where its files are served (`{url}/manifest`, `{url}/files/{name}`); "
         "None = read `path` from the shared volume",
     )
-    digest: str | None = Field(
-        None, pattern=r"^[0-9a-f]{64}$", description="sha256 of its `WeightsManifest` (`WeightsManifest.digest`)"
-    )
-
-
-SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    digest: SHA256 | None = Field(None, description="sha256 of its `WeightsManifest` (`WeightsManifest.digest`)")
 
 
 class WeightsFile(BaseModel):

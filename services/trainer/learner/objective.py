@@ -463,10 +463,7 @@ def staleness(versions: Sequence[Sequence[int]], current: int) -> tuple[float, i
             if v > current:
                 raise ValueError(f"Rollout.policy_version: group {g} sample {i} has v{v}, newer than the trainer's "
                                  f"v{current}")  # fmt: skip
-    if not flat:
-        return 0.0, 0
-    lags = [current - v for v in flat]
-    return sum(lags) / len(lags), max(lags)
+    return _mean_max([current - v for v in flat])
 
 
 def token_staleness(versions: Sequence[Sequence[int]], current: int) -> tuple[float, int]:
@@ -482,10 +479,12 @@ def token_staleness(versions: Sequence[Sequence[int]], current: int) -> tuple[fl
     >>> token_staleness([[2, 2, 3, 3], [3]], 3)
     (0.4, 1)
     """
-    lags = [current - v for sample in versions for v in sample]
-    if not lags:
-        return 0.0, 0
-    return sum(lags) / len(lags), max(lags)
+    return _mean_max([current - v for sample in versions for v in sample])
+
+
+def _mean_max(lags: list[int]) -> tuple[float, int]:
+    """Mean and max of version lags; (0.0, 0) for none."""
+    return (sum(lags) / len(lags), max(lags)) if lags else (0.0, 0)
 
 
 def identical_groups(token_ids: Sequence[Sequence[Sequence[int]]]) -> list[int]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from shared.contracts.wire import WeightsRequest, WeightsVersion
+from shared.http import bearer_headers
 
 log = logging.getLogger("gtpo.trainer")
 
@@ -34,7 +35,7 @@ def push_weights(url: str, version: WeightsVersion, token, attempts: int = 3) ->
     """
     import httpx
 
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+    headers = bearer_headers(token)
     body = WeightsRequest(version=version.version, path=version.path, run=version.run).model_dump(mode="json")
     for attempt in range(1, attempts + 1):
         try:
