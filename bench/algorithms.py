@@ -31,7 +31,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,6 +287,18 @@ def run(setup: Setup, out: Path) -> dict:
     return summary
 
 
+def set_field(setup: Setup, item: str) -> None:
+    """Apply one ``FIELD=VALUE`` to `setup`, the value converted to the field's type (ValueError names the field)."""
+    name, sep, value = item.partition("=")
+    kinds = {f.name: type(getattr(setup, f.name)) for f in fields(setup) if f.name not in ("seeds", "arms")}
+    if not sep or name not in kinds:
+        raise ValueError(f"expected FIELD=VALUE with FIELD one of {', '.join(kinds)}")
+    try:
+        setattr(setup, name, kinds[name](value))
+    except ValueError as e:
+        raise ValueError(f"{name}: {value!r} is not a {kinds[name].__name__}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 40 SFT and 2 RL steps, a small eval: a smoke run of the plumbing, not a result")
@@ -296,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, help="held-out questions (default 200)")
     p.add_argument("--eval-k", type=int, help="samples per held-out question (default 8)")
     p.add_argument("--threads", type=int, help="torch threads (default 2; 1 when running seeds as parallel processes)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other Setup field for every arm, e.g. --set max_operand=9 --set ops=+ (repeatable)")
     p.add_argument("--out", type=Path, default=Path("runs/algorithms"))
     args = p.parse_args(argv)
     setup = Setup.quick() if args.quick else Setup()
@@ -309,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rl_steps", "n_test", "eval_k", "threads"):
         if getattr(args, name):
             setattr(setup, name, getattr(args, name))
+    for item in args.set:
+        try:
+            set_field(setup, item)
+        except ValueError as e:
+            p.error(f"--set {item}: {e}")
     t0 = time.time()
     summary = run(setup, args.out)
     print(table(summary))

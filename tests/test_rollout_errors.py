@@ -88,7 +88,8 @@ def test_odd_unicode_prompts_are_served(client, prompts, chat):
 
 def test_health_and_readiness(client):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"status": "ready", "engine": "torch", "policy_version": 0}
+    assert client.get("/ready").json() == {"status": "ready", "engine": "torch", "policy_version": 0,
+                                           "served_version": None}
 
 
 def test_no_engine_yet_is_503_and_not_ready(tiny_dir):

@@ -80,7 +80,8 @@ def test_a_garbage_current_weights_value_is_skipped_and_the_worker_keeps_consumi
     registry, queue = WeightRegistry(redis_client, redis_ns), Queue(redis_client, redis_ns)
     registry.publish(WeightsVersion(version=0, path=str(root / "v0")))
     with worker_app(root, tiny, redis_url, redis_ns.namespace) as c:
-        until(lambda: c.get("/ready").json().get("policy_version") == 0)
+        # served_version, not policy_version: the start model is policy version 0 too, before v0 is loaded
+        until(lambda: c.get("/ready").json().get("served_version") == 0)
         redis_client.set(redis_ns.weights_current, b"\xff not json {")
         # a read already under way may take the first task; every later read sees the garbage first
         queue.publish(redis_ns.tasks, task(0), task(0).task_id)

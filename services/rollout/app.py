@@ -34,8 +34,11 @@ def not_ready(state: State) -> str | None:
 
 def ready_info(state: State) -> dict[str, object]:
     """What a ready service says of itself: its engine, the version it serves, and a weights problem it serves
-    through (a refused or unreadable newer version)."""
-    out: dict[str, object] = {"engine": state.host.engine.name, "policy_version": state.host.engine.policy_version}
+    through (a refused or unreadable newer version). `policy_version` is the engine's (0 for the start model too);
+    `served_version` is the published version loaded, None while the start model serves."""
+    host = state.host
+    out: dict[str, object] = {"engine": host.engine.name, "policy_version": host.engine.policy_version,
+                              "served_version": host.served_version}  # fmt: skip
     problem = None if state.worker is None else state.worker.weights_problem()
     if problem is not None:
         out["weights_problem"] = problem
