@@ -69,9 +69,10 @@ def test_a_finished_arm_is_read_back_only_under_the_same_setup(tmp_path, monkeyp
     out.mkdir(parents=True)
     first = alg.cached_arm(Setup(seeds=[0], threads=1), "gtpo", tmp_path, [], [], out, 0, None)
     again = alg.cached_arm(Setup(seeds=[0, 1, 2], threads=2), "gtpo", tmp_path, [], [], out, 0, None)
-    assert again == first and calls == [("gtpo", 0, 60)]
+    budget = Setup().rl_steps
+    assert again == first and calls == [("gtpo", 0, budget)]
     alg.cached_arm(Setup(rl_steps=30), "gtpo", tmp_path, [], [], out, 0, None)  # another budget: run again
-    assert calls == [("gtpo", 0, 60), ("gtpo", 0, 30)]
+    assert calls == [("gtpo", 0, budget), ("gtpo", 0, 30)]
 
 
 def test_the_sft_row_has_its_evaluation_and_no_step_figures(tmp_path):
@@ -84,3 +85,34 @@ def test_the_sft_row_has_its_evaluation_and_no_step_figures(tmp_path):
     row = table(s).splitlines()[2]
     assert row.startswith("| SFT (no RL) | 1 | 12.5 (") and row.endswith("| - | - | - | - | - / - |")
     assert plot(runs, tmp_path / "c.png").exists()
+
+
+def test_set_field_converts_to_the_field_type_and_names_a_bad_one():
+    from bench.algorithms import set_field
+
+    setup = Setup()
+    for item in ("max_operand=14", "ops=+-", "rl_lr=1e-3", "boxed_rate=0.5"):
+        set_field(setup, item)
+    assert (setup.max_operand, setup.ops, setup.rl_lr, setup.boxed_rate) == (14, "+-", 1e-3, 0.5)
+    with pytest.raises(ValueError, match="max_operand: 'nine' is not a int"):
+        set_field(setup, "max_operand=nine")
+    with pytest.raises(ValueError, match="FIELD one of"):
+        set_field(setup, "seeds=1")
+
+
+def test_decided_after_counts_tokens_unmasked_after_the_last_digit_by_hand():
+    from types import SimpleNamespace
+
+    from bench.algorithms import decided_after
+
+    class Chars:  # one character per token id, as the tiny model's tokenizer
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    def rollout(text, steps):
+        return SimpleNamespace(token_ids=[ord(c) for c in text], step_map=steps)
+
+    rollouts = [rollout("{12}.", [1, 2, 3, 3, 4]),  # last digit at step 3: "." (step 4) only -> 1 of 5
+                rollout("{7}..", [1, 1, 2, 2, 2]),  # last digit at step 1: "}", ".", "." -> 3 of 5
+                rollout("{x}", [1, 2, 3])]  # no digit: none of 3
+    assert decided_after(rollouts, Chars()) == (4, 13)
