@@ -657,7 +657,10 @@ def demo_cmd(
         help="with --overlap: also GTPO k=1 with in-flight weight updates (rollout.swap_at_block), against both",
     ),
     task: str = typer.Option(
-        "math", "--task", help="math (word problems) | code (one-line functions, the sandboxed code reward)"
+        "math",
+        "--task",
+        help="math (word problems) | reasoning (math with the format learned before RL: every SFT answer boxed, SFT "
+        "stopped early, 100 RL steps) | code (one-line functions, the sandboxed code reward)",
     ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
@@ -668,7 +671,7 @@ def demo_cmd(
     Extra arguments are key=value overrides of DemoConfig (e.g. rl_steps=20). Example: gtpo demo --seed 1
     """
     from services.demo.code_task import CodeTaskError
-    from services.demo.pipeline import DemoConfig, ReuseError, run_demo
+    from services.demo.pipeline import REASONING, DemoConfig, ReuseError, run_demo
     from services.demo.tasks import TaskError
 
     overrides = [*ctx.args, f"seed={seed}", f"out={out}", f"speed={str(speed).lower()}",
@@ -678,6 +681,11 @@ def demo_cmd(
         overrides.append(f"speed_method={speed_method}")
     if task == "code" and not any(a.startswith("max_new_tokens=") for a in ctx.args):
         overrides.insert(0, "max_new_tokens=32")  # a fenced one-liner is ~26 bytes, each a token of the tiny model
+    if task not in ("math", "reasoning", "code"):
+        raise _fail("demo", f"--task: {task!r} is not math, reasoning or code")
+    if task == "reasoning":  # a preset of the maths task; the user's own key=value still wins (it comes later)
+        task = "math"
+        overrides[:0] = [f"{k}={v}" for k, v in REASONING.items()]
     overrides.insert(0, f"task={task}")
     cfg = _experiment("demo", DemoConfig, None, overrides, dry_run=dry_run, environ={})
     try:

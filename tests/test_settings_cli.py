@@ -155,6 +155,19 @@ def test_demo_dry_run_prints_the_resolved_config_and_runs_nothing(tmp_path):
     assert not out.exists()  # nothing ran
 
 
+def test_demo_reasoning_is_the_maths_task_with_its_preset_and_the_users_values_win(tmp_path):
+    from services.demo.pipeline import REASONING
+
+    out = tmp_path / "demo"
+    preset = gtpo("demo", "--task", "reasoning", "--out", out, "--dry-run")
+    assert preset.exit_code == 0, preset.output
+    assert "task: math" in preset.output and all(f"{k}: {v}" in preset.output for k, v in REASONING.items())
+    mine = gtpo("demo", "--task", "reasoning", "--out", out, "--dry-run", "sft_steps=250")
+    assert "sft_steps: 250" in mine.output and "boxed_rate: 1.0" in mine.output
+    assert_config_error(gtpo("demo", "--task", "maths", "--out", out), "--task: 'maths' is not math, reasoning or code")
+    assert not out.exists()
+
+
 def test_eval_bad_inputs(files, tmp_path):
     assert_config_error(gtpo("eval", tmp_path / "absent.json", "--model", tmp_path), "is neither a file nor a preset")
     assert_config_error(gtpo("eval", files["data"], "--model", tmp_path, "--template", "{q}"), "template", "{question}")
