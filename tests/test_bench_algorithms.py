@@ -103,7 +103,7 @@ def test_set_field_converts_to_the_field_type_and_names_a_bad_one():
 def test_decided_after_counts_tokens_unmasked_after_the_last_digit_by_hand():
     from types import SimpleNamespace
 
-    from bench.algorithms import decided_after
+    from bench.algorithms import decided_after, oracle_share
 
     class Chars:  # one character per token id, as the tiny model's tokenizer
         def decode(self, ids):
@@ -115,4 +115,7 @@ def test_decided_after_counts_tokens_unmasked_after_the_last_digit_by_hand():
     rollouts = [rollout("{12}.", [1, 2, 3, 3, 4]),  # last digit at step 3: "." (step 4) only -> 1 of 5
                 rollout("{7}..", [1, 1, 2, 2, 2]),  # last digit at step 1: "}", ".", "." -> 3 of 5
                 rollout("{x}", [1, 2, 3])]  # no digit: none of 3
-    assert decided_after(rollouts, Chars()) == (4, 13)
+    counts = decided_after(rollouts, Chars())
+    assert counts == [(1, 5), (3, 5), (0, 3)]
+    # advantages 2, -1, -1: (1*4 + 3*1 + 0) / (5*4 + 5*1 + 3*1) = 7 / 28
+    assert oracle_share(counts, [2.0, -1.0, -1.0]) == pytest.approx(0.25) and oracle_share(counts, [0.0] * 3) == 0.0

@@ -27,11 +27,11 @@ from services.eval.evaluate import EvalResult, evaluate, load_rows
 from services.trainer.config import LoraSettings, TrackerNames
 from shared.contracts.wire import SamplingParams
 
-REASONING = {"boxed_rate": 1.0, "sft_steps": 400, "rl_steps": 100}
+REASONING = {"boxed_rate": 1.0, "sft_steps": 400, "rl_steps": 100, "prompts_per_step": 32}
 """`gtpo demo --task reasoning`: the maths task with every SFT answer boxed (the format is learned before RL, so
 an RL gain is accuracy) and SFT stopped at 400 steps, where the tiny model knows about a third of the sums but not
 at its capacity (after 1000 steps it knows ~86%; on a larger table it is full, and RL can only trade facts),
-and 100 RL steps (README "Algorithms"; bench/algorithms.py runs the same task)."""
+and 100 RL steps of 32 prompts (README "Algorithms"; bench/algorithms.py runs the same task)."""
 
 
 class DemoConfig(BaseModel):
