@@ -3,8 +3,9 @@ held equal (issue 29).
 
     python bench/algorithms.py [--seeds 0,1,2] [--arms gtpo,gtpo_value,...] [--out runs/algorithms] [--quick]
 
-Per seed: one tiny model, one SFT checkpoint (the demo's task and SFT recipe, answers always boxed by default so the
-format is learned before RL and an RL gain is accuracy), then one RL run per arm from that checkpoint, in-process:
+Per seed: one tiny model, one SFT checkpoint (the demo's task and SFT recipe as `gtpo demo --task reasoning`: answers
+always boxed, so the format is learned before RL and an RL gain is accuracy, and SFT stopped at 400 steps, short of
+the model's capacity), then one RL run per arm from that checkpoint, in-process:
 the torch engine samples from the trainer's own weights (on-policy, no weight transfer), the reward service's
 answer checking scores, `Learner.rl_step` trains. Every arm gets the same prompts in the same order, the same
 engine seeds, the same number of steps, rollouts and samples, the same learning rate and normalisation; the first
@@ -20,7 +21,8 @@ accuracy of the boxed answers (correct / boxed samples), eval tokens per denoisi
 RL step, wall seconds per RL step (generation and training), the advantage variance over target tokens (and, for
 the value arm, the group baseline's on the same samples), and the gradient norm's mean and variance over steps
 (the per-step gradient's spread; per-sample gradient variance would need a backward per sample). Writes
-results.json, table.md and curves.png under --out. `--quick`: one seed, 40 SFT and 2 RL steps, a small eval: a
+results.json, table.md and curves.png under --out. `--outcome-share` measures instead what any critic of the
+denoising states could see of the outcome (`oracle_share`). `--quick`: one seed, 40 SFT and 2 RL steps, a small eval: a
 smoke run of the plumbing, not a result (932 s on 2 cores shared with four other jobs; not timed on a quiet machine).
 """
 
