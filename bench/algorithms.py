@@ -269,7 +269,22 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
             "grad_norm_mean": mean(grad),
             "grad_norm_var": statistics.pvariance(grad) if len(grad) > 1 else None,
         }  # fmt: skip
+    for arm, row in out.items():
+        row["vs_gtpo"] = paired_change(runs, arm) if arm != "gtpo" else None
     return out
+
+
+def paired_change(runs: list[dict], arm: str, base: str = "gtpo") -> dict | None:
+    """`arm` - `base` held-out accuracy over the (seed, question) pairs both were evaluated on (each seed's arms share
+    its held-out questions, in order), with a bootstrap interval of the paired differences; None without `base`."""
+    mine = {r["seed"]: r["eval"]["per_question"] for r in runs if r["arm"] == arm}
+    theirs = {r["seed"]: r["eval"]["per_question"] for r in runs if r["arm"] == base}
+    diffs = [a - b for s in sorted(mine.keys() & theirs.keys()) for a, b in zip(mine[s], theirs[s], strict=True)]
+    if not diffs:
+        return None
+    from services.eval.metrics import bootstrap_ci
+
+    return {"mean": statistics.fmean(diffs), "ci": list(bootstrap_ci(diffs))}
 
 
 def _mean_or_none(xs: list[float]) -> float | None:
@@ -283,13 +298,15 @@ def _f(x: float | None, spec: str) -> str:
 
 def table(summary: dict[str, dict]) -> str:
     """The ablation table as Markdown."""
-    head = ("| arm | seeds | avg@k (95% CI) | boxed acc. | boxed rate | eval tok/step | trained tok/step | train s/step "
-            "| RL s/step | adv var (group) | grad norm mean / var |")  # fmt: skip
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    head = ("| arm | seeds | avg@k (95% CI) | vs GTPO (paired 95% CI) | boxed acc. | boxed rate | eval tok/step "
+            "| trained tok/step | train s/step | RL s/step | adv var (group) | grad norm mean / var |")  # fmt: skip
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for s in summary.values():
         lo, hi = s["avg_at_k_ci"]
         group = f" ({s['adv_var_group']:.3f})" if s["adv_var_group"] is not None else ""
-        lines.append(f"| {s['label']} | {s['seeds']} | {100 * s['avg_at_k']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) "
+        vs = s.get("vs_gtpo")
+        vs = "-" if vs is None else f"{100 * vs['mean']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}]"
+        lines.append(f"| {s['label']} | {s['seeds']} | {100 * s['avg_at_k']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) | {vs} "
                      f"| {100 * s['boxed_accuracy']:.1f} | {100 * s['boxed_rate']:.1f} | {s['eval_tokens_per_step']:.2f} "
                      f"| {_f(s['train_tokens_per_step'], '.0f')} | {_f(s['train_s_per_step'], '.2f')} "
                      f"| {_f(s['rl_s_per_step'], '.2f')} | {_f(s['adv_var'], '.3f')}{group} "

@@ -38,7 +38,20 @@ def test_summary_by_hand():
     assert v["rl_s_per_step"] == pytest.approx(3.5) and s["coupled"]["boxed_accuracy"] == 0.0
     assert s["coupled"]["adv_var_group"] is None
     md = table(s).splitlines()
-    assert len(md) == 4 and md[2].startswith("| GTPO + value model | 2 | 37.5 (")
+    assert len(md) == 4 and md[2].startswith("| GTPO + value model | 2 | 37.5 (") and "| - |" in md[2]  # no GTPO run
+    assert v["vs_gtpo"] is None
+
+
+def test_the_change_against_gtpo_is_paired_by_seed_and_question():
+    runs = [_run("gtpo", 0, 1, 2, [1.0, 0.5], 0.1, [1.0]), _run("gtpo", 1, 1, 2, [0.0, 0.25], 0.1, [1.0]),
+            _run("coupled", 0, 1, 2, [0.5, 0.5], 0.1, [1.0]), _run("coupled", 1, 1, 2, [0.5, 0.25], 0.1, [1.0]),
+            _run("sft", 2, 1, 2, [1.0, 1.0], 0.0, [])]  # fmt: skip
+    s = summarize(runs)
+    # differences (seed 0) -0.5, 0; (seed 1) +0.5, 0: mean 0; the sft run's seed 2 has no GTPO twin
+    assert s["coupled"]["vs_gtpo"]["mean"] == pytest.approx(0.0) and s["gtpo"]["vs_gtpo"] is None
+    lo, hi = s["coupled"]["vs_gtpo"]["ci"]
+    assert -0.5 <= lo <= 0.0 <= hi <= 0.5 and s["sft"]["vs_gtpo"] is None
+    assert "| +0.0 [" in table(s).splitlines()[3]
 
 
 def test_one_arm_trains_and_evaluates_in_process(tiny_dir, tmp_path):
