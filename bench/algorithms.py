@@ -40,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from services.demo.pipeline import REASONING  # noqa: E402  (the preset `gtpo demo --task reasoning` runs)
+
 ARMS: dict[str, tuple[str, dict]] = {
     "sft": ("SFT (no RL)", {}),
     "gtpo": ("GTPO (exact)", {}),
@@ -60,15 +62,15 @@ class Setup:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     max_operand: int = 9
     ops: str = "+"
-    boxed_rate: float = 1.0
+    boxed_rate: float = REASONING["boxed_rate"]
     n_train: int = 4000
     n_test: int = 200
-    sft_steps: int = 400
+    sft_steps: int = REASONING["sft_steps"]
     """stopped early on purpose: after 1000 steps the tiny model knows ~86% of these sums, and on a larger table
     (+ and -, or operands to 14) it is at capacity, where RL can only trade one fact for another (README)"""
     sft_lr: float = 3e-3
-    rl_steps: int = 100
-    prompts_per_step: int = 32
+    rl_steps: int = REASONING["rl_steps"]
+    prompts_per_step: int = REASONING["prompts_per_step"]
     """32 x 8 samples a step: with 16 the same 100 steps moved seed 1 by +0.6 points, with 200 steps of 16 by +10.3,
     with 100 of 32 by +15.7 (README)"""
     group_size: int = 8

@@ -660,7 +660,7 @@ def demo_cmd(
         "math",
         "--task",
         help="math (word problems) | reasoning (math with the format learned before RL: every SFT answer boxed, SFT "
-        "stopped early, 100 RL steps) | code (one-line functions, the sandboxed code reward)",
+        "stopped early, 100 RL steps of 32 prompts) | code (one-line functions, the sandboxed code reward)",
     ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
