@@ -143,6 +143,17 @@ def held_out(engine, tokenizer, rows: list[dict], setup: Setup, pool, seed: int)
             "boxed": sum(s.boxed for s in samples), "correct": sum(s.correct for s in samples)}  # fmt: skip
 
 
+def step_rows(setup: Setup, train: list[dict], step: int) -> list[dict]:
+    """The prompts of RL step `step`: the same for every arm (and for `outcome_share`)."""
+    start = (step * setup.prompts_per_step) % max(1, len(train) - setup.prompts_per_step)
+    return train[start : start + setup.prompts_per_step]
+
+
+def correctness(questions) -> list[list[float]]:
+    """Per scored question, each sample's 0/1 reward (the maths answer right or not)."""
+    return [[1.0 if s.correct else 0.0 for s in q.samples] for q in questions]
+
+
 def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[dict], out: Path, seed: int,
             pool) -> dict:  # fmt: skip
     """One RL run from the SFT checkpoint; returns its per-step metrics and final held-out evaluation."""
@@ -159,13 +170,12 @@ def run_arm(setup: Setup, arm: str, model: Path, train: list[dict], test: list[d
     tok = trainer.loaded.tokenizer
     steps = []
     for step in range(setup.rl_steps):
-        start = (step * setup.prompts_per_step) % max(1, len(train) - setup.prompts_per_step)
-        rows = train[start : start + setup.prompts_per_step]  # the same prompts for every arm
+        rows = step_rows(setup, train, step)
         t0 = time.perf_counter()
         groups = generate(engine, tok, rows, setup.group_size, setup.max_new_tokens, seed=seed * 1_000 + step)
         t1 = time.perf_counter()
         questions, _ = score_questions(rows, groups, pool)
-        rewards = [[1.0 if s.correct else 0.0 for s in q.samples] for q in questions]
+        rewards = correctness(questions)
         t2 = time.perf_counter()
         m = trainer.rl_step(StepBatch.of(groups, rewards))
         t3 = time.perf_counter()
@@ -213,7 +223,7 @@ def oracle_share(counts: list[tuple[int, int]], advantages: list[float]) -> floa
     return num / den if den else 0.0
 
 
-def outcome_share(setup: Setup, out: Path, pool, steps: int = 10) -> dict[int, tuple[float, float]]:
+def outcome_share(setup: Setup, out: Path, steps: int = 10) -> dict[int, tuple[float, float]]:
     """Per seed, on the SFT model's samples of the first `steps` RL steps' prompts: (share of response tokens
     unmasked after the answer's last digit, `oracle_share` under the trainer's group advantage)."""
     import torch
@@ -224,22 +234,33 @@ def outcome_share(setup: Setup, out: Path, pool, steps: int = 10) -> dict[int, t
     from shared.model.sdar import load_model
 
     shares = {}
-    for seed in setup.seeds:
-        model, train, _ = prepare_seed(setup, seed, out / f"seed{seed}")
-        loaded = load_model(model)
-        engine, counts, advantages = TorchEngine(loaded), [], []
-        for step in range(steps):
-            start = (step * setup.prompts_per_step) % max(1, len(train) - setup.prompts_per_step)
-            rows = train[start : start + setup.prompts_per_step]
-            groups = generate(engine, loaded.tokenizer, rows, setup.group_size, setup.max_new_tokens,
-                              seed=seed * 1_000 + step)  # fmt: skip
-            questions, _ = score_questions(rows, groups, pool)
-            for g, q in zip(groups, questions, strict=True):
-                reward = torch.tensor([1.0 if s.correct else 0.0 for s in q.samples])
-                advantages += group_advantages(reward[None])[0].tolist()
-                counts += decided_after(g, loaded.tokenizer)
-        shares[seed] = (sum(a for a, _ in counts) / max(1, sum(n for _, n in counts)), oracle_share(counts, advantages))
+    with scorer(setup) as pool:
+        for seed in setup.seeds:
+            model, train, _ = prepare_seed(setup, seed, out / f"seed{seed}")
+            loaded = load_model(model)
+            engine, counts, advantages = TorchEngine(loaded), [], []
+            for step in range(steps):
+                rows = step_rows(setup, train, step)
+                groups = generate(engine, loaded.tokenizer, rows, setup.group_size, setup.max_new_tokens,
+                                  seed=seed * 1_000 + step)  # fmt: skip
+                questions, _ = score_questions(rows, groups, pool)
+                for g, reward in zip(groups, correctness(questions), strict=True):
+                    advantages += group_advantages(torch.tensor([reward]))[0].tolist()
+                    counts += decided_after(g, loaded.tokenizer)
+            share = sum(a for a, _ in counts) / max(1, sum(n for _, n in counts))
+            shares[seed] = (share, oracle_share(counts, advantages))
     return shares
+
+
+def scorer(setup: Setup):
+    """The answer checker every measurement here scores with; sets torch's threads first (one per process when
+    seeds run side by side)."""
+    import torch
+
+    from services.reward.verify import VerifierPool
+
+    torch.set_num_threads(setup.threads)
+    return VerifierPool(workers=1, timeout_s=5.0)
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
@@ -345,14 +366,9 @@ def plot(runs: list[dict], path: Path) -> Path:
 
 def run(setup: Setup, out: Path) -> dict:
     """Every seed and arm; writes results.json, table.md, curves.png under `out` and returns the summary."""
-    import torch
-
-    from services.reward.verify import VerifierPool
-
-    torch.set_num_threads(setup.threads)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    with VerifierPool(workers=1, timeout_s=5.0) as pool:
+    with scorer(setup) as pool:
         for seed in setup.seeds:
             model, train, test = prepare_seed(setup, seed, out / f"seed{seed}")
             for arm in setup.arms:
@@ -410,15 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--set {item}: {e}")
     t0 = time.time()
     if args.outcome_share:
-        import torch
-
-        torch.set_num_threads(setup.threads)
-        from services.reward.verify import VerifierPool
-
-        with VerifierPool(workers=1, timeout_s=5.0) as pool:
-            for seed, (tokens, oracle) in outcome_share(setup, args.out, pool).items():
-                print(f"seed {seed}: {100 * tokens:.1f}% of response tokens are unmasked after the answer's last digit; "
-                      f"a critic knowing the advantage from then on removes {100 * oracle:.1f}% of its variance")
+        for seed, (tokens, oracle) in outcome_share(setup, args.out).items():
+            print(f"seed {seed}: {100 * tokens:.1f}% of response tokens are unmasked after the answer's last digit; "
+                  f"a critic knowing the advantage from then on removes {100 * oracle:.1f}% of its variance")
         return 0
     summary = run(setup, args.out)
     print(table(summary))
